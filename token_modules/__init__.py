@@ -1,0 +1,1 @@
+"""Token modules: scored patch selection (SDTPS, SEPS), register tokens, HSI-conditioned MAE."""

@@ -1,0 +1,1 @@
+"""Small CPU demos (offline data) showing that the token modules learn."""
