@@ -1,0 +1,27 @@
+"""SDTM (Structure-then-Detail Token Merging) and ToMe for HuggingFace diffusers transformers.
+
+    from sdtm_plugin import apply_SDTM, remove_SDTM
+    apply_SDTM(pipe)            # the paper's SDTM*-a defaults
+    image = pipe("a cat", num_inference_steps=20).images[0]
+    remove_SDTM(pipe)           # bit-identical to never patched
+"""
+
+from .adapters import supported_models
+from .config import SDTMConfig, ToMeConfig
+from .patch import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM, remove_ToMe
+from .schedule import Phase, StepPlan, cosine_ratio, step_plan
+
+__all__ = [
+    "SDTMConfig",
+    "ToMeConfig",
+    "apply_SDTM",
+    "apply_ToMe",
+    "remove_SDTM",
+    "remove_ToMe",
+    "get_merge_state",
+    "supported_models",
+    "Phase",
+    "StepPlan",
+    "cosine_ratio",
+    "step_plan",
+]

@@ -1,0 +1,148 @@
+"""Configuration dataclasses for SDTM and the ToMe baseline, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# `switch_step` is given on the paper's 50-step schedule; see `SDTMConfig`.
+SWITCH_STEP_REFERENCE_STEPS = 50
+
+
+def _check_int(name: str, value, low: int, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
+
+
+def _check_float(name: str, value, low: float, high: float, high_inclusive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_frequency(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+        raise ValueError(f"{name} must be -1 (off) or an integer >= 1, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class _WindowedMergeConfig:
+    """Fields shared by every merging method: the 2-D windows, randomness and which sub-layers merge.
+
+    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd.
+    """
+
+    ratio: float = 0.3
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_mlp: bool = True
+    seed: int | None = 0
+    num_inference_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
+        _check_int("sx", self.sx, 1)
+        _check_int("sy", self.sy, 1)
+        if self.sx * self.sy < 2:
+            raise ValueError(f"sx * sy must be >= 2 (a window of one token cannot merge), got sx={self.sx}, sy={self.sy}")
+        _check_bool("use_rand", self.use_rand)
+        _check_bool("merge_attn", self.merge_attn)
+        _check_bool("merge_mlp", self.merge_mlp)
+        if not (self.merge_attn or self.merge_mlp):
+            raise ValueError("merge_attn and merge_mlp are both False: nothing would be merged; enable at least one")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, " or None")
+        if self.num_inference_steps is not None:
+            _check_int("num_inference_steps", self.num_inference_steps, 1, " or None")
+
+    @property
+    def window_size(self) -> int:
+        return self.sx * self.sy
+
+
+@dataclass(kw_only=True)
+class SDTMConfig(_WindowedMergeConfig):
+    """Structure-then-Detail Token Merging. Defaults are the paper's SDTM*-a setting.
+
+    Args:
+        ratio: mean fraction of tokens removed; the schedule moves it from ``ratio + deviation`` at the first step to
+            ``ratio - deviation`` at the last, along a cosine (`sdtm_plugin.schedule.cosine_ratio`).
+        deviation: half-width of that schedule, in ``[0, ratio]`` with ``ratio + deviation < 1``.
+        switch_step: last step of the structure phase (SSM), given for a 50-step run. For ``S`` steps the structure
+            phase is every step ``i`` with ``i * 50 <= switch_step * S``: steps 0..20 of 50, 0..8 of 20, 0..10 of 25.
+            The other steps are the detail phase (IDM, MLP only).
+        use_rand: break ties between equally stale tokens at random when picking IDM destinations (else the first,
+            top-left one). SSM merges a window into its mean, so where that token sits does not change any value.
+        sx, sy: window width and height on the token grid (tokens outside the last full window row/column are never
+            merged by SSM and are IDM sources).
+        a_s: weight of the staleness prior P_fre in the SSM window score ``P_sim + a_s * P_fre``.
+        a_d: weight of the staleness prior in the IDM source score ``P_ina + a_d * P_fre``.
+        mcw: merge-cache weight: a merged token's output is ``mcw * merged + (1 - mcw) * cached``; 1 turns the cache
+            off.
+        protect_steps_frequency: every k-th step (0, k, 2k, ...) runs unmerged and refreshes the cache; -1 = off.
+        protect_layers_frequency: blocks with ``index % k == 0`` and the last block never merge; -1 = off.
+        merge_attn: merge the input of self-attention in the structure phase (never in the detail phase, as in the
+            paper).
+        merge_mlp: merge the input of the MLP in both phases.
+        cache_each_step: refresh the cache from every step's unmerged outputs, not only on protected steps.
+        seed: seed of the random generator, re-seeded at the start of every generation (so a repeated call with
+            the same inputs gives the same output); None draws a fresh seed from torch's global RNG.
+        num_inference_steps: only needed for a bare transformer used without a pipeline (a pipeline's scheduler
+            tells the step count).
+    """
+
+    deviation: float = 0.2
+    switch_step: int = 20
+    a_s: float = 0.05
+    a_d: float = 0.05
+    mcw: float = 0.1
+    protect_steps_frequency: int = 3
+    protect_layers_frequency: int = -1
+    cache_each_step: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_float("deviation", self.deviation, 0.0, self.ratio, high_inclusive=True)
+        if self.ratio + self.deviation >= 1.0:
+            raise ValueError(
+                f"ratio + deviation must be < 1 (the first step's merge ratio), got {self.ratio} + {self.deviation}"
+            )
+        _check_int("switch_step", self.switch_step, 0)
+        _check_float("a_s", self.a_s, 0.0, math.inf, high_inclusive=False)
+        _check_float("a_d", self.a_d, 0.0, math.inf, high_inclusive=False)
+        _check_float("mcw", self.mcw, 0.0, 1.0, high_inclusive=True)
+        _check_frequency("protect_steps_frequency", self.protect_steps_frequency)
+        _check_frequency("protect_layers_frequency", self.protect_layers_frequency)
+        _check_bool("cache_each_step", self.cache_each_step)
+        if self.mcw < 1.0 and not self.cache_each_step and self.protect_steps_frequency == -1:
+            raise ValueError(
+                f"mcw={self.mcw} would have no effect: with cache_each_step=False and protect_steps_frequency=-1 the "
+                "cache is never filled; set mcw=1.0, cache_each_step=True or protect_steps_frequency >= 1"
+            )
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether merged outputs are blended with cached ones (and so whether the cache must be kept)."""
+        return self.ratio > 0 and self.mcw < 1.0
+
+
+@dataclass(kw_only=True)
+class ToMeConfig(_WindowedMergeConfig):
+    """ToMe for diffusion (tomesd semantics): bipartite soft matching at a fixed ratio on every step and block.
+
+    One destination per ``sy x sx`` window (random position when `use_rand`, else top-left), the ``ratio * N``
+    sources most similar to a destination are averaged into it, outputs are copied back. tomesd's defaults merge
+    self-attention only.
+    """
+
+    ratio: float = 0.5
+    merge_mlp: bool = False

@@ -1,0 +1,118 @@
+"""diffusers `ModelHook`s that drive merging: one on the transformer (step tracking), one per merged sub-layer.
+
+No block forward is copied: a sub-layer hook merges the (B, N, C) input of `attn1` / `ff` in `pre_forward` and
+unmerges the output in `post_forward`. The block's per-channel modulation and gate commute with both, so the
+block code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .merge import MergePlan
+from .state import MergeState
+
+STEP_HOOK = "sdtm_step"
+MERGE_HOOK = "sdtm_merge"
+
+
+class StepHook(ModelHook):
+    """Transformer-level hook: every forward is one denoising step; it reads the token grid from the input.
+
+    Args:
+        state: the shared `MergeState`.
+        token_grid: ``(model, hidden_states) -> (h, w)``, the adapter's grid of the forward's input.
+        pipeline: the pipeline whose scheduler announces generations (weakly referenced), or None.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, state: MergeState, token_grid: Callable, pipeline: Any = None) -> None:
+        super().__init__()
+        self.state = state
+        self.token_grid = token_grid
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._scheduler = None
+        self._scheduler_set_timesteps = None
+
+    # The scheduler's `set_timesteps` runs once at the start of every pipeline call, however the step count was
+    # passed (keyword, positional, default, custom timesteps), also after a call that raised. Wrapping it on the
+    # instance tells the exact number of transformer calls to come: len(scheduler.timesteps).
+    def watch_scheduler(self) -> bool:
+        """Instrument the pipeline's current scheduler; True when it was not the one watched so far."""
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is None or scheduler is self._scheduler:
+            return False
+        self.unwatch_scheduler()
+        original = scheduler.set_timesteps
+        state = self.state
+
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            result = original(*args, **kwargs)
+            state.begin_generation(len(scheduler.timesteps))
+            return result
+
+        scheduler.set_timesteps = set_timesteps
+        self._scheduler, self._scheduler_set_timesteps = scheduler, set_timesteps
+        return True
+
+    def unwatch_scheduler(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.__dict__.get("set_timesteps") is self._scheduler_set_timesteps:
+            del scheduler.set_timesteps
+        self._scheduler = self._scheduler_set_timesteps = None
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if self.watch_scheduler() and getattr(self._scheduler, "timesteps", None) is not None:
+            # the user swapped pipe.scheduler after applying: this call's timesteps are already set
+            self.state.begin_generation(len(self._scheduler.timesteps))
+        self.state.begin_step(self.token_grid(module, hidden_states), hidden_states.shape[0], hidden_states.device)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state.reset()
+        return module
+
+
+class SubLayerMergeHook(ModelHook):
+    """Merges the input of one attention or feed-forward module and unmerges its output.
+
+    Args:
+        state: the shared `MergeState`.
+        layer: block index.
+        kind: "attn" or "mlp".
+    """
+
+    def __init__(self, state: MergeState, layer: int, kind: str) -> None:
+        super().__init__()
+        self.state, self.layer, self.kind = state, layer, kind
+        self._plan: MergePlan | None = None
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        from_kwargs = not args
+        x = kwargs["hidden_states"] if from_kwargs else args[0]
+        plan = self.state.merge_plan(self.layer, self.kind, x)
+        self._plan = plan
+        if plan is None:
+            return args, kwargs
+        if self.kind == "attn" and kwargs.get("attention_mask") is not None:
+            raise ValueError(
+                f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
+                "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
+            )
+        merged = plan.merge(x)
+        if from_kwargs:
+            return args, {**kwargs, "hidden_states": merged}
+        return (merged, *args[1:]), kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        plan, self._plan = self._plan, None
+        return self.state.finish(self.layer, self.kind, plan, output)

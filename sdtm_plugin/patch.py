@@ -1,0 +1,126 @@
+"""`apply_SDTM`, `apply_ToMe`, `remove_SDTM`: attach and detach the merging hooks on a pipeline or transformer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from diffusers.hooks import HookRegistry
+from torch import nn
+
+from .adapters import find_adapter, supported_models
+from .config import SDTMConfig, ToMeConfig
+from .hooks import MERGE_HOOK, STEP_HOOK, StepHook, SubLayerMergeHook
+from .state import MergeState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_PATCH_ATTR = "_sdtm_patch"
+
+
+@dataclass
+class _Patch:
+    """What `remove_SDTM` needs to undo one application."""
+
+    state: MergeState
+    step_hook: StepHook
+    hooked: list[tuple[nn.Module, str]]
+
+    def remove(self) -> None:
+        self.step_hook.unwatch_scheduler()
+        for module, name in self.hooked:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.remove_hook(name, recurse=False)
+            if not registry.hooks:
+                _drop_empty_registry(module)
+
+
+def _drop_empty_registry(module: nn.Module) -> None:
+    """Leave the module as it was before patching: no registry, no instance-level `forward`."""
+    del module._diffusers_hook
+    bound = module.__dict__.get("forward")
+    if bound is not None and getattr(bound, "__func__", None) is type(module).forward:
+        del module.forward
+
+
+def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
+    """-> (transformer, pipeline or None)."""
+    transformer = getattr(pipe_or_model, "transformer", None)
+    if isinstance(transformer, nn.Module) and not isinstance(pipe_or_model, nn.Module):
+        return transformer, pipe_or_model
+    if isinstance(pipe_or_model, nn.Module):
+        return pipe_or_model, None
+    raise TypeError(
+        f"expected a diffusers pipeline with a `transformer` or a transformer model, got {type(pipe_or_model).__name__};"
+        f" supported models: {supported_models()}"
+    )
+
+
+def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
+    model, pipeline = _split(pipe_or_model)
+    adapter = find_adapter(model)
+    remove_SDTM(model)  # re-applying replaces, never stacks
+
+    blocks = adapter.sublayers(model)
+    state = MergeState(config, num_layers=len(blocks))
+    step_hook = StepHook(state, adapter.token_grid, pipeline)
+    step_hook.watch_scheduler()
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(step_hook, STEP_HOOK)
+    hooked = [(model, STEP_HOOK)]
+    for layer, sub in enumerate(blocks):
+        for kind, module in (("attn", sub.attn), ("mlp", sub.mlp)):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                SubLayerMergeHook(state, layer, kind), MERGE_HOOK
+            )
+            hooked.append((module, MERGE_HOOK))
+    setattr(model, _PATCH_ATTR, _Patch(state, step_hook, hooked))
+    logger.info("%s applied to %s (%d blocks): %s", type(config).__name__, type(model).__name__, len(blocks), config)
+    return pipe_or_model
+
+
+def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, **params: Any) -> T:
+    """Patch a pipeline (or its bare transformer) with Structure-then-Detail Token Merging, in place.
+
+    Pass an `SDTMConfig`, or its fields as keywords (``ratio=0.3, deviation=0.2, switch_step=20, use_rand=True,
+    sx=2, sy=2, a_s=0.05, a_d=0.05, mcw=0.1, protect_steps_frequency=3, protect_layers_frequency=-1,
+    merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0``: the paper's SDTM*-a). Applying again
+    replaces the earlier patch (SDTM or ToMe). Returns its argument.
+
+    Raises:
+        TypeError: for a model no adapter supports (the message lists the supported ones).
+        ValueError: for parameters out of range (the message names the parameter and its range).
+    """
+    if config is not None and params:
+        raise TypeError("pass either an SDTMConfig or keyword parameters, not both")
+    return _apply(pipe_or_model, config if config is not None else SDTMConfig(**params))
+
+
+def apply_ToMe(pipe_or_model: T, config: ToMeConfig | None = None, **params: Any) -> T:
+    """Patch with the ToMe baseline (tomesd semantics, `ToMeConfig`) on the same blocks and hooks as SDTM."""
+    if config is not None and params:
+        raise TypeError("pass either a ToMeConfig or keyword parameters, not both")
+    return _apply(pipe_or_model, config if config is not None else ToMeConfig(**params))
+
+
+def remove_SDTM(pipe_or_model: T) -> T:
+    """Undo `apply_SDTM` / `apply_ToMe`: every hook goes, outputs are bit-identical to the unpatched model.
+
+    A model that was never patched is returned unchanged.
+    """
+    model, _ = _split(pipe_or_model)
+    patch = model.__dict__.pop(_PATCH_ATTR, None)
+    if patch is not None:
+        patch.remove()
+    return pipe_or_model
+
+
+remove_ToMe = remove_SDTM
+
+
+def get_merge_state(pipe_or_model: Any) -> MergeState | None:
+    """The live `MergeState` of a patched pipeline or transformer (step, plan, per-step token counts), else None."""
+    model, _ = _split(pipe_or_model)
+    patch = model.__dict__.get(_PATCH_ATTR)
+    return patch.state if patch is not None else None

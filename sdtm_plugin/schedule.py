@@ -1,0 +1,93 @@
+"""What each denoising step and block does: the cosine ratio schedule, the SSM/IDM phases and protection.
+
+Everything here is host-side arithmetic on Python numbers, computed once per step, so the hot path never syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from .config import SWITCH_STEP_REFERENCE_STEPS, SDTMConfig, ToMeConfig
+
+
+class Phase(str, Enum):
+    STRUCTURE = "structure"  # SSM: whole windows merged, attention and MLP
+    DETAIL = "detail"  # IDM: bipartite merging, MLP only
+    TOME = "tome"  # fixed-ratio bipartite merging
+    FULL = "full"  # nothing merged (protected step or zero ratio)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The decisions for one denoising step (one transformer forward, both CFG halves included)."""
+
+    step: int
+    num_steps: int
+    phase: Phase
+    ratio: float
+    merge_attn: bool
+    merge_mlp: bool
+    protected: bool = False
+
+    @property
+    def merges(self) -> bool:
+        return self.phase is not Phase.FULL
+
+    def merges_sublayer(self, kind: str) -> bool:
+        return self.merge_attn if kind == "attn" else self.merge_mlp
+
+
+def cosine_ratio(ratio: float, deviation: float, step: int, num_steps: int) -> float:
+    """Merge ratio at `step`: ``ratio + deviation`` at the first step down to ``ratio - deviation`` at the last.
+
+    ``p = step / (num_steps - 1)``, ``ratio_t = (ratio - deviation) + 2 * deviation * cos(p * pi / 2)``.
+    """
+    progress = step / (num_steps - 1) if num_steps > 1 else 0.0
+    return (ratio - deviation) + 2.0 * deviation * math.cos(min(progress, 1.0) * math.pi / 2)
+
+
+def in_structure_phase(switch_step: int, step: int, num_steps: int) -> bool:
+    """`switch_step` is on the 50-step grid: step ``i`` of ``S`` is structural iff ``i * 50 <= switch_step * S``."""
+    return step * SWITCH_STEP_REFERENCE_STEPS <= switch_step * num_steps
+
+
+def step_plan(config: SDTMConfig | ToMeConfig, step: int, num_steps: int) -> StepPlan:
+    """The plan of `step` of a `num_steps` generation for either method."""
+    if isinstance(config, ToMeConfig):
+        phase = Phase.TOME if config.ratio > 0 else Phase.FULL
+        return StepPlan(step, num_steps, phase, config.ratio, config.merge_attn, config.merge_mlp)
+
+    protected = config.protect_steps_frequency >= 1 and step % config.protect_steps_frequency == 0
+    ratio = cosine_ratio(config.ratio, config.deviation, step, num_steps)
+    if protected or ratio <= 0:
+        return StepPlan(step, num_steps, Phase.FULL, 0.0, False, False, protected=protected)
+    if in_structure_phase(config.switch_step, step, num_steps):
+        return StepPlan(step, num_steps, Phase.STRUCTURE, ratio, config.merge_attn, config.merge_mlp)
+    if not config.merge_mlp:  # the detail phase merges the MLP only
+        return StepPlan(step, num_steps, Phase.FULL, 0.0, False, False)
+    return StepPlan(step, num_steps, Phase.DETAIL, ratio, False, True)
+
+
+def layer_is_protected(config: SDTMConfig | ToMeConfig, layer: int, num_layers: int) -> bool:
+    """SDTM's layer protection: ``layer % k == 0`` and the last block run unmerged (k = -1: none)."""
+    freq = getattr(config, "protect_layers_frequency", -1)
+    return freq >= 1 and (layer % freq == 0 or layer == num_layers - 1)
+
+
+def tokens_removed(phase: Phase, ratio: float, num_tokens: int, grid: tuple[int, int], sx: int, sy: int) -> int:
+    """How many tokens a merge removes, before the N tokens reach attention or the MLP.
+
+    SSM merges whole windows: ``floor(ratio * N / (K - 1))`` windows of K = sx * sy tokens, capped at the number
+    of full windows. IDM and ToMe merge ``floor(ratio * N)`` sources, capped at the number of sources.
+    No rounding to multiples of 16 (the reference code's choice): the merged length is the GEMM's M dimension,
+    which tensor cores do not need aligned, and rounding would silently change the schedule on small grids.
+    """
+    windows = (grid[0] // sy) * (grid[1] // sx)
+    k = sx * sy
+    if phase is Phase.STRUCTURE:
+        return min(int(ratio * num_tokens / (k - 1)), windows) * (k - 1)
+    if phase in (Phase.DETAIL, Phase.TOME):
+        return min(int(ratio * num_tokens), num_tokens - windows)
+    return 0
