@@ -1,0 +1,35 @@
+import logging
+
+import pytest
+import torch
+
+from benchmarks.models import load_pipeline
+
+torch.set_num_threads(2)
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_pipe_dir):
+    """A fresh tiny PixArt pipeline (random weights, saved then loaded with from_pretrained), 64 tokens, 4 blocks."""
+    pipe = load_pipeline("tiny", cache_dir=tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt="a red cat on a boat", steps=10, seed=0, **kwargs):
+    """Final latents of a tiny-pipeline generation (text encoder included)."""
+    kwargs.setdefault("num_inference_steps", steps)
+    return pipe(
+        prompt,
+        generator=torch.Generator().manual_seed(seed),
+        use_resolution_binning=False,
+        output_type="latent",
+        clean_caption=False,
+        **kwargs,
+    ).images

@@ -1,0 +1,254 @@
+"""SDTM / ToMe on a tiny offline PixArt pipeline: exactness, per-step token counts, state, determinism."""
+
+import math
+
+import pytest
+import torch
+from conftest import generate
+
+from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+
+N = 64  # tiny preset: 8x8 token grid
+WINDOWS = 16  # 2x2 windows
+
+
+def expected_counts(steps, layers=4, ratio=0.3, deviation=0.2, switch_step=20, protect=3, protect_layers=-1,
+                    merge_attn=True, merge_mlp=True, k=4):
+    """Tokens entering (attn, mlp) of each block at each step, written from the method's formulas."""
+    out = []
+    for i in range(steps):
+        p = i / (steps - 1) if steps > 1 else 0.0
+        r = (ratio - deviation) + 2 * deviation * math.cos(p * math.pi / 2)
+        structure = i * 50 <= switch_step * steps
+        full = protect > 0 and i % protect == 0
+        if structure:
+            kept = N - min(int(r * N / (k - 1)), WINDOWS) * (k - 1)
+            attn, mlp = (kept if merge_attn else N), (kept if merge_mlp else N)
+        else:
+            attn, mlp = N, (N - min(int(r * N), N - WINDOWS) if merge_mlp else N)
+        row = []
+        for layer in range(layers):
+            lp = protect_layers > 0 and (layer % protect_layers == 0 or layer == layers - 1)
+            row.append((N, N) if (full or lp or r <= 0) else (attn, mlp))
+        out.append(row)
+    return out
+
+
+def record_counts(pipe):
+    """Forward hooks on the Linear layers: tokens entering self-attention (to_q) and the MLP (first proj)."""
+    seen = []
+    handles = []
+    for layer, block in enumerate(pipe.transformer.transformer_blocks):
+        handles.append(block.attn1.to_q.register_forward_hook(lambda m, a, o, l=layer: seen.append(("attn", l, a[0].shape[1]))))
+        handles.append(block.ff.net[0].proj.register_forward_hook(lambda m, a, o, l=layer: seen.append(("mlp", l, a[0].shape[1]))))
+    return seen, handles
+
+
+def per_step(seen, layers=4):
+    steps = [seen[i : i + 2 * layers] for i in range(0, len(seen), 2 * layers)]
+    return [[(s[2 * l][2], s[2 * l + 1][2]) for l in range(layers)] for s in steps]
+
+
+def test_ratio_zero_and_removal_are_bit_identical(tiny_pipe):
+    base = generate(tiny_pipe)
+    apply_SDTM(tiny_pipe, ratio=0.0, deviation=0.0)
+    assert torch.equal(generate(tiny_pipe), base)
+    apply_SDTM(tiny_pipe)  # re-apply replaces
+    merged = generate(tiny_pipe)
+    assert not torch.equal(merged, base) and torch.isfinite(merged).all()
+    remove_SDTM(tiny_pipe)
+    assert torch.equal(generate(tiny_pipe), base)
+    for module in tiny_pipe.transformer.modules():
+        assert not hasattr(module, "_diffusers_hook") and "forward" not in module.__dict__
+    assert "set_timesteps" not in tiny_pipe.scheduler.__dict__
+
+
+def test_applying_twice_does_not_stack(tiny_pipe):
+    apply_SDTM(tiny_pipe)
+    apply_SDTM(tiny_pipe, ratio=0.4)
+    apply_ToMe(tiny_pipe)
+    block = tiny_pipe.transformer.transformer_blocks[0]
+    assert list(block.attn1._diffusers_hook.hooks) == ["sdtm_merge"]
+    assert list(tiny_pipe.transformer._diffusers_hook.hooks) == ["sdtm_step"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"ratio": 0.4, "deviation": 0.1, "switch_step": 30},
+        {"protect_steps_frequency": -1, "switch_step": 0},
+        {"protect_layers_frequency": 2},
+        {"merge_attn": False},
+        {"merge_mlp": False},
+        {"sx": 4, "sy": 1},
+    ],
+)
+def test_token_counts_follow_schedule_phases_and_protection(tiny_pipe, params):
+    steps = 10
+    apply_SDTM(tiny_pipe, **params)
+    seen, handles = record_counts(tiny_pipe)
+    generate(tiny_pipe, steps=steps)
+    for h in handles:
+        h.remove()
+    keys = ("ratio", "deviation", "switch_step", "merge_attn", "merge_mlp")
+    expect = expected_counts(
+        steps, **{k: v for k, v in params.items() if k in keys},
+        protect=params.get("protect_steps_frequency", 3), protect_layers=params.get("protect_layers_frequency", -1),
+        k=params.get("sx", 2) * params.get("sy", 2),
+    )
+    assert per_step(seen) == expect
+    assert [[(c["attn"][l], c["mlp"][l]) for l in range(4)] for c in get_merge_state(tiny_pipe).token_counts] == expect
+
+
+def test_tome_counts_every_step(tiny_pipe):
+    apply_ToMe(tiny_pipe, ratio=0.5)
+    seen, handles = record_counts(tiny_pipe)
+    generate(tiny_pipe, steps=4)
+    assert per_step(seen) == [[(32, 64)] * 4] * 4
+    apply_ToMe(tiny_pipe, ratio=0.25, merge_mlp=True)
+    seen.clear()
+    generate(tiny_pipe, steps=2)
+    assert per_step(seen) == [[(48, 48)] * 4] * 2
+
+
+@pytest.mark.parametrize("call", ["keyword", "positional", "default"])
+def test_step_tracking_however_steps_are_passed(tiny_pipe, call):
+    apply_SDTM(tiny_pipe)
+    seen, _ = record_counts(tiny_pipe)
+    g = torch.Generator().manual_seed(0)
+    common = dict(generator=g, use_resolution_binning=False, output_type="latent", clean_caption=False)
+    if call == "keyword":
+        tiny_pipe("a cat", num_inference_steps=7, **common)
+        steps = 7
+    elif call == "positional":
+        tiny_pipe("a cat", "", 7, **common)  # (prompt, negative_prompt, num_inference_steps)
+        steps = 7
+    else:
+        tiny_pipe("a cat", **common)
+        steps = 20  # PixArtAlphaPipeline's default
+    assert get_merge_state(tiny_pipe).num_steps == steps
+    assert per_step(seen) == expected_counts(steps)
+
+
+def test_state_resets_each_call_also_after_a_call_that_raised(tiny_pipe):
+    apply_SDTM(tiny_pipe)
+    first = generate(tiny_pipe, steps=8)
+    calls = {"n": 0}
+
+    def explode(module, args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("boom")
+
+    handle = tiny_pipe.transformer.register_forward_pre_hook(explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(tiny_pipe, steps=8)
+    handle.remove()
+    assert torch.equal(generate(tiny_pipe, steps=8), first)
+    # a different step count in between does not leak into the next call either
+    generate(tiny_pipe, steps=5)
+    assert torch.equal(generate(tiny_pipe, steps=8), first)
+
+
+def test_same_seed_identical_and_use_rand_seeds_differ(tiny_pipe):
+    cfg = dict(switch_step=10, protect_steps_frequency=-1)  # most steps in IDM, where destinations are drawn
+    apply_SDTM(tiny_pipe, seed=1, **cfg)
+    a = generate(tiny_pipe)
+    assert torch.equal(generate(tiny_pipe), a)
+    apply_SDTM(tiny_pipe, seed=2, **cfg)
+    assert not torch.equal(generate(tiny_pipe), a)
+    apply_SDTM(tiny_pipe, seed=1, use_rand=False, **cfg)
+    c = generate(tiny_pipe)
+    apply_SDTM(tiny_pipe, seed=2, use_rand=False, **cfg)
+    assert torch.equal(generate(tiny_pipe), c)  # no randomness: the seed is irrelevant
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"a_s": 0.0}, {"a_d": 0.0}, {"mcw": 1.0}, {"mcw": 0.5}, {"cache_each_step": False}, {"use_rand": False}],
+)
+def test_every_output_parameter_has_an_effect(tiny_pipe, change):
+    base_cfg = dict(switch_step=20, protect_steps_frequency=4)
+    apply_SDTM(tiny_pipe, **base_cfg)
+    reference = generate(tiny_pipe, steps=12)
+    apply_SDTM(tiny_pipe, **{**base_cfg, **change})
+    changed = generate(tiny_pipe, steps=12)
+    assert torch.isfinite(changed).all()
+    assert not torch.equal(changed, reference), f"{change} changed nothing"
+
+
+def test_cfg_and_batches(tiny_pipe):
+    apply_SDTM(tiny_pipe)
+    seen, _ = record_counts(tiny_pipe)
+    g = torch.Generator().manual_seed(0)
+    out = tiny_pipe(["a cat", "a dog"], num_images_per_prompt=2, num_inference_steps=6, generator=g,
+                    use_resolution_binning=False, output_type="latent", clean_caption=False).images
+    assert out.shape == (4, 4, 16, 16) and torch.isfinite(out).all()
+    assert get_merge_state(tiny_pipe).batch_size == 8  # CFG doubles the 4 images
+    assert per_step(seen) == expected_counts(6)
+    seen.clear()
+    generate(tiny_pipe, steps=6, guidance_scale=1.0)  # no CFG: batch 1
+    assert get_merge_state(tiny_pipe).batch_size == 1 and per_step(seen) == expected_counts(6)
+
+
+def test_batched_elements_are_merged_independently(tiny_pipe):
+    """An image's result does not depend on what else is in the batch (selection is per element)."""
+    apply_SDTM(tiny_pipe, use_rand=False)
+    single = generate(tiny_pipe, prompt="a red cat", steps=6)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 16, 16, generator=g)
+    kw = dict(num_inference_steps=6, use_resolution_binning=False, output_type="latent", clean_caption=False)
+    one = tiny_pipe("a red cat", latents=latents, **kw).images
+    two = tiny_pipe(["a red cat", "a blue dog"], latents=torch.cat([latents, torch.randn(1, 4, 16, 16)]), **kw).images
+    # only float batching noise (the unpatched pipeline shows ~5e-7 too); shared selection would show ~1e-2
+    assert ((two[:1] - one).abs().max() / one.abs().max()) < 1e-5
+    assert single.shape == one.shape
+
+
+def test_bare_transformer_needs_and_uses_step_count(tiny_pipe):
+    transformer = tiny_pipe.transformer
+    latents = torch.randn(2, 4, 16, 16)
+    text = torch.randn(2, 120, 32)
+    t = torch.tensor([999, 999])
+    apply_SDTM(transformer)
+    with pytest.raises(RuntimeError, match="num_inference_steps"):
+        transformer(latents, encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    apply_SDTM(transformer, num_inference_steps=3)
+    kw = dict(encoder_hidden_states=text, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    outs = [transformer(latents, **kw).sample for _ in range(6)]
+    state = get_merge_state(transformer)
+    assert state.step == 2  # wrapped after 3 forwards: steps 0, 1, 2, 0, 1, 2
+    assert torch.equal(outs[1], outs[4]) and not torch.equal(outs[0], outs[1])
+
+
+def test_scheduler_swapped_after_apply_is_followed(tiny_pipe):
+    from diffusers import DDIMScheduler
+
+    apply_SDTM(tiny_pipe)
+    tiny_pipe.scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    seen, _ = record_counts(tiny_pipe)
+    generate(tiny_pipe, steps=6)
+    generate(tiny_pipe, steps=9)
+    assert get_merge_state(tiny_pipe).num_steps == 9
+    assert per_step(seen) == expected_counts(6) + expected_counts(9)
+
+
+def test_prompt_embeds_path_and_resolution_change(tiny_pipe):
+    apply_SDTM(tiny_pipe)
+    embeds, mask, neg, neg_mask = tiny_pipe.encode_prompt("a cat", device="cpu")
+    out = tiny_pipe(negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                    negative_prompt_attention_mask=neg_mask, num_inference_steps=4, height=48, width=32,
+                    use_resolution_binning=False, output_type="latent").images
+    assert out.shape == (1, 4, 24, 16) and get_merge_state(tiny_pipe).grid == (12, 8)
+    assert generate(tiny_pipe, steps=4).shape == (1, 4, 16, 16)
+    assert get_merge_state(tiny_pipe).grid == (8, 8)
+
+
+def test_config_object_and_errors(tiny_pipe):
+    apply_SDTM(tiny_pipe, SDTMConfig(ratio=0.2, deviation=0.1))
+    assert get_merge_state(tiny_pipe).config.ratio == 0.2
+    with pytest.raises(TypeError, match="either"):
+        apply_SDTM(tiny_pipe, SDTMConfig(), ratio=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        apply_SDTM(tiny_pipe, rato=0.1)
