@@ -38,14 +38,16 @@ class WindowLayout:
         h, w = grid
         if h < sy or w < sx:
             raise ValueError(f"token grid {h}x{w} is smaller than one {sy}x{sx} (sy x sx) window; use smaller sx/sy")
+        # built on the CPU once per grid (boolean indexing has no meta-device kernel), then moved
         gh, gw = h // sy, w // sx
-        ids = torch.arange(h * w, device=device).view(h, w)
+        ids = torch.arange(h * w).view(h, w)
         window_tokens = ids[: gh * sy, : gw * sx].reshape(gh, sy, gw, sx).permute(0, 2, 1, 3).reshape(gh * gw, sy * sx)
-        in_window = torch.zeros(h * w, dtype=torch.bool, device=device)
+        in_window = torch.zeros(h * w, dtype=torch.bool)
         in_window[window_tokens.flatten()] = True
         k = sx * sy
-        others = torch.stack([torch.cat([torch.arange(p), torch.arange(p + 1, k)]) for p in range(k)]).to(device)
-        return cls(grid, sx, sy, window_tokens, others, (~in_window).nonzero().flatten())
+        others = torch.stack([torch.cat([torch.arange(p), torch.arange(p + 1, k)]) for p in range(k)])
+        loose_tokens = (~in_window).nonzero().flatten()
+        return cls(grid, sx, sy, window_tokens.to(device), others.to(device), loose_tokens.to(device))
 
     @property
     def num_windows(self) -> int:

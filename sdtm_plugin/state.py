@@ -87,7 +87,9 @@ class MergeState:
             self._layouts[key] = WindowLayout.build(self.grid, self.config.sx, self.config.sy, device)
         return self._layouts[key]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":  # shape-only runs (MAC counting) draw nothing
+            return None
         if device not in self._generators:
             seed = self.config.seed
             if seed is None:
