@@ -1,12 +1,13 @@
-"""Per-architecture adapters: where the merged sub-layers sit and what token grid a forward works on.
+"""Per-architecture adapters: which sub-layers are merged and what token grid each block works on.
 
-An adapter names, for one model family, the blocks, each block's self-attention and feed-forward modules, and how
-to read the (h, w) token grid from the transformer's input. Merge, schedule, cache and state code is shared.
+An adapter lists, for one model family, every block's merged sub-layers (self-attention and feed-forward modules
+whose first input is the (B, N, C) image-token sequence) and where the (h, w) token grid comes from. The merge,
+schedule, cache and state code is shared by all families.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -14,58 +15,152 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class SubLayers:
-    """The modules of one block whose (B, N, C) inputs are merged."""
+class SubLayer:
+    """One merged module of a block.
 
-    attn: nn.Module
-    mlp: nn.Module
+    Attributes:
+        name: key of its cache slot within the block ("attn", "attn2", "mlp").
+        role: "attn" or "mlp": which of `merge_attn` / `merge_mlp` (and which phase) governs it.
+        module: the module whose input is merged and whose output is unmerged.
+    """
+
+    name: str
+    role: str
+    module: nn.Module
+
+
+@dataclass
+class PatchLayout:
+    """What one model exposes to merging.
+
+    Attributes:
+        blocks: per block, its sub-layers in call order.
+        grid_sources: modules whose (B, C, H, W) input gives the token grid of the listed blocks (U-Net
+            transformers, one per resolution); empty when every block works on the model input's grid.
+    """
+
+    blocks: list[list[SubLayer]]
+    grid_sources: list[tuple[nn.Module, list[int]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """How to patch one family of transformer models.
+    """How to patch one family of models.
 
     Attributes:
         name: shown in errors and logs.
         matches: whether a model belongs to this family.
-        sublayers: the model's blocks, in order, as `SubLayers`.
-        token_grid: ``(model, hidden_states) -> (h, w)``, the patch grid of a forward's latent input.
+        layout: the model's `PatchLayout`.
+        token_grid: ``(model, input) -> (h, w)``, the token grid of the model's (B, C, H, W) latent input.
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
-    sublayers: Callable[[nn.Module], list[SubLayers]]
+    layout: Callable[[nn.Module], PatchLayout]
     token_grid: Callable[[nn.Module, torch.Tensor], tuple[int, int]]
 
 
-def _latent_patch_grid(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
-    """(B, C, H, W) latents cut into p x p patches -> (H // p, W // p), row-major as PatchEmbed flattens them."""
+def _check_latents(hidden_states: torch.Tensor) -> None:
     if hidden_states.dim() != 4:
         raise ValueError(f"expected latents (B, C, H, W), got shape {tuple(hidden_states.shape)}")
+
+
+def _patch_grid(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
+    """(B, C, H, W) latents cut into p x p patches -> (H // p, W // p), row-major as PatchEmbed flattens them."""
+    _check_latents(hidden_states)
     p = model.config.patch_size
     return hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
+
+
+def _pixel_grid(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
+    _check_latents(hidden_states)
+    return hidden_states.shape[-2], hidden_states.shape[-1]
+
+
+def _basic_block(block: nn.Module) -> list[SubLayer]:
+    return [SubLayer("attn", "attn", block.attn1), SubLayer("mlp", "mlp", block.ff)]
 
 
 def _is_pixart(model: nn.Module) -> bool:
     from diffusers import PixArtTransformer2DModel
 
-    if not isinstance(model, PixArtTransformer2DModel):
+    return isinstance(model, PixArtTransformer2DModel) and all(
+        getattr(b, "norm_type", None) == "ada_norm_single" for b in model.transformer_blocks
+    )
+
+
+def _is_dit(model: nn.Module) -> bool:
+    from diffusers import DiTTransformer2DModel
+
+    return isinstance(model, DiTTransformer2DModel) and all(
+        getattr(b, "norm_type", None) == "ada_norm_zero" for b in model.transformer_blocks
+    )
+
+
+def _transformer_layout(model: nn.Module) -> PatchLayout:
+    return PatchLayout([_basic_block(b) for b in model.transformer_blocks])
+
+
+def _is_sd3(model: nn.Module) -> bool:
+    from diffusers import SD3Transformer2DModel
+
+    return isinstance(model, SD3Transformer2DModel)
+
+
+def _sd3_layout(model: nn.Module) -> PatchLayout:
+    """Image stream only: the joint attention's image input, the dual attention (SD3.5) and the image MLP.
+
+    Text tokens are never merged; they attend to the merged image tokens in the joint attention.
+    """
+    blocks = []
+    for block in model.transformer_blocks:
+        subs = [SubLayer("attn", "attn", block.attn)]
+        if getattr(block, "use_dual_attention", False):
+            subs.append(SubLayer("attn2", "attn", block.attn2))
+        subs.append(SubLayer("mlp", "mlp", block.ff))
+        blocks.append(subs)
+    return PatchLayout(blocks)
+
+
+def _is_unet(model: nn.Module) -> bool:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+
+    if not isinstance(model, UNet2DConditionModel):
         return False
-    return all(getattr(b, "norm_type", None) == "ada_norm_single" for b in model.transformer_blocks)
+    blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    return bool(blocks) and all(b.norm_type == "layer_norm" and not b.only_cross_attention for b in blocks)
 
 
-def _basic_blocks(model: nn.Module) -> list[SubLayers]:
-    return [SubLayers(block.attn1, block.ff) for block in model.transformer_blocks]
+def _unet_layout(model: nn.Module) -> PatchLayout:
+    """Every spatial transformer's blocks, each transformer's input giving its resolution's grid (tomesd's domain)."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    blocks: list[list[SubLayer]] = []
+    sources: list[tuple[nn.Module, list[int]]] = []
+    for module in model.modules():
+        if isinstance(module, Transformer2DModel):
+            first = len(blocks)
+            blocks.extend(_basic_block(b) for b in module.transformer_blocks)
+            sources.append((module, list(range(first, len(blocks)))))
+    return PatchLayout(blocks, sources)
 
 
-PIXART = Adapter(
-    name="PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel, BasicTransformerBlock with ada_norm_single)",
-    matches=_is_pixart,
-    sublayers=_basic_blocks,
-    token_grid=_latent_patch_grid,
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel, BasicTransformerBlock with ada_norm_single)",
+        _is_pixart, _transformer_layout, _patch_grid,
+    ),
+    Adapter(
+        "Stable Diffusion 3 / 3.5 (SD3Transformer2DModel, JointTransformerBlock, image stream)",
+        _is_sd3, _sd3_layout, _patch_grid,
+    ),
+    Adapter("DiT (DiTTransformer2DModel, BasicTransformerBlock with ada_norm_zero)", _is_dit, _transformer_layout, _patch_grid),
+    Adapter(
+        "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",
+        _is_unet, _unet_layout, _pixel_grid,
+    ),
 )
-
-ADAPTERS: tuple[Adapter, ...] = (PIXART,)
 
 
 def supported_models() -> str:

@@ -47,6 +47,7 @@ class _WindowedMergeConfig:
     merge_mlp: bool = True
     seed: int | None = 0
     num_inference_steps: int | None = None
+    max_downsample: int = 1
 
     def __post_init__(self) -> None:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
@@ -63,6 +64,8 @@ class _WindowedMergeConfig:
             _check_int("seed", self.seed, 0, " or None")
         if self.num_inference_steps is not None:
             _check_int("num_inference_steps", self.num_inference_steps, 1, " or None")
+        if self.max_downsample not in (1, 2, 4, 8):
+            raise ValueError(f"max_downsample must be one of 1, 2, 4, 8, got {self.max_downsample!r}")
 
     @property
     def window_size(self) -> int:
@@ -98,6 +101,9 @@ class SDTMConfig(_WindowedMergeConfig):
             the same inputs gives the same output); None draws a fresh seed from torch's global RNG.
         num_inference_steps: only needed for a bare transformer used without a pipeline (a pipeline's scheduler
             tells the step count).
+        max_downsample: U-Nets only (tomesd's option): merge the transformer blocks whose token grid is at most this
+            factor below the latent grid (1: the highest resolution only). Diffusion transformers have a single
+            resolution, where every block qualifies.
     """
 
     deviation: float = 0.2

@@ -14,10 +14,12 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks import ModelHook
 
+from .adapters import SubLayer
 from .merge import MergePlan
 from .state import MergeState
 
 STEP_HOOK = "sdtm_step"
+GRID_HOOK = "sdtm_grid"
 MERGE_HOOK = "sdtm_merge"
 
 
@@ -74,7 +76,7 @@ class StepHook(ModelHook):
         if self.watch_scheduler() and getattr(self._scheduler, "timesteps", None) is not None:
             # the user swapped pipe.scheduler after applying: this call's timesteps are already set
             self.state.begin_generation(len(self._scheduler.timesteps))
-        self.state.begin_step(self.token_grid(module, hidden_states), hidden_states.shape[0], hidden_states.device)
+        self.state.begin_step(self.token_grid(module, hidden_states), hidden_states.shape[0])
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -82,28 +84,45 @@ class StepHook(ModelHook):
         return module
 
 
+class GridHook(ModelHook):
+    """On a U-Net's spatial transformer: its (B, C, H, W) input gives the token grid of its blocks."""
+
+    def __init__(self, state: MergeState, layers: list[int]) -> None:
+        super().__init__()
+        self.state, self.layers = state, layers
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if hidden_states.dim() == 4:
+            self.state.set_layer_grid(self.layers, (hidden_states.shape[-2], hidden_states.shape[-1]))
+        return args, kwargs
+
+
 class SubLayerMergeHook(ModelHook):
-    """Merges the input of one attention or feed-forward module and unmerges its output.
+    """Merges the (B, N, C) input of one attention or feed-forward module and unmerges its output.
+
+    Tuple outputs (SD3's joint attention returns image and text streams) have their first element unmerged.
 
     Args:
         state: the shared `MergeState`.
         layer: block index.
-        kind: "attn" or "mlp".
+        sublayer: the adapter's `SubLayer` (cache name and role).
     """
 
-    def __init__(self, state: MergeState, layer: int, kind: str) -> None:
+    def __init__(self, state: MergeState, layer: int, sublayer: SubLayer) -> None:
         super().__init__()
-        self.state, self.layer, self.kind = state, layer, kind
+        self.state, self.layer = state, layer
+        self.name, self.role = sublayer.name, sublayer.role
         self._plan: MergePlan | None = None
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = not args
         x = kwargs["hidden_states"] if from_kwargs else args[0]
-        plan = self.state.merge_plan(self.layer, self.kind, x)
+        plan = self.state.merge_plan(self.layer, self.role, x)
         self._plan = plan
         if plan is None:
             return args, kwargs
-        if self.kind == "attn" and kwargs.get("attention_mask") is not None:
+        if self.role == "attn" and kwargs.get("attention_mask") is not None:
             raise ValueError(
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
@@ -113,6 +132,8 @@ class SubLayerMergeHook(ModelHook):
             return args, {**kwargs, "hidden_states": merged}
         return (merged, *args[1:]), kwargs
 
-    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+    def post_forward(self, module: torch.nn.Module, output):
         plan, self._plan = self._plan, None
-        return self.state.finish(self.layer, self.kind, plan, output)
+        if isinstance(output, tuple):
+            return (self.state.finish(self.layer, self.name, self.role, plan, output[0]), *output[1:])
+        return self.state.finish(self.layer, self.name, self.role, plan, output)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import find_adapter, supported_models
 from .config import SDTMConfig, ToMeConfig
-from .hooks import MERGE_HOOK, STEP_HOOK, StepHook, SubLayerMergeHook
+from .hooks import GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, StepHook, SubLayerMergeHook
 from .state import MergeState
 
 logger = logging.getLogger(__name__)
@@ -46,14 +46,16 @@ def _drop_empty_registry(module: nn.Module) -> None:
 
 
 def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
-    """-> (transformer, pipeline or None)."""
-    transformer = getattr(pipe_or_model, "transformer", None)
-    if isinstance(transformer, nn.Module) and not isinstance(pipe_or_model, nn.Module):
-        return transformer, pipe_or_model
+    """-> (denoiser, pipeline or None); the denoiser is the pipeline's `transformer` or `unet`."""
+    if not isinstance(pipe_or_model, nn.Module):
+        for attr in ("transformer", "unet"):
+            denoiser = getattr(pipe_or_model, attr, None)
+            if isinstance(denoiser, nn.Module):
+                return denoiser, pipe_or_model
     if isinstance(pipe_or_model, nn.Module):
         return pipe_or_model, None
     raise TypeError(
-        f"expected a diffusers pipeline with a `transformer` or a transformer model, got {type(pipe_or_model).__name__};"
+        f"expected a diffusers pipeline with a `transformer` / `unet` or such a model, got {type(pipe_or_model).__name__};"
         f" supported models: {supported_models()}"
     )
 
@@ -63,20 +65,26 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
     adapter = find_adapter(model)
     remove_SDTM(model)  # re-applying replaces, never stacks
 
-    blocks = adapter.sublayers(model)
-    state = MergeState(config, num_layers=len(blocks))
+    layout = adapter.layout(model)
+    state = MergeState(config, num_layers=len(layout.blocks))
     step_hook = StepHook(state, adapter.token_grid, pipeline)
     step_hook.watch_scheduler()
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(step_hook, STEP_HOOK)
-    hooked = [(model, STEP_HOOK)]
-    for layer, sub in enumerate(blocks):
-        for kind, module in (("attn", sub.attn), ("mlp", sub.mlp)):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                SubLayerMergeHook(state, layer, kind), MERGE_HOOK
-            )
-            hooked.append((module, MERGE_HOOK))
+    hooked: list[tuple[nn.Module, str]] = []
+
+    def register(module: nn.Module, hook, name: str) -> None:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        hooked.append((module, name))
+
+    register(model, step_hook, STEP_HOOK)
+    for module, layers in layout.grid_sources:
+        register(module, GridHook(state, layers), GRID_HOOK)
+    for layer, sublayers in enumerate(layout.blocks):
+        for sub in sublayers:
+            register(sub.module, SubLayerMergeHook(state, layer, sub), MERGE_HOOK)
     setattr(model, _PATCH_ATTR, _Patch(state, step_hook, hooked))
-    logger.info("%s applied to %s (%d blocks): %s", type(config).__name__, type(model).__name__, len(blocks), config)
+    logger.info(
+        "%s applied to %s (%d blocks): %s", type(config).__name__, type(model).__name__, len(layout.blocks), config
+    )
     return pipe_or_model
 
 

@@ -12,20 +12,20 @@ from .schedule import Phase, StepPlan, in_structure_phase, layer_is_protected, s
 
 logger = logging.getLogger(__name__)
 
-SUBLAYERS = ("attn", "mlp")
+ROLES = ("attn", "mlp")
 
 
 class MergeState:
-    """Step counter, per-block merge plans, staleness counters T and the output cache of one transformer.
+    """Step counter, per-block grids and merge plans, staleness counters T and the output cache of one model.
 
-    One transformer forward is one denoising step (pipelines batch the CFG halves). A generation starts when the
-    pipeline's scheduler sets its timesteps (`begin_generation`), or, for a bare transformer, after
+    One model forward is one denoising step (pipelines batch the CFG halves). A generation starts when the
+    pipeline's scheduler sets its timesteps (`begin_generation`), or, for a bare model, after
     `num_inference_steps` forwards.
 
-    Staleness ``T[l, b, n]`` counts the steps since token n's sub-layer outputs in block l were last computed on
-    their own (not merged); it is kept per block because the cache that merged tokens fall back on is per block.
-    The cache holds each block's un-gated attention / MLP output at full length (B, N, C); it is refreshed on
-    protected steps, and at every step with `cache_each_step`.
+    Staleness ``T[l][b, n]`` counts the steps since token n's outputs in block l were last computed on their own
+    (not merged); it is kept per block because the cache that merged tokens fall back on is per block. The cache
+    holds each block's un-gated sub-layer outputs at full length (B, N, C); it is refreshed on protected steps,
+    and at every step with `cache_each_step`.
     """
 
     def __init__(self, config: SDTMConfig | ToMeConfig, num_layers: int) -> None:
@@ -33,8 +33,7 @@ class MergeState:
         self.num_layers = num_layers
         self.num_steps: int | None = config.num_inference_steps
         self._layouts: dict[tuple, WindowLayout] = {}
-        self._staleness: torch.Tensor | None = None  # (L, B, N) int32, reused across generations
-        self.token_counts: list[dict[str, list[int]]] = []  # per step: tokens entering each sub-layer per block
+        self._staleness: list[torch.Tensor | None] = [None] * num_layers  # (B, N_l) int32, reused across calls
         self.reset()
 
     # -- generation / step bookkeeping -------------------------------------------------------------------------
@@ -44,47 +43,52 @@ class MergeState:
         self.plan: StepPlan | None = None
         self.grid: tuple[int, int] | None = None
         self.batch_size: int | None = None
+        self.layer_grids: list[tuple[int, int] | None] = [None] * self.num_layers
         self.layer_plans: list[MergePlan | None] = [None] * self.num_layers
-        self.cache: dict[str, list[torch.Tensor | None]] = {k: [None] * self.num_layers for k in SUBLAYERS}
+        self.cache: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_layers)]
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.token_counts = []
+        self.token_counts: list[dict[str, list[int | None]]] = []  # per step: tokens entering each role per block
 
     def begin_generation(self, num_steps: int) -> None:
         self.reset()
         self.num_steps = int(num_steps)
 
-    def begin_step(self, grid: tuple[int, int], batch_size: int, device: torch.device) -> StepPlan:
+    def begin_step(self, grid: tuple[int, int], batch_size: int) -> StepPlan:
+        """Start a model forward on latents whose token grid is `grid` (every block's, unless a grid source says)."""
         if self.num_steps is None:
             raise RuntimeError(
                 "the step count is unknown: apply SDTM/ToMe to the pipeline (its scheduler gives the step count) or "
-                "pass num_inference_steps=... when applying it to a bare transformer"
+                "pass num_inference_steps=... when applying it to a bare model"
             )
         if self.step + 1 >= self.num_steps:  # past the last step: the next generation begins
             self.begin_generation(self.num_steps)
         if self.step >= 0 and (grid != self.grid or batch_size != self.batch_size):
-            # a forward with another resolution or batch mid-generation belongs to a new generation
+            # another resolution or batch mid-generation belongs to a new generation
             self.begin_generation(self.num_steps)
         self.step += 1
         self.grid, self.batch_size = grid, batch_size
         self.plan = step_plan(self.config, self.step, self.num_steps)
+        self.layer_grids = [grid] * self.num_layers
         self.layer_plans = [None] * self.num_layers
-        self.token_counts.append({k: [grid[0] * grid[1]] * self.num_layers for k in SUBLAYERS})
-        num_tokens = grid[0] * grid[1]
-        if self._uses_staleness():
-            shape = (self.num_layers, batch_size, num_tokens)
-            if self._staleness is None or self._staleness.shape != shape or self._staleness.device != device:
-                self._staleness = torch.zeros(shape, dtype=torch.int32, device=device)
-            elif self.step == 0 or not self.plan.merges:
-                self._staleness.zero_()  # a full step computes every token on its own
+        self.token_counts.append({role: [None] * self.num_layers for role in ROLES})
+        if self.step == 0 or not self.plan.merges:  # a full step computes every token on its own
+            for counter in self._staleness:
+                if counter is not None:
+                    counter.zero_()
         return self.plan
 
-    def _uses_staleness(self) -> bool:
-        return isinstance(self.config, SDTMConfig) and self.config.ratio > 0
+    def set_layer_grid(self, layers: list[int], grid: tuple[int, int]) -> None:
+        for layer in layers:
+            self.layer_grids[layer] = grid
 
-    def _layout(self, device: torch.device) -> WindowLayout:
-        key = (self.grid, device)
+    def _downsample_allowed(self, layer: int) -> bool:
+        (h, w), (gh, gw) = self.grid, self.layer_grids[layer]
+        return h * w <= gh * gw * self.config.max_downsample**2
+
+    def _layout(self, grid: tuple[int, int], device: torch.device) -> WindowLayout:
+        key = (grid, device)
         if key not in self._layouts:
-            self._layouts[key] = WindowLayout.build(self.grid, self.config.sx, self.config.sy, device)
+            self._layouts[key] = WindowLayout.build(grid, self.config.sx, self.config.sy, device)
         return self._layouts[key]
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
@@ -97,48 +101,60 @@ class MergeState:
             self._generators[device] = torch.Generator(device).manual_seed(seed)
         return self._generators[device]
 
-    # -- per sub-layer -----------------------------------------------------------------------------------------
-    def merge_plan(self, layer: int, kind: str, x: torch.Tensor) -> MergePlan | None:
-        """The plan for `kind` ("attn" / "mlp") of block `layer` at this step, built once per block and shared.
+    def _staleness_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        counter = self._staleness[layer]
+        if counter is None or counter.shape != x.shape[:2] or counter.device != x.device:
+            counter = self._staleness[layer] = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+        return counter
 
-        Built from the input of the first merged sub-layer of the block (the attention input in the structure
-        phase, the MLP input in the detail phase). None when this sub-layer runs on all tokens.
+    # -- per sub-layer -----------------------------------------------------------------------------------------
+    def merge_plan(self, layer: int, role: str, x: torch.Tensor) -> MergePlan | None:
+        """The plan for a sub-layer of `role` ("attn" / "mlp") in block `layer`, built once per block and step.
+
+        Built from the input of the block's first merged sub-layer (the attention input in the structure phase,
+        the MLP input in the detail phase) and shared by the others. None when this sub-layer runs on all tokens.
         """
         plan = self.plan
         if plan is None:
-            raise RuntimeError("a merged block ran outside a transformer forward; was the step hook removed?")
-        if not plan.merges_sublayer(kind) or layer_is_protected(self.config, layer, self.num_layers):
-            return None
-        num_tokens = self.grid[0] * self.grid[1]
+            raise RuntimeError("a merged block ran outside a model forward; was the step hook removed?")
+        grid = self.layer_grids[layer]
+        num_tokens = grid[0] * grid[1]
         if x.dim() != 3 or x.shape[1] != num_tokens:
             raise ValueError(
-                f"block {layer} {kind}: expected hidden states (B, {num_tokens}, C) for the {self.grid[0]}x"
-                f"{self.grid[1]} token grid, got {tuple(x.shape)} (chunked feed-forward is not supported with merging)"
+                f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {grid[0]}x{grid[1]} "
+                f"token grid, got {tuple(x.shape)} (chunked feed-forward cannot be combined with merging)"
             )
+        counts = self.token_counts[-1][role]
+        counts[layer] = num_tokens
+        if (
+            not plan.merges_sublayer(role)
+            or layer_is_protected(self.config, layer, self.num_layers)
+            or not self._downsample_allowed(layer)
+        ):
+            return None
         merge = self.layer_plans[layer]
         if merge is None:
             merge = self._build_plan(layer, x)
             self.layer_plans[layer] = merge
         if merge is not None:
-            self.token_counts[-1][kind][layer] = merge.num_rows
+            counts[layer] = merge.num_rows
         return merge
 
     def _build_plan(self, layer: int, x: torch.Tensor) -> MergePlan | None:
-        cfg, plan = self.config, self.plan
-        num_tokens = x.shape[1]
-        removed = tokens_removed(plan.phase, plan.ratio, num_tokens, self.grid, cfg.sx, cfg.sy)
+        cfg, plan, grid = self.config, self.plan, self.layer_grids[layer]
+        removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid, cfg.sx, cfg.sy)
         if removed == 0:
             return None
-        layout = self._layout(x.device)
+        layout = self._layout(grid, x.device)
         if plan.phase is Phase.TOME:
             dst_score = None
-            if cfg.use_rand:
+            if cfg.use_rand:  # one random destination per window, shared by the batch as in tomesd
                 dst_score = torch.rand(
                     layout.window_tokens.shape, generator=self._generator(x.device), device=x.device
-                ).expand(x.shape[0], -1, -1)  # one random destination per window, as tomesd
+                ).expand(x.shape[0], -1, -1)
             return bipartite_merge_plan(x, layout, removed, dst_score)
 
-        staleness = self._staleness[layer]
+        staleness = self._staleness_of(layer, x)
         priority = staleness_priority(staleness)
         if plan.phase is Phase.STRUCTURE:
             merge = window_merge_plan(x, layout, removed // (cfg.window_size - 1), priority, cfg.a_s)
@@ -153,23 +169,25 @@ class MergeState:
         staleness.add_(1).masked_fill_(~merge.merged.squeeze(-1), 0)
         return merge
 
-    def finish(self, layer: int, kind: str, merge: MergePlan | None, output: torch.Tensor) -> torch.Tensor:
+    def finish(self, layer: int, name: str, role: str, merge: MergePlan | None, output: torch.Tensor) -> torch.Tensor:
         """Unmerge a sub-layer output (B, N', C) -> (B, N, C), blend merged tokens with the cache, refresh it."""
         cfg = self.config
         if merge is not None:
-            cache = self.cache[kind][layer] if isinstance(cfg, SDTMConfig) else None
+            cache = self.cache[layer].get(name) if isinstance(cfg, SDTMConfig) else None
             if cache is not None and cache.shape != (output.shape[0], merge.num_tokens, output.shape[-1]):
                 cache = None
             output = merge.unmerge(output, cache, getattr(cfg, "mcw", 1.0))
-        if self._stores_cache(layer, kind):
-            self.cache[kind][layer] = output.detach()
+        if self._stores_cache(layer, role):
+            self.cache[layer][name] = output.detach()
         return output
 
-    def _stores_cache(self, layer: int, kind: str) -> bool:
+    def _stores_cache(self, layer: int, role: str) -> bool:
         cfg, plan = self.config, self.plan
         if not isinstance(cfg, SDTMConfig) or not cfg.uses_cache or layer_is_protected(cfg, layer, self.num_layers):
             return False
+        if not self._downsample_allowed(layer):
+            return False
         if plan.protected:
             # attention is only merged again while the structure phase lasts
-            return kind == "mlp" or in_structure_phase(cfg.switch_step, plan.step + 1, plan.num_steps)
-        return cfg.cache_each_step and plan.merges_sublayer(kind)
+            return role == "mlp" or in_structure_phase(cfg.switch_step, plan.step + 1, plan.num_steps)
+        return cfg.cache_each_step and plan.merges_sublayer(role)
