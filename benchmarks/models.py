@@ -1,9 +1,11 @@
-"""Offline model zoo: PixArt pipelines built from configs with random weights, saved and loaded back.
+"""Offline model zoo: pipelines built from configs with random weights, saved and loaded back.
 
-No weights can be downloaded on our machines, so every pipeline here is built from a config (cost and token counts
-do not depend on the weights), written with `save_pretrained` and read back with `from_pretrained`, so the real
-loading path is the one exercised. The text encoder is a small random T5 with a word-level tokenizer built in
-code. A diffusers checkpoint path or hub name (e.g. ``PixArt-alpha/PixArt-XL-2-512x512``) loads as usual.
+No weights can be downloaded on our machines, so every preset here is built from a config (cost and token counts do
+not depend on the weights), written with `save_pretrained` and read back with `from_pretrained`, so the real loading
+path is the one exercised. Text encoders are small random T5 / CLIP models with a word-level tokenizer built in
+code; the denoiser (transformer or U-Net) has the preset's real architecture. Full-size presets reproduce the
+published denoiser configs (PixArt-XL-2, SD3-medium, DiT-XL/2, SD 1.5) and are built on the ``meta`` device to
+count MACs. A diffusers checkpoint path or hub name (e.g. ``PixArt-alpha/PixArt-XL-2-512x512``) loads as usual.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
+FAMILIES = ("pixart", "sd3", "dit", "sd-unet")
 
 _WORDS = (
     "a an the of and with in on at to from by for under over near far big small red green blue yellow black white "
@@ -30,44 +35,121 @@ _WORDS = (
 
 
 @dataclass(frozen=True)
-class PixArtPreset:
-    """A PixArt-architecture pipeline: transformer, T5 text encoder, VAE, DPM-Solver scheduler.
+class ModelPreset:
+    """One pipeline of the zoo.
 
-    The latent grid is ``sample_size`` squared; tokens = ``(sample_size / patch_size)^2``. Images are
-    ``sample_size * 2^(len(vae_channels) - 1)`` pixels on a side.
+    Attributes:
+        family: "pixart", "sd3", "dit" or "sd-unet": which pipeline and denoiser class.
+        denoiser: the denoiser's config (constructor keywords), the published one for full-size presets.
+        text_dim: width of the small random text encoder(s) (T5 d_model; CLIP hidden sizes for SD3 / SD U-Nets).
+        text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0).
+        vae_channels: VAE `block_out_channels`; images are ``latent side * 2^(len - 1)`` pixels.
+        default_steps: the pipeline's default number of inference steps (MACs per image use it).
+        text_layers / text_ff: depth and feed-forward width of the random text encoders.
+        full_size: a published architecture (MAC counting builds it on the meta device).
     """
 
-    num_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
-    sample_size: int
-    caption_channels: int
+    family: str
+    denoiser: dict
+    text_dim: int | tuple[int, ...]
+    text_tokens: int
+    vae_channels: tuple[int, ...]
+    default_steps: int
     text_layers: int = 1
-    text_heads: int = 2
-    text_d_ff: int = 64
-    max_sequence_length: int = 120
-    vae_channels: tuple[int, ...] = (8, 8)
-    patch_size: int = 2
-    # transformer options beyond the size (e.g. real PixArt's learned sigma)
+    text_ff: int = 64
+    full_size: bool = False
+    description: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
+    def sample_size(self) -> int:
+        return self.denoiser["sample_size"]
+
+    @property
     def num_tokens(self) -> int:
-        return (self.sample_size // self.patch_size) ** 2
+        return (self.sample_size // self.denoiser.get("patch_size", 1)) ** 2
 
     @property
     def resolution(self) -> int:
         return self.sample_size * 2 ** (len(self.vae_channels) - 1)
 
+    @property
+    def latent_channels(self) -> int:
+        return self.denoiser.get("in_channels", 4)
 
-PRESETS: dict[str, PixArtPreset] = {
-    # tests: 8x8 = 64 tokens, 4 blocks, 32-px images
-    "tiny": PixArtPreset(num_layers=4, num_attention_heads=2, attention_head_dim=16, sample_size=16, caption_channels=32),
+
+def _pixart(num_layers, heads, head_dim, sample_size, caption_channels) -> dict:
+    return dict(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=heads * head_dim, sample_size=sample_size, patch_size=2, caption_channels=caption_channels,
+        norm_num_groups=min(32, heads * head_dim),
+    )
+
+
+def _sd3(num_layers, heads, head_dim, sample_size, joint_dim, pooled_dim, pos_max, dual=()) -> dict:
+    return dict(
+        sample_size=sample_size, patch_size=2, in_channels=16, num_layers=num_layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=joint_dim, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=pooled_dim, out_channels=16, pos_embed_max_size=pos_max, dual_attention_layers=dual,
+    )
+
+
+def _dit(num_layers, heads, head_dim, sample_size) -> dict:
+    return dict(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=num_layers,
+        sample_size=sample_size, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=min(32, heads * head_dim),
+    )
+
+
+def _unet(channels, cross_dim, head_dim, sample_size, layers_per_block=2, groups=32) -> dict:
+    n = len(channels)
+    return dict(
+        block_out_channels=channels, layers_per_block=layers_per_block, sample_size=sample_size, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1), cross_attention_dim=cross_dim,
+        attention_head_dim=head_dim, norm_num_groups=groups,
+    )
+
+
+_SD_VAE = (128, 256, 512, 512)
+PRESETS: dict[str, ModelPreset] = {
+    # tests: tiny pipelines of each family, 32-px images
+    "tiny": ModelPreset("pixart", _pixart(4, 2, 16, 16, 32), 32, 120, (8, 8), 20, description="tiny PixArt, 64 tokens"),
+    "tiny-sd3": ModelPreset(
+        "sd3", _sd3(3, 2, 16, 16, 32, 32, 32, dual=(0,)), (16, 16), 77 + 256, (8, 8), 28,
+        description="tiny SD3.5-style (dual attention in block 0), 64 tokens",
+    ),
+    "tiny-dit": ModelPreset("dit", _dit(3, 2, 16, 16), 0, 0, (8, 8), 50, description="tiny DiT, 64 tokens"),
+    "tiny-sd": ModelPreset(
+        "sd-unet", _unet((16, 32), 32, 4, 16, layers_per_block=1, groups=8), 32, 77, (8, 8), 50,
+        description="tiny SD U-Net, 256 + 64 tokens",
+    ),
     # the embedded default of the benchmark: PixArt-XL-2-512 geometry (1024 tokens, 512-px images) at a CPU-friendly
     # width and depth
-    "pixart-small": PixArtPreset(
-        num_layers=8, num_attention_heads=6, attention_head_dim=64, sample_size=64, caption_channels=64,
-        text_d_ff=128, vae_channels=(16, 16, 16, 16),
+    "pixart-small": ModelPreset(
+        "pixart", _pixart(8, 6, 64, 64, 64), 64, 120, (16, 16, 16, 16), 20, text_ff=128,
+        description="PixArt, 1024 tokens, 8 blocks of width 384 (CPU default)",
+    ),
+    # published denoiser architectures (random weights; small random text encoders, SD VAE)
+    "pixart-xl-2-512": ModelPreset(
+        "pixart", _pixart(28, 16, 72, 64, 4096), 4096, 120, _SD_VAE, 20, full_size=True,
+        description="PixArt-XL-2 512x512 (PixArt-alpha/PixArt-XL-2-512x512)",
+    ),
+    "pixart-xl-2-1024": ModelPreset(
+        "pixart", _pixart(28, 16, 72, 128, 4096), 4096, 120, _SD_VAE, 20, full_size=True,
+        description="PixArt-XL-2 1024x1024 (PixArt-alpha/PixArt-XL-2-1024-MS)",
+    ),
+    "sd3-medium": ModelPreset(
+        "sd3", _sd3(24, 24, 64, 128, 4096, 2048, 192), (768, 1280), 77 + 256, _SD_VAE, 28, full_size=True,
+        description="Stable Diffusion 3 medium 1024x1024 (stabilityai/stable-diffusion-3-medium-diffusers)",
+    ),
+    "dit-xl-2-256": ModelPreset(
+        "dit", _dit(28, 16, 72, 32), 0, 0, _SD_VAE, 50, full_size=True,
+        description="DiT-XL/2 256x256 (facebook/DiT-XL-2-256)",
+    ),
+    "sd-1.5": ModelPreset(
+        "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, 50, full_size=True,
+        description="Stable Diffusion 1.5 512x512 U-Net",
     ),
 }
 
@@ -89,50 +171,121 @@ def _tokenizer(max_length: int):
     )
 
 
-def build_pixart_pipeline(preset: PixArtPreset, seed: int = 0):
-    """A `PixArtAlphaPipeline` with random weights from `preset` (in memory)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+def _t5(preset: ModelPreset, d_model: int, vocab: int):
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    tokenizer = _tokenizer(preset.max_sequence_length)
-    text_encoder = T5EncoderModel(
+    heads = max(1, d_model // 64) if d_model >= 64 else 2
+    return T5EncoderModel(
         T5Config(
-            vocab_size=len(tokenizer), d_model=preset.caption_channels, d_kv=preset.caption_channels // preset.text_heads,
-            d_ff=preset.text_d_ff, num_layers=preset.text_layers, num_heads=preset.text_heads,
-            pad_token_id=0, eos_token_id=1,
+            vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=preset.text_ff,
+            num_layers=preset.text_layers, num_heads=heads, pad_token_id=0, eos_token_id=1,
         )
     ).eval()
-    dim = preset.num_attention_heads * preset.attention_head_dim
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=preset.num_attention_heads,
-        attention_head_dim=preset.attention_head_dim,
-        in_channels=4,
-        out_channels=8,
-        num_layers=preset.num_layers,
-        cross_attention_dim=dim,
-        sample_size=preset.sample_size,
-        patch_size=preset.patch_size,
-        caption_channels=preset.caption_channels,
-        norm_num_groups=min(32, dim),
-        **preset.extra,
-    ).eval()
+
+
+def _clip(preset: ModelPreset, hidden: int, vocab: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=preset.text_ff, num_hidden_layers=preset.text_layers,
+        num_attention_heads=max(1, hidden // 64) if hidden >= 64 else 2, max_position_embeddings=77,
+        projection_dim=hidden, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae(preset: ModelPreset, latent_channels: int):
+    from diffusers import AutoencoderKL
+
     n = len(preset.vae_channels)
-    vae = AutoencoderKL(
-        block_out_channels=preset.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        latent_channels=4,
-        norm_num_groups=min(8, preset.vae_channels[0]),
+    return AutoencoderKL(
+        block_out_channels=preset.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, latent_channels=latent_channels,
+        layers_per_block=2 if preset.full_size else 1, norm_num_groups=min(32, preset.vae_channels[0]),
         sample_size=preset.resolution,
     ).eval()
-    scheduler = DPMSolverMultistepScheduler()
-    return PixArtAlphaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+
+
+def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> nn.Module:
+    """The preset's transformer / U-Net with random weights, built directly on `device` (``"meta"``: shapes only)."""
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+
+    cls = {
+        "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel,
+        "dit": DiTTransformer2DModel, "sd-unet": UNet2DConditionModel,
+    }[preset.family]
+    with torch.device(device):
+        return cls(**preset.denoiser).eval()
+
+
+def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Keyword inputs of one denoiser forward as the preset's pipeline makes them (batch 2 = one image with CFG)."""
+    cfg, b = preset.denoiser, batch_size
+    side = preset.sample_size
+    new = dict(device=device, dtype=dtype)
+    latents = torch.randn(b, preset.latent_channels, side, side, **new)
+    timestep = torch.full((b,), 500, device=device, dtype=torch.long)
+    if preset.family == "pixart":
+        inputs = dict(
+            hidden_states=latents, encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["caption_channels"], **new),
+            timestep=timestep,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+        if side == 128:  # PixArt-XL-2-1024 conditions on size and aspect ratio
+            inputs["added_cond_kwargs"] = {
+                "resolution": torch.full((b, 2), float(preset.resolution), **new), "aspect_ratio": torch.ones(b, 1, **new)
+            }
+        return inputs
+    if preset.family == "sd3":
+        return dict(
+            hidden_states=latents,
+            encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["joint_attention_dim"], **new),
+            pooled_projections=torch.randn(b, cfg["pooled_projection_dim"], **new), timestep=timestep,
+        )
+    if preset.family == "dit":
+        return dict(hidden_states=latents, timestep=timestep, class_labels=torch.arange(b, device=device) % 1000)
+    return dict(
+        sample=latents, timestep=timestep,
+        encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["cross_attention_dim"], **new),
     )
 
 
-def _preset_dir(name: str, preset: PixArtPreset, seed: int, cache_dir: Path) -> Path:
+def build_pipeline(preset: ModelPreset, seed: int = 0):
+    """The preset's diffusers pipeline with random weights (in memory, CPU, fp32)."""
+    from diffusers import (
+        DiTPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline,
+        StableDiffusion3Pipeline, StableDiffusionPipeline,
+    )
+
+    torch.manual_seed(seed)
+    denoiser = build_denoiser(preset)
+    if preset.family == "dit":
+        return DiTPipeline(transformer=denoiser, vae=_vae(preset, 4), scheduler=DPMSolverMultistepScheduler())
+    if preset.family == "pixart":
+        tokenizer = _tokenizer(preset.text_tokens)
+        return PixArtAlphaPipeline(
+            tokenizer=tokenizer, text_encoder=_t5(preset, preset.text_dim, len(tokenizer)), vae=_vae(preset, 4),
+            transformer=denoiser, scheduler=DPMSolverMultistepScheduler(),
+        )
+    if preset.family == "sd-unet":
+        tokenizer = _tokenizer(77)
+        return StableDiffusionPipeline(
+            vae=_vae(preset, 4), text_encoder=_clip(preset, preset.text_dim, len(tokenizer), projection=False),
+            tokenizer=tokenizer, unet=denoiser, scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+    clip_tok, t5_tok = _tokenizer(77), _tokenizer(256)
+    clip_l, clip_g = preset.text_dim
+    return StableDiffusion3Pipeline(
+        transformer=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(preset, 16),
+        text_encoder=_clip(preset, clip_l, len(clip_tok), projection=True), tokenizer=clip_tok,
+        text_encoder_2=_clip(preset, clip_g, len(clip_tok), projection=True), tokenizer_2=_tokenizer(77),
+        text_encoder_3=_t5(preset, preset.denoiser["joint_attention_dim"], len(t5_tok)), tokenizer_3=t5_tok,
+    )
+
+
+def _preset_dir(name: str, preset: ModelPreset, seed: int, cache_dir: Path) -> Path:
     digest = hashlib.sha1(json.dumps([asdict(preset), seed], sort_keys=True, default=str).encode()).hexdigest()[:10]
     return cache_dir / f"{name}-{digest}"
 
@@ -149,5 +302,5 @@ def load_pipeline(name_or_path: str = "pixart-small", seed: int = 0, cache_dir: 
     path = _preset_dir(name_or_path, preset, seed, Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE)
     if not (path / "model_index.json").exists():
         logger.info("building random-weight %s pipeline into %s", name_or_path, path)
-        build_pixart_pipeline(preset, seed).save_pretrained(path)
+        build_pipeline(preset, seed).save_pretrained(path)
     return DiffusionPipeline.from_pretrained(path, **kwargs)

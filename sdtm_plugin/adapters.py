@@ -52,12 +52,14 @@ class Adapter:
         matches: whether a model belongs to this family.
         layout: the model's `PatchLayout`.
         token_grid: ``(model, input) -> (h, w)``, the token grid of the model's (B, C, H, W) latent input.
+        input_name: keyword of that input in the model's forward ("hidden_states", or "sample" for U-Nets).
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     layout: Callable[[nn.Module], PatchLayout]
     token_grid: Callable[[nn.Module, torch.Tensor], tuple[int, int]]
+    input_name: str = "hidden_states"
 
 
 def _check_latents(hidden_states: torch.Tensor) -> None:
@@ -133,12 +135,16 @@ def _is_unet(model: nn.Module) -> bool:
 
 
 def _unet_layout(model: nn.Module) -> PatchLayout:
-    """Every spatial transformer's blocks, each transformer's input giving its resolution's grid (tomesd's domain)."""
+    """Every spatial transformer's blocks, each transformer's input giving its resolution's grid (tomesd's domain).
+
+    Blocks are numbered in execution order (down, mid, up) so that layer protection's "last block" is the last run.
+    """
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     blocks: list[list[SubLayer]] = []
     sources: list[tuple[nn.Module, list[int]]] = []
-    for module in model.modules():
+    stages = [*model.down_blocks, model.mid_block, *model.up_blocks]
+    for module in (m for stage in stages if stage is not None for m in stage.modules()):
         if isinstance(module, Transformer2DModel):
             first = len(blocks)
             blocks.extend(_basic_block(b) for b in module.transformer_blocks)
@@ -158,7 +164,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("DiT (DiTTransformer2DModel, BasicTransformerBlock with ada_norm_zero)", _is_dit, _transformer_layout, _patch_grid),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",
-        _is_unet, _unet_layout, _pixel_grid,
+        _is_unet, _unet_layout, _pixel_grid, input_name="sample",
     ),
 )
 

@@ -28,16 +28,18 @@ class StepHook(ModelHook):
 
     Args:
         state: the shared `MergeState`.
-        token_grid: ``(model, hidden_states) -> (h, w)``, the adapter's grid of the forward's input.
+        token_grid: ``(model, latents) -> (h, w)``, the adapter's grid of the forward's latent input.
+        input_name: keyword of the latent input when it is not passed positionally.
         pipeline: the pipeline whose scheduler announces generations (weakly referenced), or None.
     """
 
     _is_stateful = True
 
-    def __init__(self, state: MergeState, token_grid: Callable, pipeline: Any = None) -> None:
+    def __init__(self, state: MergeState, token_grid: Callable, input_name: str, pipeline: Any = None) -> None:
         super().__init__()
         self.state = state
         self.token_grid = token_grid
+        self.input_name = input_name
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._scheduler = None
         self._scheduler_set_timesteps = None
@@ -72,11 +74,11 @@ class StepHook(ModelHook):
         self._scheduler = self._scheduler_set_timesteps = None
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
+        latents = args[0] if args else kwargs[self.input_name]
         if self.watch_scheduler() and getattr(self._scheduler, "timesteps", None) is not None:
             # the user swapped pipe.scheduler after applying: this call's timesteps are already set
             self.state.begin_generation(len(self._scheduler.timesteps))
-        self.state.begin_step(self.token_grid(module, hidden_states), hidden_states.shape[0])
+        self.state.begin_step(self.token_grid(module, latents), latents.shape[0])
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -67,7 +67,7 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
 
     layout = adapter.layout(model)
     state = MergeState(config, num_layers=len(layout.blocks))
-    step_hook = StepHook(state, adapter.token_grid, pipeline)
+    step_hook = StepHook(state, adapter.token_grid, adapter.input_name, pipeline)
     step_hook.watch_scheduler()
     hooked: list[tuple[nn.Module, str]] = []
 
