@@ -44,7 +44,6 @@ class ModelPreset:
         text_dim: width of the small random text encoder(s) (T5 d_model; CLIP hidden sizes for SD3 / SD U-Nets).
         text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0).
         vae_channels: VAE `block_out_channels`; images are ``latent side * 2^(len - 1)`` pixels.
-        default_steps: the pipeline's default number of inference steps (MACs per image use it).
         text_layers / text_ff: depth and feed-forward width of the random text encoders.
         full_size: a published architecture (MAC counting builds it on the meta device).
     """
@@ -54,7 +53,6 @@ class ModelPreset:
     text_dim: int | tuple[int, ...]
     text_tokens: int
     vae_channels: tuple[int, ...]
-    default_steps: int
     text_layers: int = 1
     text_ff: int = 64
     full_size: bool = False
@@ -114,41 +112,41 @@ def _unet(channels, cross_dim, head_dim, sample_size, layers_per_block=2, groups
 _SD_VAE = (128, 256, 512, 512)
 PRESETS: dict[str, ModelPreset] = {
     # tests: tiny pipelines of each family, 32-px images
-    "tiny": ModelPreset("pixart", _pixart(4, 2, 16, 16, 32), 32, 120, (8, 8), 20, description="tiny PixArt, 64 tokens"),
+    "tiny": ModelPreset("pixart", _pixart(4, 2, 16, 16, 32), 32, 120, (8, 8), description="tiny PixArt, 64 tokens"),
     "tiny-sd3": ModelPreset(
-        "sd3", _sd3(3, 2, 16, 16, 32, 32, 32, dual=(0,)), (16, 16), 77 + 256, (8, 8), 28,
+        "sd3", _sd3(3, 2, 16, 16, 32, 32, 32, dual=(0,)), (16, 16), 77 + 256, (8, 8),
         description="tiny SD3.5-style (dual attention in block 0), 64 tokens",
     ),
-    "tiny-dit": ModelPreset("dit", _dit(3, 2, 16, 16), 0, 0, (8, 8), 50, description="tiny DiT, 64 tokens"),
+    "tiny-dit": ModelPreset("dit", _dit(3, 2, 16, 16), 0, 0, (8, 8), description="tiny DiT, 64 tokens"),
     "tiny-sd": ModelPreset(
-        "sd-unet", _unet((16, 32), 32, 4, 16, layers_per_block=1, groups=8), 32, 77, (8, 8), 50,
+        "sd-unet", _unet((16, 32), 32, 4, 16, layers_per_block=1, groups=8), 32, 77, (8, 8),
         description="tiny SD U-Net, 256 + 64 tokens",
     ),
     # the embedded default of the benchmark: PixArt-XL-2-512 geometry (1024 tokens, 512-px images) at a CPU-friendly
     # width and depth
     "pixart-small": ModelPreset(
-        "pixart", _pixart(8, 6, 64, 64, 64), 64, 120, (16, 16, 16, 16), 20, text_ff=128,
+        "pixart", _pixart(8, 6, 64, 64, 64), 64, 120, (16, 16, 16, 16), text_ff=128,
         description="PixArt, 1024 tokens, 8 blocks of width 384 (CPU default)",
     ),
     # published denoiser architectures (random weights; small random text encoders, SD VAE)
     "pixart-xl-2-512": ModelPreset(
-        "pixart", _pixart(28, 16, 72, 64, 4096), 4096, 120, _SD_VAE, 20, full_size=True,
+        "pixart", _pixart(28, 16, 72, 64, 4096), 4096, 120, _SD_VAE, full_size=True,
         description="PixArt-XL-2 512x512 (PixArt-alpha/PixArt-XL-2-512x512)",
     ),
     "pixart-xl-2-1024": ModelPreset(
-        "pixart", _pixart(28, 16, 72, 128, 4096), 4096, 120, _SD_VAE, 20, full_size=True,
+        "pixart", _pixart(28, 16, 72, 128, 4096), 4096, 120, _SD_VAE, full_size=True,
         description="PixArt-XL-2 1024x1024 (PixArt-alpha/PixArt-XL-2-1024-MS)",
     ),
     "sd3-medium": ModelPreset(
-        "sd3", _sd3(24, 24, 64, 128, 4096, 2048, 192), (768, 1280), 77 + 256, _SD_VAE, 28, full_size=True,
+        "sd3", _sd3(24, 24, 64, 128, 4096, 2048, 192), (768, 1280), 77 + 256, _SD_VAE, full_size=True,
         description="Stable Diffusion 3 medium 1024x1024 (stabilityai/stable-diffusion-3-medium-diffusers)",
     ),
     "dit-xl-2-256": ModelPreset(
-        "dit", _dit(28, 16, 72, 32), 0, 0, _SD_VAE, 50, full_size=True,
+        "dit", _dit(28, 16, 72, 32), 0, 0, _SD_VAE, full_size=True,
         description="DiT-XL/2 256x256 (facebook/DiT-XL-2-256)",
     ),
     "sd-1.5": ModelPreset(
-        "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, 50, full_size=True,
+        "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, full_size=True,
         description="Stable Diffusion 1.5 512x512 U-Net",
     ),
 }
@@ -204,6 +202,22 @@ def _vae(preset: ModelPreset, latent_channels: int):
         layers_per_block=2 if preset.full_size else 1, norm_num_groups=min(32, preset.vae_channels[0]),
         sample_size=preset.resolution,
     ).eval()
+
+
+def pipeline_class(preset: ModelPreset) -> type:
+    import diffusers
+
+    return getattr(diffusers, {
+        "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
+        "sd-unet": "StableDiffusionPipeline",
+    }[preset.family])
+
+
+def call_default(pipeline_cls: type, name: str) -> Any:
+    """The default of a pipeline call's argument (e.g. ``num_inference_steps``, ``guidance_scale``)."""
+    import inspect
+
+    return inspect.signature(pipeline_cls.__call__).parameters[name].default
 
 
 def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> nn.Module:

@@ -1,0 +1,150 @@
+"""``python -m benchmarks``: MACs, latency, speed-up and fidelity of baseline / ToMe / SDTM, as CSV, table and plots.
+
+Examples::
+
+    python -m benchmarks                                   # embedded default: pixart-small on CPU, all methods
+    python -m benchmarks --quick                           # smoke run (< 5 min on CPU)
+    python -m benchmarks --macs-only --model pixart-xl-2-1024 sd3-medium --json
+    python -m benchmarks --model PixArt-alpha/PixArt-XL-2-512x512 --ratios 0.2 0.3 0.4 --dtype float16
+    accelerate launch -m benchmarks --model pixart-xl-2-512 --ratios 0.2 0.3 0.4 0.5   # one process per GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .macs import PAPER_TMACS
+from .models import PRESETS
+from .plots import plot_all
+from .runner import METHODS, Settings, make_jobs, run_jobs
+
+logger = logging.getLogger("benchmarks")
+
+TABLE_COLUMNS = [
+    "model", "method", "ratio", "params", "macs_forward_linear_G", "macs_forward_total_G", "macs_reduction",
+    "pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "psnr_db", "ssim", "rel_l2_latents",
+]
+MACS_COLUMNS = [
+    "model", "method", "ratio", "params", "steps", "batch_size", "macs_forward_linear_G", "macs_forward_total_G",
+    "macs_image_linear_T", "macs_image_total_T", "macs_self_attn_G", "macs_cross_attn_G", "macs_mlp_G",
+    "macs_merge_G", "macs_other_G", "macs_reduction",
+]
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON value (numbers, true/false, null) or else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    presets = ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
+    p.add_argument("--model", nargs="+", default=["pixart-small"],
+                   help=f"presets (random weights, offline): {presets}; or any diffusers path / hub name")
+    p.add_argument("--method", nargs="+", default=None, choices=METHODS,
+                   help="methods to run (default: all; with --macs-only: baseline sdtm)")
+    p.add_argument("--ratios", nargs="+", type=float, default=None,
+                   help="merge ratios to sweep for tome and sdtm (default: each method's default, SDTM 0.3, ToMe 0.5)")
+    p.add_argument("--sdtm", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="override an SDTMConfig field, e.g. --sdtm protect_steps_frequency=-1 (repeatable)")
+    p.add_argument("--tome", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="override a ToMeConfig field, e.g. --tome merge_mlp=true (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's default)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per job (median and IQR reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model before timing")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (fidelity compares outputs of this seed)")
+    p.add_argument("--prompt", default=Settings.prompt, help="prompt of every call")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per prompt")
+    p.add_argument("--device", default=None, help="torch device (default: this process's GPU, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="pipeline dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded in the CSV)")
+    p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for results.csv and plots")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
+    p.add_argument("--no-fidelity", dest="fidelity", action="store_false", help="skip PSNR/SSIM/rel-L2")
+    p.add_argument("--macs-only", action="store_true",
+                   help="only count MACs (meta device for presets: no weights, seconds even for full-size models)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 1 repeat, no warm-up")
+    p.add_argument("--fvcore", action="store_true",
+                   help="also count the baseline's MACs with fvcore (CPU, real tensors; small models only)")
+    p.add_argument("--model-cache", type=Path, default=None, help="where presets are saved (default ~/.cache)")
+    p.add_argument("--log-level", default="INFO", help="logging level")
+    return p
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    methods = args.method or (["baseline", "sdtm"] if args.macs_only else list(METHODS))
+    if args.quick:
+        args.steps, args.repeats, args.warmup = args.steps or 6, 1, 0
+    jobs = make_jobs(args.model, methods, args.ratios, {"sdtm": dict(args.sdtm), "tome": dict(args.tome)})
+    settings = Settings(
+        out=args.out, steps=args.steps, repeats=args.repeats, warmup=args.warmup, seed=args.seed, prompt=args.prompt,
+        guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        threads=args.threads, measure_latency=args.latency and not args.macs_only,
+        measure_fidelity=args.fidelity and not args.macs_only, resume=args.resume, model_cache=args.model_cache,
+    )
+    table = run_jobs(jobs, settings, macs_only=args.macs_only)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return table
+    if args.fvcore:
+        _fvcore_check(args.model, settings)
+    columns = MACS_COLUMNS if args.macs_only else TABLE_COLUMNS
+    if args.json:
+        rows = table[columns].to_dict(orient="records")
+        for row in rows:
+            row["paper_TMACs_forward_linear"] = PAPER_TMACS.get((row["model"], row["method"]))
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+            print(table[columns].to_string(index=False))
+    if not args.macs_only:
+        for path in plot_all(table, args.out):
+            logger.info("wrote %s", path)
+    logger.info("results: %s", args.out / "results.csv")
+    return table
+
+
+def _fvcore_check(models: list[str], settings: Settings) -> None:
+    """fvcore vs our counter on the baseline forward of each preset (CPU, real tensors)."""
+    from .macs import count_forward_macs, fvcore_macs
+    from .models import build_denoiser, denoiser_inputs
+
+    for name in models:
+        preset = PRESETS.get(name)
+        if preset is None:
+            logger.warning("--fvcore: %s is not a preset, skipped", name)
+            continue
+        model = build_denoiser(preset)
+        inputs = denoiser_inputs(preset, 2)
+        ours = count_forward_macs(model, inputs).steps[0]
+        theirs = fvcore_macs(model, inputs)
+        logger.info(
+            "%s fvcore %.3f GMACs vs ours linear %.3f G / total %.3f G (fvcore skips SDPA)",
+            name, theirs / 1e9, ours.linear / 1e9, ours.total / 1e9,
+        )
+
+
+if __name__ == "__main__":
+    main()
