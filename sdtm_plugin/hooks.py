@@ -3,6 +3,11 @@
 No block forward is copied: a sub-layer hook merges the (B, N, C) input of `attn1` / `ff` in `pre_forward` and
 unmerges the output in `post_forward`. The block's per-channel modulation and gate commute with both, so the
 block code runs unchanged.
+
+Under `torch.compile` every hook method runs eagerly (`torch.compiler.disable`): they hold the per-step Python
+state (step counter, phase, ratio, generators) that dynamo would otherwise guard on and recompile for at every
+step. The model's own code between them is compiled; the merged token count is the only shape that varies, which
+automatic dynamic shapes absorb with at most one recompile per graph.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class StepHook(ModelHook):
             del scheduler.set_timesteps
         self._scheduler = self._scheduler_set_timesteps = None
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         latents = args[0] if args else kwargs[self.input_name]
         if self.watch_scheduler() and getattr(self._scheduler, "timesteps", None) is not None:
@@ -93,6 +99,7 @@ class GridHook(ModelHook):
         super().__init__()
         self.state, self.layers = state, layers
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if hidden_states.dim() == 4:
@@ -117,6 +124,7 @@ class SubLayerMergeHook(ModelHook):
         self.name, self.role = sublayer.name, sublayer.role
         self._plan: MergePlan | None = None
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = not args
         x = kwargs["hidden_states"] if from_kwargs else args[0]
@@ -134,6 +142,7 @@ class SubLayerMergeHook(ModelHook):
             return args, {**kwargs, "hidden_states": merged}
         return (merged, *args[1:]), kwargs
 
+    @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output):
         plan, self._plan = self._plan, None
         if isinstance(output, tuple):

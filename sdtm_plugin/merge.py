@@ -91,8 +91,10 @@ class MergePlan:
         b, n, c = x.shape
         if n != self.num_tokens:
             raise ValueError(f"merge expected {self.num_tokens} tokens, got {n} (shape {tuple(x.shape)})")
-        rows = x.new_zeros(b, self.num_rows, c).scatter_add_(1, self._index(c), x)
-        return rows * self.inv_row_size.to(x.dtype)
+        # sums accumulate in fp32 at least: K fp16 tokens can overflow, bf16 sums lose the low bits
+        acc = torch.promote_types(x.dtype, torch.float32)
+        rows = x.new_zeros(b, self.num_rows, c, dtype=acc).scatter_add_(1, self._index(c), x.to(acc))
+        return (rows * self.inv_row_size).to(x.dtype)
 
     def unmerge(self, y: torch.Tensor, cache: torch.Tensor | None = None, cache_weight: float = 1.0) -> torch.Tensor:
         """(B, N', C) -> (B, N, C): each token gets its row's output.
@@ -107,7 +109,8 @@ class MergePlan:
 
 
 def _normalized(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
+    # fp32: the window score ``|sum v|^2 - K`` cancels, and fp16/bf16 unit vectors would reorder near-tied choices
+    return F.normalize(x.float(), dim=-1)
 
 
 def staleness_priority(staleness: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from diffusers.hooks import HookRegistry
+from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapters import find_adapter, supported_models
@@ -26,13 +27,18 @@ class _Patch:
 
     state: MergeState
     step_hook: StepHook
-    hooked: list[tuple[nn.Module, str]]
+    hooked: list[tuple[nn.Module, str, Any]]  # (module, hook name, the forward our hook installed)
 
     def remove(self) -> None:
         self.step_hook.unwatch_scheduler()
-        for module, name in self.hooked:
+        for module, name, ours in self.hooked:
+            outer = module.__dict__.get("forward")
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.remove_hook(name, recurse=False)
+            if outer is not ours and module.__dict__.get("_old_forward") is ours:
+                # accelerate (enable_model_cpu_offload after patching) wrapped our forward and calls it through
+                # `_old_forward`; remove_hook would drop that wrapper: splice ours out beneath it instead
+                module._old_forward, module.forward = module.forward, outer
             if not registry.hooks:
                 _drop_empty_registry(module)
 
@@ -46,14 +52,18 @@ def _drop_empty_registry(module: nn.Module) -> None:
 
 
 def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
-    """-> (denoiser, pipeline or None); the denoiser is the pipeline's `transformer` or `unet`."""
+    """-> (denoiser, pipeline or None); the denoiser is the pipeline's `transformer` or `unet`.
+
+    A `torch.compile`d model (`OptimizedModule`) is unwrapped: the hooks go on the original module, which the
+    compiled wrapper calls.
+    """
     if not isinstance(pipe_or_model, nn.Module):
         for attr in ("transformer", "unet"):
             denoiser = getattr(pipe_or_model, attr, None)
             if isinstance(denoiser, nn.Module):
-                return denoiser, pipe_or_model
+                return unwrap_module(denoiser), pipe_or_model
     if isinstance(pipe_or_model, nn.Module):
-        return pipe_or_model, None
+        return unwrap_module(pipe_or_model), None
     raise TypeError(
         f"expected a diffusers pipeline with a `transformer` / `unet` or such a model, got {type(pipe_or_model).__name__};"
         f" supported models: {supported_models()}"
@@ -69,11 +79,11 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
     state = MergeState(config, num_layers=len(layout.blocks))
     step_hook = StepHook(state, adapter.token_grid, adapter.input_name, pipeline)
     step_hook.watch_scheduler()
-    hooked: list[tuple[nn.Module, str]] = []
+    hooked: list[tuple[nn.Module, str, Any]] = []
 
     def register(module: nn.Module, hook, name: str) -> None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-        hooked.append((module, name))
+        hooked.append((module, name, module.__dict__["forward"]))
 
     register(model, step_hook, STEP_HOOK)
     for module, layers in layout.grid_sources:
