@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a ToMeConfig field, e.g. --tome merge_mlp=true (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per job (median and IQR reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per model before timing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed baseline calls per model before timing (the first gives the fidelity reference)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (fidelity compares outputs of this seed)")
     p.add_argument("--prompt", default=Settings.prompt, help="prompt of every call")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--macs-only", action="store_true",
                    help="only count MACs (meta device for presets: no weights, seconds even for full-size models)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    p.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 1 repeat, no warm-up")
+    p.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 1 timed repeat")
     p.add_argument("--fvcore", action="store_true",
                    help="also count the baseline's MACs with fvcore (CPU, real tensors; small models only)")
     p.add_argument("--model-cache", type=Path, default=None, help="where presets are saved (default ~/.cache)")
@@ -91,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("diffusers", "transformers", "accelerate"):
+    for noisy in ("diffusers", "transformers", "accelerate", "sdtm_plugin"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     methods = args.method or (["baseline", "sdtm"] if args.macs_only else list(METHODS))
     if args.quick:
-        args.steps, args.repeats, args.warmup = args.steps or 6, 1, 0
+        args.steps, args.repeats, args.warmup = args.steps or 6, 1, 1
     jobs = make_jobs(args.model, methods, args.ratios, {"sdtm": dict(args.sdtm), "tome": dict(args.tome)})
     settings = Settings(
         out=args.out, steps=args.steps, repeats=args.repeats, warmup=args.warmup, seed=args.seed, prompt=args.prompt,

@@ -11,7 +11,9 @@ Two conventions are reported, as the literature mixes them:
 - ``linear``: linear and convolution layers only (fvcore's and most papers' convention; seeds/001 quotes 6.01T for
   SD3-medium at 1024^2 with CFG in this convention);
 - ``total``: linear + convolution + attention score and value products + merge overhead.
-One MAC is one multiply-add (FLOPs = 2 x MACs).
+One MAC is one multiply-add (FLOPs = 2 x MACs). Merge overhead counts the merge's matmuls (IDM / ToMe
+similarities); SSM's in-window similarity, gathers and scatters are elementwise work and cost no MACs (their time is
+in the measured latency).
 """
 
 from __future__ import annotations

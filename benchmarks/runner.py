@@ -153,8 +153,6 @@ class ModelSession:
         self.name, self.settings, self.device = name, settings, device
         self.preset = PRESETS.get(name)
         self.reference = None
-        self.baseline = (Timing(), Timing())
-        self._warm = False
         self._macs: dict[Job, ForwardMacs] = {}
 
     @functools.cached_property
@@ -226,36 +224,32 @@ class ModelSession:
         row: dict[str, Any] = {}
         with PipelineProbe(self.pipe) as probe:
             remove_SDTM(self.pipe)
-            if self.reference is None:
+            if self.reference is None:  # the baseline output of this seed, also the first warm-up call
                 self.reference = self._run(probe)
-            if not self._warm:
-                for _ in range(s.warmup):
+                for _ in range(s.warmup - 1):
                     self._run(probe)
-                self._warm = True
-            timings = (Timing(), Timing())
+            # the baseline is re-timed between the method's calls so that both see the same machine state
+            timings, baseline = (Timing(), Timing()), (Timing(), Timing())
             result = None
-            repeats = s.repeats if s.measure_latency else 1
-            for _ in range(repeats):
+            for _ in range(s.repeats if s.measure_latency else 1):
                 if s.measure_latency and job.method != "baseline":
-                    # the baseline is re-timed between method calls so that both see the same machine state
                     remove_SDTM(self.pipe)
-                    self._record(self.baseline, self._run(probe))
+                    self._record(baseline, self._run(probe))
                 self._apply(job)
                 result = self._run(probe)
-                self._record(self.baseline if job.method == "baseline" else timings, result)
+                self._record(timings, result)
             state = get_merge_state(self.pipe)
             if state is not None:
                 row["tokens_per_step"] = json.dumps(_mean_tokens(state.token_counts))
             remove_SDTM(self.pipe)
         if job.method == "baseline":
-            timings = self.baseline
+            baseline = timings
         if s.measure_latency:
             row.update(
                 pipeline_ms=timings[0].median, pipeline_iqr_ms=timings[0].iqr, denoiser_ms=timings[1].median,
-                denoiser_iqr_ms=timings[1].iqr, baseline_pipeline_ms=self.baseline[0].median,
-                baseline_denoiser_ms=self.baseline[1].median,
-                speedup_pipeline=self.baseline[0].median / timings[0].median,
-                speedup_denoiser=self.baseline[1].median / timings[1].median,
+                denoiser_iqr_ms=timings[1].iqr, baseline_pipeline_ms=baseline[0].median,
+                baseline_denoiser_ms=baseline[1].median, speedup_pipeline=baseline[0].median / timings[0].median,
+                speedup_denoiser=baseline[1].median / timings[1].median,
             )
         if s.measure_fidelity:
             row.update(
@@ -352,7 +346,8 @@ def run_jobs(jobs: list[Job], settings: Settings, macs_only: bool = False) -> pd
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    # on CPU (no GPU, or --device cpu) accelerate's processes talk over gloo
+    state = PartialState(cpu=not torch.cuda.is_available() or (settings.device or "").startswith("cpu"))
     device = torch.device(settings.device) if settings.device else state.device
     if settings.threads:
         torch.set_num_threads(settings.threads)

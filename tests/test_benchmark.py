@@ -1,0 +1,164 @@
+"""The benchmark harness: MAC counting against hand counts, CSV schema, resume, multi-process gather."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+from benchmarks.macs import count_forward_macs
+from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
+from benchmarks.runner import COLUMNS, ModelSession
+from sdtm_plugin import apply_SDTM
+
+TINY = PRESETS["tiny"]
+
+
+def tiny_pixart_hand_count(batch: int, tokens: list[int] | None = None):
+    """Hand count of one tiny PixArt forward: (linear+conv MACs, attention-product MACs, self-attn MACs per block).
+
+    `tokens[l]` is the number of tokens entering block l's self-attention and MLP (all of them when None).
+    """
+    cfg = TINY.denoiser
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    n = TINY.num_tokens
+    t = TINY.text_tokens
+    c = cfg["caption_channels"]
+    p = cfg["patch_size"]
+    tokens = tokens or [n] * cfg["num_layers"]
+    linear = batch * n * d * cfg["in_channels"] * p * p  # patch-embedding convolution
+    linear += batch * (256 * d + d * d + d * 6 * d)  # timestep embedder (2 linears) and adaLN-single's linear
+    linear += batch * t * (c * d + d * d)  # caption projection
+    attention = 0
+    self_attn = []
+    for m in tokens:
+        block_self = 4 * batch * m * d * d + 2 * batch * m * m * d  # q, k, v, out; scores and values
+        self_attn.append(block_self)
+        linear += 4 * batch * m * d * d + 2 * batch * n * d * d + 2 * batch * t * d * d + 8 * batch * m * d * d
+        attention += 2 * batch * m * m * d + 2 * batch * n * t * d
+    linear += batch * n * d * p * p * cfg["out_channels"]  # proj_out
+    return linear, attention, self_attn
+
+
+def test_macs_match_hand_count_on_meta():
+    model = build_denoiser(TINY, "meta")
+    count = count_forward_macs(model, denoiser_inputs(TINY, 2, "meta")).steps[0]
+    linear, attention, _ = tiny_pixart_hand_count(2)
+    assert count.linear == linear
+    assert count.total == linear + attention
+    labels = count.by_label()
+    assert labels["merge"] == 0
+    assert sum(labels.values()) == count.total
+
+
+def test_cpu_sdpa_is_counted_like_meta():
+    """PyTorch's FlopCounterMode counts 0 for the CPU SDPA kernel; ours maps it."""
+    model = build_denoiser(TINY, "cpu")
+    cpu = count_forward_macs(model, denoiser_inputs(TINY, 2, "cpu")).steps[0]
+    meta = count_forward_macs(build_denoiser(TINY, "meta"), denoiser_inputs(TINY, 2, "meta")).steps[0]
+    assert cpu.total == meta.total and cpu.linear == meta.linear
+
+
+def test_merged_step_macs_follow_token_counts():
+    steps = 6
+    model = build_denoiser(TINY, "meta")
+    apply_SDTM(model, num_inference_steps=steps, ratio=0.4, deviation=0.2, protect_steps_frequency=-1)
+    macs = count_forward_macs(model, denoiser_inputs(TINY, 2, "meta"), steps)
+    assert len(macs.steps) == steps and len(macs.token_counts) == steps
+    for step, counts in zip(macs.steps, macs.token_counts):
+        attn_tokens = counts["attn"]
+        _, _, self_attn = tiny_pixart_hand_count(2, attn_tokens)
+        assert step.by_label()["self_attn"] == sum(self_attn)
+    baseline = count_forward_macs(build_denoiser(TINY, "meta"), denoiser_inputs(TINY, 2, "meta")).steps[0]
+    merged = [s for s, c in zip(macs.steps, macs.token_counts) if min(c["mlp"]) < TINY.num_tokens]
+    assert merged and any(s.by_label()["merge"] > 0 for s in merged)  # IDM similarity matmuls (SSM: elementwise)
+    assert all(s.linear < baseline.linear for s in merged)
+    assert macs.per_image.total < steps * baseline.total
+
+
+def _cli(tmp_path, models_dir, *extra):
+    return main([
+        "--model", "tiny", "--quick", "--threads", "2", "--out", str(tmp_path / "out"),
+        "--model-cache", str(models_dir), "--log-level", "WARNING", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-models")
+
+
+def test_csv_schema_and_rows(tmp_path, models_dir):
+    _cli(tmp_path, models_dir, "--method", "baseline", "sdtm", "tome")
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(table.columns) == COLUMNS
+    assert sorted(table["method"]) == ["baseline", "sdtm", "tome"]
+    base = table[table["method"] == "baseline"].iloc[0]
+    assert base["speedup_pipeline"] == 1.0 and base["psnr_db"] == float("inf") and base["rel_l2_latents"] == 0
+    for _, row in table[table["method"] != "baseline"].iterrows():
+        assert row["macs_reduction"] > 1 and row["macs_forward_total_G"] < base["macs_forward_total_G"]
+        assert 0 < row["rel_l2_latents"] < 1 and row["psnr_db"] > 0
+        assert row["pipeline_ms"] > 0 and row["baseline_pipeline_ms"] > 0 and row["speedup_pipeline"] > 0
+        tokens = json.loads(row["tokens_per_step"])
+        assert len(tokens["attn"]) == len(tokens["mlp"]) == row["steps"] == 6
+    assert base["threads"] == 2 and base["torch"] == torch.__version__ and base["device"] == "cpu"
+    assert (tmp_path / "out" / "speedup_vs_ratio.png").stat().st_size > 0
+    assert (tmp_path / "out" / "tokens_per_step.png").stat().st_size > 0
+
+
+def test_resume_after_interruption(tmp_path, models_dir, monkeypatch):
+    measured = []
+    original = ModelSession.measure
+
+    def crashing(self, job):
+        if job.method == "sdtm":
+            raise KeyboardInterrupt("simulated crash")
+        measured.append(job.method)
+        return original(self, job)
+
+    monkeypatch.setattr(ModelSession, "measure", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(tmp_path, models_dir, "--method", "baseline", "sdtm", "--no-latency")
+    part = pd.read_csv(tmp_path / "out" / "parts" / "rank0.csv")
+    assert list(part["method"]) == ["baseline"]  # written before the crash
+
+    def counting(self, job):
+        measured.append(job.method)
+        return original(self, job)
+
+    monkeypatch.setattr(ModelSession, "measure", counting)
+    table = _cli(tmp_path, models_dir, "--method", "baseline", "sdtm", "--no-latency")
+    assert measured == ["baseline", "sdtm"]  # the baseline was not measured again
+    assert sorted(table["method"]) == ["baseline", "sdtm"]
+    assert table[table["method"] == "baseline"]["finished_at"].iloc[0] == part["finished_at"].iloc[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_gather_all_rows(tmp_path, models_dir):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "benchmarks", "--model", "tiny", "--method", "baseline", "tome", "sdtm", "--ratios", "0.2", "0.4",
+        "--quick", "--no-latency", "--out", str(out), "--model-cache", str(models_dir), "--log-level", "WARNING",
+    ]
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 5 and set(table["rank"]) == {0, 1}
+    assert sorted(zip(table["method"], table["ratio"])) == [
+        ("baseline", 0.0), ("sdtm", 0.2), ("sdtm", 0.4), ("tome", 0.2), ("tome", 0.4)
+    ]
+    # each process compared against its own baseline of the same seed: identical settings give identical fidelity
+    assert (table["psnr_db"] > 0).all()
