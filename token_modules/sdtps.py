@@ -1,0 +1,122 @@
+"""SDTPS: multi-modal patch selection for RGB/NIR/TIR re-identification (seeds/000).
+
+Each modality m has its own `TokenSparse` and `TokenAggregation`. Its patches are scored by a learned predictor,
+their cosine similarity to m's own global feature (s^im) and to every other modality's global (s^cross: the
+cross-modal guidance), fused as ``(1-2b) s^p + b (s^cross1 + s^cross2 + 2 s^im)``. The top ``ceil(N * sparse_ratio)``
+patches are aggregated into N_c = floor(N * sparse_ratio * aggr_ratio) tokens, and an extra token summarises the
+discarded ones: (B, N, C) -> (B, N_c + 1, C); 128 -> 64 -> 25 + 1 = 26 with the defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from .selection import TokenAggregation, TokenSparse, aggregated_count, cosine_scores
+
+Tensor = torch.Tensor
+
+
+class SDTPSOutput(NamedTuple):
+    """tokens: {m: (B, N_c + 1, C)} = [aggregated; extra]; masks: {m: (B, N)} 1 = kept; scores: {m: (B, N)} fused."""
+
+    tokens: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    scores: dict[str, Tensor]
+
+
+class MultiModalSDTPS(nn.Module):
+    """Sparse-dense token-aware patch selection over M >= 2 aligned modalities.
+
+    Args:
+        dim: channel size C.
+        num_patches: patches per modality N (fixes N_c, the aggregator's output size).
+        modalities: names, >= 2 distinct; with M modalities each one is guided by the other M - 1 globals (averaged,
+            so the seeds' weights hold for any M, see `fuse_scores`).
+        sparse_ratio: kept fraction in (0, 1].
+        aggr_ratio: N_c / (N * sparse_ratio), in (0, 1].
+        beta: score fusion weight in [0, 0.5].
+        hidden_ratio: aggregator MLP width as a fraction of C.
+        use_importance: add log(softmax(kept scores)) to the aggregation logits (a weak prior, as in the reference).
+        use_gumbel, gumbel_tau: Gumbel top-k with straight-through gradients, see `TokenSparse`.
+    """
+
+    def __init__(
+        self,
+        dim: int = 512,
+        num_patches: int = 128,
+        modalities: Sequence[str] = ("rgb", "nir", "tir"),
+        sparse_ratio: float = 0.5,
+        aggr_ratio: float = 0.4,
+        beta: float = 0.25,
+        hidden_ratio: float = 0.2,
+        use_importance: bool = True,
+        use_gumbel: bool = False,
+        gumbel_tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        modalities = tuple(modalities)
+        if len(modalities) < 2 or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be >= 2 distinct names, got {modalities}")
+        self.modalities = modalities
+        self.dim = dim
+        self.num_patches = num_patches
+        self.num_aggregated = aggregated_count(num_patches, sparse_ratio, aggr_ratio)
+        self.use_importance = use_importance
+        self.sparse = nn.ModuleDict(
+            {m: TokenSparse(dim, sparse_ratio, beta, "paper", 0.25, use_gumbel, gumbel_tau) for m in modalities}
+        )
+        self.aggr = nn.ModuleDict({m: TokenAggregation(dim, self.num_aggregated, hidden_ratio) for m in modalities})
+        m = len(modalities)
+        # others[i] = indices of the modalities that guide modality i
+        others = torch.tensor([[j for j in range(m) if j != i] for i in range(m)], dtype=torch.long)
+        self.register_buffer("others", others, persistent=False)
+
+    @property
+    def num_out_tokens(self) -> int:
+        return self.num_aggregated + 1
+
+    def _check(self, patches: Mapping[str, Tensor], globals_: Mapping[str, Tensor]) -> None:
+        for name, d in (("patches", patches), ("globals_", globals_)):
+            if set(d) != set(self.modalities):
+                raise ValueError(f"{name} must have exactly the modalities {self.modalities}, got {sorted(d)}")
+        ref = patches[self.modalities[0]].shape
+        for m in self.modalities:
+            p, g = patches[m], globals_[m]
+            if p.dim() != 3 or p.shape[1:] != (self.num_patches, self.dim) or p.shape != ref:
+                raise ValueError(
+                    f"patches[{m!r}] must be (B, N, C) = (B, {self.num_patches}, {self.dim}) with the same B for every "
+                    f"modality, got {tuple(p.shape)} (first modality: {tuple(ref)})"
+                )
+            if g.shape != (ref[0], self.dim):
+                raise ValueError(f"globals_[{m!r}] must be (B, C) = {(ref[0], self.dim)}, got {tuple(g.shape)}")
+
+    def forward(
+        self,
+        patches: Mapping[str, Tensor],
+        globals_: Mapping[str, Tensor],
+        generator: torch.Generator | None = None,
+    ) -> SDTPSOutput:
+        """patches {m: (B, N, C)}, globals_ {m: (B, C)} -> `SDTPSOutput` with tokens {m: (B, N_c + 1, C)}."""
+        self._check(patches, globals_)
+        names = self.modalities
+        p = torch.stack([patches[m] for m in names])  # (M, B, N, C)
+        g = torch.stack([globals_[m] for m in names])  # (M, B, C)
+        num_mod, b, n, c = p.shape
+        # All modality pairs in one batched op: sims[i, :, j] = cos(patches of i, global of j), (M, B, M, N).
+        g_all = g.transpose(0, 1).unsqueeze(0).expand(num_mod, -1, -1, -1)  # (M, B, M, C)
+        sims = cosine_scores(p.reshape(num_mod * b, n, c), g_all.reshape(num_mod * b, num_mod, c))
+        sims = sims.view(num_mod, b, num_mod, n)
+        idx = torch.arange(num_mod, device=p.device)
+        self_s = sims[idx, :, idx]  # (M, B, N)
+        cross = sims.permute(0, 2, 1, 3)[idx[:, None], self.others].transpose(1, 2)  # (M, B, M-1, N)
+
+        tokens, masks, scores = {}, {}, {}
+        for i, m in enumerate(names):  # M independent modules, each fully batched
+            sel = self.sparse[m](p[i], self_s[i], cross[i], generator=generator)
+            importance = sel.keep_score.softmax(-1) if self.use_importance else None
+            tokens[m] = torch.cat([self.aggr[m](sel.tokens, importance), sel.extra], dim=1)
+            masks[m], scores[m] = sel.mask, sel.score
+        return SDTPSOutput(tokens, masks, scores)
