@@ -29,6 +29,7 @@ logger = logging.getLogger("benchmarks")
 TABLE_COLUMNS = [
     "model", "method", "ratio", "params", "macs_forward_linear_G", "macs_forward_total_G", "macs_reduction",
     "pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "psnr_db", "ssim", "rel_l2_latents",
+    "clip_score",
 ]
 MACS_COLUMNS = [
     "model", "method", "ratio", "params", "steps", "batch_size", "macs_forward_linear_G", "macs_forward_total_G",
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
     p.add_argument("--no-fidelity", dest="fidelity", action="store_false", help="skip PSNR/SSIM/rel-L2")
+    p.add_argument("--clip-model", default=None,
+                   help="CLIP checkpoint (path or cached hub name) for a CLIP score column; FID is not computed")
     p.add_argument("--macs-only", action="store_true",
                    help="only count MACs (meta device for presets: no weights, seconds even for full-size models)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         threads=args.threads, measure_latency=args.latency and not args.macs_only,
         measure_fidelity=args.fidelity and not args.macs_only, resume=args.resume, model_cache=args.model_cache,
+        clip_model=args.clip_model,
     )
     table = run_jobs(jobs, settings, macs_only=args.macs_only)
     from accelerate import PartialState

@@ -133,3 +133,34 @@ def ssim(images: np.ndarray, reference: np.ndarray) -> float:
                               use_sample_covariance=False)
         for a, b in zip(images, reference)
     ]))
+
+
+class ClipScorer:
+    """CLIP score (100 x cosine of image and prompt embeddings, floored at 0) with a CLIP checkpoint the user has.
+
+    Needs downloaded weights, so it is opt-in (``--clip-model``) and fails with a clear error when they are missing.
+    """
+
+    def __init__(self, name_or_path: str, device: torch.device) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(
+                f"--clip-model {name_or_path!r} could not be loaded ({type(err).__name__}): the CLIP score needs a CLIP "
+                "checkpoint available locally (e.g. a downloaded openai/clip-vit-large-patch14); omit --clip-model to "
+                "skip it"
+            ) from err
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, prompt: str) -> float:
+        inputs = self.processor(
+            text=[prompt] * len(images), images=list((images * 255).round().astype(np.uint8)), return_tensors="pt",
+            padding=True, truncation=True,
+        ).to(self.device)
+        out = self.model(**inputs)
+        cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+        return float(100 * cos.clamp_min(0).mean())

@@ -28,7 +28,7 @@ from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM, apply_ToMe, get_merg
 from sdtm_plugin.adapters import find_adapter
 
 from .macs import ForwardMacs, count_forward_macs
-from .measure import PipelineProbe, Timing, psnr, rel_l2, ssim
+from .measure import ClipScorer, PipelineProbe, Timing, psnr, rel_l2, ssim
 from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ COLUMNS = [
     "macs_self_attn_G", "macs_cross_attn_G", "macs_mlp_G", "macs_merge_G", "macs_other_G", "macs_reduction",
     "pipeline_ms", "pipeline_iqr_ms", "denoiser_ms", "denoiser_iqr_ms",
     "baseline_pipeline_ms", "baseline_denoiser_ms", "speedup_pipeline", "speedup_denoiser",
-    "psnr_db", "ssim", "rel_l2_latents", "tokens_per_step",
+    "psnr_db", "ssim", "rel_l2_latents", "clip_score", "tokens_per_step",
     "device", "device_name", "dtype", "threads", "repeats", "torch", "diffusers", "python", "rank", "finished_at",
 ]
 
@@ -88,6 +88,7 @@ class Settings:
     measure_fidelity: bool = True
     resume: bool = True
     model_cache: Path | None = None
+    clip_model: str | None = None
     extra_call_kwargs: dict = field(default_factory=dict)
 
     @property
@@ -128,7 +129,7 @@ def job_key(job: Job, settings: Settings, device: str) -> str:
     """Identity of a row for resuming: the job and every setting that changes its numbers."""
     ident = [job.model, job.method, list(job.params), settings.steps, settings.seed, settings.prompt,
              settings.guidance_scale, settings.batch_size, device, settings.dtype, settings.measure_latency,
-             settings.measure_fidelity, settings.repeats]
+             settings.measure_fidelity, settings.repeats, settings.clip_model]
     return hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest()[:16]
 
 
@@ -153,6 +154,7 @@ class ModelSession:
         self.name, self.settings, self.device = name, settings, device
         self.preset = PRESETS.get(name)
         self.reference = None
+        self.clip = ClipScorer(settings.clip_model, device) if settings.clip_model else None
         self._macs: dict[Job, ForwardMacs] = {}
 
     @functools.cached_property
@@ -256,6 +258,8 @@ class ModelSession:
                 psnr_db=psnr(result.images, self.reference.images), ssim=ssim(result.images, self.reference.images),
                 rel_l2_latents=rel_l2(result.latents, self.reference.latents),
             )
+        if self.clip is not None and self.family != "dit":
+            row["clip_score"] = self.clip(result.images, s.prompt)
         return row
 
     def macs(self, job: Job) -> ForwardMacs:

@@ -162,3 +162,14 @@ def test_two_processes_gather_all_rows(tmp_path, models_dir):
     ]
     # each process compared against its own baseline of the same seed: identical settings give identical fidelity
     assert (table["psnr_db"] > 0).all()
+
+
+def test_clip_score_without_weights_is_a_clear_error(tmp_path, models_dir):
+    with pytest.raises(RuntimeError, match="--clip-model"):
+        _cli(tmp_path, models_dir, "--method", "baseline", "--no-latency", "--clip-model", str(tmp_path / "no-clip"))
+
+
+def test_bad_method_parameters_fail_before_running(tmp_path, models_dir):
+    with pytest.raises(ValueError, match="deviation"):
+        _cli(tmp_path, models_dir, "--method", "sdtm", "--sdtm", "deviation=0.9")
+    assert not (tmp_path / "out").exists()
