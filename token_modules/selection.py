@@ -99,7 +99,7 @@ def straight_through_topk(logits: Tensor, k: int, tau: float = 1.0) -> tuple[Ten
         return hard, order
     top = logits.gather(-1, order[:, k - 1 : k + 1]).detach()
     soft = torch.sigmoid((logits - top.mean(-1, keepdim=True)) / tau)
-    return hard + soft - soft.detach(), order
+    return hard + (soft - soft.detach()), order  # exactly `hard` in value
 
 
 class Selection(NamedTuple):

@@ -1,0 +1,150 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from token_modules.selection import minmax_normalize
+from token_modules.seps import SEPS, PatchWordAlignment, masked_mean
+
+C, N = 8, 12
+
+
+def _data(v=3, t=4, l=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.randn(v, N, C, generator=g)
+    caps = torch.randn(t, l, C, generator=g)
+    cmask = torch.ones(t, l, dtype=torch.bool)
+    cmask[0, 2:] = False
+    cmask[-1, 4:] = False
+    dense = torch.randn(v, 6, C, generator=g)
+    return patches, caps, cmask, dense
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return SEPS(dim=C, num_patches=N, **kw)
+
+
+def test_alignment_code_form_hand_computation():
+    align = PatchWordAlignment(paper_form=False)
+    tokens = torch.randn(2, 4, C)
+    words = torch.randn(3, 5, C)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    s = align(tokens, words, mask)
+    assert s.shape == (2, 3)
+    for i in range(2):  # test-side reference
+        for j in range(3):
+            w = F.normalize(words[j][mask[j]], dim=-1)
+            a = F.leaky_relu(w @ F.normalize(tokens[i], dim=-1).T, 0.1)
+            assert torch.allclose(s[i, j], a.amax(1).mean() + a.amax(0).mean(), atol=1e-6)
+
+
+def test_alignment_identical_single_token_gives_two_and_leaky_rescales_negatives():
+    align = PatchWordAlignment()
+    x = torch.randn(1, 1, C)
+    assert torch.allclose(align(x, x.clone()), torch.tensor([[2.0]]))  # A = 1, both terms 1, summed
+    assert torch.allclose(align(x, -x), torch.tensor([[-0.2]]))  # A = -1 -> -0.1 per term
+
+
+def test_alignment_ignores_padded_words_and_is_permutation_invariant():
+    for paper in (False, True):
+        torch.manual_seed(0)
+        align = PatchWordAlignment(paper_form=paper)
+        tokens = torch.randn(2, 6, C)
+        words = torch.randn(3, 5, C)
+        mask = torch.ones(3, 5, dtype=torch.bool)
+        mask[1, 3:] = False
+        s = align(tokens, words, mask)
+        words2 = words.clone()
+        words2[1, 3:] = 100 * torch.randn(2, C)
+        assert torch.allclose(align(tokens, words2, mask), s, atol=1e-6)
+        shuffled = align(tokens[:, torch.randperm(6)], words[:, torch.randperm(5)], None)
+        assert torch.allclose(shuffled, align(tokens, words, None), atol=1e-5)
+        assert torch.allclose(align(tokens[:, torch.randperm(6)], words, mask), s, atol=1e-5)
+
+
+def test_paper_scoring_hand_computation():
+    model = _model(beta=0.25)
+    patches, caps, cmask, dense = _data(v=3, t=3)
+    _, sel = model.slim(patches, caps, cmask, dense)
+    cos = lambda x, y: F.cosine_similarity(x, y[:, None], dim=-1)  # noqa: E731
+    mm = minmax_normalize
+    s_im = mm(cos(patches, patches.mean(1)))
+    s_st = mm(cos(patches, masked_mean(caps, cmask)))
+    s_dt = mm(cos(patches, dense.mean(1)))
+    sp = torch.sigmoid(model.sparse.predictor(patches)).squeeze(-1)
+    assert torch.allclose(sel.score, 0.5 * sp + 0.25 * (s_st + s_dt + 2 * s_im), atol=1e-5)
+
+
+def test_code_scoring_is_raw_sum():
+    model = _model(use_paper_version=False)
+    assert model.sparse.predictor is None
+    patches, caps, cmask, _ = _data(v=2, t=2)
+    _, sel = model.slim(patches, caps, cmask)
+    cos = lambda x, y: F.cosine_similarity(x, y[:, None], dim=-1)  # noqa: E731
+    expected = cos(patches, patches.mean(1)) + cos(patches, masked_mean(caps, cmask))
+    assert torch.allclose(sel.score, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_similarity_shape_mask_and_caption_guided_selection(paper):
+    model = _model(use_paper_version=paper)
+    patches, caps, cmask, dense = _data()
+    s = model(patches, caps, cmask, dense)
+    assert s.shape == (3, 4) and torch.isfinite(s).all()
+    # pairwise slimming: each entry equals slimming that one pair alone
+    tok, sel = model.slim(patches[1:2], caps[2:3], cmask[2:3], dense[1:2])
+    assert torch.allclose(s[1, 2], model.align(tok, caps[2:3], cmask[2:3])[0, 0], atol=1e-5)
+    assert sel.mask.sum() == 6
+    # padded words change neither selection nor similarity
+    caps2 = caps.clone()
+    caps2[0, 2:] = 50 * torch.randn(3, C)
+    assert torch.allclose(model(patches, caps2, cmask, dense), s, atol=1e-5)
+
+
+def test_caption_changes_selection():
+    model = _model()
+    patches, caps, cmask, dense = _data()
+    pair = patches[:1].expand(2, -1, -1)
+    _, a = model.slim(pair, torch.stack([caps[1], -caps[1]]), None, dense[:1].expand(2, -1, -1))
+    assert not torch.equal(a.mask[0], a.mask[1])  # opposite captions guide to different patches
+
+
+def test_dense_text_is_image_side_no_leakage():
+    # S[i, j] may depend on image i's description only: changing image 0's description changes row 0 alone.
+    model = _model()
+    patches, caps, cmask, dense = _data()
+    s = model(patches, caps, cmask, dense)
+    dense2 = dense.clone()
+    dense2[0] = torch.randn(6, C)
+    s2 = model(patches, caps, cmask, dense2)
+    assert not torch.allclose(s2[0], s[0])
+    assert torch.allclose(s2[1:], s[1:], atol=1e-6)
+    with pytest.raises(ValueError, match=r"dense must be \(3, L, C=8\)"):
+        model(patches, caps, cmask, dense[:1].expand(4, -1, -1))  # one description per caption is refused
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_patches_get_gradient(paper):
+    model = _model(use_paper_version=paper)
+    patches, caps, cmask, dense = _data()
+    patches.requires_grad_(True)
+    model(patches, caps, cmask, dense).sum().backward()
+    assert patches.grad is not None and patches.grad.abs().sum() > 0  # the released code selects under no_grad
+    if paper:
+        for p in model.sparse.predictor.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_validation():
+    model = _model()
+    patches, caps, cmask, dense = _data()
+    with pytest.raises(ValueError, match="patches must be"):
+        model.slim(patches[:, :-1], caps[:3], cmask[:3])
+    with pytest.raises(ValueError, match="captions_mask must be"):
+        model(patches, caps, cmask[:, :-1])
+    bad = cmask.clone()
+    bad[1] = False
+    with pytest.raises(ValueError, match="at least one real word"):
+        model(patches, caps, bad)
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        PatchWordAlignment(topk=0)
