@@ -48,6 +48,25 @@ class StepHook(ModelHook):
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._scheduler = None
         self._scheduler_set_timesteps = None
+        self._model = None
+        self.installed_forward = None  # the model's forward once this hook is registered (set by `patch`)
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._model = weakref.ref(module)
+        return module
+
+    def ensure_wired(self) -> None:
+        """Put this hook back in front of the model's forward if a wrapper that was outside it reset that forward.
+
+        accelerate's `enable_model_cpu_offload` re-creates its hooks after every pipeline call, restoring the
+        forward it had wrapped (the unpatched one when offloading was enabled before patching).
+        """
+        model = self._model() if self._model is not None else None
+        ours = self.installed_forward
+        if model is None or ours is None or model.forward is ours or model.__dict__.get("_old_forward") is ours:
+            return
+        self.fn_ref.forward = model.forward  # ours now calls the new wrapper, which calls the model
+        model.forward = ours
 
     # The scheduler's `set_timesteps` runs once at the start of every pipeline call, however the step count was
     # passed (keyword, positional, default, custom timesteps), also after a call that raised. Wrapping it on the
@@ -65,6 +84,7 @@ class StepHook(ModelHook):
         @functools.wraps(original)
         def set_timesteps(*args, **kwargs):
             result = original(*args, **kwargs)
+            self.ensure_wired()
             state.begin_generation(len(scheduler.timesteps))
             return result
 

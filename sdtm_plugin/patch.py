@@ -86,6 +86,7 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
         hooked.append((module, name, module.__dict__["forward"]))
 
     register(model, step_hook, STEP_HOOK)
+    step_hook.installed_forward = model.__dict__["forward"]
     for module, layers in layout.grid_sources:
         register(module, GridHook(state, layers), GRID_HOOK)
     for layer, sublayers in enumerate(layout.blocks):
