@@ -211,7 +211,7 @@ def test_contrastive_hand_computation_and_edge_cases():
     assert masked_info_nce(z, za[:1], one, t)[0] == 0
 
 
-def test_gradients_reach_aux_and_encoder(model):
+def test_gradients_reach_aux_and_encoder():
     m = HSIConditionedMAE(tiny_config()).train()
     hsi, aux = make_inputs()
     m(hsi, aux, generator=gen())["loss"].backward()

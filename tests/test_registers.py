@@ -148,8 +148,8 @@ def test_info_nce_matches_hand_computation():
     assert info_nce(const, const, 10.0)[0].item() == pytest.approx(math.log(b), rel=1e-5)
     z = nn.functional.normalize(torch.randn(1, b, d), dim=-1)
     aligned = info_nce(z, z, 10.0)[0]
-    for _ in range(b - 1):
-        assert aligned < info_nce(z, z.roll(_ + 1, dims=1), 10.0)[0]
+    for shift in range(1, b):
+        assert aligned < info_nce(z, z.roll(shift, dims=1), 10.0)[0]
 
 
 def _outputs(names=MODS, b=8, n_comp=1, d=16, seed=0):
@@ -240,3 +240,10 @@ def test_bad_inputs_raise_clear_errors():
         tiny_config(num_overlapping=5)
     with pytest.raises(ValueError, match="num_overlapping"):
         RegisterTokenLoss(MODS, 3)(_outputs() | {"overlapping_tokens": {"vision": torch.randn(2, 2, 16)}})
+
+
+def test_logit_scale_fixed_or_learnable_and_clamped():
+    fixed = RegisterTokenLoss(MODS, 3, temperature=0.07, learnable_scale=False)
+    assert list(fixed.parameters()) == [] and fixed.logit_scale.item() == pytest.approx(1 / 0.07)
+    learn = RegisterTokenLoss(MODS, 3, temperature=0.001)
+    assert learn.logit_scale.item() == 100.0 and len(list(learn.parameters())) == 1

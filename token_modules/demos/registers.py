@@ -42,21 +42,25 @@ def make_data(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     # vocabulary: 0-9 class words, 10-12 ink words, 13 "a", 14 "digit"
     text = np.stack([np.full(n, 13), digits.target, 10 + ink, np.full(n, 14)], 1)
 
-    def patches(x: np.ndarray) -> torch.Tensor:  # (N, 8, 8) -> (N, 16, 4) 2x2 patches
+    def patches(x: np.ndarray) -> torch.Tensor:  # (N, 8, 8) standardised per pixel -> (N, 16, 4) 2x2 patches
+        x = (x - x.mean(0)) / (x.std(0) + 1e-3)
         return torch.tensor(x.reshape(n, 4, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(n, 16, 4), dtype=torch.float32)
 
-    data = {"vision": patches(vision), "tactile": patches(tactile / tactile.max()), "text": torch.tensor(text)}
+    data = {"vision": patches(vision), "tactile": patches(tactile), "text": torch.tensor(text)}
     return data, torch.tensor(digits.target)
 
 
 class PatchEncoder(nn.Module):
-    """Frozen random stage-1 encoder: (N, L, 4) patches or (N, L) word ids -> (N, L, FEAT) tokens."""
+    """Frozen random stage-1 encoder: (N, L, 4) patches or (N, L) word ids -> (N, L, FEAT) tokens.
+
+    Bias-free with centred inputs, so that features vary with content (like a trained encoder's) instead of being
+    dominated by a constant shared by every sample."""
 
     def __init__(self, length: int, vocab: int | None = None) -> None:
         super().__init__()
-        self.inp = nn.Embedding(vocab, FEAT) if vocab else nn.Linear(4, FEAT)
-        self.pos = nn.Parameter(torch.randn(length, FEAT) * 0.5)
-        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(FEAT, FEAT), nn.GELU(), nn.Linear(FEAT, FEAT))
+        self.inp = nn.Embedding(vocab, FEAT) if vocab else nn.Linear(4, FEAT, bias=False)
+        self.pos = nn.Parameter(torch.randn(length, FEAT) * 0.3)
+        self.mlp = nn.Sequential(nn.Tanh(), nn.Linear(FEAT, FEAT, bias=False), nn.Tanh())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.inp(x) + self.pos)
@@ -83,7 +87,8 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/demos")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--temperature", type=float, default=0.07)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -100,7 +105,7 @@ def main() -> None:
     cfg = RegisterTokenConfig(modalities=MODS, num_tokens=4, num_overlapping=3, dim=64, num_layers=2, num_heads=4,
                               nested_dropout_rate=0.5, feature_dims={m: FEAT for m in MODS})
     model = RegisterTokenModule(cfg, encoders=encoders)
-    criterion = RegisterTokenLoss(MODS, cfg.num_overlapping, complementary_weight=0.01)
+    criterion = RegisterTokenLoss(MODS, cfg.num_overlapping, complementary_weight=0.01, temperature=args.temperature)
     params = [p for p in model.parameters() if p.requires_grad] + list(criterion.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     n, bs = len(train_idx), args.batch_size
@@ -120,7 +125,7 @@ def main() -> None:
             ep_loss.append(result["loss"].item())
         losses.append(float(np.mean(ep_loss)))
         history.append(evaluate(model, test, labels[test_idx]))
-        if epoch % 10 == 9 or epoch == args.epochs - 1:
+        if epoch % 5 == 4 or epoch == args.epochs - 1:
             h = history[-1]
             print(f"epoch {epoch + 1:3d}  loss {losses[-1]:.3f}  inst v-t {h['inst_vt_k3']:.3f}  "
                   f"class v-t {h['class_vt_k3']:.3f} v-x {h['class_vx_k3']:.3f} t-x {h['class_tx_k3']:.3f}")
