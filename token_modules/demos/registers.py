@@ -1,4 +1,4 @@
-"""Register tokens align three modalities built from scikit-learn digits (offline, CPU, about a minute).
+"""Register tokens align three modalities built from scikit-learn digits (offline, CPU, about 3 minutes).
 
 Data (8x8 digits): "vision" = the image times a random gain plus noise; "tactile" = Sobel magnitude of a shifted,
 randomly blurred copy; "text" = a 4-word caption (class word, ink-level word, two filler words). Each modality has a
@@ -6,7 +6,7 @@ frozen random stage-1 encoder producing a token sequence (16 patch tokens, or 4 
 and the loss's temperature train. Reported on held-out digits: instance retrieval vision<->tactile (chance 1/N) and
 class-match retrieval for every pair (chance ~10 %), with 1, 2 or 3 overlapping tokens kept (nested prefix).
 
-    python -m token_modules.demos.registers [--out outputs/demos] [--epochs 40]
+    python -m token_modules.demos.registers [--out outputs/demos] [--epochs 40] [--lr 5e-4] [--temperature 0.07]
 """
 
 from __future__ import annotations
