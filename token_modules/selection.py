@@ -68,7 +68,7 @@ def keep_count(num_tokens: int, sparse_ratio: float) -> int:
 def aggregated_count(num_tokens: int, sparse_ratio: float, aggr_ratio: float) -> int:
     """Number of aggregated tokens N_c = floor(N * sparse_ratio * aggr_ratio) (128, 0.5, 0.4 -> 25), checked to lie
     in [1, N_s]."""
-    n_s = keep_count(num_tokens, sparse_ratio)
+    keep_count(num_tokens, sparse_ratio)  # validates sparse_ratio
     if not 0.0 < aggr_ratio <= 1.0:
         raise ValueError(f"aggr_ratio must be in (0, 1], got {aggr_ratio}")
     n_c = math.floor(_count(num_tokens * sparse_ratio * aggr_ratio))
@@ -77,7 +77,7 @@ def aggregated_count(num_tokens: int, sparse_ratio: float, aggr_ratio: float) ->
             f"num_patches * sparse_ratio * aggr_ratio must be >= 1 (N_c >= 1), got {num_tokens} * {sparse_ratio} * "
             f"{aggr_ratio} = {num_tokens * sparse_ratio * aggr_ratio:.3g}"
         )
-    return min(n_c, n_s)
+    return n_c  # <= N_s, as aggr_ratio <= 1
 
 
 def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:

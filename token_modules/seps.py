@@ -145,7 +145,9 @@ class SEPS(nn.Module):
             raise ValueError(f"{name} must be ({b}, L, C={self.dim}), got {tuple(x.shape)}")
         if mask is not None:
             if mask.shape != x.shape[:2]:
-                raise ValueError(f"{name}_mask must be {tuple(x.shape[:2])} (True = real word), got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"{name}_mask must be {tuple(x.shape[:2])} (True = real word), got {tuple(mask.shape)}"
+                )
             if not mask.bool().any(-1).all():
                 raise ValueError(f"{name}_mask must keep at least one real word per row")
 
@@ -160,7 +162,9 @@ class SEPS(nn.Module):
         """Slim each image under its own row's texts: patches (B, N, C), caption (B, L, C), dense (B, L_d, C) the
         description *of that image*; masks (B, L) True = real word -> ((B, N_c + 1, C), `Selection`)."""
         if patches.dim() != 3 or patches.shape[1:] != (self.num_patches, self.dim):
-            raise ValueError(f"patches must be (B, N, C) = (B, {self.num_patches}, {self.dim}), got {tuple(patches.shape)}")
+            raise ValueError(
+                f"patches must be (B, N, C) = (B, {self.num_patches}, {self.dim}), got {tuple(patches.shape)}"
+            )
         b = patches.shape[0]
         self._check_text("caption", caption, caption_mask, b)
         refs = [patches.mean(1), masked_mean(caption, caption_mask)]

@@ -263,7 +263,8 @@ def main() -> None:
             maps, r1s = [r[0] for r in runs], [r[1] for r in runs]
             results[head] = {"mAP": maps, "rank1": r1s}
             sd = statistics.stdev if len(maps) > 1 else (lambda _: 0.0)
-            print(f"{head:7s} mAP {np.mean(maps):5.1f} ± {sd(maps):4.1f}   Rank-1 {np.mean(r1s):5.1f} ± {sd(r1s):4.1f}"
+            print(f"{head:7s} mAP {np.mean(maps):5.1f} ± {sd(maps):4.1f}   "
+                  f"Rank-1 {np.mean(r1s):5.1f} ± {sd(r1s):4.1f}"
                   f"   ({time.time() - t0:.0f} s)")
             if head == "sdtps":
                 plot_masks(runs[0][2], test, {m: x[test_idx.numpy()] for m, x in images.items()},
