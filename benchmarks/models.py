@@ -192,11 +192,11 @@ def _clip(preset: ModelPreset, hidden: int, vocab: int, projection: bool):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _vae(preset: ModelPreset, latent_channels: int):
+def _vae(preset: ModelPreset, latent_channels: int, **extra):
     from diffusers import AutoencoderKL
 
     n = len(preset.vae_channels)
-    return AutoencoderKL(
+    return AutoencoderKL(**extra,
         block_out_channels=preset.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=latent_channels,
         layers_per_block=2 if preset.full_size else 1, norm_num_groups=min(32, preset.vae_channels[0]),
@@ -292,15 +292,22 @@ def build_pipeline(preset: ModelPreset, seed: int = 0):
     clip_tok, t5_tok = _tokenizer(77), _tokenizer(256)
     clip_l, clip_g = preset.text_dim
     return StableDiffusion3Pipeline(
-        transformer=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(preset, 16),
+        transformer=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant convs
+        vae=_vae(preset, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=_clip(preset, clip_l, len(clip_tok), projection=True), tokenizer=clip_tok,
         text_encoder_2=_clip(preset, clip_g, len(clip_tok), projection=True), tokenizer_2=_tokenizer(77),
         text_encoder_3=_t5(preset, preset.denoiser["joint_attention_dim"], len(t5_tok)), tokenizer_3=t5_tok,
     )
 
 
+# bump when `build_pipeline` changes what a preset builds, so cached pipelines are rebuilt
+_BUILDER_VERSION = 2
+
+
 def _preset_dir(name: str, preset: ModelPreset, seed: int, cache_dir: Path) -> Path:
-    digest = hashlib.sha1(json.dumps([asdict(preset), seed], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    ident = [asdict(preset), seed, _BUILDER_VERSION]
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return cache_dir / f"{name}-{digest}"
 
 

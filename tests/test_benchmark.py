@@ -173,3 +173,15 @@ def test_bad_method_parameters_fail_before_running(tmp_path, models_dir):
     with pytest.raises(ValueError, match="deviation"):
         _cli(tmp_path, models_dir, "--method", "sdtm", "--sdtm", "deviation=0.9")
     assert not (tmp_path / "out").exists()
+
+
+def test_harness_runs_on_every_architecture(tmp_path, models_dir):
+    """Whole pipelines (text encoders, VAE decode) of each family through the harness, MACs and fidelity."""
+    table = main([
+        "--model", "tiny-sd3", "tiny-dit", "tiny-sd", "--method", "baseline", "sdtm", "--quick", "--no-latency",
+        "--out", str(tmp_path / "out"), "--model-cache", str(models_dir), "--log-level", "WARNING",
+    ])
+    assert len(table) == 6
+    merged = table[table["method"] == "sdtm"]
+    assert (merged["macs_reduction"] > 1).all() and (merged["rel_l2_latents"] > 0).all()
+    assert set(table["family"]) == {"sd3", "dit", "sd-unet"}
