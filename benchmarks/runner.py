@@ -154,7 +154,6 @@ class ModelSession:
         self.name, self.settings, self.device = name, settings, device
         self.preset = PRESETS.get(name)
         self.reference = None
-        self.clip = ClipScorer(settings.clip_model, device) if settings.clip_model else None
         self._macs: dict[Job, ForwardMacs] = {}
 
     @functools.cached_property
@@ -163,6 +162,11 @@ class ModelSession:
         pipe = load_pipeline(self.name, seed=0, cache_dir=s.model_cache, torch_dtype=s.torch_dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @functools.cached_property
+    def clip(self) -> ClipScorer | None:
+        """Loaded on first measurement only (never for --macs-only)."""
+        return ClipScorer(self.settings.clip_model, self.device) if self.settings.clip_model else None
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -267,11 +271,7 @@ class ModelSession:
         if job in self._macs:
             return self._macs[job]
         steps = self.steps
-        if self.preset is not None:
-            model = build_denoiser(self.preset, "meta")
-            inputs = denoiser_inputs(self.preset, self.denoiser_batch, "meta", self.settings.torch_dtype)
-        else:
-            model, inputs = self.denoiser, self._captured_inputs()
+        model, inputs = self._macs_model
         config = job.config(num_steps=steps)
         if config is not None:
             (apply_SDTM if job.method == "sdtm" else apply_ToMe)(model, config)
@@ -281,6 +281,14 @@ class ModelSession:
             remove_SDTM(model)
         self._macs[job] = result
         return result
+
+    @functools.cached_property
+    def _macs_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The model and inputs MACs are counted on, built once: shapes only on meta for presets."""
+        if self.preset is not None:
+            inputs = denoiser_inputs(self.preset, self.denoiser_batch, "meta", self.settings.torch_dtype)
+            return build_denoiser(self.preset, "meta"), inputs
+        return self.denoiser, self._captured_inputs()
 
     def _captured_inputs(self) -> dict[str, Any]:
         """The denoiser's keyword inputs at the first step of a real call (checkpoints without a preset)."""
