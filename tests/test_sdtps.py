@@ -121,3 +121,99 @@ def test_validation_errors_name_the_parameter():
         model(p, dict(g, tir=g["tir"][:1]))
     with pytest.raises(ValueError, match="exactly the modalities"):
         model({"rgb": p["rgb"]}, g)
+
+
+# --- missing modalities: `present` masks (module docstring) ---
+
+
+def _absent_nir(b=3):
+    """NIR absent in sample 0, NIR and TIR absent in sample 1, all present in sample 2."""
+    present = {"nir": torch.tensor([False, False, True][:b]), "tir": torch.tensor([True, False, True][:b])}
+    return present
+
+
+def test_missing_modality_values_do_not_influence_any_output():
+    model = _model()
+    p, g = _inputs(b=3)
+    present = _absent_nir()
+    outs = []
+    for fill in (0.0, float("nan"), 1e6):  # absent entries filled with zeros, NaN or huge noise
+        pf, gf = dict(p), dict(g)
+        pf["nir"], gf["nir"] = p["nir"].clone(), g["nir"].clone()
+        pf["nir"][:2], gf["nir"][:2] = fill, fill
+        pf["tir"], gf["tir"] = p["tir"].clone(), g["tir"].clone()
+        pf["tir"][1], gf["tir"][1] = fill, fill
+        outs.append(model(pf, gf, present=present))
+    for out in outs:
+        for m in MODS:
+            assert torch.isfinite(out.tokens[m]).all() and torch.isfinite(out.scores[m]).all()
+            assert torch.equal(out.tokens[m], outs[0].tokens[m])
+            assert torch.equal(out.masks[m], outs[0].masks[m])
+            assert torch.equal(out.scores[m], outs[0].scores[m])
+    out = outs[0]
+    # absent -> zero tokens, nothing selected, zero score; present rows keep exactly K selected
+    assert torch.equal(out.tokens["nir"][:2], torch.zeros(2, model.num_out_tokens, 8))
+    assert out.masks["nir"][:2].sum() == 0 and out.scores["nir"][:2].abs().sum() == 0
+    assert out.masks["tir"][1].sum() == 0
+    assert out.masks["rgb"].sum(-1).eq(8).all() and out.masks["nir"][2].sum() == 8
+
+
+def test_missing_modality_guidance_uses_present_globals_only():
+    model = _model()
+    p, g = _inputs(b=3)
+    out = model(p, g, present=_absent_nir())
+    cos = lambda x, y: F.cosine_similarity(x, y[:, None], dim=-1)  # noqa: E731
+    mm = minmax_normalize
+    sp = torch.sigmoid(model.sparse["rgb"].predictor(p["rgb"])).squeeze(-1)
+    s_im, s_nir, s_tir = mm(cos(p["rgb"], g["rgb"])), mm(cos(p["rgb"], g["nir"])), mm(cos(p["rgb"], g["tir"]))
+    # sample 0: NIR absent -> the cross term is TIR's alone, with the full cross weight 2 beta
+    assert torch.allclose(out.scores["rgb"][0], 0.5 * sp[0] + 0.5 * s_im[0] + 0.5 * s_tir[0], atol=1e-5)
+    # sample 1: no other modality -> the cross weight moves to the own global: (1-2b) s^p + 4b s^im
+    assert torch.allclose(out.scores["rgb"][1], 0.5 * sp[1] + 1.0 * s_im[1], atol=1e-5)
+    # sample 2: all present -> the seeds' formula
+    full = 0.5 * sp[2] + 0.25 * (s_nir[2] + s_tir[2] + 2 * s_im[2])
+    assert torch.allclose(out.scores["rgb"][2], full, atol=1e-5)
+
+
+def test_all_present_equals_no_mask_and_samples_stay_independent():
+    model = _model()
+    p, g = _inputs(b=3)
+    base = model(p, g)
+    ones = {m: torch.ones(3, dtype=torch.bool) for m in MODS}
+    allp = model(p, g, present=ones)
+    for m in MODS:
+        assert torch.allclose(allp.tokens[m], base.tokens[m], atol=1e-6) and torch.equal(allp.masks[m], base.masks[m])
+    # the all-present sample 2 of a mixed batch equals that sample run alone without masks
+    mixed = model(p, g, present=_absent_nir())
+    alone = model({m: x[2:] for m, x in p.items()}, {m: x[2:] for m, x in g.items()})
+    for m in MODS:
+        assert torch.allclose(mixed.tokens[m][2:], alone.tokens[m], atol=1e-5)
+        assert torch.equal(mixed.masks[m][2:], alone.masks[m])
+
+
+def test_missing_modality_gradients_are_finite_and_zero_for_absent_inputs():
+    model = _model()
+    p, g = _inputs(b=3)
+    p["nir"][:2] = float("nan")
+    g["nir"][:2] = float("nan")
+    for x in (*p.values(), *g.values()):
+        x.requires_grad_(True)
+    out = model(p, g, present=_absent_nir())
+    sum(t.pow(2).mean() for t in out.tokens.values()).backward()
+    for x in (*p.values(), *g.values()):
+        assert torch.isfinite(x.grad).all()
+    assert p["nir"].grad[:2].abs().sum() == 0 and g["nir"].grad[:2].abs().sum() == 0
+    assert p["nir"].grad[2].abs().sum() > 0  # the present NIR sample still trains
+    for name, prm in model.named_parameters():
+        assert prm.grad is not None and torch.isfinite(prm.grad).all() and prm.grad.abs().sum() > 0, name
+
+
+def test_present_validation_errors():
+    model = _model()
+    p, g = _inputs()
+    with pytest.raises(ValueError, match=r"present\['nir'\] must be a bool tensor of shape \(B,\) = \(2,\)"):
+        model(p, g, present={"nir": torch.tensor([1, 0])})
+    with pytest.raises(ValueError, match=r"present\['nir'\] must be a bool tensor of shape \(B,\)"):
+        model(p, g, present={"nir": torch.tensor([True, False, True])})
+    with pytest.raises(ValueError, match="present has unknown modalities"):
+        model(p, g, present={"depth": torch.tensor([True, False])})

@@ -209,3 +209,26 @@ def test_gumbel_changes_forward_and_keeps_gradients_bounded():
     gnorm = torch.stack([p.grad.norm() for p in gumbel.predictor.parameters()]).norm()
     assert torch.isfinite(gnorm) and 0 < gnorm < 10  # the 1e10-mask bug gave norms ~1e7
     assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 10
+
+
+def test_fuse_scores_guide_mask_averages_available_guides_only():
+    p, im, c1, c2 = (torch.rand(3, 5, dtype=torch.float64) for _ in range(4))
+    guides = torch.stack([c1, c2], 1)
+    guides[1, 0] = float("nan")  # an unavailable guide is never read
+    mask = torch.tensor([[True, True], [False, True], [False, False]])
+    s = fuse_scores(p, im, guides, 0.25, mask)
+    assert torch.allclose(s[0], 0.5 * p[0] + 0.25 * (c1[0] + c2[0] + 2 * im[0]))
+    assert torch.allclose(s[1], 0.5 * p[1] + 0.5 * im[1] + 0.5 * c2[1])
+    assert torch.allclose(s[2], 0.5 * p[2] + 1.0 * im[2])  # no guide: its weight goes to s^self
+
+
+def test_token_sparse_guide_mask_sum_scoring_and_validation():
+    x, s, gs = _inputs()
+    mask = torch.tensor([[True, False], [False, False], [True, True]])
+    raw = TokenSparse(C, scoring="sum")
+    expected = s + torch.stack([gs[0, 0], torch.zeros(N), gs[2].sum(0)])
+    assert torch.allclose(raw(x, s, gs, guide_mask=mask).score, expected)
+    with pytest.raises(ValueError, match=r"guide_mask must be \(B, G\) = \(3, 2\)"):
+        raw(x, s, gs, guide_mask=mask[:, :1])
+    with pytest.raises(ValueError, match=r"guide_mask must be None \(no guide_scores\)"):
+        raw(x, s, None, guide_mask=mask)

@@ -5,6 +5,15 @@ their cosine similarity to m's own global feature (s^im) and to every other moda
 cross-modal guidance), fused as ``(1-2b) s^p + b (s^cross1 + s^cross2 + 2 s^im)``. The top ``ceil(N * sparse_ratio)``
 patches are aggregated into N_c = floor(N * sparse_ratio * aggr_ratio) tokens, and an extra token summarises the
 discarded ones: (B, N, C) -> (B, N_c + 1, C); 128 -> 64 -> 25 + 1 = 26 with the defaults.
+
+Missing modalities: ``present={m: (B,) bool}`` marks, per sample, which modalities exist (a key left out = present
+everywhere). Where modality m is absent for sample b:
+- m's patches and global are replaced by zeros before anything is computed, so their values (even NaN) influence no
+  output and receive zero gradient;
+- m's outputs are zero: tokens (N_c + 1, C) = 0, mask all 0 (nothing selected), score 0;
+- m's global guides no other modality: each modality's cross-modal term averages over the *present* others only, and
+  with none present its weight goes to the own-global term, s = (1-2b) s^p + 4b s^im (`fuse_scores`).
+A sample with every modality absent gets all-zero outputs.
 """
 
 from __future__ import annotations
@@ -93,18 +102,43 @@ class MultiModalSDTPS(nn.Module):
             if g.shape != (ref[0], self.dim):
                 raise ValueError(f"globals_[{m!r}] must be (B, C) = {(ref[0], self.dim)}, got {tuple(g.shape)}")
 
+    def _presence(self, present: Mapping[str, Tensor], batch: int, device: torch.device) -> Tensor:
+        """{m: (B,) bool} -> (M, B) bool, modalities left out count as present."""
+        unknown = set(present) - set(self.modalities)
+        if unknown:
+            raise ValueError(f"present has unknown modalities {sorted(unknown)}; expected a subset of {self.modalities}")
+        rows = []
+        for m in self.modalities:
+            if m not in present:
+                rows.append(torch.ones(batch, dtype=torch.bool, device=device))
+                continue
+            x = present[m]
+            if not isinstance(x, Tensor) or x.dtype != torch.bool or x.shape != (batch,):
+                got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"present[{m!r}] must be a bool tensor of shape (B,) = ({batch},), got {got}")
+            rows.append(x.to(device))
+        return torch.stack(rows)
+
     def forward(
         self,
         patches: Mapping[str, Tensor],
         globals_: Mapping[str, Tensor],
         generator: torch.Generator | None = None,
+        present: Mapping[str, Tensor] | None = None,
     ) -> SDTPSOutput:
-        """patches {m: (B, N, C)}, globals_ {m: (B, C)} -> `SDTPSOutput` with tokens {m: (B, N_c + 1, C)}."""
+        """patches {m: (B, N, C)}, globals_ {m: (B, C)}, present {m: (B,) bool} or None (all present) -> `SDTPSOutput`
+        with tokens {m: (B, N_c + 1, C)}; absent modalities as in the module docstring."""
         self._check(patches, globals_)
         names = self.modalities
         p = torch.stack([patches[m] for m in names])  # (M, B, N, C)
         g = torch.stack([globals_[m] for m in names])  # (M, B, C)
         num_mod, b, n, c = p.shape
+        pres = None
+        if present is not None:
+            pres = self._presence(present, b, p.device)  # (M, B)
+            # where, not multiply: an absent modality may be filled with NaN / inf, which must not leak (0 * NaN = NaN)
+            p = torch.where(pres[..., None, None], p, 0.0)
+            g = torch.where(pres[..., None], g, 0.0)
         # All modality pairs in one batched op: sims[i, :, j] = cos(patches of i, global of j), (M, B, M, N).
         g_all = g.transpose(0, 1).unsqueeze(0).expand(num_mod, -1, -1, -1)  # (M, B, M, C)
         sims = cosine_scores(p.reshape(num_mod * b, n, c), g_all.reshape(num_mod * b, num_mod, c))
@@ -115,8 +149,14 @@ class MultiModalSDTPS(nn.Module):
 
         tokens, masks, scores = {}, {}, {}
         for i, m in enumerate(names):  # M independent modules, each fully batched
-            sel = self.sparse[m](p[i], self_s[i], cross[i], generator=generator)
+            guide_mask = None if pres is None else pres[self.others[i]].T  # (B, M-1): which guides exist
+            sel = self.sparse[m](p[i], self_s[i], cross[i], generator=generator, guide_mask=guide_mask)
             importance = sel.keep_score.softmax(-1) if self.use_importance else None
             tokens[m] = torch.cat([self.aggr[m](sel.tokens, importance), sel.extra], dim=1)
             masks[m], scores[m] = sel.mask, sel.score
+            if pres is not None:
+                here = pres[i]
+                tokens[m] = torch.where(here[:, None, None], tokens[m], 0.0)
+                masks[m] = torch.where(here[:, None], masks[m], 0.0)
+                scores[m] = torch.where(here[:, None], scores[m], 0.0)
         return SDTPSOutput(tokens, masks, scores)

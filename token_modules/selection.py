@@ -33,17 +33,32 @@ def minmax_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
     return (x - lo) / (hi - lo + eps)
 
 
-def fuse_scores(predicted: Tensor, self_score: Tensor, guide_scores: Tensor | None, beta: float) -> Tensor:
+def fuse_scores(
+    predicted: Tensor,
+    self_score: Tensor,
+    guide_scores: Tensor | None,
+    beta: float,
+    guide_mask: Tensor | None = None,
+) -> Tensor:
     """s = (1 - 2 beta) s^p + 2 beta s^self + 2 beta mean_g s^guide_g, all inputs already normalised.
 
     predicted, self_score: (B, N); guide_scores: (B, G, N) or None -> (B, N). With G = 2 this is the seeds' formula
     ``(1-2b) s^p + b (s^cross1 + s^cross2 + 2 s^im)`` (SEPS: ``s^st + s^dt``); averaging the guides keeps the same
     weights for any number of them (SDTPS with M modalities has M - 1 guides).
+
+    guide_mask: (B, G) bool, False = that guide is unavailable for that sample (e.g. a missing modality). The mean then
+    runs over the available guides only (masked entries, even NaN, are never read); a sample with no available guide
+    gives the guide weight to s^self: s = (1 - 2 beta) s^p + 4 beta s^self, so the predictor keeps its share.
     """
     score = (1.0 - 2.0 * beta) * predicted + 2.0 * beta * self_score
-    if guide_scores is not None and guide_scores.shape[1] > 0:
-        score = score + 2.0 * beta * guide_scores.mean(1)
-    return score
+    if guide_scores is None or guide_scores.shape[1] == 0:
+        return score
+    if guide_mask is None:
+        return score + 2.0 * beta * guide_scores.mean(1)
+    valid = guide_mask.bool().unsqueeze(-1)  # (B, G, 1)
+    count = valid.sum(1)  # (B, 1)
+    guide = torch.where(valid, guide_scores, 0.0).sum(1) / count.clamp_min(1)
+    return score + 2.0 * beta * torch.where(count > 0, guide, self_score)
 
 
 def cosine_scores(tokens: Tensor, refs: Tensor) -> Tensor:
@@ -169,13 +184,24 @@ class TokenSparse(nn.Module):
             nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1)) if scoring == "paper" else None
         )
 
-    def score(self, tokens: Tensor, self_score: Tensor, guide_scores: Tensor | None = None) -> Tensor:
-        """Fused score (B, N) from tokens (B, N, C), self_score (B, N) and guide_scores (B, G, N), both raw."""
+    def score(
+        self,
+        tokens: Tensor,
+        self_score: Tensor,
+        guide_scores: Tensor | None = None,
+        guide_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Fused score (B, N) from tokens (B, N, C), self_score (B, N) and guide_scores (B, G, N), both raw;
+        guide_mask (B, G) False = guide unavailable ("paper": see `fuse_scores`; "sum": left out of the sum)."""
         if self.predictor is None:
-            return self_score if guide_scores is None else self_score + guide_scores.sum(1)
+            if guide_scores is None:
+                return self_score
+            if guide_mask is not None:
+                guide_scores = torch.where(guide_mask.bool().unsqueeze(-1), guide_scores, 0.0)
+            return self_score + guide_scores.sum(1)
         predicted = torch.sigmoid(self.predictor(tokens)).squeeze(-1)
         guides = None if guide_scores is None else minmax_normalize(guide_scores)
-        return fuse_scores(predicted, minmax_normalize(self_score), guides, self.beta)
+        return fuse_scores(predicted, minmax_normalize(self_score), guides, self.beta, guide_mask)
 
     def forward(
         self,
@@ -183,9 +209,11 @@ class TokenSparse(nn.Module):
         self_score: Tensor,
         guide_scores: Tensor | None = None,
         generator: torch.Generator | None = None,
+        guide_mask: Tensor | None = None,
     ) -> Selection:
         """tokens (B, N, C); self_score (B, N) similarity to the own global; guide_scores (B, G, N) similarities to
-        the guiding features (other modalities, texts) or None -> `Selection`."""
+        the guiding features (other modalities, texts) or None; guide_mask (B, G) bool, False = that guide is
+        unavailable for that sample -> `Selection`."""
         if tokens.dim() != 3:
             raise ValueError(f"tokens must be (B, N, C), got shape {tuple(tokens.shape)}")
         b, n, c = tokens.shape
@@ -193,8 +221,11 @@ class TokenSparse(nn.Module):
             raise ValueError(f"self_score must be (B, N) = {(b, n)}, got {tuple(self_score.shape)}")
         if guide_scores is not None and (guide_scores.dim() != 3 or guide_scores.shape[::2] != (b, n)):
             raise ValueError(f"guide_scores must be (B, G, N) with B={b}, N={n}, got {tuple(guide_scores.shape)}")
+        if guide_mask is not None and (guide_scores is None or guide_mask.shape != guide_scores.shape[:2]):
+            expected = "None (no guide_scores)" if guide_scores is None else f"(B, G) = {tuple(guide_scores.shape[:2])}"
+            raise ValueError(f"guide_mask must be {expected}, got {tuple(guide_mask.shape)}")
         k = keep_count(n, self.sparse_ratio)
-        score = self.score(tokens, self_score, guide_scores)
+        score = self.score(tokens, self_score, guide_scores, guide_mask)
 
         if self.use_gumbel:
             logits = score / self.gumbel_tau
