@@ -1,12 +1,17 @@
-"""``python -m benchmarks``: MACs, latency, speed-up and fidelity of baseline / ToMe / SDTM, as CSV, table and plots.
+"""``python -m benchmarks``: MACs, latency, speed-up, image quality and fidelity of each method, as CSV, table, plots.
 
 Examples::
 
-    python -m benchmarks                                   # embedded default: pixart-small on CPU, all methods
-    python -m benchmarks --quick                           # smoke run (< 5 min on CPU)
+    python -m benchmarks                                   # embedded default (CPU: the trained pixart-shapes model)
+    python -m benchmarks --quick                           # smoke run (a few minutes on CPU)
+    python -m benchmarks --method baseline tome sdtm sdtm:ratio=0.35,protect_steps_frequency=-1
     python -m benchmarks --macs-only --model pixart-xl-2-1024 sd3-medium --json
     python -m benchmarks --model PixArt-alpha/PixArt-XL-2-512x512 --ratios 0.2 0.3 0.4 --dtype float16
     accelerate launch -m benchmarks --model pixart-xl-2-512 --ratios 0.2 0.3 0.4 0.5   # one process per GPU
+
+With no --model: on CPU the trained ``pixart-shapes`` preset (learned weights: prompt adherence and FID are image
+quality); with a GPU, full-size PixArt-XL-2 at 512 and 1024 px in fp16 with a ratio sweep (random weights: speed
+and MACs; PSNR against the baseline is not image quality) and the trained preset.
 """
 
 from __future__ import annotations
@@ -19,23 +24,36 @@ from typing import Any
 
 import pandas as pd
 
+import torch
+
 from .macs import PAPER_TMACS
+from .methods import METHODS, parse_method
 from .models import PRESETS
 from .plots import plot_all
-from .runner import METHODS, Settings, make_jobs, run_jobs
+from .runner import Settings, make_jobs, run_jobs
 
 logger = logging.getLogger("benchmarks")
 
 TABLE_COLUMNS = [
-    "model", "method", "ratio", "params", "macs_forward_linear_G", "macs_forward_total_G", "macs_reduction",
-    "pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "psnr_db", "ssim", "rel_l2_latents",
-    "clip_score",
+    "model", "label", "macs_forward_total_G", "macs_speedup", "merge_bytes_x", "merge_ops", "pipeline_ms",
+    "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "adherence", "fid", "kid", "psnr_db", "ssim",
+    "rel_l2_latents", "clip_score",
 ]
 MACS_COLUMNS = [
-    "model", "method", "ratio", "params", "steps", "batch_size", "macs_forward_linear_G", "macs_forward_total_G",
+    "model", "label", "steps", "batch_size", "macs_forward_linear_G", "macs_forward_total_G",
     "macs_image_linear_T", "macs_image_total_T", "macs_self_attn_G", "macs_cross_attn_G", "macs_mlp_G",
-    "macs_merge_G", "macs_other_G", "macs_reduction",
+    "macs_merge_G", "macs_other_G", "macs_speedup", "merge_bytes_x", "merge_ops", "merge_traffic",
 ]
+# the embedded defaults of `./run_benchmark.sh` with no arguments
+CPU_DEFAULT = dict(model=["pixart-shapes"],
+                   method=["baseline", "tome", "sdtm", "sdtm:ratio=0.35,protect_steps_frequency=-1"])
+GPU_DEFAULT = dict(model=["pixart-xl-2-512", "pixart-xl-2-1024", "pixart-shapes"], method=["baseline", "tome", "sdtm"],
+                   ratios=[0.2, 0.3, 0.4, 0.5], dtype="float16")
+
+
+def default_run(gpu: bool) -> dict[str, Any]:
+    """What `./run_benchmark.sh` runs with no arguments: the GPU default with a GPU, else the CPU default."""
+    return GPU_DEFAULT if gpu else CPU_DEFAULT
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -54,36 +72,42 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     presets = ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
-    p.add_argument("--model", nargs="+", default=["pixart-small"],
-                   help=f"presets (random weights, offline): {presets}; or any diffusers path / hub name")
-    p.add_argument("--method", nargs="+", default=None, choices=METHODS,
-                   help="methods to run (default: all; with --macs-only: baseline sdtm)")
+    p.add_argument("--model", nargs="+", default=None,
+                   help=f"presets (offline): {presets}; or any diffusers path / hub name (default: see above)")
+    methods = "; ".join(f"{k}: {v.description}" for k, v in METHODS.items())
+    p.add_argument("--method", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
+                   help=f"method settings to run ({methods}); the baseline always runs (default: see above)")
     p.add_argument("--ratios", nargs="+", type=float, default=None,
-                   help="merge ratios to sweep for tome and sdtm (default: each method's default, SDTM 0.3, ToMe 0.5)")
+                   help="ratios swept for every method setting with a ratio that does not set it")
     p.add_argument("--sdtm", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="override an SDTMConfig field, e.g. --sdtm protect_steps_frequency=-1 (repeatable)")
+                   help="add a field to every sdtm setting, e.g. --sdtm protect_steps_frequency=-1 (repeatable)")
     p.add_argument("--tome", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                   help="override a ToMeConfig field, e.g. --tome merge_mlp=true (repeatable)")
+                   help="add a field to every tome setting, e.g. --tome merge_mlp=true (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per job (median and IQR reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed baseline calls per model before timing (the first gives the fidelity reference)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls per model (baseline) and per job (method) before timing")
     p.add_argument("--seed", type=int, default=0, help="generator seed (fidelity compares outputs of this seed)")
     p.add_argument("--prompt", default=Settings.prompt, help="prompt of every call")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=1, help="images per prompt")
     p.add_argument("--device", default=None, help="torch device (default: this process's GPU, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="pipeline dtype")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="pipeline dtype (default float32; float16 in the GPU default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded in the CSV)")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for results.csv and plots")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
     p.add_argument("--no-fidelity", dest="fidelity", action="store_false", help="skip PSNR/SSIM/rel-L2")
+    p.add_argument("--quality-prompts", type=int, default=64,
+                   help="prompts of the fixed quality set (trained presets: adherence, FID, KID; default %(default)s)")
+    p.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grids")
     p.add_argument("--clip-model", default=None,
-                   help="CLIP checkpoint (path or cached hub name) for a CLIP score column; FID is not computed")
+                   help="CLIP checkpoint (path or cached hub name) for a CLIP score column")
     p.add_argument("--macs-only", action="store_true",
                    help="only count MACs (meta device for presets: no weights, seconds even for full-size models)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    p.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 1 timed repeat")
+    p.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 1 timed repeat, 16 quality prompts")
     p.add_argument("--fvcore", action="store_true",
                    help="also count the baseline's MACs with fvcore (CPU, real tensors; small models only)")
     p.add_argument("--model-cache", type=Path, default=None, help="where presets are saved (default ~/.cache)")
@@ -96,16 +120,28 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "sdtm_plugin"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    methods = args.method or (["baseline", "sdtm"] if args.macs_only else list(METHODS))
+    default = default_run(torch.cuda.is_available() and not (args.device or "").startswith("cpu"))
+    if args.model is None:
+        args.model = default["model"]
+        args.ratios = args.ratios if args.ratios is not None else default.get("ratios")
+        args.dtype = args.dtype or default.get("dtype")
+    args.dtype = args.dtype or "float32"
+    specs = args.method or (["baseline", "sdtm"] if args.macs_only else default["method"])
     if args.quick:
         args.steps, args.repeats, args.warmup = args.steps or 6, 1, 1
-    jobs = make_jobs(args.model, methods, args.ratios, {"sdtm": dict(args.sdtm), "tome": dict(args.tome)})
+        args.quality_prompts = min(args.quality_prompts, 16)
+    overrides = {"sdtm": dict(args.sdtm), "tome": dict(args.tome)}
+    methods = []
+    for spec in specs:
+        name, params = parse_method(spec)
+        methods.append((name, {**overrides.get(name, {}), **params}))
+    jobs = make_jobs(args.model, methods, args.ratios)
     settings = Settings(
         out=args.out, steps=args.steps, repeats=args.repeats, warmup=args.warmup, seed=args.seed, prompt=args.prompt,
         guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         threads=args.threads, measure_latency=args.latency and not args.macs_only,
-        measure_fidelity=args.fidelity and not args.macs_only, resume=args.resume, model_cache=args.model_cache,
-        clip_model=args.clip_model,
+        measure_fidelity=args.fidelity and not args.macs_only, quality_prompts=args.quality_prompts,
+        resume=args.resume, model_cache=args.model_cache, clip_model=args.clip_model, samples=args.samples,
     )
     table = run_jobs(jobs, settings, macs_only=args.macs_only)
     from accelerate import PartialState
@@ -118,11 +154,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.json:
         rows = table[columns].to_dict(orient="records")
         for row in rows:
-            row["paper_TMACs_forward_linear"] = PAPER_TMACS.get((row["model"], row["method"]))
+            row["paper_TMACs_forward_linear"] = PAPER_TMACS.get((row["model"], row["label"]))
         print(json.dumps(rows, indent=2, default=str))
     else:
-        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
-            print(table[columns].to_string(index=False))
+        shown = table[columns].dropna(axis=1, how="all")
+        with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
+            print(shown.to_string(index=False))
     if not args.macs_only:
         for path in plot_all(table, args.out):
             logger.info("wrote %s", path)

@@ -12,8 +12,12 @@ Two conventions are reported, as the literature mixes them:
   SD3-medium at 1024^2 with CFG in this convention);
 - ``total``: linear + convolution + attention score and value products + merge overhead.
 One MAC is one multiply-add (FLOPs = 2 x MACs). Merge overhead counts the merge's matmuls (IDM / ToMe
-similarities); SSM's in-window similarity, gathers and scatters are elementwise work and cost no MACs (their time is
-in the measured latency).
+similarities and group sums); SSM's in-window similarity, gathers and scatters are elementwise work and cost no MACs.
+
+The same pass measures the merge path's GPU proxies (`merge_traffic`): while the plugin's own code runs (its step,
+grid and merge hooks: plans, merge, unmerge, cache, staleness), every dispatched op that is not a view is counted,
+with the bytes of the tensors it outputs. Per merged block, divided by the bytes of the block input (B, N, C), they
+say how much memory the merge path writes and how many kernels it launches, on any device, meta included.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-# seeds/001's MAC table, TMACs of one denoiser forward in the linear convention: SD3-medium at 1024^2 with CFG
-PAPER_TMACS = {("sd3-medium", "baseline"): 6.01, ("sd3-medium", "sdtm"): 4.13}
+# seeds/001's MAC table, TMACs of one denoiser forward in the linear convention: SD3-medium at 1024^2 with CFG, by
+# (model, job label); the SDTM figure is ratio 0.35 without step protection
+PAPER_TMACS = {("sd3-medium", "baseline"): 6.01, ("sd3-medium", "sdtm protect_steps_frequency=-1 ratio=0.35"): 4.13}
 
 LABELS = ("self_attn", "cross_attn", "mlp", "merge", "other")
 _CONV = {torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.convolution_overrideable,
@@ -41,9 +46,12 @@ _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 @dataclass
 class MacCount:
-    """MACs by label ("self_attn", ...) and by op kind ("linear", "conv", "attention")."""
+    """MACs by label ("self_attn", ...) and by op kind ("linear", "conv", "attention"); the merge path's op count
+    and output bytes (views excluded)."""
 
     by_label_kind: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    merge_ops: int = 0
+    merge_bytes: int = 0
 
     def add(self, label: str, kind: str, macs: int) -> None:
         self.by_label_kind[(label, kind)] += macs
@@ -66,6 +74,8 @@ class MacCount:
     def __iadd__(self, other: "MacCount") -> "MacCount":
         for key, v in other.by_label_kind.items():
             self.by_label_kind[key] += v
+        self.merge_ops += other.merge_ops
+        self.merge_bytes += other.merge_bytes
         return self
 
 
@@ -89,11 +99,17 @@ class MacCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.count = MacCount()
+        self.enabled = True
         self._labels: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not self.enabled:
+            return out
+        if self._labels and self._labels[-1] == "merge" and not func.is_view:
+            self.count.merge_ops += 1
+            self.count.merge_bytes += sum(t.numel() * t.element_size() for t in _tensors(out))
         packet = func.overloadpacket
         if packet is _CPU_SDPA:
             q, k, v = args[:3]
@@ -142,8 +158,8 @@ class MacCounter(TorchDispatchMode):
 
     @contextlib.contextmanager
     def count_merges(self, model: nn.Module) -> Iterator[None]:
-        """Label the merge hooks' own work on `model` (plans, merge, unmerge, cache blending) as "merge"."""
-        from sdtm_plugin.hooks import MERGE_HOOK
+        """Label the plugin hooks' own work on `model` (plans, merge, unmerge, cache, staleness) as "merge"."""
+        from sdtm_plugin.hooks import GRID_HOOK, MERGE_HOOK, STEP_HOOK
 
         def labelled(fn: Callable) -> Callable:
             @functools.wraps(fn)
@@ -157,11 +173,12 @@ class MacCounter(TorchDispatchMode):
         refs = []
         for module in model.modules():
             registry = getattr(module, "_diffusers_hook", None)
-            hook = registry.get_hook(MERGE_HOOK) if registry is not None else None
-            if hook is not None:
-                refs.append((hook.fn_ref, hook.fn_ref.pre_forward, hook.fn_ref.post_forward))
-                hook.fn_ref.pre_forward = labelled(hook.fn_ref.pre_forward)
-                hook.fn_ref.post_forward = labelled(hook.fn_ref.post_forward)
+            for name in (STEP_HOOK, GRID_HOOK, MERGE_HOOK):
+                hook = registry.get_hook(name) if registry is not None else None
+                if hook is not None:
+                    refs.append((hook.fn_ref, hook.fn_ref.pre_forward, hook.fn_ref.post_forward))
+                    hook.fn_ref.pre_forward = labelled(hook.fn_ref.pre_forward)
+                    hook.fn_ref.post_forward = labelled(hook.fn_ref.post_forward)
         try:
             yield
         finally:
@@ -169,15 +186,25 @@ class MacCounter(TorchDispatchMode):
                 ref.pre_forward, ref.post_forward = pre, post
 
 
+def _tensors(out: Any) -> Iterator[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
 @dataclass
 class ForwardMacs:
-    """MACs of every forward of one generation (one entry per denoising step)."""
+    """MACs of every forward of one generation (one entry per denoising step), with the merge state's records."""
 
     steps: list[MacCount]
     token_counts: list[dict[str, list[int | None]]] | None = None
+    phases: list[str] | None = None
+    sublayers_run: list[float] | None = None  # per forward: the share of attention / MLP sub-layers computed
 
     @property
-    def per_image(self) -> MacCount:
+    def per_call(self) -> MacCount:
         total = MacCount()
         for step in self.steps:
             total += step
@@ -186,6 +213,22 @@ class ForwardMacs:
     def mean_per_forward(self, convention: str) -> float:
         values = [s.total if convention == "total" else s.linear for s in self.steps]
         return sum(values) / len(values)
+
+    def merge_traffic(self, block_input_bytes: int) -> dict[str, dict[str, float]]:
+        """Per phase, the merge path's output bytes (in units of the block input's) and ops per merged block.
+
+        A block counts as merged at a step when fewer tokens than the grid enter one of its sub-layers.
+        """
+        per_phase: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for count, tokens, phase in zip(self.steps, self.token_counts or [], self.phases or []):
+            full = max(c for role in tokens.values() for c in role if c is not None)
+            merged = sum(any(t is not None and t < full for t in blk) for blk in zip(*tokens.values()))
+            if merged:
+                per_phase[phase].append((count.merge_bytes / (merged * block_input_bytes), count.merge_ops / merged))
+        return {
+            phase: {"bytes_x": sum(b for b, _ in v) / len(v), "ops": sum(o for _, o in v) / len(v)}
+            for phase, v in per_phase.items()
+        }
 
 
 def count_forward_macs(model: nn.Module, inputs: dict[str, Any], num_steps: int = 1) -> ForwardMacs:
@@ -204,7 +247,53 @@ def count_forward_macs(model: nn.Module, inputs: dict[str, Any], num_steps: int 
                 model(**inputs)
             steps.append(counter.count)
     state = get_merge_state(model)
-    return ForwardMacs(steps, list(state.token_counts) if state is not None else None)
+    if state is None:
+        return ForwardMacs(steps)
+    records = [r for r in state.records if r.call == 0]
+    return ForwardMacs(steps, [r.tokens for r in records], [r.phase for r in records])
+
+
+def count_call_macs(model: nn.Module, run: Callable[[], Any]) -> ForwardMacs:
+    """MACs of every forward of `model` during `run()` (e.g. a pipeline call), on real tensors.
+
+    For methods whose savings depend on the values (step caches skip blocks or sub-layers when outputs change
+    little), so they cannot be counted shape-only. Ops outside the model's forwards (text encoder, VAE) are not
+    counted. Also records, per forward, the share of the model's attention and MLP sub-layers that ran.
+    """
+    from sdtm_plugin import get_merge_state
+    from sdtm_plugin.adapters import find_adapter
+
+    sublayers = [sub.module for block in find_adapter(model).layout(model).blocks for sub in block]
+    counter = MacCounter()
+    counter.enabled = False
+    steps: list[MacCount] = []
+    ran: list[int] = []
+
+    def begin(module, args, kwargs) -> None:
+        counter.count, counter.enabled = MacCount(), True
+        ran.append(0)
+
+    def end(module, args, kwargs, output) -> None:
+        counter.enabled = False
+        steps.append(counter.count)
+
+    def count_sublayer(module, args, output) -> None:
+        if counter.enabled:
+            ran[-1] += 1
+
+    handles = [model.register_forward_pre_hook(begin, with_kwargs=True),
+               model.register_forward_hook(end, with_kwargs=True)]
+    handles += [m.register_forward_hook(count_sublayer) for m in sublayers]
+    try:
+        with torch.no_grad(), counter.watch(model), counter.count_merges(model), counter:
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    state = get_merge_state(model)
+    records = [r for r in state.records if r.call == 0] if state is not None else []
+    return ForwardMacs(steps, [r.tokens for r in records] or None, [r.phase for r in records] or None,
+                       [n / len(sublayers) for n in ran])
 
 
 def fvcore_macs(model: nn.Module, inputs: dict[str, Any]) -> int:

@@ -1,9 +1,13 @@
-"""Offline model zoo: pipelines built from configs with random weights, saved and loaded back.
+"""Offline model zoo: the trained reference pipeline, and pipelines built from configs with random weights.
 
-No weights can be downloaded on our machines, so every preset here is built from a config (cost and token counts do
-not depend on the weights), written with `save_pretrained` and read back with `from_pretrained`, so the real loading
-path is the one exercised. Text encoders are small random T5 / CLIP models with a word-level tokenizer built in
-code; the denoiser (transformer or U-Net) has the preset's real architecture. Full-size presets reproduce the
+No weights can be downloaded on our machines. One preset carries **learned weights**: ``pixart-shapes``, a small
+PixArt-alpha pipeline the project trained on its procedural captioned shapes (`benchmarks.train`) and ships in
+``benchmarks/weights/pixart-shapes`` (loaded with `from_pretrained`); image-quality figures (prompt adherence,
+FID / KID) are measured on it. Every other preset is built from a config with **random weights** (cost and token
+counts do not depend on the weights), written with `save_pretrained` and read back with `from_pretrained`, so the
+real loading path is the one exercised; on those, PSNR / SSIM against the baseline say how much a method changes
+the output, not image quality. Text encoders are small random T5 / CLIP models with a word-level tokenizer built
+in code; the denoiser (transformer or U-Net) has the preset's real architecture. Full-size presets reproduce the
 published denoiser configs (PixArt-XL-2, SD3-medium, DiT-XL/2, SD 1.5) and are built on the ``meta`` device to
 count MACs. A diffusers checkpoint path or hub name (e.g. ``PixArt-alpha/PixArt-XL-2-512x512``) loads as usual.
 """
@@ -24,6 +28,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
+WEIGHTS = Path(__file__).parent / "weights"
 FAMILIES = ("pixart", "sd3", "dit", "sd-unet")
 
 _WORDS = (
@@ -46,6 +51,7 @@ class ModelPreset:
         vae_channels: VAE `block_out_channels`; images are ``latent side * 2^(len - 1)`` pixels.
         text_layers / text_ff: depth and feed-forward width of the random text encoders.
         full_size: a published architecture (MAC counting builds it on the meta device).
+        weights: folder of a trained pipeline shipped with the project (learned weights), else None (random).
     """
 
     family: str
@@ -58,6 +64,11 @@ class ModelPreset:
     full_size: bool = False
     description: str = ""
     extra: dict = field(default_factory=dict)
+    weights: Path | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.weights is not None
 
     @property
     def sample_size(self) -> int:
@@ -74,6 +85,18 @@ class ModelPreset:
     @property
     def latent_channels(self) -> int:
         return self.denoiser.get("in_channels", 4)
+
+
+def _trained_pixart(name: str, description: str) -> ModelPreset:
+    """A shipped trained pipeline as a preset: its denoiser config and geometry read from the saved configs."""
+    folder = WEIGHTS / name
+    read = lambda part: json.loads((folder / part / "config.json").read_text())  # noqa: E731
+    denoiser = {k: v for k, v in read("transformer").items() if not k.startswith("_")}
+    vae, text = read("vae"), read("text_encoder")
+    return ModelPreset(
+        "pixart", denoiser, text["d_model"], 120, tuple(vae["block_out_channels"]), text_layers=text["num_layers"],
+        text_ff=text["d_ff"], description=description, weights=folder,
+    )
 
 
 def _pixart(num_layers, heads, head_dim, sample_size, caption_channels) -> dict:
@@ -110,7 +133,16 @@ def _unet(channels, cross_dim, head_dim, sample_size, layers_per_block=2, groups
 
 
 _SD_VAE = (128, 256, 512, 512)
+# learned weights: the trained reference pipeline (image quality is measured on it); written by
+# ``python -m benchmarks.train --export benchmarks/weights/<name>``
+TRAINED_PRESETS = {
+    "pixart-shapes": "trained PixArt-alpha on procedural shapes, 256 tokens, 64-px images (learned weights)",
+}
 PRESETS: dict[str, ModelPreset] = {
+    name: _trained_pixart(name, description) for name, description in TRAINED_PRESETS.items()
+    if (WEIGHTS / name / "model_index.json").exists()
+}
+PRESETS.update({
     # tests: tiny pipelines of each family, 32-px images
     "tiny": ModelPreset("pixart", _pixart(4, 2, 16, 16, 32), 32, 120, (8, 8), description="tiny PixArt, 64 tokens"),
     "tiny-sd3": ModelPreset(
@@ -149,7 +181,7 @@ PRESETS: dict[str, ModelPreset] = {
         "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, full_size=True,
         description="Stable Diffusion 1.5 512x512 U-Net",
     ),
-}
+})
 
 
 def _tokenizer(max_length: int):
@@ -313,13 +345,21 @@ def _preset_dir(name: str, preset: ModelPreset, seed: int, cache_dir: Path) -> P
 
 def load_pipeline(name_or_path: str = "pixart-small", seed: int = 0, cache_dir: str | Path | None = None,
                   torch_dtype: torch.dtype | None = None):
-    """A preset name (built once, saved, then loaded with `from_pretrained`), or any diffusers path / hub name."""
+    """A preset name (trained: its shipped folder; random: built once, saved, then loaded with `from_pretrained`),
+    or any diffusers path / hub name."""
     from diffusers import DiffusionPipeline
 
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if name_or_path in TRAINED_PRESETS and name_or_path not in PRESETS:
+        raise FileNotFoundError(
+            f"the trained preset {name_or_path!r} is missing from {WEIGHTS / name_or_path}: reinstall the project or "
+            f"retrain it with `python -m benchmarks.train --export {WEIGHTS / name_or_path}`"
+        )
     if name_or_path not in PRESETS:
         return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)
     preset = PRESETS[name_or_path]
+    if preset.trained:
+        return DiffusionPipeline.from_pretrained(preset.weights, **kwargs)
     path = _preset_dir(name_or_path, preset, seed, Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE)
     if not (path / "model_index.json").exists():
         logger.info("building random-weight %s pipeline into %s", name_or_path, path)

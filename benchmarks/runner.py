@@ -1,17 +1,27 @@
-"""Benchmark jobs: build the list, run each (MACs, latency, fidelity), write rows incrementally, resume, gather.
+"""Benchmark jobs: build the list, run each (MACs, latency, quality, fidelity), write rows incrementally, resume, gather.
 
 A job is one (model, method, parameters) setting; its row is appended to ``<out>/parts/rank<r>.csv`` as soon as it is
-measured, so a crash loses nothing and a re-run skips the jobs whose key is already written. Under
-``accelerate launch`` the jobs are split across processes (one per GPU); each process measures the baseline of every
-model it touches itself, so speed-ups and fidelity compare like with like, and the rows are gathered on the main
-process into ``<out>/results.csv``.
+measured, so a crash loses nothing and a re-run skips the jobs whose key (every input that changes a figure, code
+and library versions included) is already written. Under ``accelerate launch`` the jobs are split across processes
+(one per GPU); each process measures the baseline of every model it touches itself, and the rows are gathered on
+the main process into ``<out>/results.csv``.
+
+Per job the method is applied once, to its own copy of the denoiser, and warmed up by an untimed call; timed calls
+then alternate between the baseline and the method, so both see the same machine state. On presets with learned
+weights (`ModelPreset.trained`) every method also generates a fixed prompt set, scored for prompt adherence and
+FID / KID against renders of the same prompts, and against the baseline's images of the same seeds (PSNR, SSIM,
+relative L2 of the latents); on random-weight models only the last three are measured, on the timed call's output.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import platform
@@ -20,53 +30,67 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+from diffusers.hooks import MagCacheConfig
+
+from sdtm_plugin import apply_step_cache, get_merge_state, remove_SDTM
 from sdtm_plugin.adapters import find_adapter
 
-from .macs import ForwardMacs, count_forward_macs
-from .measure import ClipScorer, PipelineProbe, Timing, psnr, rel_l2, ssim
+from . import quality
+from .macs import ForwardMacs, count_call_macs, count_forward_macs
+from .measure import CallResult, ClipScorer, PipelineProbe, Timing, psnr, rel_l2, ssim
+from .methods import METHODS, Composed, method_label
 from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
+from .plots import sample_path
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("baseline", "tome", "sdtm")
-CONFIGS = {"tome": ToMeConfig, "sdtm": SDTMConfig}
-
 # the CSV schema: one row per job; every column is always present (NaN where not measured)
 COLUMNS = [
-    "key", "model", "family", "resolution", "tokens", "method", "ratio", "params", "steps", "batch_size",
-    "guidance_scale", "seed",
+    "key", "model", "family", "trained", "resolution", "tokens", "method", "label", "ratio", "params", "steps",
+    "batch_size", "guidance_scale", "seed",
+    # MACs: per denoiser forward at this batch (CFG halves included), per generated image (all steps), and the
+    # baseline's per-image total over this job's (> 1: fewer MACs)
     "macs_forward_linear_G", "macs_forward_total_G", "macs_image_linear_T", "macs_image_total_T",
-    "macs_self_attn_G", "macs_cross_attn_G", "macs_mlp_G", "macs_merge_G", "macs_other_G", "macs_reduction",
+    "macs_self_attn_G", "macs_cross_attn_G", "macs_mlp_G", "macs_merge_G", "macs_other_G", "macs_speedup",
+    # merge-path GPU proxies per merged block: output bytes / block input bytes, dispatched ops (mean over phases)
+    "merge_bytes_x", "merge_ops", "merge_traffic",
+    # step caches: share of attention / MLP sub-layers computed per forward (1 = all), mean and per step
+    "sublayers_run", "sublayers_run_per_step",
     "pipeline_ms", "pipeline_iqr_ms", "denoiser_ms", "denoiser_iqr_ms",
     "baseline_pipeline_ms", "baseline_denoiser_ms", "speedup_pipeline", "speedup_denoiser",
+    # image quality on the fixed prompt set (trained presets only)
+    "quality_images", "adherence", "all_correct", *[f"adherence_{a}" for a in quality.ATTRIBUTES], "fid", "kid",
+    # fidelity against the baseline output of the same seeds
     "psnr_db", "ssim", "rel_l2_latents", "clip_score", "tokens_per_step",
-    "device", "device_name", "dtype", "threads", "repeats", "torch", "diffusers", "python", "rank", "finished_at",
+    "device", "device_name", "dtype", "threads", "warmup", "repeats", "torch", "diffusers", "code_version",
+    "python", "rank", "finished_at",
 ]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One benchmark setting. `params` are the method's config fields that differ from its defaults."""
+    """One benchmark setting. `params` are the method's parameters that differ from its defaults."""
 
     model: str
     method: str
     params: tuple[tuple[str, Any], ...] = ()
 
-    def config(self, num_steps: int | None = None) -> SDTMConfig | ToMeConfig | None:
-        if self.method == "baseline":
-            return None
-        extra = {"num_inference_steps": num_steps} if num_steps is not None else {}
-        return CONFIGS[self.method](**dict(self.params), **extra)
+    def config(self, num_steps: int | None = None) -> Any:
+        return METHODS[self.method].make_config(dict(self.params), num_steps)
 
     @property
     def ratio(self) -> float:
         config = self.config()
-        return 0.0 if config is None else config.ratio
+        return float(getattr(config, "ratio", 0.0) or 0.0)
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, dict(self.params))
 
 
 @dataclass
@@ -86,9 +110,12 @@ class Settings:
     threads: int | None = None
     measure_latency: bool = True
     measure_fidelity: bool = True
+    quality_prompts: int = 64
+    quality_batch: int = 16
     resume: bool = True
     model_cache: Path | None = None
     clip_model: str | None = None
+    samples: bool = True
     extra_call_kwargs: dict = field(default_factory=dict)
 
     @property
@@ -96,47 +123,75 @@ class Settings:
         return getattr(torch, self.dtype)
 
 
-def make_jobs(models: list[str], methods: list[str], ratios: list[float] | None,
-              overrides: dict[str, dict[str, Any]]) -> list[Job]:
-    """Baseline once per model, then every method at every ratio (its default ratio when none are given).
-
-    SDTM's deviation is capped at each swept ratio (ratio - deviation must stay >= 0).
-    """
-    for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def make_jobs(models: list[str], methods: list[tuple[str, dict[str, Any]]], ratios: list[float] | None) -> list[Job]:
+    """Baseline once per model, then every method setting, at every ratio of `ratios` for methods with a ratio
+    that was not given explicitly. Every config is validated now, not after an hour of benchmarking."""
     jobs = []
     for model in models:
-        if "baseline" in methods:
-            jobs.append(Job(model, "baseline"))
-        for method in methods:
-            if method == "baseline":
-                continue
-            for ratio in ratios or [None]:
-                params = dict(overrides.get(method, {}))
-                if ratio is not None:
-                    params["ratio"] = ratio
-                    if method == "sdtm":
-                        deviation = params.get("deviation", SDTMConfig.deviation)
-                        params["deviation"] = min(deviation, ratio, round(0.999 - ratio, 6))
-                job = Job(model, method, tuple(sorted(params.items())))
-                job.config()  # validate now, not after an hour of benchmarking
+        for name, params in methods:
+            sweep = METHODS[name].sweep_param
+            values = ratios if (ratios and sweep and sweep not in params) else [None]
+            for value in values:
+                p = dict(params) if value is None else {**params, sweep: value}
+                job = Job(model, name, tuple(sorted(p.items())))
+                job.config()
                 jobs.append(job)
-    return list(dict.fromkeys(jobs))
+    # the baseline of every model first: every other row's speed-up, MAC and fidelity references
+    return list(dict.fromkeys([Job(m, "baseline") for m in models] + jobs))
 
 
-def job_key(job: Job, settings: Settings, device: str) -> str:
-    """Identity of a row for resuming: the job and every setting that changes its numbers."""
-    ident = [job.model, job.method, list(job.params), settings.steps, settings.seed, settings.prompt,
-             settings.guidance_scale, settings.batch_size, device, settings.dtype, settings.measure_latency,
-             settings.measure_fidelity, settings.repeats, settings.clip_model]
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A digest of the plugin's and the harness's files (code and shipped weights): any change re-measures."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for folder in ("sdtm_plugin", "benchmarks"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in {".py", ".json", ".safetensors", ".txt"}:
+                digest.update(path.relative_to(root).as_posix().encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def environment(device: torch.device, settings: Settings) -> dict[str, Any]:
+    import diffusers
+
+    return dict(
+        device=device.type,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        dtype=settings.dtype, threads=torch.get_num_threads(), warmup=settings.warmup, repeats=settings.repeats,
+        torch=torch.__version__, diffusers=diffusers.__version__, code_version=code_version(),
+        python=platform.python_version(),
+    )
+
+
+def job_key(job: Job, settings: Settings, env: dict[str, Any]) -> str:
+    """Identity of a row for resuming: the job, every setting that changes its numbers, the machine and versions."""
+    ident = [
+        job.model, job.method, list(job.params), settings.steps, settings.seed, settings.prompt,
+        settings.guidance_scale, settings.batch_size, settings.measure_latency, settings.measure_fidelity,
+        settings.quality_prompts, settings.clip_model,
+        *(env[k] for k in ("device", "device_name", "dtype", "threads", "warmup", "repeats", "torch", "diffusers",
+                           "code_version", "python")),
+    ]
     return hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest()[:16]
+
+
+# -- the CSV ------------------------------------------------------------------------------------------------------
+def _read_csv(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path, dtype={"key": str})
+    if list(table.columns) != COLUMNS:
+        raise RuntimeError(
+            f"{path} was written with other columns than this version's ({len(table.columns)} vs {len(COLUMNS)}); "
+            "use another --out folder, or move the file away"
+        )
+    return table
 
 
 def read_rows(out: Path) -> pd.DataFrame:
     """Every row written so far (gathered results and per-process parts), one per key."""
-    frames = [pd.read_csv(p) for p in [out / "results.csv", *sorted((out / "parts").glob("rank*.csv"))] if p.exists()]
-    frames = [f for f in frames if not f.empty]
+    paths = [p for p in [out / "results.csv", *sorted((out / "parts").glob("rank*.csv"))] if p.exists()]
+    frames = [f for f in (_read_csv(p) for p in paths) if not f.empty]
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     return pd.concat(frames, ignore_index=True).drop_duplicates("key", keep="last")
@@ -144,17 +199,23 @@ def read_rows(out: Path) -> pd.DataFrame:
 
 def append_row(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        _read_csv(path)  # refuses a file with another header instead of appending misaligned columns
     pd.DataFrame([row], columns=COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
+# -- one model in one process ---------------------------------------------------------------------------------------
 class ModelSession:
-    """One model in one process: its pipeline (loaded on first use), its baseline reference and timings, MACs."""
+    """One model in one process: the baseline pipeline, a copy of its denoiser for the methods, the baseline's
+    references (images, latents, timings), the quality set and MACs."""
 
     def __init__(self, name: str, settings: Settings, device: torch.device) -> None:
         self.name, self.settings, self.device = name, settings, device
         self.preset = PRESETS.get(name)
-        self.reference = None
+        self.reference: CallResult | None = None  # the baseline's timed-call output (random-weight models)
+        self.baseline_quality: tuple[np.ndarray, torch.Tensor] | None = None
         self._macs: dict[Job, ForwardMacs] = {}
+        self._mag_ratios: dict[int, list[float]] = {}
 
     @functools.cached_property
     def pipe(self):
@@ -164,13 +225,27 @@ class ModelSession:
         return pipe
 
     @functools.cached_property
+    def method_pipe(self):
+        """The same pipeline with its own denoiser and scheduler, which methods patch: the baseline stays clean."""
+        components = dict(self.pipe.components)
+        components[self.denoiser_attr] = copy.deepcopy(components[self.denoiser_attr])
+        components["scheduler"] = copy.deepcopy(components["scheduler"])
+        pipe = type(self.pipe)(**components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @property
+    def denoiser_attr(self) -> str:
+        return "transformer" if getattr(self.pipe, "transformer", None) is not None else "unet"
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.preset and self.preset.trained)
+
+    @functools.cached_property
     def clip(self) -> ClipScorer | None:
         """Loaded on first measurement only (never for --macs-only)."""
         return ClipScorer(self.settings.clip_model, self.device) if self.settings.clip_model else None
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, "transformer", None) or self.pipe.unet
 
     @property
     def pipeline_cls(self) -> type:
@@ -178,30 +253,42 @@ class ModelSession:
 
     @property
     def family(self) -> str:
-        return self.preset.family if self.preset else type(self.denoiser).__name__
+        return self.preset.family if self.preset else type(getattr(self.pipe, self.denoiser_attr)).__name__
 
     @property
     def steps(self) -> int:
         return self.settings.steps or call_default(self.pipeline_cls, "num_inference_steps")
 
     @property
-    def denoiser_batch(self) -> int:
-        """Images per call, doubled under classifier-free guidance (the pipelines batch both halves)."""
-        guidance = self.settings.guidance_scale
-        if guidance is None:
-            guidance = call_default(self.pipeline_cls, "guidance_scale")
-        return self.settings.batch_size * (2 if guidance > 1 else 1)
+    def guidance(self) -> float:
+        g = self.settings.guidance_scale
+        return call_default(self.pipeline_cls, "guidance_scale") if g is None else g
 
-    # -- pipeline calls --------------------------------------------------------------------------------------
-    def call_kwargs(self) -> dict[str, Any]:
+    @property
+    def denoiser_batch(self) -> int:
+        """Images per timed call, doubled under classifier-free guidance (the pipelines batch both halves)."""
+        return self.settings.batch_size * (2 if self.guidance > 1 else 1)
+
+    @functools.cached_property
+    def quality_set(self) -> tuple[list[quality.Prompt], quality.QualityScorer]:
+        prompts = quality.evaluation_prompts(self.settings.quality_prompts)
+        return prompts, quality.QualityScorer(prompts, self.preset.weights / "features")
+
+    # -- pipeline calls ----------------------------------------------------------------------------------------
+    def call_kwargs(self, prompts: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
         s = self.settings
         kwargs: dict[str, Any] = {
-            "output_type": "np", "generator": torch.Generator("cpu").manual_seed(s.seed), "num_inference_steps": self.steps,
+            "output_type": "np", "num_inference_steps": self.steps,
+            "generator": torch.Generator("cpu").manual_seed(s.seed if seed is None else seed),
         }
         if s.guidance_scale is not None:
             kwargs["guidance_scale"] = s.guidance_scale
         if self.family == "dit":
             kwargs["class_labels"] = list(range(s.batch_size))
+        elif prompts is not None:
+            kwargs["prompt"] = prompts
+        elif self.trained:  # the timed call: the first prompts of the quality set
+            kwargs["prompt"] = [p.caption for p in self.quality_set[0][: s.batch_size]]
         else:
             kwargs["prompt"] = s.prompt
             kwargs["num_images_per_prompt"] = s.batch_size
@@ -209,47 +296,61 @@ class ModelSession:
             kwargs.update(use_resolution_binning=False, clean_caption=False)
         return {**kwargs, **s.extra_call_kwargs}
 
-    def _apply(self, job: Job) -> None:
-        remove_SDTM(self.pipe)
-        if job.method == "sdtm":
-            apply_SDTM(self.pipe, job.config())
-        elif job.method == "tome":
-            apply_ToMe(self.pipe, job.config())
+    def _call(self, pipe, prompts: list[str] | None = None, seed: int | None = None) -> CallResult:
+        """One pipeline call, timed (pipeline and denoiser) with its final latents captured."""
+        with PipelineProbe(pipe) as probe:
+            return probe.call(lambda: pipe(**self.call_kwargs(prompts, seed)))
 
-    def _run(self, probe: PipelineProbe):
-        return probe.call(lambda: self.pipe(**self.call_kwargs()))
-
-    def _record(self, timings: tuple[Timing, Timing], result) -> None:
-        timings[0].samples_ms.append(result.pipeline_s * 1e3)
-        timings[1].samples_ms.append(result.denoiser_s * 1e3)
+    def _generate_quality_set(self, pipe) -> tuple[np.ndarray, torch.Tensor]:
+        """Images (N, H, W, 3) and final latents of the quality prompts, in fixed batches with fixed seeds."""
+        prompts, batch = self.quality_set[0], self.settings.quality_batch
+        results = [self._call(pipe, [p.caption for p in prompts[i:i + batch]], seed=self.settings.seed + i)
+                   for i in range(0, len(prompts), batch)]
+        return np.concatenate([r.images for r in results]), torch.cat([r.latents for r in results])
 
     # -- measurements ----------------------------------------------------------------------------------------
     def measure(self, job: Job) -> dict[str, Any]:
-        """Latency (interleaved with the baseline), fidelity against the baseline of the same seed, token counts."""
         s = self.settings
+        spec = METHODS[job.method]
+        is_baseline = job.method == "baseline"
+        pipe = self.pipe if is_baseline else self.method_pipe
         row: dict[str, Any] = {}
-        with PipelineProbe(self.pipe) as probe:
-            remove_SDTM(self.pipe)
-            if self.reference is None:  # the baseline output of this seed, also the first warm-up call
-                self.reference = self._run(probe)
-                for _ in range(s.warmup - 1):
-                    self._run(probe)
-            # the baseline is re-timed between the method's calls so that both see the same machine state
+        if self.reference is None:  # the baseline's first call: its warm-up and the fidelity reference
+            self.reference = self._call(self.pipe)
+            for _ in range(s.warmup - 1):
+                self._call(self.pipe)
+        result = self.reference
+        if not is_baseline:
+            spec.apply(pipe, self.resolve(job.config(self.steps)))  # once per job, outside the timed calls
+        try:
+            if not is_baseline:
+                for _ in range(s.warmup):  # the method's cold start (layouts, first allocations), untimed
+                    result = self._call(pipe)
             timings, baseline = (Timing(), Timing()), (Timing(), Timing())
-            result = None
-            for _ in range(s.repeats if s.measure_latency else 1):
-                if s.measure_latency and job.method != "baseline":
-                    remove_SDTM(self.pipe)
-                    self._record(baseline, self._run(probe))
-                self._apply(job)
-                result = self._run(probe)
-                self._record(timings, result)
-            state = get_merge_state(self.pipe)
+            for _ in range(s.repeats if s.measure_latency else 0):
+                _record(baseline, self._call(self.pipe))
+                if not is_baseline:
+                    result = self._call(pipe)
+                    _record(timings, result)
+            state = get_merge_state(pipe)
             if state is not None:
                 row["tokens_per_step"] = json.dumps(_mean_tokens(state.token_counts))
-            remove_SDTM(self.pipe)
-        if job.method == "baseline":
-            baseline = timings
+            images = result.images
+            if self.trained:
+                images, latents = self._quality_images(job, pipe)
+                row.update(self._score(images, latents))
+            elif s.measure_fidelity:
+                row.update(psnr_db=psnr(images, self.reference.images), ssim=ssim(images, self.reference.images),
+                           rel_l2_latents=rel_l2(result.latents, self.reference.latents))
+        finally:
+            if not is_baseline:
+                spec.remove(pipe)
+        if s.samples:
+            path = sample_path(s.out, self.name, job.label)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, (images[:16] * 255).round().astype(np.uint8))
+        if is_baseline:
+            timings = baseline
         if s.measure_latency:
             row.update(
                 pipeline_ms=timings[0].median, pipeline_iqr_ms=timings[0].iqr, denoiser_ms=timings[1].median,
@@ -257,28 +358,84 @@ class ModelSession:
                 baseline_denoiser_ms=baseline[1].median, speedup_pipeline=baseline[0].median / timings[0].median,
                 speedup_denoiser=baseline[1].median / timings[1].median,
             )
-        if s.measure_fidelity:
-            row.update(
-                psnr_db=psnr(result.images, self.reference.images), ssim=ssim(result.images, self.reference.images),
-                rel_l2_latents=rel_l2(result.latents, self.reference.latents),
-            )
         if self.clip is not None and self.family != "dit":
             row["clip_score"] = self.clip(result.images, s.prompt)
         return row
 
+    def _quality_images(self, job: Job, pipe) -> tuple[np.ndarray, torch.Tensor]:
+        if self.baseline_quality is None:
+            self.baseline_quality = self._generate_quality_set(self.pipe)
+        return self.baseline_quality if job.method == "baseline" else self._generate_quality_set(pipe)
+
+    def _score(self, images: np.ndarray, latents: torch.Tensor) -> dict[str, Any]:
+        """Adherence, FID / KID against the data; PSNR, SSIM, relative L2 against the baseline's same seeds."""
+        row = {"quality_images": len(images), **self.quality_set[1](images)}
+        if self.settings.measure_fidelity:
+            base_images, base_latents = self.baseline_quality
+            row.update(psnr_db=psnr(images, base_images), ssim=ssim(images, base_images),
+                       rel_l2_latents=rel_l2(latents, base_latents))
+        return row
+
+    def resolve(self, config: Any) -> Any:
+        """A job's config with what only this model can tell filled in: MagCache's calibrated ratios."""
+        if isinstance(config, Composed):
+            return dataclasses.replace(config, cache=self.resolve(config.cache))
+        if isinstance(config, MagCacheConfig) and config.calibrate:
+            ratios = self.mag_ratios(config.num_inference_steps)
+            return dataclasses.replace(config, calibrate=False, mag_ratios=ratios)
+        return config
+
+    def mag_ratios(self, num_steps: int) -> list[float]:
+        """MagCache's residual-magnitude ratios of this model, from one calibration run (diffusers logs them)."""
+        if num_steps not in self._mag_ratios:
+            self._mag_ratios[num_steps] = self._calibrate_magcache(num_steps)
+        return self._mag_ratios[num_steps]
+
+    def _calibrate_magcache(self, num_steps: int) -> list[float]:
+        records: list[str] = []
+
+        class Capture(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record.getMessage())
+
+        log = logging.getLogger("diffusers.hooks.mag_cache")
+        handler, level = Capture(), log.level
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        apply_step_cache(self.method_pipe, MagCacheConfig(calibrate=True, num_inference_steps=num_steps))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it also prints them
+                self.method_pipe(**{**self.call_kwargs(), "num_inference_steps": num_steps})
+        finally:
+            remove_SDTM(self.method_pipe)
+            log.removeHandler(handler)
+            log.setLevel(level)
+        found = [m for m in records if "Calibration Results" in m]
+        if not found:
+            raise RuntimeError("MagCache calibration logged no ratios")
+        return [float(v) for v in ast.literal_eval(found[-1].split(":", 1)[1].strip())]
+
     def macs(self, job: Job) -> ForwardMacs:
-        """MACs of every denoiser forward of one generation: on the meta device for presets, else captured inputs."""
+        """MACs of every denoiser forward of one generation: on the meta device for presets (shape-only methods),
+        on a real call for methods whose savings depend on the values (step caches), else captured inputs."""
         if job in self._macs:
             return self._macs[job]
-        steps = self.steps
-        model, inputs = self._macs_model
-        config = job.config(num_steps=steps)
-        if config is not None:
-            (apply_SDTM if job.method == "sdtm" else apply_ToMe)(model, config)
-        try:
-            result = count_forward_macs(model, inputs, steps)
-        finally:
-            remove_SDTM(model)
+        spec = METHODS[job.method]
+        if spec.caches:
+            spec.apply(self.method_pipe, self.resolve(job.config(self.steps)))
+            try:
+                result = count_call_macs(getattr(self.method_pipe, self.denoiser_attr),
+                                         lambda: self.method_pipe(**self.call_kwargs()))
+            finally:
+                spec.remove(self.method_pipe)
+        else:
+            model, inputs = self._macs_model
+            if spec.merges:
+                spec.apply(model, job.config(num_steps=self.steps))
+            try:
+                result = count_forward_macs(model, inputs, self.steps)
+            finally:
+                spec.remove(model)
         self._macs[job] = result
         return result
 
@@ -287,12 +444,22 @@ class ModelSession:
         """The model and inputs MACs are counted on, built once: shapes only on meta for presets."""
         if self.preset is not None:
             inputs = denoiser_inputs(self.preset, self.denoiser_batch, "meta", self.settings.torch_dtype)
-            return build_denoiser(self.preset, "meta"), inputs
-        return self.denoiser, self._captured_inputs()
+            return build_denoiser(self.preset, "meta").to(self.settings.torch_dtype), inputs
+        return getattr(self.pipe, self.denoiser_attr), self._captured_inputs()
+
+    def block_input_bytes(self) -> int | None:
+        """Bytes of one block's (B, N, C) input (transformers; U-Net blocks differ per resolution: None)."""
+        cfg = self._macs_model[0].config
+        if self.family == "sd-unet" or "num_attention_heads" not in cfg:
+            return None
+        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+        tokens = (cfg["sample_size"] // cfg.get("patch_size", 1)) ** 2
+        return self.denoiser_batch * tokens * width * torch.empty((), dtype=self.settings.torch_dtype).element_size()
 
     def _captured_inputs(self) -> dict[str, Any]:
         """The denoiser's keyword inputs at the first step of a real call (checkpoints without a preset)."""
         captured: dict[str, Any] = {}
+        denoiser = getattr(self.pipe, self.denoiser_attr)
 
         def grab(module, args, kwargs):
             captured.update(kwargs)
@@ -300,7 +467,7 @@ class ModelSession:
                 captured[find_adapter(module).input_name] = args[0]
             raise _Captured
 
-        handle = self.denoiser.register_forward_pre_hook(grab, with_kwargs=True)
+        handle = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
         try:
             self.pipe(**{**self.call_kwargs(), "num_inference_steps": 1})
         except _Captured:
@@ -315,8 +482,13 @@ class _Captured(Exception):
     """Stops a pipeline call once the denoiser's inputs are captured."""
 
 
+def _record(timings: tuple[Timing, Timing], result: CallResult) -> None:
+    timings[0].samples_ms.append(result.pipeline_s * 1e3)
+    timings[1].samples_ms.append(result.denoiser_s * 1e3)
+
+
 def _mean_tokens(token_counts: list[dict[str, list[int | None]]]) -> dict[str, list[float]]:
-    """Per step, the mean number of tokens entering each role's sub-layers over the blocks."""
+    """Per step, the mean number of tokens entering each role's sub-layers over the blocks that ran."""
     out: dict[str, list[float]] = {}
     for role in ("attn", "mlp"):
         out[role] = [
@@ -326,31 +498,41 @@ def _mean_tokens(token_counts: list[dict[str, list[int | None]]]) -> dict[str, l
     return out
 
 
-def environment(device: torch.device, settings: Settings) -> dict[str, Any]:
-    import diffusers
-
-    return dict(
-        device=device.type,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        dtype=settings.dtype, threads=torch.get_num_threads(), repeats=settings.repeats, torch=torch.__version__,
-        diffusers=diffusers.__version__, python=platform.python_version(),
-    )
-
-
-def macs_columns(macs: ForwardMacs, baseline: ForwardMacs | None) -> dict[str, Any]:
+def macs_columns(macs: ForwardMacs, baseline: ForwardMacs, batch_size: int) -> dict[str, Any]:
     n = len(macs.steps)
-    per_image = macs.per_image
-    labels = per_image.by_label()
-    row = {
+    per_call = macs.per_call  # every forward of one pipeline call (batch_size images)
+    labels = per_call.by_label()
+    return {
         "macs_forward_linear_G": macs.mean_per_forward("linear") / 1e9,
         "macs_forward_total_G": macs.mean_per_forward("total") / 1e9,
-        "macs_image_linear_T": per_image.linear / 1e12,
-        "macs_image_total_T": per_image.total / 1e12,
+        "macs_image_linear_T": per_call.linear / batch_size / 1e12,
+        "macs_image_total_T": per_call.total / batch_size / 1e12,
         **{f"macs_{label}_G": v / n / 1e9 for label, v in labels.items()},
+        "macs_speedup": baseline.per_call.total / per_call.total,
     }
-    if baseline is not None:
-        row["macs_reduction"] = baseline.per_image.total / per_image.total
-    return row
+
+
+def traffic_columns(macs: ForwardMacs, block_bytes: int | None) -> dict[str, Any]:
+    if block_bytes is None or not macs.token_counts:
+        return {}
+    traffic = macs.merge_traffic(block_bytes)
+    if not traffic:
+        return {}
+    return {
+        "merge_bytes_x": float(np.mean([t["bytes_x"] for t in traffic.values()])),
+        "merge_ops": float(np.mean([t["ops"] for t in traffic.values()])),
+        "merge_traffic": json.dumps({k: {m: round(v, 3) for m, v in t.items()} for k, t in traffic.items()}),
+    }
+
+
+def process_device(requested: str | None, state: Any) -> torch.device:
+    """This process's device: accelerate's (its own GPU), or `requested`; a bare ``cuda`` means this process's GPU."""
+    if not requested:
+        return state.device
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", state.local_process_index)
+    return device
 
 
 def run_jobs(jobs: list[Job], settings: Settings, macs_only: bool = False) -> pd.DataFrame:
@@ -360,30 +542,45 @@ def run_jobs(jobs: list[Job], settings: Settings, macs_only: bool = False) -> pd
 
     # on CPU (no GPU, or --device cpu) accelerate's processes talk over gloo
     state = PartialState(cpu=not torch.cuda.is_available() or (settings.device or "").startswith("cpu"))
-    device = torch.device(settings.device) if settings.device else state.device
+    device = process_device(settings.device, state)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = settings.out
-    keys = {job: job_key(job, settings, device.type) for job in jobs}
+    env = environment(device, settings)
+    keys = {job: job_key(job, settings, env) for job in jobs}
     done = set(read_rows(out)["key"]) if settings.resume else set()
     todo = [j for j in jobs if keys[j] not in done]
     if len(todo) < len(jobs) and state.is_main_process:
         logger.info("resuming: %d of %d jobs already in %s", len(jobs) - len(todo), len(jobs), out)
     part = out / "parts" / f"rank{state.process_index}.csv"
     rows: list[dict] = []
+    error: BaseException | None = None
     with state.split_between_processes(todo) as mine:
         sessions: dict[str, ModelSession] = {}
-        for job in tqdm(mine, desc=f"benchmark[{state.process_index}]", disable=not mine):
-            session = sessions.get(job.model)
-            if session is None:
-                sessions.clear()  # one pipeline in memory at a time
-                session = sessions[job.model] = ModelSession(job.model, settings, device)
-            row = _job_row(job, session, settings, device, macs_only)
-            row["rank"] = state.process_index
-            append_row(part, row)
-            rows.append(row)
-            logger.info("%s %s %s: %s", job.model, job.method, dict(job.params), _summary(row))
-    all_rows = gather_object(rows) if state.num_processes > 1 else rows
+        try:
+            for job in tqdm(mine, desc=f"benchmark[{state.process_index}]", disable=not mine):
+                session = sessions.get(job.model)
+                if session is None:
+                    sessions.clear()  # one pipeline in memory at a time
+                    session = sessions[job.model] = ModelSession(job.model, settings, device)
+                row = _job_row(job, session, settings, env, keys[job], macs_only)
+                row["rank"] = state.process_index
+                append_row(part, row)
+                rows.append(row)
+                logger.info("%s %s: %s", job.model, job.label, _summary(row))
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks were released
+            error = err
+    if state.num_processes > 1:
+        # every rank reaches the gather, also one whose job raised: nobody waits forever
+        gathered = gather_object([(rows, None if error is None else f"rank {state.process_index}: {error!r}")])
+        failures = [msg for _, msg in gathered if msg]
+        all_rows = [r for rs, _ in gathered for r in rs]
+    else:
+        failures, all_rows = [], rows
+    if error is not None:
+        raise error
+    if failures:
+        raise RuntimeError(f"benchmark failed on another process: {'; '.join(failures)}")
     if state.is_main_process:
         table = pd.concat([read_rows(out), pd.DataFrame(all_rows, columns=COLUMNS)], ignore_index=True)
         table = table.drop_duplicates("key", keep="last")
@@ -394,29 +591,34 @@ def run_jobs(jobs: list[Job], settings: Settings, macs_only: bool = False) -> pd
     return table[table["key"].isin(set(keys.values()))].reset_index(drop=True)
 
 
-def _job_row(job: Job, session: ModelSession, settings: Settings, device: torch.device, macs_only: bool) -> dict:
+def _job_row(job: Job, session: ModelSession, settings: Settings, env: dict[str, Any], key: str,
+             macs_only: bool) -> dict:
     preset = session.preset
-    config = job.config()
-    defaults = {f.name: f.default for f in dataclasses.fields(type(config))} if config is not None else {}
     row: dict[str, Any] = dict(
-        key=job_key(job, settings, device.type), model=job.model, family=session.family,
+        key=key, model=job.model, family=session.family, trained=session.trained,
         resolution=preset.resolution if preset else None, tokens=preset.num_tokens if preset else None,
-        method=job.method, ratio=job.ratio,
-        params=json.dumps({k: v for k, v in dataclasses.asdict(config).items() if v != defaults[k]} if config else {}),
-        steps=session.steps, batch_size=settings.batch_size, guidance_scale=settings.guidance_scale,
-        seed=settings.seed, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **environment(device, settings),
+        method=job.method, label=job.label, ratio=job.ratio, params=json.dumps(dict(job.params)), steps=session.steps,
+        batch_size=settings.batch_size, guidance_scale=settings.guidance_scale, seed=settings.seed,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **env,
     )
-    row.update(macs_columns(session.macs(job), session.macs(Job(job.model, "baseline"))))
+    macs = session.macs(job)
+    row.update(macs_columns(macs, session.macs(Job(job.model, "baseline")), settings.batch_size))
+    if METHODS[job.method].merges:
+        row.update(traffic_columns(macs, session.block_input_bytes()))
+    if macs.sublayers_run is not None:
+        row["sublayers_run"] = float(np.mean(macs.sublayers_run))
+        row["sublayers_run_per_step"] = json.dumps([round(v, 3) for v in macs.sublayers_run])
     if not macs_only:
         row.update(session.measure(job))
     return row
 
 
 def _summary(row: dict) -> str:
-    parts = [f"MACs/fwd {row['macs_forward_total_G']:.1f}G"]
+    parts = [f"MACs/fwd {row['macs_forward_total_G']:.2f}G"]
     if row.get("speedup_pipeline") is not None:
         parts.append(f"speed-up {row['speedup_pipeline']:.2f}x (denoiser {row['speedup_denoiser']:.2f}x)")
+    if row.get("adherence") is not None:
+        parts.append(f"adherence {row['adherence']:.3f}, FID {row['fid']:.2f}")
     if row.get("psnr_db") is not None:
-        parts.append(f"PSNR {row['psnr_db']:.1f} dB, rel-L2 {row['rel_l2_latents']:.3f}")
+        parts.append(f"PSNR {row['psnr_db']:.1f} dB")
     return ", ".join(parts)

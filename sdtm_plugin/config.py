@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 # `switch_step` is given on the paper's 50-step schedule; see `SDTMConfig`.
 SWITCH_STEP_REFERENCE_STEPS = 50
+DEFAULT_DEVIATION = 0.2  # the paper's SDTM*-a
+PRIORS = ("linear", "bounded")
+IDM_DESTINATIONS = ("stalest", "random", "similar")
+STRUCTURE_MERGES = ("window", "bipartite")
 
 
 def _check_int(name: str, value, low: int, extra: str = "") -> None:
@@ -25,6 +29,11 @@ def _check_float(name: str, value, low: float, high: float, high_inclusive: bool
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _check_frequency(name: str, value) -> None:
@@ -79,7 +88,9 @@ class SDTMConfig(_WindowedMergeConfig):
     Args:
         ratio: mean fraction of tokens removed; the schedule moves it from ``ratio + deviation`` at the first step to
             ``ratio - deviation`` at the last, along a cosine (`sdtm_plugin.schedule.cosine_ratio`).
-        deviation: half-width of that schedule, in ``[0, ratio]`` with ``ratio + deviation < 1``.
+        deviation: half-width of that schedule, in ``[0, ratio]`` with ``ratio + deviation < 1``. Left unset it is
+            the paper's 0.2 where that fits, else ``min(ratio, (1 - ratio) / 2)`` (so ``ratio=0`` needs nothing
+            else); an explicit value out of range raises.
         switch_step: last step of the structure phase (SSM), given for a 50-step run. For ``S`` steps the structure
             phase is every step ``i`` with ``i * 50 <= switch_step * S``: steps 0..20 of 50, 0..8 of 20, 0..10 of 25.
             The other steps are the detail phase (IDM, MLP only).
@@ -87,14 +98,25 @@ class SDTMConfig(_WindowedMergeConfig):
             top-left one). SSM merges a window into its mean, so where that token sits does not change any value.
         sx, sy: window width and height on the token grid (tokens outside the last full window row/column are never
             merged by SSM and are IDM sources).
-        a_s: weight of the staleness prior P_fre in the SSM window score ``P_sim + a_s * P_fre``.
-        a_d: weight of the staleness prior in the IDM source score ``P_ina + a_d * P_fre``.
+        a_s: weight of the staleness prior P_fre in the SSM window score ``P_sim + a_s * P_fre``; positive favours
+            merging windows that were merged for longer (the reference code's "stability prior"), negative favours
+            computing them again.
+        a_d: weight of the staleness prior in the IDM source score ``P_ina + a_d * P_fre`` (sign as for `a_s`).
+        prior: the form of P_fre from the steps T since a token was last computed on its own: ``"linear"``
+            ``T / mean(T)`` (the paper's, unbounded) or ``"bounded"`` ``T / (T + 1)`` (in [0, 1), the scale of a
+            cosine similarity).
+        idm_destination: each window's IDM destination: ``"stalest"`` (the reference code's: the token longest
+            without its own computation, ties at random with `use_rand`), ``"random"``, or ``"similar"`` (the token
+            most similar to the rest of its window).
+        structure_merge: SSM's merge in the structure phase: ``"window"`` (whole windows into their mean, the
+            paper's) or ``"bipartite"`` (ToMe-style matching of single tokens, destinations as in IDM).
         mcw: merge-cache weight: a merged token's output is ``mcw * merged + (1 - mcw) * cached``; 1 turns the cache
             off.
         protect_steps_frequency: every k-th step (0, k, 2k, ...) runs unmerged and refreshes the cache; -1 = off.
         protect_layers_frequency: blocks with ``index % k == 0`` and the last block never merge; -1 = off.
-        merge_attn: merge the input of self-attention in the structure phase (never in the detail phase, as in the
-            paper).
+        protect_first_layers, protect_last_layers: that many blocks at the start / end never merge.
+        merge_attn: merge the input of self-attention in the structure phase.
+        detail_merge_attn: also merge self-attention in the detail phase (the paper merges only the MLP there).
         merge_mlp: merge the input of the MLP in both phases.
         cache_each_step: refresh the cache from every step's unmerged outputs, not only on protected steps.
         seed: seed of the random generator, re-seeded at the start of every generation (so a repeated call with
@@ -106,25 +128,39 @@ class SDTMConfig(_WindowedMergeConfig):
             resolution, where every block qualifies.
     """
 
-    deviation: float = 0.2
+    deviation: float | None = None
     switch_step: int = 20
     a_s: float = 0.05
     a_d: float = 0.05
+    prior: str = "linear"
+    idm_destination: str = "stalest"
+    structure_merge: str = "window"
+    detail_merge_attn: bool = False
     mcw: float = 0.1
     protect_steps_frequency: int = 3
     protect_layers_frequency: int = -1
+    protect_first_layers: int = 0
+    protect_last_layers: int = 0
     cache_each_step: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.deviation is None:
+            self.deviation = min(DEFAULT_DEVIATION, self.ratio, (1.0 - self.ratio) / 2)
         _check_float("deviation", self.deviation, 0.0, self.ratio, high_inclusive=True)
         if self.ratio + self.deviation >= 1.0:
             raise ValueError(
                 f"ratio + deviation must be < 1 (the first step's merge ratio), got {self.ratio} + {self.deviation}"
             )
         _check_int("switch_step", self.switch_step, 0)
-        _check_float("a_s", self.a_s, 0.0, math.inf, high_inclusive=False)
-        _check_float("a_d", self.a_d, 0.0, math.inf, high_inclusive=False)
+        _check_float("a_s", self.a_s, -math.inf, math.inf, high_inclusive=False)
+        _check_float("a_d", self.a_d, -math.inf, math.inf, high_inclusive=False)
+        _check_choice("prior", self.prior, PRIORS)
+        _check_choice("idm_destination", self.idm_destination, IDM_DESTINATIONS)
+        _check_choice("structure_merge", self.structure_merge, STRUCTURE_MERGES)
+        _check_bool("detail_merge_attn", self.detail_merge_attn)
+        _check_int("protect_first_layers", self.protect_first_layers, 0)
+        _check_int("protect_last_layers", self.protect_last_layers, 0)
         _check_float("mcw", self.mcw, 0.0, 1.0, high_inclusive=True)
         _check_frequency("protect_steps_frequency", self.protect_steps_frequency)
         _check_frequency("protect_layers_frequency", self.protect_layers_frequency)

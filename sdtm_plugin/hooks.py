@@ -20,7 +20,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .adapters import SubLayer
-from .merge import MergePlan
+from .merge import TokenMerge
 from .state import MergeState
 
 STEP_HOOK = "sdtm_step"
@@ -29,25 +29,28 @@ MERGE_HOOK = "sdtm_merge"
 
 
 class StepHook(ModelHook):
-    """Transformer-level hook: every forward is one denoising step; it reads the token grid from the input.
+    """Transformer-level hook: tells the state where each forward sits in the generation and its token grid.
 
     Args:
         state: the shared `MergeState`.
         token_grid: ``(model, latents) -> (h, w)``, the adapter's grid of the forward's latent input.
         input_name: keyword of the latent input when it is not passed positionally.
-        pipeline: the pipeline whose scheduler announces generations (weakly referenced), or None.
+        timestep_position: positional index of the forward's ``timestep`` argument (None: keyword only).
+        pipeline: the pipeline whose scheduler drives the steps (weakly referenced), or None.
     """
 
     _is_stateful = True
 
-    def __init__(self, state: MergeState, token_grid: Callable, input_name: str, pipeline: Any = None) -> None:
+    def __init__(self, state: MergeState, token_grid: Callable, input_name: str, timestep_position: int | None,
+                 pipeline: Any = None) -> None:
         super().__init__()
         self.state = state
         self.token_grid = token_grid
         self.input_name = input_name
+        self.timestep_position = timestep_position
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._scheduler = None
-        self._scheduler_set_timesteps = None
+        self._wrapped: dict[str, Callable] = {}
         self._model = None
         self.installed_forward = None  # the model's forward once this hook is registered (set by `patch`)
 
@@ -68,9 +71,9 @@ class StepHook(ModelHook):
         self.fn_ref.forward = model.forward  # ours now calls the new wrapper, which calls the model
         model.forward = ours
 
-    # The scheduler's `set_timesteps` runs once at the start of every pipeline call, however the step count was
-    # passed (keyword, positional, default, custom timesteps), also after a call that raised. Wrapping it on the
-    # instance tells the exact number of transformer calls to come: len(scheduler.timesteps).
+    # `set_timesteps` runs once at the start of every pipeline call, however the step count was passed (keyword,
+    # positional, default, custom timesteps or sigmas), also after a call that raised; `step` ends every denoising
+    # step, however many transformer calls it made. Both are wrapped on the scheduler instance.
     def watch_scheduler(self) -> bool:
         """Instrument the pipeline's current scheduler; True when it was not the one watched so far."""
         pipeline = self._pipeline() if self._pipeline is not None else None
@@ -78,37 +81,69 @@ class StepHook(ModelHook):
         if scheduler is None or scheduler is self._scheduler:
             return False
         self.unwatch_scheduler()
-        original = scheduler.set_timesteps
         state = self.state
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
-        @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
+        @functools.wraps(set_timesteps)
+        def watched_set_timesteps(*args, **kwargs):
+            result = set_timesteps(*args, **kwargs)
             self.ensure_wired()
-            state.begin_generation(len(scheduler.timesteps))
+            state.begin_generation(len(scheduler.timesteps), scheduler.timesteps)
             return result
 
-        scheduler.set_timesteps = set_timesteps
-        self._scheduler, self._scheduler_set_timesteps = scheduler, set_timesteps
+        @functools.wraps(step)
+        def watched_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            state.progress.scheduler_stepped()
+            return result
+
+        self._wrapped = {"set_timesteps": watched_set_timesteps, "step": watched_step}
+        for name, fn in self._wrapped.items():
+            setattr(scheduler, name, fn)
+        self._scheduler = scheduler
         return True
 
     def unwatch_scheduler(self) -> None:
         scheduler = self._scheduler
-        if scheduler is not None and scheduler.__dict__.get("set_timesteps") is self._scheduler_set_timesteps:
-            del scheduler.set_timesteps
-        self._scheduler = self._scheduler_set_timesteps = None
+        for name, fn in self._wrapped.items():
+            if scheduler is not None and scheduler.__dict__.get(name) is fn:
+                delattr(scheduler, name)
+        self._scheduler, self._wrapped = None, {}
+
+    def _start_index(self, timestep: Any) -> int:
+        """The schedule position of a generation's first forward: the scheduler's `begin_index` (img2img sets it),
+        else the position of the forward's timestep in `scheduler.timesteps` (one host sync per generation)."""
+        scheduler = self._scheduler
+        begin = getattr(scheduler, "begin_index", None)
+        if isinstance(begin, int):
+            return begin
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timestep is None or timesteps is None or len(timesteps) == 0:
+            return 0
+        t = torch.as_tensor(timestep).flatten()[:1].to(timesteps.device, torch.float64)
+        return int((timesteps.to(torch.float64) - t).abs().argmin())
+
+    def _timestep(self, args: tuple, kwargs: dict) -> Any:
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        position = self.timestep_position
+        return args[position] if position is not None and position < len(args) else None
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         latents = args[0] if args else kwargs[self.input_name]
         if self.watch_scheduler() and getattr(self._scheduler, "timesteps", None) is not None:
             # the user swapped pipe.scheduler after applying: this call's timesteps are already set
-            self.state.begin_generation(len(self._scheduler.timesteps))
-        self.state.begin_step(self.token_grid(module, latents), latents.shape[0])
+            self.state.begin_generation(len(self._scheduler.timesteps), self._scheduler.timesteps)
+        timestep = self._timestep(args, kwargs)
+        self.state.begin_forward(self.token_grid(module, latents), latents.shape[0],
+                                 lambda: self._start_index(timestep), timestep)
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.state.reset()
+        # pipelines reset stateful hooks after every call (`maybe_free_model_hooks`): free the caches, keep the
+        # telemetry of the call that just ended; the next `set_timesteps` starts afresh
+        self.state.release()
         return module
 
 
@@ -142,29 +177,29 @@ class SubLayerMergeHook(ModelHook):
         super().__init__()
         self.state, self.layer = state, layer
         self.name, self.role = sublayer.name, sublayer.role
-        self._plan: MergePlan | None = None
+        self._merge: TokenMerge | None = None
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = not args
         x = kwargs["hidden_states"] if from_kwargs else args[0]
-        plan = self.state.merge_plan(self.layer, self.role, x)
-        self._plan = plan
-        if plan is None:
+        merge = self.state.block_merge(self.layer, self.role, x)
+        self._merge = merge
+        if merge is None:
             return args, kwargs
         if self.role == "attn" and kwargs.get("attention_mask") is not None:
             raise ValueError(
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
             )
-        merged = plan.merge(x)
+        merged = merge.merge(x)
         if from_kwargs:
             return args, {**kwargs, "hidden_states": merged}
         return (merged, *args[1:]), kwargs
 
     @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output):
-        plan, self._plan = self._plan, None
+        merge, self._merge = self._merge, None
         if isinstance(output, tuple):
-            return (self.state.finish(self.layer, self.name, self.role, plan, output[0]), *output[1:])
-        return self.state.finish(self.layer, self.name, self.role, plan, output)
+            return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), *output[1:])
+        return self.state.finish(self.layer, self.name, self.role, merge, output)

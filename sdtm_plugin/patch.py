@@ -1,7 +1,11 @@
-"""`apply_SDTM`, `apply_ToMe`, `remove_SDTM`: attach and detach the merging hooks on a pipeline or transformer."""
+"""`apply_SDTM`, `apply_ToMe`, `apply_step_cache`, `remove_SDTM`: attach and detach the hooks on a pipeline or model.
+
+One patch per denoiser: token merging (SDTM or ToMe), a diffusers step cache, or both composed (`step_cache=`).
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -11,6 +15,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .adapters import find_adapter, supported_models
+from .caching import attach_step_cache
 from .config import SDTMConfig, ToMeConfig
 from .hooks import GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, StepHook, SubLayerMergeHook
 from .state import MergeState
@@ -31,7 +36,7 @@ class _Patch:
 
     def remove(self) -> None:
         self.step_hook.unwatch_scheduler()
-        for module, name, ours in self.hooked:
+        for module, name, ours in reversed(self.hooked):  # outermost first
             outer = module.__dict__.get("forward")
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.remove_hook(name, recurse=False)
@@ -39,7 +44,9 @@ class _Patch:
                 # accelerate (enable_model_cpu_offload after patching) wrapped our forward and calls it through
                 # `_old_forward`; remove_hook would drop that wrapper: splice ours out beneath it instead
                 module._old_forward, module.forward = module.forward, outer
-            if not registry.hooks:
+            if registry.hooks:
+                registry.invalidate_child_registries_cache()
+            else:
                 _drop_empty_registry(module)
 
 
@@ -70,14 +77,19 @@ def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
     )
 
 
-def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
+def _timestep_position(model: nn.Module) -> int | None:
+    names = [n for n in inspect.signature(type(model).forward).parameters if n != "self"]
+    return names.index("timestep") if "timestep" in names else None
+
+
+def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache: Any = None) -> T:
     model, pipeline = _split(pipe_or_model)
     adapter = find_adapter(model)
     remove_SDTM(model)  # re-applying replaces, never stacks
 
     layout = adapter.layout(model)
     state = MergeState(config, num_layers=len(layout.blocks))
-    step_hook = StepHook(state, adapter.token_grid, adapter.input_name, pipeline)
+    step_hook = StepHook(state, adapter.token_grid, adapter.input_name, _timestep_position(model), pipeline)
     step_hook.watch_scheduler()
     hooked: list[tuple[nn.Module, str, Any]] = []
 
@@ -87,46 +99,65 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig) -> T:
 
     register(model, step_hook, STEP_HOOK)
     step_hook.installed_forward = model.__dict__["forward"]
-    for module, layers in layout.grid_sources:
-        register(module, GridHook(state, layers), GRID_HOOK)
-    for layer, sublayers in enumerate(layout.blocks):
-        for sub in sublayers:
-            register(sub.module, SubLayerMergeHook(state, layer, sub), MERGE_HOOK)
-    setattr(model, _PATCH_ATTR, _Patch(state, step_hook, hooked))
-    logger.info(
-        "%s applied to %s (%d blocks): %s", type(config).__name__, type(model).__name__, len(layout.blocks), config
-    )
+    if config is not None:
+        for module, layers in layout.grid_sources:
+            register(module, GridHook(state, layers), GRID_HOOK)
+        for layer, sublayers in enumerate(layout.blocks):
+            for sub in sublayers:
+                register(sub.module, SubLayerMergeHook(state, layer, sub), MERGE_HOOK)
+    patch = _Patch(state, step_hook, hooked)
+    setattr(model, _PATCH_ATTR, patch)
+    if step_cache is not None:
+        try:  # registered after the merge hooks: outside them
+            hooked.extend((m, name, m.__dict__["forward"]) for m, name in attach_step_cache(model, step_cache, state))
+        except BaseException:
+            remove_SDTM(model)
+            raise
+    logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
+                len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
     return pipe_or_model
 
 
-def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, **params: Any) -> T:
+def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache: Any = None, **params: Any) -> T:
     """Patch a pipeline (or its bare transformer) with Structure-then-Detail Token Merging, in place.
 
     Pass an `SDTMConfig`, or its fields as keywords (``ratio=0.3, deviation=0.2, switch_step=20, use_rand=True,
     sx=2, sy=2, a_s=0.05, a_d=0.05, mcw=0.1, protect_steps_frequency=3, protect_layers_frequency=-1,
-    merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0``: the paper's SDTM*-a). Applying again
-    replaces the earlier patch (SDTM or ToMe). Returns its argument.
+    merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0``: the paper's SDTM*-a). `step_cache` composes
+    a diffusers step cache (e.g. ``FirstBlockCacheConfig(threshold=0.1)``, see `apply_step_cache`) with the
+    merging. Applying again replaces the earlier patch (SDTM, ToMe, step cache). Returns its argument.
 
     Raises:
-        TypeError: for a model no adapter supports (the message lists the supported ones).
+        TypeError: for a model no adapter supports (the message lists the supported ones), or an unknown
+            step-cache config.
         ValueError: for parameters out of range (the message names the parameter and its range).
     """
     if config is not None and params:
         raise TypeError("pass either an SDTMConfig or keyword parameters, not both")
-    return _apply(pipe_or_model, config if config is not None else SDTMConfig(**params))
+    return _apply(pipe_or_model, config if config is not None else SDTMConfig(**params), step_cache)
 
 
-def apply_ToMe(pipe_or_model: T, config: ToMeConfig | None = None, **params: Any) -> T:
-    """Patch with the ToMe baseline (tomesd semantics, `ToMeConfig`) on the same blocks and hooks as SDTM."""
+def apply_ToMe(pipe_or_model: T, config: ToMeConfig | None = None, *, step_cache: Any = None, **params: Any) -> T:
+    """Patch with the ToMe baseline (tomesd semantics, `ToMeConfig`) on the same blocks and hooks as SDTM;
+    `step_cache` as in `apply_SDTM`."""
     if config is not None and params:
         raise TypeError("pass either a ToMeConfig or keyword parameters, not both")
-    return _apply(pipe_or_model, config if config is not None else ToMeConfig(**params))
+    return _apply(pipe_or_model, config if config is not None else ToMeConfig(**params), step_cache)
+
+
+def apply_step_cache(pipe_or_model: T, config: Any) -> T:
+    """Patch with one of diffusers' step caches alone, wired for any supported denoiser (PixArt included).
+
+    `config` is a diffusers config: `FirstBlockCacheConfig`, `TaylorSeerCacheConfig`,
+    `PyramidAttentionBroadcastConfig`, `FasterCacheConfig` or `MagCacheConfig`; the timestep callbacks PAB and
+    FasterCache need and TaylorSeer's module patterns are filled in where left unset. Removed by `remove_SDTM`.
+    """
+    return _apply(pipe_or_model, None, config)
 
 
 def remove_SDTM(pipe_or_model: T) -> T:
-    """Undo `apply_SDTM` / `apply_ToMe`: every hook goes, outputs are bit-identical to the unpatched model.
-
-    A model that was never patched is returned unchanged.
+    """Undo `apply_SDTM` / `apply_ToMe` / `apply_step_cache`: every hook goes (step caches too), outputs are
+    bit-identical to the unpatched model. A model that was never patched is returned unchanged.
     """
     model, _ = _split(pipe_or_model)
     patch = model.__dict__.pop(_PATCH_ATTR, None)
@@ -135,7 +166,7 @@ def remove_SDTM(pipe_or_model: T) -> T:
     return pipe_or_model
 
 
-remove_ToMe = remove_SDTM
+remove_ToMe = remove_step_cache = remove_SDTM
 
 
 def get_merge_state(pipe_or_model: Any) -> MergeState | None:

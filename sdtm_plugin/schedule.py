@@ -65,15 +65,20 @@ def step_plan(config: SDTMConfig | ToMeConfig, step: int, num_steps: int) -> Ste
         return StepPlan(step, num_steps, Phase.FULL, 0.0, False, False, protected=protected)
     if in_structure_phase(config.switch_step, step, num_steps):
         return StepPlan(step, num_steps, Phase.STRUCTURE, ratio, config.merge_attn, config.merge_mlp)
-    if not config.merge_mlp:  # the detail phase merges the MLP only
+    merge_attn = config.merge_attn and config.detail_merge_attn  # the paper merges the MLP only here
+    if not (config.merge_mlp or merge_attn):
         return StepPlan(step, num_steps, Phase.FULL, 0.0, False, False)
-    return StepPlan(step, num_steps, Phase.DETAIL, ratio, False, True)
+    return StepPlan(step, num_steps, Phase.DETAIL, ratio, merge_attn, config.merge_mlp)
 
 
 def layer_is_protected(config: SDTMConfig | ToMeConfig, layer: int, num_layers: int) -> bool:
-    """SDTM's layer protection: ``layer % k == 0`` and the last block run unmerged (k = -1: none)."""
+    """SDTM's layer protection: ``layer % k == 0`` and the last block (k = -1: none), and the first / last blocks
+    `protect_first_layers` / `protect_last_layers`, run unmerged."""
     freq = getattr(config, "protect_layers_frequency", -1)
-    return freq >= 1 and (layer % freq == 0 or layer == num_layers - 1)
+    if freq >= 1 and (layer % freq == 0 or layer == num_layers - 1):
+        return True
+    first, last = getattr(config, "protect_first_layers", 0), getattr(config, "protect_last_layers", 0)
+    return layer < first or layer >= num_layers - last
 
 
 def tokens_removed(phase: Phase, ratio: float, num_tokens: int, grid: tuple[int, int], sx: int, sy: int) -> int:

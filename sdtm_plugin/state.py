@@ -1,118 +1,230 @@
-"""`MergeState`: everything one patched transformer remembers across blocks and steps, reset per generation."""
+"""`MergeState`: where a patched model is in the current generation, and what it merged at each step.
+
+Progress is the position on the pipeline scheduler's schedule, not a count of forwards: a generation begins when
+`set_timesteps` runs, its first step is the scheduler's `begin_index` (img2img and inpainting start part-way) or,
+without one, the position of the first forward's timestep, and every `scheduler.step` moves to the next step. So
+custom `timesteps` / `sigmas`, `strength`, early stops and several transformer calls per step (SD3 skip-layer
+guidance, a separately batched unconditional pass) all see the real step. Each call within a step is a *stream*
+with its own buffers (`StreamBuffers`). A bare model without a pipeline counts forwards, one step each.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .config import SDTMConfig, ToMeConfig
-from .merge import MergePlan, WindowLayout, bipartite_merge_plan, staleness_priority, window_merge_plan
-from .schedule import Phase, StepPlan, in_structure_phase, layer_is_protected, step_plan, tokens_removed
+from .merge import TokenMerge, WindowGrid
+from .methods import MergeMethod, StreamBuffers, make_method
+from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("attn", "mlp")
+MAX_RECORDS = 4096  # telemetry kept for the current generation (a bare model without a step count never wraps)
+
+
+@dataclass
+class ForwardRecord:
+    """Telemetry of one transformer call: its step, its index within the step, tokens entering each sub-layer.
+
+    `tokens[role][layer]` is None for a block that did not run (a step cache skipped it).
+    """
+
+    step: int
+    call: int
+    batch_size: int
+    phase: str
+    tokens: dict[str, list[int | None]] = field(default_factory=dict)
+
+
+class GenerationProgress:
+    """Step and call-within-step of the current generation.
+
+    Attributes:
+        num_steps: steps of the schedule (None for a bare model that was not told).
+        step: index of the current step on the schedule (-1 before the first forward).
+        call: index of the current forward within its step.
+    """
+
+    def __init__(self, num_steps: int | None) -> None:
+        self.num_steps = num_steps
+        self.begin(num_steps)
+
+    def begin(self, num_steps: int | None, scheduled: bool = False) -> None:
+        self.num_steps = num_steps
+        self.step, self.call = -1, 0
+        self.scheduled = scheduled  # a scheduler drives the steps
+        self.start: int | None = None  # first step index, resolved at the first forward
+        self.completed = 0  # scheduler steps taken since the generation began
+        self._last = (-1, -1)
+
+    def scheduler_stepped(self) -> None:
+        self.completed += 1
+
+    def next_starts_generation(self) -> bool:
+        """Whether the next forward of a bare model (no scheduler) begins a new generation."""
+        return not self.scheduled and (
+            self._last[0] < 0 or (self.num_steps is not None and self._last[0] + 1 >= self.num_steps)
+        )
+
+    def next_call(self) -> int:
+        """The call index within its step that the next forward will have (without advancing)."""
+        if not self.scheduled or self.start is None:
+            return 0
+        return self._last[1] + 1 if self.start + self.completed == self._last[0] else 0
+
+    def advance(self, start_index) -> bool:
+        """Move to the current forward's (step, call); True when a new generation began (bare model wrap-around).
+
+        Args:
+            start_index: ``() -> int``, the first step of a scheduled generation (asked once per generation).
+        """
+        if self.scheduled:
+            if self.start is None:
+                self.start = start_index()
+            step = self.start + self.completed
+        else:
+            step = self._last[0] + 1
+            if self.num_steps is not None and step >= self.num_steps:  # past the last step: a new generation
+                self.begin(self.num_steps)
+                step = 0
+        self.call = self._last[1] + 1 if step == self._last[0] else 0
+        self.step = step
+        self._last = (step, self.call)
+        return step == 0 and self.call == 0
 
 
 class MergeState:
-    """Step counter, per-block grids and merge plans, staleness counters T and the output cache of one model.
+    """Everything one patched model remembers across blocks and steps; the hooks call it.
 
-    One model forward is one denoising step (pipelines batch the CFG halves). A generation starts when the
-    pipeline's scheduler sets its timesteps (`begin_generation`), or, for a bare model, after
-    `num_inference_steps` forwards.
-
-    Staleness ``T[l][b, n]`` counts the steps since token n's outputs in block l were last computed on their own
-    (not merged); it is kept per block because the cache that merged tokens fall back on is per block. The cache
-    holds each block's un-gated sub-layer outputs at full length (B, N, C); it is refreshed on protected steps,
-    and at every step with `cache_each_step`.
+    Args:
+        config: the method's configuration (None: nothing is merged, the patch only drives a step cache).
+        num_layers: blocks of the model (in execution order).
     """
 
-    def __init__(self, config: SDTMConfig | ToMeConfig, num_layers: int) -> None:
+    def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int) -> None:
         self.config = config
         self.num_layers = num_layers
-        self.num_steps: int | None = config.num_inference_steps
-        self._layouts: dict[tuple, WindowLayout] = {}
-        self._staleness: list[torch.Tensor | None] = [None] * num_layers  # (B, N_l) int32, reused across calls
-        self.reset()
-
-    # -- generation / step bookkeeping -------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget the current generation (step, plans, cache); buffers of the same shape are reused."""
-        self.step = -1
+        self.method: MergeMethod = make_method(config, num_layers)
+        self.progress = GenerationProgress(getattr(config, "num_inference_steps", None))
+        self.on_generation: list = []  # step-cache resets, run when a generation begins
+        self._timesteps: torch.Tensor | None = None  # the schedule, on the CPU
+        self._last_timestep: Any = None
+        self.records: deque[ForwardRecord] = deque(maxlen=MAX_RECORDS)
+        self._grids: dict[tuple, WindowGrid] = {}
+        self._streams: dict[tuple, StreamBuffers] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.plan: StepPlan | None = None
         self.grid: tuple[int, int] | None = None
-        self.batch_size: int | None = None
-        self.layer_grids: list[tuple[int, int] | None] = [None] * self.num_layers
-        self.layer_plans: list[MergePlan | None] = [None] * self.num_layers
-        self.cache: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_layers)]
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self.token_counts: list[dict[str, list[int | None]]] = []  # per step: tokens entering each role per block
+        self.layer_grids: list[tuple[int, int] | None] = [None] * num_layers
+        self._buffers: StreamBuffers | None = None
+        self._merges: list[TokenMerge | None] = [None] * num_layers
+        self._built: list[bool] = [False] * num_layers
+        self._last_shape: tuple | None = None
 
-    def begin_generation(self, num_steps: int) -> None:
-        self.reset()
-        self.num_steps = int(num_steps)
+    # -- generations and forwards -----------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
-    def begin_step(self, grid: tuple[int, int], batch_size: int) -> StepPlan:
-        """Start a model forward on latents whose token grid is `grid` (every block's, unless a grid source says)."""
-        if self.num_steps is None:
+    @property
+    def num_steps(self) -> int | None:
+        return self.progress.num_steps
+
+    @property
+    def batch_size(self) -> int | None:
+        """Batch of the last transformer call (classifier-free guidance doubles the images)."""
+        return self.records[-1].batch_size if self.records else None
+
+    @property
+    def token_counts(self) -> list[dict[str, list[int | None]]]:
+        """Per step (its first transformer call), tokens entering each block's attention / MLP; None: not run."""
+        return [r.tokens for r in self.records if r.call == 0]
+
+    def begin_generation(self, num_steps: int | None, timesteps: torch.Tensor | None = None) -> None:
+        """A new generation of `num_steps` steps: the pipeline's scheduler set its `timesteps`."""
+        self.progress.begin(num_steps, scheduled=True)
+        # one host sync per generation, so that the current timestep is known later without any
+        self._timesteps = timesteps.detach().to("cpu", torch.float64) if timesteps is not None else None
+        self.reset_step_caches()
+        self._new_generation()
+
+    def reset_step_caches(self) -> None:
+        """Reset the step-cache hooks of the patch (never inside a forward: that would drop their cache context)."""
+        for callback in self.on_generation:
+            callback()
+
+    def current_timestep(self) -> float:
+        """The timestep of the current forward (for step-cache callbacks); scheduled: read off the schedule."""
+        step = self.progress.step
+        if self._timesteps is not None and 0 <= step < len(self._timesteps):
+            return float(self._timesteps[step])
+        t = self._last_timestep
+        return float(torch.as_tensor(t).flatten()[0]) if t is not None else 0.0
+
+    def _new_generation(self) -> None:
+        self.records.clear()
+        self._generators = {}
+        for buffers in self._streams.values():
+            buffers.reset_staleness()
+
+    def release(self) -> None:
+        """Free the per-generation buffers (output caches, staleness); the telemetry stays readable."""
+        self._streams = {}
+        self._buffers = None
+        self._merges = [None] * self.num_layers
+        self.plan = None
+
+    def begin_forward(self, grid: tuple[int, int], batch_size: int, start_index=lambda: 0,
+                      timestep: Any = None) -> StepPlan:
+        """Start a model forward on latents whose token grid is `grid` (every block's, unless a grid source says).
+
+        Args:
+            start_index: ``() -> int``, the scheduler position of the generation's first forward.
+            timestep: the forward's timestep argument (read only where no schedule is known).
+        """
+        self._last_timestep = timestep
+        progress = self.progress
+        if progress.num_steps is None and self.method.needs_step_count:
             raise RuntimeError(
-                "the step count is unknown: apply SDTM/ToMe to the pipeline (its scheduler gives the step count) or "
-                "pass num_inference_steps=... when applying it to a bare model"
+                "the step count is unknown: apply SDTM to the pipeline (its scheduler gives the step count) or pass "
+                "num_inference_steps=... when applying it to a bare model"
             )
-        if self.step + 1 >= self.num_steps:  # past the last step: the next generation begins
-            self.begin_generation(self.num_steps)
-        if self.step >= 0 and (grid != self.grid or batch_size != self.batch_size):
-            # another resolution or batch mid-generation belongs to a new generation
-            self.begin_generation(self.num_steps)
-        self.step += 1
-        self.grid, self.batch_size = grid, batch_size
-        self.plan = step_plan(self.config, self.step, self.num_steps)
+        if not progress.scheduled and progress.step >= 0 and (grid, batch_size) != self._last_shape:
+            progress.begin(progress.num_steps)  # another resolution or batch: a new generation of a bare model
+        if progress.advance(start_index):
+            self._new_generation()
+        self._last_shape = (grid, batch_size)
+        self.plan = plan = self.method.plan(progress.step, progress.num_steps)
+        self.grid = grid
         self.layer_grids = [grid] * self.num_layers
-        self.layer_plans = [None] * self.num_layers
-        self.token_counts.append({role: [None] * self.num_layers for role in ROLES})
-        if self.step == 0 or not self.plan.merges:  # a full step computes every token on its own
-            for counter in self._staleness:
-                if counter is not None:
-                    counter.zero_()
-        return self.plan
+        self._merges = [None] * self.num_layers
+        self._built = [False] * self.num_layers
+        key = (progress.call, batch_size, grid)
+        if key not in self._streams:
+            self._streams[key] = StreamBuffers(self.num_layers)
+        self._buffers = self._streams[key]
+        if progress.step == 0 or not plan.merges:  # a full step computes every token on its own
+            self._buffers.reset_staleness()
+        self.records.append(ForwardRecord(progress.step, progress.call, batch_size, plan.phase.value,
+                                          {role: [None] * self.num_layers for role in ROLES}))
+        return plan
 
     def set_layer_grid(self, layers: list[int], grid: tuple[int, int]) -> None:
         for layer in layers:
             self.layer_grids[layer] = grid
 
-    def _downsample_allowed(self, layer: int) -> bool:
-        (h, w), (gh, gw) = self.grid, self.layer_grids[layer]
-        return h * w <= gh * gw * self.config.max_downsample**2
+    # -- per sub-layer --------------------------------------------------------------------------------------------
+    def block_merge(self, layer: int, role: str, x: torch.Tensor) -> TokenMerge | None:
+        """The merge of block `layer` for a sub-layer of `role` ("attn" / "mlp"); None when it runs on all tokens.
 
-    def _layout(self, grid: tuple[int, int], device: torch.device) -> WindowLayout:
-        key = (grid, device)
-        if key not in self._layouts:
-            self._layouts[key] = WindowLayout.build(grid, self.config.sx, self.config.sy, device)
-        return self._layouts[key]
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if device.type == "meta":  # shape-only runs (MAC counting) draw nothing
-            return None
-        if device not in self._generators:
-            seed = self.config.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, ()).item())
-            self._generators[device] = torch.Generator(device).manual_seed(seed)
-        return self._generators[device]
-
-    def _staleness_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        counter = self._staleness[layer]
-        if counter is None or counter.shape != x.shape[:2] or counter.device != x.device:
-            counter = self._staleness[layer] = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
-        return counter
-
-    # -- per sub-layer -----------------------------------------------------------------------------------------
-    def merge_plan(self, layer: int, role: str, x: torch.Tensor) -> MergePlan | None:
-        """The plan for a sub-layer of `role` ("attn" / "mlp") in block `layer`, built once per block and step.
-
-        Built from the input of the block's first merged sub-layer (the attention input in the structure phase,
-        the MLP input in the detail phase) and shared by the others. None when this sub-layer runs on all tokens.
+        Built once per block and forward from the input of its first merged sub-layer (the attention input in the
+        structure phase, the MLP input in the detail phase) and shared by the others.
         """
         plan = self.plan
         if plan is None:
@@ -124,70 +236,41 @@ class MergeState:
                 f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {grid[0]}x{grid[1]} "
                 f"token grid, got {tuple(x.shape)} (chunked feed-forward cannot be combined with merging)"
             )
-        counts = self.token_counts[-1][role]
+        counts = self.records[-1].tokens[role]
         counts[layer] = num_tokens
-        if (
-            not plan.merges_sublayer(role)
-            or layer_is_protected(self.config, layer, self.num_layers)
-            or not self._downsample_allowed(layer)
-        ):
+        if not plan.merges_sublayer(role) or not self.method.merges_layer(layer) or not self._downsample_allowed(layer):
             return None
-        merge = self.layer_plans[layer]
-        if merge is None:
-            merge = self._build_plan(layer, x)
-            self.layer_plans[layer] = merge
+        if not self._built[layer]:
+            self._built[layer] = True
+            self._merges[layer] = self.method.build(
+                layer, x, self._window_grid(grid, x.device), plan, self._buffers, self._generator(x.device)
+            )
+        merge = self._merges[layer]
         if merge is not None:
             counts[layer] = merge.num_rows
         return merge
 
-    def _build_plan(self, layer: int, x: torch.Tensor) -> MergePlan | None:
-        cfg, plan, grid = self.config, self.plan, self.layer_grids[layer]
-        removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid, cfg.sx, cfg.sy)
-        if removed == 0:
+    def finish(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor) -> torch.Tensor:
+        """A sub-layer output (B, N', C) -> (B, N, C): unmerged, blended with the cache, cached."""
+        return self.method.finish(layer, name, role, merge, output, self.plan, self._buffers)
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _downsample_allowed(self, layer: int) -> bool:
+        (h, w), (gh, gw) = self.grid, self.layer_grids[layer]
+        return h * w <= gh * gw * self.config.max_downsample**2
+
+    def _window_grid(self, grid: tuple[int, int], device: torch.device) -> WindowGrid:
+        key = (grid, device)
+        if key not in self._grids:
+            self._grids[key] = WindowGrid.build(grid, self.config.sx, self.config.sy, device)
+        return self._grids[key]
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":  # shape-only runs (MAC counting) draw nothing
             return None
-        layout = self._layout(grid, x.device)
-        if plan.phase is Phase.TOME:
-            dst_score = None
-            if cfg.use_rand:  # one random destination per window, shared by the batch as in tomesd
-                dst_score = torch.rand(
-                    layout.window_tokens.shape, generator=self._generator(x.device), device=x.device
-                ).expand(x.shape[0], -1, -1)
-            return bipartite_merge_plan(x, layout, removed, dst_score)
-
-        staleness = self._staleness_of(layer, x)
-        priority = staleness_priority(staleness)
-        if plan.phase is Phase.STRUCTURE:
-            merge = window_merge_plan(x, layout, removed // (cfg.window_size - 1), priority, cfg.a_s)
-        else:
-            # destination: the stalest token of the window, ties broken at random with use_rand
-            dst_score = layout.windows(staleness).float()
-            if cfg.use_rand:
-                dst_score = dst_score + torch.rand(
-                    dst_score.shape, generator=self._generator(x.device), device=x.device
-                )
-            merge = bipartite_merge_plan(x, layout, removed, dst_score, priority, cfg.a_d)
-        staleness.add_(1).masked_fill_(~merge.merged.squeeze(-1), 0)
-        return merge
-
-    def finish(self, layer: int, name: str, role: str, merge: MergePlan | None, output: torch.Tensor) -> torch.Tensor:
-        """Unmerge a sub-layer output (B, N', C) -> (B, N, C), blend merged tokens with the cache, refresh it."""
-        cfg = self.config
-        if merge is not None:
-            cache = self.cache[layer].get(name) if isinstance(cfg, SDTMConfig) else None
-            if cache is not None and cache.shape != (output.shape[0], merge.num_tokens, output.shape[-1]):
-                cache = None
-            output = merge.unmerge(output, cache, getattr(cfg, "mcw", 1.0))
-        if self._stores_cache(layer, role):
-            self.cache[layer][name] = output.detach()
-        return output
-
-    def _stores_cache(self, layer: int, role: str) -> bool:
-        cfg, plan = self.config, self.plan
-        if not isinstance(cfg, SDTMConfig) or not cfg.uses_cache or layer_is_protected(cfg, layer, self.num_layers):
-            return False
-        if not self._downsample_allowed(layer):
-            return False
-        if plan.protected:
-            # attention is only merged again while the structure phase lasts
-            return role == "mlp" or in_structure_phase(cfg.switch_step, plan.step + 1, plan.num_steps)
-        return cfg.cache_each_step and plan.merges_sublayer(role)
+        if device not in self._generators:
+            seed = self.config.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, ()).item())
+            self._generators[device] = torch.Generator(device).manual_seed(seed)
+        return self._generators[device]

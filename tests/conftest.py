@@ -1,11 +1,12 @@
 import logging
+import os
 
 import pytest
 import torch
 
 from benchmarks.models import load_pipeline
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("SDTM_TEST_THREADS", "2")))
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 

@@ -4,55 +4,80 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdtm_plugin.merge import MergePlan, WindowLayout, bipartite_merge_plan, staleness_priority, window_merge_plan
+from sdtm_plugin.merge import TokenMerge, WindowGrid, bipartite_merge, staleness_priority, window_merge, window_scores
+
+CPU = torch.device("cpu")
 
 
-def test_window_layout_odd_grid_has_loose_tokens():
-    layout = WindowLayout.build((5, 7), sx=2, sy=2, device=torch.device("cpu"))
-    assert layout.num_windows == 2 * 3
-    covered = set(layout.window_tokens.flatten().tolist())
-    assert len(covered) == 24 and covered.isdisjoint(layout.loose_tokens.tolist())
-    assert sorted(covered | set(layout.loose_tokens.tolist())) == list(range(35))
+def test_window_grid_odd_grid_has_loose_tokens():
+    grid = WindowGrid.build((5, 7), sx=2, sy=2, device=CPU)
+    assert grid.num_windows == 2 * 3
+    covered = set(grid.window_tokens.flatten().tolist())
+    assert len(covered) == 24 and covered.isdisjoint(grid.loose_tokens.tolist())
+    assert sorted(covered | set(grid.loose_tokens.tolist())) == list(range(35))
     # first window is rows 0-1, columns 0-1 of the row-major grid
-    assert layout.window_tokens[0].tolist() == [0, 1, 7, 8]
+    assert grid.window_tokens[0].tolist() == [0, 1, 7, 8]
 
 
-def test_window_layout_rejects_grid_smaller_than_window():
+def test_window_grid_rejects_grid_smaller_than_window():
     with pytest.raises(ValueError, match="smaller than one"):
-        WindowLayout.build((1, 8), sx=2, sy=2, device=torch.device("cpu"))
+        WindowGrid.build((1, 8), sx=2, sy=2, device=CPU)
 
 
-def test_merge_plan_means_and_exact_passthrough():
-    x = torch.randn(2, 6, 4)
-    target = torch.tensor([[0, 0, 2, 3, 3, 3], [0, 2, 2, 4, 4, 4]])
-    plan = MergePlan(target, num_rows=3)
-    merged = plan.merge(x)
-    assert merged.shape == (2, 3, 4)
-    torch.testing.assert_close(merged[0, 0], x[0, :2].mean(0))
-    assert torch.equal(merged[0, 1], x[0, 2])  # alone: bit-exact
-    torch.testing.assert_close(merged[0, 2], x[0, 3:].mean(0))
-    torch.testing.assert_close(merged[1, 1], x[1, 1:3].mean(0))  # batch 1 keeps 0, 2, 4 in order
-    out = plan.unmerge(merged)
+@pytest.mark.parametrize("grid_hw, sx, sy", [((4, 4), 2, 2), ((5, 7), 2, 2), ((6, 9), 3, 2)])
+def test_window_views_equal_gathers(grid_hw, sx, sy):
+    grid = WindowGrid.build(grid_hw, sx, sy, CPU)
+    x = torch.randn(2, grid_hw[0] * grid_hw[1], 3)
+    gathered = x[:, grid.window_tokens]  # (B, W, K, C)
+    torch.testing.assert_close(grid.window_reduce(x), gathered.sum(2))
+    torch.testing.assert_close(grid.window_reduce(x, mean=True), gathered.mean(2))
+    ids = torch.arange(x.shape[1]).expand(2, -1)
+    assert torch.equal(grid.per_window(ids), grid.window_tokens.expand(2, -1, -1))
+
+
+def _duplicated_pairs():
+    """4x4 grid, one batch element: source 5 duplicates destination 10, source 3 duplicates destination 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 4, generator=g)
+    x[0, 5], x[0, 3] = x[0, 10], x[0, 0]
+    return x, WindowGrid.build((4, 4), 2, 2, CPU)
+
+
+def test_merge_means_and_exact_passthrough():
+    x, grid = _duplicated_pairs()
+    x[0, 5] = x[0, 10] + 0.01  # near duplicate: its group row is the mean of tokens 5 and 10
+    merge = bipartite_merge(x, grid, num_merged=2)
+    assert merge.num_rows == 14 and merge.merged[0].nonzero().flatten().tolist() == [0, 3, 5, 10]
+    merged = merge.merge(x)
+    out = merge.unmerge(merged)
     assert out.shape == x.shape
-    assert torch.equal(out[0, 1], merged[0, 0]) and torch.equal(out[0, 5], merged[0, 2])
-    assert plan.merged[0, :, 0].tolist() == [True, True, False, True, True, True]
+    torch.testing.assert_close(out[0, 5], (x[0, 5] + x[0, 10]) / 2)
+    torch.testing.assert_close(out[0, 10], out[0, 5])
+    torch.testing.assert_close(out[0, 3], x[0, 0])
+    for t in set(range(16)) - {0, 3, 5, 10}:  # computed on their own: bit-exact
+        assert torch.equal(out[0, t], x[0, t])
 
 
 def test_unmerge_blends_only_merged_tokens_with_cache():
-    x = torch.randn(1, 4, 3)
-    plan = MergePlan(torch.tensor([[0, 0, 2, 3]]), num_rows=3)
-    y = plan.merge(x)
-    cache = torch.randn(1, 4, 3)
-    out = plan.unmerge(y, cache, cache_weight=0.1)
-    torch.testing.assert_close(out[0, :2], 0.1 * y[0, 0] + 0.9 * cache[0, :2])
-    assert torch.equal(out[0, 2:], x[0, 2:])
-    assert torch.equal(plan.unmerge(y, cache, cache_weight=1.0), plan.unmerge(y))
+    x, grid = _duplicated_pairs()
+    merge = bipartite_merge(x, grid, num_merged=2)
+    y = merge.merge(x)
+    cache = torch.randn(1, 16, 4)
+    out = merge.unmerge(y, cache, cache_weight=0.1)
+    plain = merge.unmerge(y)
+    for t in range(16):
+        if merge.merged[0, t]:
+            torch.testing.assert_close(out[0, t], 0.1 * plain[0, t] + 0.9 * cache[0, t])
+        else:
+            assert torch.equal(out[0, t], x[0, t])
+    assert torch.equal(merge.unmerge(y, cache, cache_weight=1.0), plain)
 
 
 def test_merge_rejects_wrong_token_count():
-    plan = MergePlan(torch.tensor([[0, 0, 2, 3]]), num_rows=3)
-    with pytest.raises(ValueError, match="expected 4 tokens"):
-        plan.merge(torch.randn(1, 5, 3))
+    x, grid = _duplicated_pairs()
+    merge = bipartite_merge(x, grid, num_merged=2)
+    with pytest.raises(ValueError, match="expected 16 tokens"):
+        merge.merge(torch.randn(1, 15, 4))
 
 
 def _grid_metric(batch=2, grid=(4, 4), channels=8, seed=0):
@@ -62,59 +87,59 @@ def _grid_metric(batch=2, grid=(4, 4), channels=8, seed=0):
 
 def test_window_similarity_matches_bruteforce_pairwise_mean():
     metric = _grid_metric()
-    layout = WindowLayout.build((4, 4), 2, 2, torch.device("cpu"))
-    unit = F.normalize(metric, dim=-1)[:, layout.window_tokens]  # (B, W, K, C)
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
+    unit = F.normalize(metric, dim=-1)[:, grid.window_tokens]  # (B, W, K, C)
     brute = torch.stack(
         [(unit[:, :, i] * unit[:, :, j]).sum(-1) for i, j in itertools.permutations(range(4), 2)], -1
     ).mean(-1)
+    torch.testing.assert_close(window_scores(metric, grid), brute)
     best = brute.argmax(1)
-    plan = window_merge_plan(metric, layout, num_windows=1)
+    merge = window_merge(metric, grid, num_windows=1)
     for b in range(2):
-        members = layout.window_tokens[best[b]]
-        assert plan.merged[b, members, 0].all() and plan.merged[b, :, 0].sum() == 4
+        members = grid.window_tokens[best[b]]
+        assert merge.merged[b, members].all() and merge.merged[b].sum() == 4
 
 
 def test_window_merge_picks_most_similar_windows_and_priority_can_override():
     metric = _grid_metric(batch=1)
-    layout = WindowLayout.build((4, 4), 2, 2, torch.device("cpu"))
-    w3 = layout.window_tokens[3]
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
+    w3 = grid.window_tokens[3]
     metric[0, w3] = metric[0, w3[0]].clone()  # window 3: four identical tokens, P_sim = 1
-    plan = window_merge_plan(metric, layout, num_windows=1)
-    assert plan.num_rows == 13 and plan.merged[0, w3, 0].all()
-    torch.testing.assert_close(plan.unmerge(plan.merge(metric))[0, w3], metric[0, w3])
+    merge = window_merge(metric, grid, num_windows=1)
+    assert merge.num_rows == 13 and merge.merged[0, w3].all()
+    torch.testing.assert_close(merge.unmerge(merge.merge(metric))[0, w3], metric[0, w3])
     # a strong staleness prior on window 0 wins over similarity
     priority = torch.zeros(1, 16)
-    priority[0, layout.window_tokens[0]] = 10.0
-    plan = window_merge_plan(metric, layout, num_windows=1, priority=priority, priority_weight=1.0)
-    assert plan.merged[0, layout.window_tokens[0], 0].all() and not plan.merged[0, w3, 0].any()
+    priority[0, grid.window_tokens[0]] = 10.0
+    merge = window_merge(metric, grid, num_windows=1, priority=priority, priority_weight=1.0)
+    assert merge.merged[0, grid.window_tokens[0]].all() and not merge.merged[0, w3].any()
 
 
 def test_bipartite_merges_most_similar_sources_into_their_destination():
     metric = _grid_metric(batch=1)
-    layout = WindowLayout.build((4, 4), 2, 2, torch.device("cpu"))
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
     metric[0, 5] = metric[0, 10].clone()  # token 5 (window 0, pos 3) duplicates token 10 (window 3, pos 0 = destination)
-    plan = bipartite_merge_plan(metric, layout, num_merged=1)
-    assert plan.num_rows == 15
-    assert plan.merged[0, :, 0].nonzero().flatten().tolist() == [5, 10]
-    merged = plan.merge(metric)
-    torch.testing.assert_close(plan.unmerge(merged)[0, 5], metric[0, 10])
+    merge = bipartite_merge(metric, grid, num_merged=1)
+    assert merge.num_rows == 15
+    assert merge.merged[0].nonzero().flatten().tolist() == [5, 10]
+    torch.testing.assert_close(merge.unmerge(merge.merge(metric))[0, 5], metric[0, 10])
 
 
 def test_bipartite_destination_score_and_priority():
     metric = _grid_metric(batch=1)
-    layout = WindowLayout.build((4, 4), 2, 2, torch.device("cpu"))
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
     dst_score = torch.zeros(1, 4, 4)
     dst_score[..., 2] = 1.0  # destinations at in-window position 2
-    plan = bipartite_merge_plan(metric, layout, num_merged=12, destination_score=dst_score)
+    merge = bipartite_merge(metric, grid, num_merged=12, destination_score=dst_score)
     # every source merged: only the 4 destination rows remain, one per window
-    assert plan.num_rows == 4
-    assert set(plan.row_of_token[0, layout.window_tokens[:, 2]].tolist()) == {0, 1, 2, 3}
-    base = bipartite_merge_plan(metric, layout, num_merged=2)
+    assert merge.num_rows == 4
+    assert set(merge.row_of_token[0, grid.window_tokens[:, 2]].tolist()) == {0, 1, 2, 3}
+    base = bipartite_merge(metric, grid, num_merged=2)
     priority = torch.zeros(1, 16)
-    untouched = [i for i in range(16) if not base.merged[0, i, 0] and i not in layout.window_tokens[:, 0].tolist()][0]
+    untouched = [i for i in range(16) if not base.merged[0, i] and i not in grid.window_tokens[:, 0].tolist()][0]
     priority[0, untouched] = 100.0
-    boosted = bipartite_merge_plan(metric, layout, num_merged=2, priority=priority, priority_weight=1.0)
-    assert boosted.merged[0, untouched, 0] and not base.merged[0, untouched, 0]
+    boosted = bipartite_merge(metric, grid, num_merged=2, priority=priority, priority_weight=1.0)
+    assert boosted.merged[0, untouched] and not base.merged[0, untouched]
 
 
 def test_staleness_priority_normalises_by_mean():
@@ -126,7 +151,132 @@ def test_staleness_priority_normalises_by_mean():
 
 def test_merge_ops_are_differentiable():
     metric = _grid_metric(batch=1).requires_grad_()
-    layout = WindowLayout.build((4, 4), 2, 2, torch.device("cpu"))
-    plan = window_merge_plan(metric.detach(), layout, num_windows=2)
-    plan.unmerge(plan.merge(metric) * 2).sum().backward()
-    torch.testing.assert_close(metric.grad, torch.full_like(metric, 2.0))  # mean then copy-back conserves mass
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
+    for merge in (window_merge(metric.detach(), grid, num_windows=2), bipartite_merge(metric.detach(), grid, 5)):
+        metric.grad = None
+        merge.unmerge(merge.merge(metric) * 2).sum().backward()
+        torch.testing.assert_close(metric.grad, torch.full_like(metric, 2.0))  # mean then copy-back conserves mass
+
+
+# -- the fast paths against plain loops over windows ----------------------------------------------------------------
+def _tokens_of_windows(hw, sx, sy):
+    h, w = hw
+    windows = [[(r * sy + i) * w + c * sx + j for i in range(sy) for j in range(sx)]
+               for r in range(h // sy) for c in range(w // sx)]
+    covered = {t for win in windows for t in win}
+    return windows, [t for t in range(h * w) if t not in covered]
+
+
+def _cos(a, b):
+    return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def _rank(scores):
+    """Indices by decreasing score; ties keep their order (what a stable sort does)."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def reference_ssm(x, hw, sx, sy, num_windows, priority=None, a=0.0):
+    """Per batch element: the merged groups (token lists) and the unmerged output of an identity sub-layer."""
+    windows, _ = _tokens_of_windows(hw, sx, sy)
+    out, groups = x.clone(), []
+    for b in range(x.shape[0]):
+        scores = []
+        for win in windows:
+            sims = [_cos(x[b, i], x[b, j]) for i, j in itertools.permutations(win, 2)]
+            prior = sum(float(priority[b, t]) for t in win) / len(win) if priority is not None else 0.0
+            scores.append(sum(sims) / len(sims) + a * prior)
+        chosen = _rank(scores)[:num_windows]
+        groups.append(sorted(sorted(windows[i]) for i in chosen))
+        for i in chosen:
+            out[b, windows[i]] = x[b, windows[i]].mean(0)
+    return groups, out
+
+
+def reference_idm(x, hw, sx, sy, num_merged, dst_pos, priority=None, a=0.0):
+    windows, loose = _tokens_of_windows(hw, sx, sy)
+    out, groups = x.clone(), []
+    for b in range(x.shape[0]):
+        dsts = [win[dst_pos[b][w]] for w, win in enumerate(windows)]
+        sources = [t for w, win in enumerate(windows) for t in win if t != dsts[w]] + loose
+        best, target = [], []
+        for s in sources:
+            sims = [_cos(x[b, s], x[b, d]) for d in dsts]
+            k = max(range(len(dsts)), key=lambda i: sims[i])
+            best.append(sims[k] + (a * float(priority[b, s]) if priority is not None else 0.0))
+            target.append(dsts[k])
+        members = {d: [d] for d in dsts}
+        for i in _rank(best)[:num_merged]:
+            members[target[i]].append(sources[i])
+        groups.append(sorted(sorted(m) for m in members.values() if len(m) > 1))
+        for m in members.values():
+            out[b, m] = x[b, m].mean(0)
+    return groups, out
+
+
+def _groups(merge, b):
+    rows = {}
+    for t, r in enumerate(merge.row_of_token[b].tolist()):
+        rows.setdefault(r, []).append(t)
+    return sorted(sorted(m) for m in rows.values() if len(m) > 1)
+
+
+def _inputs_with_ties(hw, seed, batch=2, channels=6):
+    x = _grid_metric(batch, hw, channels, seed)
+    windows, _ = _tokens_of_windows(hw, 2, 2)
+    x[:, windows[1]] = x[:, windows[0]]  # two identical windows: a tie the stable order must break the same way
+    x[:, windows[-1][1]] = x[:, windows[-1][0]]  # a source tied with its own destination
+    return x
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (5, 7), (6, 6)])
+@pytest.mark.parametrize("use_prior", [False, True])
+def test_window_merge_equals_loop_reference(hw, use_prior):
+    x = _inputs_with_ties(hw, seed=hw[1])
+    grid = WindowGrid.build(hw, 2, 2, CPU)
+    priority = staleness_priority(torch.randint(0, 5, x.shape[:2])) if use_prior else None
+    for w in (1, 3, grid.num_windows):
+        merge = window_merge(x, grid, w, priority, 0.3)
+        groups, expected = reference_ssm(x, hw, 2, 2, w, priority, 0.3)
+        for b in range(x.shape[0]):
+            assert _groups(merge, b) == groups[b]
+        torch.testing.assert_close(merge.unmerge(merge.merge(x)), expected)
+        assert merge.num_rows == hw[0] * hw[1] - 3 * w
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (5, 7), (6, 6)])
+@pytest.mark.parametrize("use_prior", [False, True])
+def test_bipartite_merge_equals_loop_reference(hw, use_prior):
+    x = _inputs_with_ties(hw, seed=2 * hw[1])
+    grid = WindowGrid.build(hw, 2, 2, CPU)
+    dst_score = torch.rand(x.shape[0], grid.num_windows, 4, generator=torch.Generator().manual_seed(1))
+    dst_pos = dst_score.argmax(-1).tolist()
+    priority = staleness_priority(torch.randint(0, 5, x.shape[:2])) if use_prior else None
+    n_sources = hw[0] * hw[1] - grid.num_windows
+    for r in (1, n_sources // 2, n_sources):
+        merge = bipartite_merge(x, grid, r, dst_score, priority, 0.3)
+        groups, expected = reference_idm(x, hw, 2, 2, r, dst_pos, priority, 0.3)
+        for b in range(x.shape[0]):
+            assert _groups(merge, b) == groups[b]
+        torch.testing.assert_close(merge.unmerge(merge.merge(x)), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_chooses_the_same_windows_and_sources(dtype):
+    """Well-separated inputs (a few clearly redundant windows / sources among random ones) give fp32's choices."""
+    g = torch.Generator().manual_seed(3)
+    grid = WindowGrid.build((8, 8), 2, 2, CPU)
+    x = torch.randn(2, 64, 32, generator=g)
+    redundant = grid.window_tokens[[2, 5, 9, 12]]
+    x[:, redundant] = x[:, redundant[:, :1]] + 0.05 * torch.randn(2, 4, 4, 32, generator=g)
+    full = window_merge(x, grid, 4)
+    low = window_merge(x.to(dtype), grid, 4)
+    assert torch.equal(full.merged, low.merged) and torch.equal(full.row_of_token, low.row_of_token)
+    merged = low.merge(x.to(dtype))
+    assert merged.dtype == dtype
+    torch.testing.assert_close(merged.float(), full.merge(x), atol=2e-2, rtol=2e-2)
+    # sources that nearly duplicate a destination
+    x = torch.randn(2, 64, 32, generator=g)
+    x[:, grid.window_tokens[:6, 1]] = x[:, grid.window_tokens[:6, 0]] + 0.01 * torch.randn(2, 6, 32, generator=g)
+    full, low = bipartite_merge(x, grid, 6), bipartite_merge(x.to(dtype), grid, 6)
+    assert torch.equal(full.merged, low.merged) and torch.equal(full.row_of_token, low.row_of_token)

@@ -60,7 +60,7 @@ def test_ratio_zero_and_removal_are_bit_identical(tiny_pipe):
     assert torch.equal(generate(tiny_pipe), base)
     for module in tiny_pipe.transformer.modules():
         assert not hasattr(module, "_diffusers_hook") and "forward" not in module.__dict__
-    assert "set_timesteps" not in tiny_pipe.scheduler.__dict__
+    assert "set_timesteps" not in tiny_pipe.scheduler.__dict__ and "step" not in tiny_pipe.scheduler.__dict__
 
 
 def test_applying_twice_does_not_stack(tiny_pipe):
@@ -252,3 +252,90 @@ def test_config_object_and_errors(tiny_pipe):
         apply_SDTM(tiny_pipe, SDTMConfig(), ratio=0.1)
     with pytest.raises(TypeError, match="unexpected keyword"):
         apply_SDTM(tiny_pipe, rato=0.1)
+
+
+# -- each parameter moves the result in its documented direction -------------------------------------------------
+def _build(cfg, phase, x, staleness, ratio):
+    from sdtm_plugin.merge import WindowGrid
+    from sdtm_plugin.methods import SDTM, StreamBuffers
+    from sdtm_plugin.schedule import StepPlan
+
+    buffers = StreamBuffers(1)
+    buffers.staleness[0] = staleness.clone()
+    plan = StepPlan(5, 20, phase, ratio, phase.value == "structure", True)
+    grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
+    return SDTM(cfg, 1).build(0, x, grid, plan, buffers, torch.Generator().manual_seed(0)), grid
+
+
+def test_larger_a_d_makes_staler_tokens_more_likely_idm_sources():
+    from sdtm_plugin.schedule import Phase
+
+    x = torch.randn(4, 64, 16, generator=torch.Generator().manual_seed(1))
+    staleness = torch.zeros(4, 64, dtype=torch.int32)
+    staleness[:, ::2] = 5  # every other token is stale
+    stale = staleness.bool()
+    merged_stale = []
+    for a_d in (0.0, 0.05, 0.3, 2.0):
+        merge, grid = _build(SDTMConfig(a_d=a_d, use_rand=False), Phase.DETAIL, x, staleness, 0.25)
+        sources = merge.merged.clone()
+        sources[:, grid.window_tokens[:, 0]] = False  # destinations: the first (stalest, tied) token of each window
+        merged_stale.append(int((sources & stale).sum()))
+    assert merged_stale == sorted(merged_stale) and merged_stale[-1] > merged_stale[0], merged_stale
+
+
+def test_larger_a_s_favours_staler_windows_in_ssm():
+    from sdtm_plugin.schedule import Phase
+
+    x = torch.randn(4, 64, 16, generator=torch.Generator().manual_seed(2))
+    staleness = torch.zeros(4, 64, dtype=torch.int32)
+    stale_windows = torch.arange(16) % 2 == 0
+    from sdtm_plugin.merge import WindowGrid
+
+    grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
+    staleness[:, grid.window_tokens[stale_windows].flatten()] = 5
+    chosen_stale = []
+    for a_s in (0.0, 0.05, 0.3, 2.0):
+        merge, grid = _build(SDTMConfig(a_s=a_s), Phase.STRUCTURE, x, staleness, 0.2)
+        merged_windows = merge.merged[:, grid.window_tokens].all(-1)  # (B, W)
+        chosen_stale.append(int(merged_windows[:, stale_windows].sum()))
+    assert chosen_stale == sorted(chosen_stale) and chosen_stale[-1] > chosen_stale[0], chosen_stale
+
+
+@pytest.mark.parametrize("cache_each_step", [True, False])
+def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
+    """cache_each_step=False blends merged tokens with the last *protected* step's output, True with the last step's."""
+    from sdtm_plugin.methods import SDTM
+
+    events = []  # (step, protected, id of the cache blended in, id of the output returned)
+    original = SDTM.finish
+
+    def finish(self, layer, name, role, merge, output, plan, buffers):
+        used = buffers.cache[layer].get(name) if merge is not None else None
+        out = original(self, layer, name, role, merge, output, plan, buffers)
+        if layer == 1 and name == "mlp":
+            events.append((plan.step, plan.protected, id(used) if used is not None else None, id(out), out))
+        return out
+
+    monkeypatch.setattr(SDTM, "finish", finish)
+    apply_SDTM(tiny_pipe, protect_steps_frequency=4, cache_each_step=cache_each_step, switch_step=0)
+    generate(tiny_pipe, steps=12)
+    outputs = {step: out_id for step, _, _, out_id, _ in events}
+    for step, protected, used, _, _ in events:
+        if protected or step == 0:
+            continue
+        source = step - 1 if cache_each_step else 4 * (step // 4)
+        assert used == outputs[source], (step, source)
+
+
+def test_larger_mcw_moves_merged_outputs_away_from_the_cache():
+    from sdtm_plugin.merge import WindowGrid, window_merge
+
+    x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(3))
+    merge = window_merge(x, WindowGrid.build((8, 8), 2, 2, torch.device("cpu")), 6)
+    y = merge.merge(x) * 3.0
+    cache = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(4))
+    merged = merge.merged
+    distances = [float((merge.unmerge(y, cache, mcw) - cache)[merged].norm()) for mcw in (0.0, 0.1, 0.5, 1.0)]
+    assert distances[0] == 0.0 and distances == sorted(distances) and distances[-1] > distances[1]
+    for mcw in (0.0, 0.5):  # tokens computed on their own never see the cache
+        assert torch.equal(merge.unmerge(y, cache, mcw)[~merged], merge.unmerge(y)[~merged])

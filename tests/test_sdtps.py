@@ -217,3 +217,18 @@ def test_present_validation_errors():
         model(p, g, present={"nir": torch.tensor([True, False, True])})
     with pytest.raises(ValueError, match="present has unknown modalities"):
         model(p, g, present={"depth": torch.tensor([True, False])})
+
+
+def test_demo_class_retrieval_map_and_rank1_hand_computed():
+    from token_modules.demos.common import class_retrieval
+
+    # one query (label 0) against a gallery ranked [0, 1, 0] by cosine: AP = (1/1 + 2/3) / 2, R@1 = 100
+    feat = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    labels = torch.tensor([0, 0, 1, 0])
+    query = torch.tensor([True, False, False, False])
+    r = class_retrieval(feat, labels, query)
+    assert abs(r["mAP"] - 100 * (1 + 2 / 3) / 2) < 1e-4 and r["R@1"] == 100.0
+    # a gallery ranked [1, 0, 0]: R@1 = 0, AP = (1/2 + 2/3) / 2
+    feat2 = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    r = class_retrieval(feat2, torch.tensor([0, 1, 0, 0]), query)
+    assert abs(r["mAP"] - 100 * (1 / 2 + 2 / 3) / 2) < 1e-4 and r["R@1"] == 0.0

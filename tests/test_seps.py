@@ -148,3 +148,41 @@ def test_validation():
         model(patches, caps, bad)
     with pytest.raises(ValueError, match="topk must be >= 1"):
         PatchWordAlignment(topk=0)
+
+
+# --- demo helpers: retrieval metrics and caption relevance (token_modules.demos) ---
+
+
+def test_recall_at_k_hand_made_matrices():
+    from token_modules.demos.common import recall_at_k
+
+    # 3 images, 2 captions each (caption t belongs to image t // 2)
+    rel = torch.arange(3)[:, None] == (torch.arange(6) // 2)[None]
+    perfect = rel.float() + 0.01 * torch.arange(6.0)  # every caption scores highest on its own image
+    r = recall_at_k(perfect, rel)
+    assert all(v == 100.0 for k, v in r.items() if k != "rsum") and r["rsum"] == 600.0
+    worst = recall_at_k(-rel.float(), rel, ks=(1, 2))
+    assert worst["i2t R@1"] == 0.0 and worst["t2i R@1"] == 0.0 and worst["t2i R@2"] == 0.0
+    # i2t: image 0 ranks its caption 1 third (behind captions 2 and 3) -> a hit at K=3, not at K=2
+    sim = torch.tensor([[0.0, 0.5, 0.9, 0.8, 0.1, 0.1]]).expand(3, -1).clone()
+    r = recall_at_k(sim, rel, ks=(2, 3))
+    assert r["i2t R@2"] == pytest.approx(100 / 3) and r["i2t R@3"] == pytest.approx(200 / 3)  # image 2: never
+    # ties count against the query: every score equal -> no hit at K=1 in either direction
+    tied = recall_at_k(torch.zeros(3, 6), rel, ks=(1,))
+    assert tied["i2t R@1"] == 0.0 and tied["t2i R@1"] == 0.0
+    assert recall_at_k(perfect, rel, ks=(1,))["rsum"] == 200.0
+    with pytest.raises(ValueError, match="relevant must be a bool"):
+        recall_at_k(perfect, rel.float())
+    with pytest.raises(ValueError, match="at least one match in every row"):
+        recall_at_k(perfect, rel & (torch.arange(6) < 4))
+
+
+def test_demo_caption_relevance_ignores_fillers_and_needs_every_named_object():
+    from token_modules.demos.seps import relevance
+
+    cells = 16
+    filler = 10 * cells
+    objects = torch.tensor([[3, 20, 50, 70], [3, 21, 50, 99]])
+    captions = torch.tensor([[filler, 3, filler + 1, 50], [filler, 20, filler + 1, 70], [filler, 3, filler + 1, 99]])
+    expected = torch.tensor([[True, True, False], [True, False, True]])
+    assert torch.equal(relevance(objects, captions, cells), expected)

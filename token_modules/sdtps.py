@@ -106,7 +106,9 @@ class MultiModalSDTPS(nn.Module):
         """{m: (B,) bool} -> (M, B) bool, modalities left out count as present."""
         unknown = set(present) - set(self.modalities)
         if unknown:
-            raise ValueError(f"present has unknown modalities {sorted(unknown)}; expected a subset of {self.modalities}")
+            raise ValueError(
+                f"present has unknown modalities {sorted(unknown)}; expected a subset of {self.modalities}"
+            )
         rows = []
         for m in self.modalities:
             if m not in present:

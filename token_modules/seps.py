@@ -110,6 +110,8 @@ class SEPS(nn.Module):
         sparse_ratio, aggr_ratio: as in `MultiModalSDTPS` (ViT: 0.5, 0.4; Swin: 0.8, 0.6).
         beta: fusion weight in [0, 0.5] (paper scoring).
         use_paper_version: paper scoring and similarity, or the released code's (module docstring).
+        paper_alignment: override the similarity form alone (None: follow ``use_paper_version``), e.g. to compare
+            the paper's scoring against other token reductions under one shared similarity.
         hidden_ratio: aggregator MLP width as a fraction of C.
         use_gumbel, gumbel_tau: Gumbel top-k with straight-through gradients, see `TokenSparse`.
         topk: k of the paper similarity's relevance MLPs.
@@ -124,6 +126,7 @@ class SEPS(nn.Module):
         aggr_ratio: float = 0.4,
         beta: float = 0.25,
         use_paper_version: bool = True,
+        paper_alignment: bool | None = None,
         hidden_ratio: float = 0.2,
         use_gumbel: bool = False,
         gumbel_tau: float = 1.0,
@@ -137,7 +140,8 @@ class SEPS(nn.Module):
         scoring = "paper" if use_paper_version else "sum"
         self.sparse = TokenSparse(dim, sparse_ratio, beta, scoring, 0.25, use_gumbel, gumbel_tau)
         self.aggr = TokenAggregation(dim, self.num_aggregated, hidden_ratio)
-        self.align = PatchWordAlignment(paper_form=use_paper_version, topk=topk)
+        paper_form = use_paper_version if paper_alignment is None else paper_alignment
+        self.align = PatchWordAlignment(paper_form=paper_form, topk=topk)
 
     def _check_text(self, name: str, x: Tensor, mask: Tensor | None, batch: int | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim or (batch is not None and x.shape[0] != batch):

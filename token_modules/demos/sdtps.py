@@ -1,30 +1,45 @@
-"""SDTPS learns on three corrupted "modalities" of the same digit (offline, CPU, a few minutes).
+"""Does SDTPS's cross-modal patch selection beat simple token reduction when identity hides in a small, moving part
+of cluttered tri-modal images? (offline, CPU, under 5 minutes on 2 cores)
 
-Data (research/token_modules.md §6 recipe): scikit-learn 8x8 digits upsampled to 16x16; RGB = the image, NIR = its
-Sobel magnitude, TIR = 1 - Gaussian blur. In each modality 50 % of the 2x2 patches are independently replaced by
-noise, so which patches are informative differs per modality. 64 patches per modality.
+Task (identity = digit class, 10 identities; `TaskConfig`). Each sample is a 32x16 canvas per modality (RGB, NIR,
+TIR), cut into 2x2 patches: N = 128 patches, as in the seeds' 256x128 ReID crops. The identity digit (8x8 = 12.5 %
+of the canvas) sits in one of 8 cells, jittered, at the same place in every modality. Each modality also has its own
+clutter: a texture crop (grass / gravel / brick) and two distractor digits of any class in other cells. Modalities
+differ by blur and gain (NIR: blur 0.7, TIR: blur 1.2 x 1.3). Modality-specific corruption: in 30 % of samples one
+modality is blinded (the identity digit is missing from it; stronger noise). Within one modality the identity digit
+and a distractor look alike; what singles the identity out is that it is present in the *other* modalities too,
+which is exactly what SDTPS's cross-modal guidance (cosine of a modality's patches to the other modalities' globals)
+can see and the other heads cannot.
 
-Per modality a trained encoder (Linear(4 -> 64) + positions + CLS + 1 transformer layer) gives patches (B, 64, 64)
-and a global (CLS). Heads, trained the same way (cross-entropy on the digit class; 3 seeds):
-- sdtps: `MultiModalSDTPS` (rho 0.5, alpha 0.4, beta 0.25): 64 -> 32 kept -> 12 + 1 = 13 tokens per modality;
-- random: the same `TokenSparse` + `TokenAggregation` with uniform random scores (no predictor, no guidance);
-- mean: mean pooling of all 64 patches.
-Each head's tokens are mean-pooled, concatenated over modalities, layer-normalised: the retrieval feature.
-Reported on held-out digits (query = every 5th, gallery = the rest, match = same class): mAP and Rank-1 (cosine),
-beside chance. Then the downstream cost of one transformer block (C = 512, 8 heads) on the default SDTPS output
-(26 tokens) vs all 128 patches: MACs (torch FlopCounterMode, explicit attention matmuls counted) and CPU latency
-(interleaved repeats, median), SDTPS's own cost included. Outputs in --out: sdtps_masks.png, sdtps_results.json.
+Model (`ModelConfig`). A shared encoder (patch embedding + position + modality embedding + CLS + one transformer
+block, as DeMo shares its backbone across modalities) gives per modality patches (B, 128, D) and a global CLS
+(B, D). A head reduces the 128 patches; one shared transformer block processes the kept tokens of each modality, which
+are mean-pooled, concatenated over modalities and layer-normalised: the retrieval feature. Heads:
+- full:   all 128 tokens;
+- mean:   1 token, the mean of the 128 patches;
+- random: `TokenSparse` + `TokenAggregation` on uniform random scores, 128 -> 64 -> 25 + 1 = 26 tokens;
+- beta=0: `MultiModalSDTPS` with beta = 0: learned predictor only, no own- or cross-modal guidance, 26 tokens;
+- SDTPS:  `MultiModalSDTPS` (rho 0.5, alpha 0.4, beta 0.25), 26 tokens.
+Every variant is trained the same way (`TrainConfig`, same batches per seed): cross-entropy on the head feature plus
+cross-entropy on the concatenated globals (DeMo trains both branches; SDTPS needs meaningful globals to be guided
+by). Reported on held-out digit images (query = every 5th sample, gallery = the rest, match = same class): mAP and
+R@1, mean ± std over seeds; tokens per modality and MACs per sample after the (common) encoder, at the demo width and
+at the seeds' width (C = 512, one 8-head block); and, for the selecting heads, how much of the identity digit's
+patches and of the distractors' patches the kept set covers (chance: the kept fraction, 50 %).
 
-    python -m token_modules.demos.sdtps [--out outputs/demos] [--epochs 15] [--seeds 3]
+    python -m token_modules.demos.sdtps [--out outputs/demos] [--seeds 3] [--epochs 8] [--threads 2]
+
+Outputs in --out: sdtps_results.json (every number), sdtps_masks.png (SDTPS selections, seed 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,203 +47,353 @@ import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from token_modules.sdtps import MultiModalSDTPS
+from token_modules.demos.common import (
+    TEXTURES,
+    AttentionPool,
+    Block,
+    TrainConfig,
+    WindowEncoder,
+    class_retrieval,
+    count_macs,
+    log,
+    mean_std,
+    paste,
+    patch_windows,
+    residual_mlp,
+    setup,
+    table,
+    texture_crops,
+)
+from token_modules.demos.common import train as train_loop
+from token_modules.sdtps import MultiModalSDTPS, SDTPSOutput
 from token_modules.selection import TokenAggregation, TokenSparse, aggregated_count
 
 MODS = ("rgb", "nir", "tir")
-SIDE, PATCH, DIM, CORRUPT = 16, 2, 64, 0.5
-N_PATCH = (SIDE // PATCH) ** 2
+HEADS = ("full", "mean", "random", "beta=0", "SDTPS")
+Tensor = torch.Tensor
 
 
-def make_data(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, np.ndarray]]:
-    """-> ({m: (S, 64, 4) patches}, labels (S,), {m: (S, 16, 16) corrupted images for plotting})."""
-    rng = np.random.default_rng(seed)
+@dataclass
+class TaskConfig:
+    """Synthetic tri-modal ReID data (module docstring)."""
+
+    height: int = 32
+    width: int = 16
+    patch: int = 2
+    context: int = 3  # pixels of surroundings in each patch's input window (2x2 patch -> 8x8 window)
+    cell: int = 8  # digit size and placement grid
+    jitter: int = 1  # +- pixels around the cell corner
+    distractors: int = 2  # per modality, independent across modalities
+    texture: float = 0.35  # clutter texture amplitude (digits peak at 1)
+    noise: float = 0.05
+    blind_prob: float = 0.3  # probability that one modality of a sample misses the identity digit
+    blind_noise: float = 0.15
+    views_per_train_digit: int = 2
+    test_digits: int = 500
+    seed: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height // self.patch, self.width // self.patch
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def window(self) -> int:
+        return self.patch + 2 * self.context
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 32
+    sparse_ratio: float = 0.5
+    aggr_ratio: float = 0.4
+    beta: float = 0.25
+
+
+@dataclass
+class Split:
+    """patches {m: (S, N, w*w)} pixel windows around each patch; labels (S,); identity / distractor (M, S, N) bool:
+    the patch holds identity / distractor ink; blinded (M, S) bool; images {m: (S, H, W)} for plotting."""
+
+    patches: dict[str, Tensor]
+    labels: Tensor
+    identity: Tensor
+    distractor: Tensor
+    blinded: Tensor
+    images: dict[str, np.ndarray]
+
+    def subset(self, idx: Tensor) -> dict[str, Tensor]:
+        return {m: x[idx] for m, x in self.patches.items()}
+
+
+def _render(cfg: TaskConfig, pool: np.ndarray, digit_idx: np.ndarray, rng: np.random.Generator) -> dict:
+    """Render S samples whose identity digits are pool[digit_idx]; distractors are drawn from the same pool."""
+    s, cell, ncells = len(digit_idx), cfg.cell, (cfg.height // cfg.cell) * (cfg.width // cfg.cell)
+    cols = cfg.width // cfg.cell
+
+    def corner(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        j = rng.integers(-cfg.jitter, cfg.jitter + 1, (2, len(cells)))
+        top = np.clip(cells // cols * cell + j[0], 0, cfg.height - cell)
+        left = np.clip(cells % cols * cell + j[1], 0, cfg.width - cell)
+        return top, left
+
+    id_cell = rng.integers(0, ncells, s)
+    id_top, id_left = corner(id_cell)
+    blind_mod = np.where(rng.random(s) < cfg.blind_prob, rng.integers(0, len(MODS), s), -1)
+    out = {"patches": {}, "identity": [], "distractor": [], "images": {}}
+    for mi, m in enumerate(MODS):
+        blinded = blind_mod == mi
+        ident = np.zeros((s, cfg.height, cfg.width))
+        paste(ident, pool[digit_idx], id_top, id_left)
+        ident[blinded] = 0.0
+        # distractor cells: distinct, never the identity's cell
+        keys = rng.random((s, ncells))
+        keys[np.arange(s), id_cell] = np.inf
+        distr = np.zeros_like(ident)
+        for d_cell in np.argsort(keys, 1)[:, : cfg.distractors].T:  # loop over the 2 distractor slots, not samples
+            top, left = corner(d_cell)
+            paste(distr, pool[rng.integers(0, len(pool), s)], top, left)
+        crop = texture_crops(TEXTURES[mi], s, cfg.height, cfg.width, rng)
+        canvas = np.maximum(np.maximum(ident, distr), cfg.texture * crop)
+        if m == "nir":
+            canvas = ndimage.gaussian_filter(canvas, (0, 0.7, 0.7))
+        elif m == "tir":
+            canvas = 1.3 * ndimage.gaussian_filter(canvas, (0, 1.2, 1.2))
+        sigma = np.where(blinded, cfg.blind_noise, cfg.noise)[:, None, None]
+        canvas = canvas + sigma * rng.standard_normal(canvas.shape)
+        out["patches"][m] = torch.tensor(patch_windows(canvas, cfg.patch, cfg.context), dtype=torch.float32)
+        out["images"][m] = canvas
+        out["identity"].append(patch_windows(ident, cfg.patch).max(-1) > 0.25)
+        out["distractor"].append(patch_windows(distr, cfg.patch).max(-1) > 0.25)
+    out["blinded"] = torch.tensor(np.stack([blind_mod == i for i in range(len(MODS))]))
+    return out
+
+
+def make_data(cfg: TaskConfig) -> tuple[Split, Split]:
+    """Train and test splits from disjoint sets of digit images (identities = the 10 classes)."""
+    rng = np.random.default_rng(cfg.seed)
     digits = load_digits()
-    img = ndimage.zoom(digits.images / 16.0, (1, 2, 2), order=1).clip(0, 1)  # (S, 16, 16)
-    s = len(img)
-    sobel = np.hypot(ndimage.sobel(img, 1), ndimage.sobel(img, 2))
-    images = {
-        "rgb": img,
-        "nir": sobel / sobel.max(),
-        "tir": 1.0 - ndimage.gaussian_filter(img, (0, 1.5, 1.5)),
-    }
-    g = SIDE // PATCH
-    data = {}
-    for m, x in images.items():
-        p = x.reshape(s, g, PATCH, g, PATCH).transpose(0, 1, 3, 2, 4).reshape(s, g * g, PATCH * PATCH)
-        corrupt = rng.random((s, N_PATCH)) < CORRUPT  # independent per modality
-        p[corrupt] = rng.uniform(0, 1, (corrupt.sum(), PATCH * PATCH))
-        data[m] = torch.tensor(p, dtype=torch.float32)
-        images[m] = p.reshape(s, g, g, PATCH, PATCH).transpose(0, 1, 3, 2, 4).reshape(s, SIDE, SIDE)
-    return data, torch.tensor(digits.target), images
-
-
-class Encoder(nn.Module):
-    """Patch pixels (B, N, 4) -> (patch tokens (B, N, D), global CLS (B, D))."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(PATCH * PATCH, DIM)
-        self.pos = nn.Parameter(torch.randn(N_PATCH, DIM) * 0.02)
-        self.cls = nn.Parameter(torch.zeros(1, 1, DIM))
-        self.block = nn.TransformerEncoderLayer(DIM, 4, 2 * DIM, dropout=0.0, batch_first=True, norm_first=True)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed(x) + self.pos
-        h = self.block(torch.cat([self.cls.expand(len(h), -1, -1), h], 1))
-        return h[:, 1:], h[:, 0]
+    images, target = digits.images / 16.0, digits.target
+    perm = rng.permutation(len(target))
+    test_pool, train_pool = perm[: cfg.test_digits], perm[cfg.test_digits:]
+    splits = []
+    for pool, views in ((train_pool, cfg.views_per_train_digit), (test_pool, 1)):
+        idx = np.tile(np.arange(len(pool)), views)
+        r = _render(cfg, images[pool], idx, rng)
+        splits.append(Split(r["patches"], torch.tensor(target[pool][idx]), torch.tensor(np.stack(r["identity"])),
+                            torch.tensor(np.stack(r["distractor"])), r["blinded"], r["images"]))
+    return splits[0], splits[1]
 
 
 class RandomSelection(nn.Module):
-    """Baseline: TokenSparse + TokenAggregation per modality on uniform random scores (no predictor, no guidance)."""
+    """Baseline head: `TokenSparse` + `TokenAggregation` per modality on uniform random scores (no predictor, no
+    guidance): patches {m: (B, N, C)} -> tokens {m: (B, N_c + 1, C)}."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int, num_patches: int, sparse_ratio: float, aggr_ratio: float) -> None:
         super().__init__()
-        n_c = aggregated_count(N_PATCH, 0.5, 0.4)
-        self.sparse = TokenSparse(DIM, 0.5, scoring="sum")
-        self.aggr = nn.ModuleDict({m: TokenAggregation(DIM, n_c) for m in MODS})
+        self.sparse = TokenSparse(dim, sparse_ratio, scoring="sum")
+        n_c = aggregated_count(num_patches, sparse_ratio, aggr_ratio)
+        self.aggr = nn.ModuleDict({m: TokenAggregation(dim, n_c) for m in MODS})
+        self.generator: torch.Generator | None = None  # set for reproducible evaluation
 
-    def forward(self, patches: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for m, p in patches.items():
-            sel = self.sparse(p, torch.rand(p.shape[:2], device=p.device))
-            out[m] = torch.cat([self.aggr[m](sel.tokens), sel.extra], 1)
-        return out
+    def forward(self, patches: dict[str, Tensor]) -> SDTPSOutput:
+        tokens, masks, scores = {}, {}, {}
+        for m, p in patches.items():  # over the 3 modalities
+            sel = self.sparse(p, torch.rand(p.shape[:2], generator=self.generator))
+            tokens[m], masks[m], scores[m] = torch.cat([self.aggr[m](sel.tokens), sel.extra], 1), sel.mask, sel.score
+        return SDTPSOutput(tokens, masks, scores)
 
 
-class ReIDModel(nn.Module):
-    """Encoders + head ("sdtps", "random" or "mean") -> normalised retrieval feature (B, 3D) and class logits."""
+class Encoder(nn.Module):
+    """Shared backbone: windows {m: (B, N, w*w)} -> patch tokens (M, B, N, D) and globals (M, B, D), plus the
+    global branch's classifier. Tokens: `WindowEncoder` with a modality embedding; global = attention pooling of the
+    tokens (a CLS-like summary in the tokens' own space, so that SDTPS's cosines are meaningful)."""
 
-    def __init__(self, head: str) -> None:
+    def __init__(self, task: TaskConfig, cfg: ModelConfig) -> None:
         super().__init__()
+        self.tokens = WindowEncoder(task.window, task.num_patches, cfg.dim)
+        self.modality = nn.Parameter(torch.randn(len(MODS), 1, 1, cfg.dim) * 0.1)
+        self.pool = AttentionPool(cfg.dim)
+        self.norm, self.classifier = nn.LayerNorm(len(MODS) * cfg.dim), nn.Linear(len(MODS) * cfg.dim, 10)
+
+    def forward(self, x: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        h = self.tokens(torch.stack([x[m] for m in MODS]), self.modality)
+        return h, self.pool(h)
+
+    def logits(self, globals_: Tensor) -> Tensor:
+        """globals (M, B, D) -> identity logits (B, 10) from their concatenation."""
+        return self.classifier(self.norm(globals_.permute(1, 0, 2).reshape(globals_.shape[1], -1)))
+
+
+class ReIDOutput(NamedTuple):
+    """feature (B, M*D) the retrieval feature; logits, global_logits (B, 10); masks / scores {m: (B, N)} of the
+    selecting heads (empty otherwise)."""
+
+    feature: Tensor
+    logits: Tensor
+    global_logits: Tensor
+    masks: dict[str, Tensor]
+    scores: dict[str, Tensor]
+
+
+class ReIDNet(nn.Module):
+    """`Encoder` -> head -> shared pooling block -> `ReIDOutput`. The pooling block (attention pooling + residual
+    MLP, shared by the modalities) is the same for every head; for the mean head it sees a single token."""
+
+    def __init__(self, head: str, task: TaskConfig, cfg: ModelConfig) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        n, d = task.num_patches, cfg.dim
         self.head = head
-        self.encoders = nn.ModuleDict({m: Encoder() for m in MODS})
-        if head == "sdtps":
-            self.select = MultiModalSDTPS(DIM, N_PATCH, MODS, sparse_ratio=0.5, aggr_ratio=0.4, beta=0.25)
-        elif head == "random":
-            self.select = RandomSelection()
-        self.norm = nn.LayerNorm(DIM * len(MODS))  # no running stats: BN's lagged badly at this size
-        self.classifier = nn.Linear(DIM * len(MODS), 10)
+        self.encoder = Encoder(task, cfg)
+        if head == "random":
+            self.select = RandomSelection(d, n, cfg.sparse_ratio, cfg.aggr_ratio)
+        elif head in ("beta=0", "SDTPS"):
+            beta = 0.0 if head == "beta=0" else cfg.beta
+            self.select = MultiModalSDTPS(d, n, MODS, cfg.sparse_ratio, cfg.aggr_ratio, beta)
+        self.pool, self.pool_mlp = AttentionPool(d), residual_mlp(d)
+        self.norm, self.classifier = nn.LayerNorm(len(MODS) * d), nn.Linear(len(MODS) * d, 10)
 
-    def forward(self, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        enc = {m: self.encoders[m](x[m]) for m in MODS}
-        patches, globals_ = {m: e[0] for m, e in enc.items()}, {m: e[1] for m, e in enc.items()}
-        masks = {}
-        if self.head == "sdtps":
-            out = self.select(patches, globals_)
-            tokens, masks = out.tokens, out.masks
-        elif self.head == "random":
-            tokens = self.select(patches)
-        else:
+    def forward(self, x: dict[str, Tensor]) -> ReIDOutput:
+        """x {m: (B, N, w*w)} -> `ReIDOutput`."""
+        patches, globals_ = self.encoder(x)
+        masks: dict[str, Tensor] = {}
+        scores: dict[str, Tensor] = {}
+        if self.head == "full":
             tokens = patches
-        feat = self.norm(torch.cat([tokens[m].mean(1) for m in MODS], -1))
-        return feat, self.classifier(feat), masks
+        elif self.head == "mean":
+            tokens = patches.mean(2, keepdim=True)
+        else:
+            if self.head == "random":
+                out = self.select(dict(zip(MODS, patches)))
+            else:
+                out = self.select(dict(zip(MODS, patches)), dict(zip(MODS, globals_)))
+            tokens, masks, scores = torch.stack([out.tokens[m] for m in MODS]), out.masks, out.scores
+        pooled = self.pool(tokens)  # (M, B, D)
+        pooled = pooled + self.pool_mlp(pooled)
+        feat = self.norm(pooled.permute(1, 0, 2).reshape(pooled.shape[1], -1))
+        return ReIDOutput(feat, self.classifier(feat), self.encoder.logits(globals_), masks, scores)
 
 
-def retrieval(feat: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """mAP and Rank-1 (%), query = every 5th sample, gallery = the rest, cosine similarity."""
-    q = torch.arange(len(labels)) % 5 == 0
-    sim = F.normalize(feat[q], dim=-1) @ F.normalize(feat[~q], dim=-1).T
-    order = sim.argsort(-1, descending=True)
-    hits = (labels[~q][order] == labels[q][:, None]).float()  # (Q, G) relevance in ranked order
-    precision = hits.cumsum(-1) / torch.arange(1, hits.shape[1] + 1)
-    ap = (precision * hits).sum(-1) / hits.sum(-1).clamp_min(1)
-    return 100 * ap.mean().item(), 100 * hits[:, 0].mean().item()
-
-
-def train_eval(head: str, train: dict, y_train: torch.Tensor, test: dict, y_test: torch.Tensor, epochs: int,
-               seed: int) -> tuple[float, float, ReIDModel]:
+def pretrain_encoder(task: TaskConfig, cfg: ModelConfig, tcfg: TrainConfig, seed: int) -> dict[str, Tensor]:
+    """Backbone pretraining on clean single digits (training pool only: no clutter, no distractors, no blinding), as
+    ReID backbones start from ImageNet / CLIP weights; every head then starts from this same state."""
+    clean = replace(task, distractors=0, texture=0.0, blind_prob=0.0)
+    data, _ = make_data(clean)
     torch.manual_seed(seed)
-    model = ReIDModel(head)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    n, bs = len(y_train), 128
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(n)
-        for i in range(0, n - bs + 1, bs):
-            idx = order[i:i + bs]
-            _, logits, _ = model({m: x[idx] for m, x in train.items()})
-            loss = F.cross_entropy(logits, y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        feat, _, _ = model(test)
-    return (*retrieval(feat, y_test), model)
+    encoder = Encoder(task, cfg)
+
+    def loss_fn(idx: Tensor) -> Tensor:
+        return F.cross_entropy(encoder.logits(encoder(data.subset(idx))[1]), data.labels[idx])
+
+    train_loop(encoder, loss_fn, len(data.labels), tcfg, seed)
+    return encoder.state_dict()
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with explicit attention matmuls (so FlopCounterMode counts them on CPU)."""
-
-    def __init__(self, dim: int, heads: int = 8) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5).softmax(-1)
-        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-        return x + self.mlp(self.norm2(x))
-
-
-def downstream_cost(batch: int = 32, repeats: int = 15) -> dict[str, dict[str, float]]:
-    """MACs and CPU latency per modality batch: one block on 128 patches vs SDTPS (3 modalities) + block on 26."""
-    torch.manual_seed(0)
-    sdtps, block = MultiModalSDTPS().eval(), Block(512).eval()
-    p = {m: torch.randn(batch, 128, 512) for m in MODS}
-    g = {m: torch.randn(batch, 512) for m in MODS}
-    runs = {
-        "block_128": lambda: [block(p[m]) for m in MODS],
-        "sdtps_only": lambda: sdtps(p, g),
-        "sdtps+block_26": lambda: [block(t) for t in sdtps(p, g).tokens.values()],
-    }
-    res = {}
-    with torch.no_grad():
-        for name, fn in runs.items():
-            with FlopCounterMode(display=False) as fc:
-                fn()
-            res[name] = {"GMACs": fc.get_total_flops() / 2 / 1e9, "ms": []}
-        for name, fn in runs.items():  # warm-up
-            fn()
-        for _ in range(repeats):  # interleaved, so drifts hit every variant alike
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                res[name]["ms"].append(1e3 * (time.perf_counter() - t0))
-    for r in res.values():
-        ms = r.pop("ms")
-        r["median_ms"], r["min_ms"], r["max_ms"] = statistics.median(ms), min(ms), max(ms)
+def mask_analysis(out: ReIDOutput, split: Split) -> dict[str, float]:
+    """Where the selection goes, over the modality-samples that contain the identity (blinded ones left out): share
+    (%) of identity, distractor and background patches kept, and the AUC (%) of the fused score for identity versus
+    distractor patches (50 = cannot tell them apart; the kept counts depend on the top-k cut, the AUC does not)."""
+    kept = torch.stack([out.masks[m] for m in MODS]).bool()  # (M, S, N)
+    score = torch.stack([out.scores[m] for m in MODS])
+    ok = ~split.blinded[..., None]
+    ident = split.identity & ok
+    distr = split.distractor & ok & ~split.identity
+    back = ok & ~split.identity & ~split.distractor
+    above = (score[..., :, None] > score[..., None, :]).float() + 0.5 * (score[..., :, None] == score[..., None, :])
+    pairs = ident[..., :, None] & distr[..., None, :]  # (M, S, N, N) identity x distractor patch pairs
+    res = {f"{name} kept %": 100 * (kept & sel).sum().item() / sel.sum().item()
+           for name, sel in (("identity", ident), ("distractor", distr), ("background", back))}
+    res["id-vs-distractor AUC %"] = 100 * (above * pairs).sum().item() / pairs.sum().item()
     return res
 
 
-def plot_masks(model: ReIDModel, test: dict, images: dict, path: Path, count: int = 6) -> None:
+def run(head: str, train: Split, test: Split, task: TaskConfig, cfg: ModelConfig, tcfg: TrainConfig, seed: int,
+        backbone: dict[str, Tensor]) -> tuple[dict[str, float], ReIDNet]:
+    """Fine-tune one variant from the pretrained backbone with one seed -> (held-out metrics, model)."""
+    torch.manual_seed(seed)
+    model = ReIDNet(head, task, cfg)
+    model.encoder.load_state_dict(backbone)
+
+    def loss_fn(idx: Tensor) -> Tensor:
+        out = model(train.subset(idx))
+        y = train.labels[idx]
+        return F.cross_entropy(out.logits, y) + F.cross_entropy(out.global_logits, y)
+
+    losses = train_loop(model, loss_fn, len(train.labels), tcfg, seed)
+    if head == "random":
+        model.select.generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        out = model(test.patches)
+    query = torch.arange(len(test.labels)) % 5 == 0
+    metrics = {**class_retrieval(out.feature, test.labels, query), "final loss": losses[-1]}
+    if out.masks:
+        metrics.update(mask_analysis(out, test))
+    return metrics, model
+
+
+def budgets(task: TaskConfig, cfg: ModelConfig) -> dict[str, dict[str, float]]:
+    """Tokens per modality after the head and MACs per sample after the common encoder: at the demo width and at the
+    seeds' width (C = 512, 128 patches, one 8-head block with MLP ratio 4 on the kept tokens)."""
+    res = {}
+    x = {m: torch.zeros(1, task.num_patches, task.window**2) for m in MODS}
+    wide_p = {m: torch.randn(1, 128, 512) for m in MODS}
+    wide_g = {m: torch.randn(1, 512) for m in MODS}
+    wide_block = Block(512, heads=8, mlp_ratio=4)
+    for head in HEADS:
+        torch.manual_seed(0)
+        model = ReIDNet(head, task, cfg).eval()
+        total, encoder = count_macs(lambda: model(x)), count_macs(lambda: model.encoder(x))
+        reduced = aggregated_count(task.num_patches, cfg.sparse_ratio, cfg.aggr_ratio) + 1
+        tokens = {"full": task.num_patches, "mean": 1}.get(head, reduced)
+        if head == "full":
+            wide = lambda: [wide_block(p) for p in wide_p.values()]  # noqa: E731
+        elif head == "mean":
+            wide = lambda: [wide_block(p.mean(1, keepdim=True)) for p in wide_p.values()]  # noqa: E731
+        elif head == "random":
+            sel = RandomSelection(512, 128, cfg.sparse_ratio, cfg.aggr_ratio)
+            wide = lambda: [wide_block(t) for t in sel(wide_p).tokens.values()]  # noqa: E731
+        else:
+            sd = MultiModalSDTPS(512, 128, MODS, cfg.sparse_ratio, cfg.aggr_ratio)
+            wide = lambda: [wide_block(t) for t in sd(wide_p, wide_g).tokens.values()]  # noqa: E731
+        res[head] = {"tokens/modality": tokens, "encoder kMACs": encoder / 1e3,
+                     "head+block kMACs": (total - encoder) / 1e3, "C=512 head+block MMACs": count_macs(wide) / 1e6}
+    return res
+
+
+def plot_masks(model: ReIDNet, test: Split, task: TaskConfig, path: Path, count: int = 8) -> None:
+    """Held-out samples, one row per modality: image, discarded patches tinted, identity digit outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with torch.no_grad():
-        _, _, masks = model({m: x[:count] for m, x in test.items()})
-    g = SIDE // PATCH
-    fig, axes = plt.subplots(len(MODS), count, figsize=(1.6 * count, 1.7 * len(MODS)))
+        masks = model({m: x[:count] for m, x in test.patches.items()}).masks
+
+    def up(a: Tensor) -> np.ndarray:  # (N,) patch values -> (H, W) pixels
+        return np.kron(a.float().numpy().reshape(task.grid), np.ones((task.patch, task.patch)))
+
+    fig, axes = plt.subplots(len(MODS), count, figsize=(1.1 * count, 2.0 * len(MODS)))
     for r, m in enumerate(MODS):
         for c in range(count):
             ax = axes[r, c]
-            ax.imshow(images[m][c], cmap="gray")
-            keep = masks[m][c].view(g, g).numpy().repeat(PATCH, 0).repeat(PATCH, 1)
+            ax.imshow(test.images[m][c], cmap="gray")
+            keep = up(masks[m][c])
             ax.imshow(np.ma.masked_where(keep > 0, keep), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+            ax.contour(up(test.identity[r, c]), levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_xticks([])
             ax.set_yticks([])
+            title = f"id {test.labels[c].item()}" + (" blind" if test.blinded[r, c] else "")
+            ax.set_title(title, fontsize=7)
             if c == 0:
                 ax.set_ylabel(m.upper())
-    fig.suptitle("SDTPS selection (tinted = discarded patches), held-out digits", fontsize=9)
+    fig.suptitle("SDTPS: tinted = discarded, cyan = identity digit", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -237,51 +402,56 @@ def plot_masks(model: ReIDModel, test: dict, images: dict, path: Path, count: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demos")
-    ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--bench-only", action="store_true", help="only the 26 vs 128 token cost measurement")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--pretrain-epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    if args.seeds < 1 or args.epochs < 1:
+        raise SystemExit(f"--seeds and --epochs must be >= 1, got {args.seeds} and {args.epochs}")
+    setup(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
-
-    if not args.bench_only:
-        data, labels, images = make_data(0)
-        perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-        test_idx, train_idx = perm[:500], perm[500:]
-        train = {m: x[train_idx] for m, x in data.items()}
-        test = {m: x[test_idx] for m, x in data.items()}
-        y_test = labels[test_idx]
-        chance = retrieval(torch.randn(len(test_idx), 8, generator=torch.Generator().manual_seed(1)), y_test)
-        print(f"train {len(train_idx)}, test {len(test_idx)} digits; {args.epochs} epochs, {args.seeds} seeds")
-        print(f"chance (random features): mAP {chance[0]:.1f}  Rank-1 {chance[1]:.1f}")
-        results["chance"] = {"mAP": chance[0], "rank1": chance[1]}
-        for head in ("sdtps", "random", "mean"):
+    task, cfg = TaskConfig(), ModelConfig()
+    tcfg, pre_cfg = TrainConfig(epochs=args.epochs), TrainConfig(epochs=args.pretrain_epochs)
+    t_start, cpu_start = time.time(), time.process_time()
+    train, test = make_data(task)
+    query = torch.arange(len(test.labels)) % 5 == 0
+    chance = class_retrieval(torch.randn(len(test.labels), 8, generator=torch.Generator().manual_seed(1)),
+                             test.labels, query)
+    log.info("train %d samples, test %d (%d queries); %d epochs, %d seeds; chance mAP %.1f, R@1 %.1f",
+             len(train.labels), len(test.labels), int(query.sum()), tcfg.epochs, args.seeds, chance["mAP"],
+             chance["R@1"])
+    runs: dict[str, list[dict[str, float]]] = {head: [] for head in args.heads}
+    for seed in range(args.seeds):
+        t0 = time.time()
+        backbone = pretrain_encoder(task, cfg, pre_cfg, seed)
+        log.info("seed %d: backbone pretrained on clean digits (%.0f s)", seed, time.time() - t0)
+        for head in args.heads:
             t0 = time.time()
-            runs = [train_eval(head, train, labels[train_idx], test, y_test, args.epochs, s) for s in range(args.seeds)]
-            maps, r1s = [r[0] for r in runs], [r[1] for r in runs]
-            results[head] = {"mAP": maps, "rank1": r1s}
-            sd = statistics.stdev if len(maps) > 1 else (lambda _: 0.0)
-            print(f"{head:7s} mAP {np.mean(maps):5.1f} ± {sd(maps):4.1f}   "
-                  f"Rank-1 {np.mean(r1s):5.1f} ± {sd(r1s):4.1f}"
-                  f"   ({time.time() - t0:.0f} s)")
-            if head == "sdtps":
-                plot_masks(runs[0][2], test, {m: x[test_idx.numpy()] for m, x in images.items()},
-                           out_dir / "sdtps_masks.png")
-        print(f"masks: {out_dir / 'sdtps_masks.png'}")
-
-    cost = downstream_cost()
-    results["cost"] = cost
-    print("\ndownstream cost, batch 32 x 3 modalities, C=512 (one transformer block, 8 heads), CPU 2 threads:")
-    for name, r in cost.items():
-        print(f"  {name:15s} {r['GMACs']:7.2f} GMACs   median {r['median_ms']:7.1f} ms "
-              f"(min {r['min_ms']:.1f}, max {r['max_ms']:.1f})")
-    base, ours = cost["block_128"], cost["sdtps+block_26"]
-    print(f"  SDTPS + block on 26 vs block on 128: MACs x{ours['GMACs'] / base['GMACs']:.3f}, "
-          f"latency x{ours['median_ms'] / base['median_ms']:.3f}")
-    (out_dir / "sdtps_results.json").write_text(json.dumps(results, indent=1))
-    print(f"results: {out_dir / 'sdtps_results.json'}")
+            metrics, model = run(head, train, test, task, cfg, tcfg, seed, backbone)
+            runs[head].append(metrics)
+            log.info("seed %d %-7s mAP %.1f  R@1 %.1f  (%.0f s)", seed, head, metrics["mAP"], metrics["R@1"],
+                     time.time() - t0)
+            if head == "SDTPS" and seed == 0:
+                plot_masks(model, test, task, out_dir / "sdtps_masks.png")
+    cost = budgets(task, cfg)
+    rows = {}
+    for head, rs in runs.items():
+        rows[head] = {k: [r[k] for r in rs] for k in rs[0] if k != "final loss"}
+        rows[head].update(cost[head])
+    columns = ["mAP", "R@1", "tokens/modality", "head+block kMACs", "C=512 head+block MMACs"]
+    mask_columns = ["identity kept %", "distractor kept %", "background kept %", "id-vs-distractor AUC %"]
+    wall, cpu = time.time() - t_start, time.process_time() - cpu_start
+    log.info("\n%s\n\n%s\nchance: mAP %.1f, R@1 %.1f; kept fraction 50 %%, AUC 50 %%; encoder %.0f kMACs per sample, "
+             "common to all; %d seeds; wall %.0f s, CPU %.0f s", table(rows, columns),
+             table({h: r for h, r in rows.items() if mask_columns[0] in r}, mask_columns), chance["mAP"],
+             chance["R@1"], cost["full"]["encoder kMACs"], args.seeds, wall, cpu)
+    result = {"task": asdict(task), "model": asdict(cfg), "train": asdict(tcfg), "pretrain": asdict(pre_cfg),
+              "chance": chance, "runs": runs, "cost": cost, "wall_s": wall, "cpu_s": cpu, "threads": args.threads}
+    (out_dir / "sdtps_results.json").write_text(json.dumps(result, indent=1))
+    log.info("results: %s, masks: %s", out_dir / "sdtps_results.json", out_dir / "sdtps_masks.png")
 
 
 if __name__ == "__main__":

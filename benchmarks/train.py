@@ -1,0 +1,536 @@
+"""Train the reference pipeline: a small PixArt-alpha on the procedural shapes, offline, on a CPU in under 2 hours.
+
+    python -m benchmarks.train                       # all stages into outputs/train, then export
+    python -m benchmarks.train --stage denoiser      # one stage (resumes from its last checkpoint)
+    python -m benchmarks.train --export benchmarks/weights/pixart-shapes   # write the shipped pipeline (fp16)
+
+Stages, each resumable (a checkpoint every few minutes and at the end; a re-run continues where it stopped):
+1. ``vae``: a small `AutoencoderKL` (64-px RGB -> 16 x 16 x 8 latents) trained on its posterior mode with
+   reconstruction (weighted towards the shape's pixels) + edge + tiny KL loss; its `scaling_factor` is set to
+   1 / std of the latents afterwards.
+2. ``features``: the attribute classifier whose penultimate features define FID / KID (`benchmarks.quality`).
+3. ``denoiser``: `PixArtTransformer2DModel` (256 tokens, patch 1) with v-prediction, so that the high-noise steps,
+   where the layout is decided, carry an x0-space weight of at least 1; captions dropped 10 % of the time for
+   classifier-free guidance; EMA weights are the ones exported. The text encoder is a small random T5, frozen.
+
+Data are drawn from a generator seeded by (seed, step), so a resumed run sees the same batches as an uninterrupted
+one. ``--budget-minutes`` caps the wall-clock time of the whole command: a stage that runs out saves and stops, and
+the export uses what was reached (a warning says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import shapes
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("vae", "features", "denoiser")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the trained weights (saved beside them as ``train_config.json``)."""
+
+    seed: int = 0
+    # text encoder: a random, frozen T5 (word-level tokenizer over the caption vocabulary)
+    text_dim: int = 128
+    text_layers: int = 2
+    text_tokens: int = 16  # training pads captions to this; masking makes it equivalent to the pipeline's 120
+    # VAE: 64 px -> 16 x 16 x 8
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 8
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-7
+    vae_object_weight: float = 10.0  # extra loss weight on the shape's pixels: few, but they carry the caption
+    # attribute classifier for FID / KID
+    feature_steps: int = 600
+    feature_batch: int = 64
+    feature_lr: float = 2e-3
+    # denoiser
+    layers: int = 6
+    heads: int = 4
+    head_dim: int = 64
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    min_lr_fraction: float = 0.1
+    ema_decay: float = 0.995  # ~200-step horizon: a short run improves too fast for a longer average
+    caption_dropout: float = 0.1
+    grad_clip: float = 1.0
+    train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # monitoring
+    eval_every: int = 375
+    eval_prompts: int = 27
+    checkpoint_minutes: float = 5.0
+
+    @classmethod
+    def tiny(cls) -> "TrainConfig":
+        """A few-second configuration for tests (same code paths, toy sizes)."""
+        return cls(text_dim=32, text_layers=1, vae_channels=(8, 8, 8), latent_channels=4, vae_steps=10, vae_batch=4,
+                   feature_steps=10, feature_batch=8, layers=1, heads=2, head_dim=16, steps=16, batch=8, warmup=2,
+                   lr=1e-3, eval_every=0, checkpoint_minutes=0.0)
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**data)
+
+
+# -- components ---------------------------------------------------------------------------------------------------
+def build_tokenizer(max_length: int = 120):
+    """Word-level fast tokenizer over the caption vocabulary with T5's special tokens (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in shapes.caption_words():
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
+
+
+def build_text_encoder(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(cfg.seed)
+    heads = max(1, cfg.text_dim // 64)
+    config = T5Config(vocab_size=vocab_size, d_model=cfg.text_dim, d_kv=cfg.text_dim // heads, d_ff=2 * cfg.text_dim,
+                      num_layers=cfg.text_layers, num_heads=heads, pad_token_id=0, eos_token_id=1)
+    encoder = T5EncoderModel(config).eval().requires_grad_(False)
+    # entries of RMS ~1, as real text encoders produce (unit-norm word vectors leave positions unlearnt)
+    encoder.get_input_embeddings().weight.data.normal_(0.0, 1.0)
+    return encoder
+
+
+def build_vae(cfg: TrainConfig) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, latent_channels=cfg.latent_channels, layers_per_block=1,
+        # 4 channels per group: a group norm over one channel would erase the per-image tone of a flat background
+        norm_num_groups=max(1, cfg.vae_channels[0] // 4), sample_size=shapes.RESOLUTION, mid_block_add_attention=False,
+    )
+
+
+def build_transformer(cfg: TrainConfig) -> nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(cfg.seed)
+    width = cfg.heads * cfg.head_dim
+    latent_side = shapes.RESOLUTION // 2 ** (len(cfg.vae_channels) - 1)
+    return PixArtTransformer2DModel(
+        num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        num_layers=cfg.layers, cross_attention_dim=width, sample_size=latent_side, patch_size=1,
+        caption_channels=cfg.text_dim, norm_num_groups=min(32, width),
+    )
+
+
+def noise_scheduler(cfg: TrainConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                         beta_schedule="linear", prediction_type="v_prediction")
+
+
+def sampling_scheduler(cfg: TrainConfig):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start,
+                                       beta_end=cfg.beta_end, beta_schedule="linear", prediction_type="v_prediction")
+
+
+def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str], max_length: int):
+    """(B, L, D) embeddings and (B, L) mask, tokenized exactly as `PixArtAlphaPipeline.encode_prompt` does."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        embeds = text_encoder(ids.input_ids, attention_mask=ids.attention_mask)[0]
+    return embeds, ids.attention_mask
+
+
+# -- training loop plumbing -----------------------------------------------------------------------------------------
+class Budget:
+    """Wall-clock budget shared by the stages of one command."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def exhausted(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The data / noise generator of one training step: resumed runs see the same batches."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + STAGES.index(stage) * 7_919 + step) % (2**63))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Checkpoint:
+    """Resumable state of one stage, saved as ``<dir>/<stage>.pt``."""
+
+    step: int = 0
+    models: dict[str, dict] = field(default_factory=dict)
+    optimizer: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    done: bool = False
+
+    @staticmethod
+    def load(path: Path) -> "Checkpoint":
+        if not path.exists():
+            return Checkpoint()
+        return Checkpoint(**torch.load(path, weights_only=False))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(asdict(self), tmp)
+        tmp.replace(path)
+
+
+def run_stage(stage: str, total: int, ckpt_path: Path, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+              train_step: Callable[[int], dict[str, float]], budget: Budget, checkpoint_minutes: float,
+              on_step: Callable[[int], dict[str, float] | None] | None = None) -> Checkpoint:
+    """Run `train_step(step)` from the checkpoint's step to `total`, saving every few minutes; returns the state."""
+    ckpt = Checkpoint.load(ckpt_path)
+    if ckpt.step:
+        for name, model in models.items():
+            model.load_state_dict(ckpt.models[name])
+        optimizer.load_state_dict(ckpt.optimizer)
+        logger.info("%s: resuming at step %d of %d", stage, ckpt.step, total)
+
+    def save(done: bool) -> None:
+        ckpt.models = {name: model.state_dict() for name, model in models.items()}
+        ckpt.optimizer, ckpt.done = optimizer.state_dict(), done
+        ckpt.save(ckpt_path)
+
+    last_save = time.monotonic()
+    bar = tqdm(range(ckpt.step, total), desc=stage, initial=ckpt.step, total=total, mininterval=10)
+    for step in bar:
+        if budget.exhausted():
+            logger.warning("%s: wall-clock budget spent at step %d of %d; saving and stopping", stage, step, total)
+            save(done=False)
+            return ckpt
+        record = {"step": step, **train_step(step)}
+        extra = on_step(step + 1) if on_step else None
+        if extra:
+            record.update(extra)
+            logger.info("%s step %d: %s", stage, step + 1, extra)
+        ckpt.history.append(record)
+        ckpt.step = step + 1
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step" and isinstance(v, float)})
+        if checkpoint_minutes and time.monotonic() - last_save > 60 * checkpoint_minutes:
+            save(done=False)
+            last_save = time.monotonic()
+    save(done=True)
+    return ckpt
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -- stages ---------------------------------------------------------------------------------------------------------
+def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def train_vae(cfg: TrainConfig, out: Path, budget: Budget) -> nn.Module:
+    vae = build_vae(cfg).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+
+    def train_step(step: int) -> dict[str, float]:
+        g = step_generator(cfg.seed, "vae", step)
+        images = shapes.render(shapes.sample_scenes(cfg.vae_batch, g), g)
+        x = images * 2 - 1
+        chroma = images.max(1, keepdim=True).values - images.min(1, keepdim=True).values
+        weight = 1 + cfg.vae_object_weight * (chroma > 0.3).float()  # the background is grey
+        weight = weight / weight.mean()
+        _set_lr(optimizer, cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 50, 0.05))
+        posterior = vae.encode(x).latent_dist
+        # the posterior mode: sampled latents (std ~1 at init) drown a fresh encoder's means for hundreds of steps
+        recon = vae.decode(posterior.mode()).sample
+        error = recon - x
+        mse = F.mse_loss(recon, x)
+        edge = sum(F.l1_loss(a, b) for a, b in zip(_edges(recon), _edges(x)))
+        kl = posterior.kl().mean()  # summed over the latent, averaged over the batch
+        loss = (error.pow(2) * weight).mean() + 0.5 * (error.abs() * weight).mean() + edge + cfg.vae_kl * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item(), "psnr": float(10 * torch.log10(4 / mse.detach()))}
+
+    run_stage("vae", cfg.vae_steps, out / "vae.pt", {"vae": vae}, optimizer, train_step, budget, cfg.checkpoint_minutes)
+    return calibrate_vae(vae.eval(), cfg)
+
+
+@torch.no_grad()
+def calibrate_vae(vae: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Set `scaling_factor` so that scaled latents have unit standard deviation on the data."""
+    g = step_generator(cfg.seed + 1, "vae", 0)
+    x = shapes.render(shapes.sample_scenes(256, g), g) * 2 - 1
+    std = float(vae.encode(x).latent_dist.mode().std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae
+
+
+def train_features(cfg: TrainConfig, out: Path, budget: Budget) -> nn.Module:
+    from .quality import AttributeNet
+
+    net = AttributeNet().train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.feature_lr, weight_decay=1e-4)
+    names = list(shapes.VOCABULARY)
+
+    def train_step(step: int) -> dict[str, float]:
+        g = step_generator(cfg.seed, "features", step)
+        scenes = shapes.sample_scenes(cfg.feature_batch, g)
+        logits = net(shapes.render(scenes, g))
+        _set_lr(optimizer, cosine_lr(step, cfg.feature_steps, cfg.feature_lr, 50, 0.02))
+        loss = sum(F.cross_entropy(logits[name], getattr(scenes, name)) for name in names)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        acc = torch.stack([(logits[n].argmax(-1) == getattr(scenes, n)).float().mean() for n in names]).mean()
+        return {"loss": float(loss), "acc": float(acc)}
+
+    run_stage("features", cfg.feature_steps, out / "features.pt", {"net": net}, optimizer, train_step, budget,
+              cfg.checkpoint_minutes)
+    return net.eval()
+
+
+class EMA(nn.Module):
+    """Exponential moving average of a model's parameters, with the usual (1 + n) / (10 + n) warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        n = int(self.updates)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+
+
+def train_denoiser(cfg: TrainConfig, out: Path, budget: Budget, vae: nn.Module,
+                   evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> nn.Module:
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(cfg, len(tokenizer))
+    transformer = build_transformer(cfg).train()
+    ema = EMA(transformer, cfg.ema_decay)
+    scheduler = noise_scheduler(cfg)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    vae = vae.eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+    no_size = {"resolution": None, "aspect_ratio": None}
+
+    def train_step(step: int) -> dict[str, float]:
+        g = step_generator(cfg.seed, "denoiser", step)
+        scenes = shapes.sample_scenes(cfg.batch, g)
+        images = shapes.render(scenes, g) * 2 - 1
+        captions = shapes.scene_captions(scenes)
+        drop = (torch.rand(cfg.batch, generator=g) < cfg.caption_dropout).tolist()
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        embeds, mask = encode_captions(tokenizer, text_encoder, captions, cfg.text_tokens)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mode() * scale
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, cfg.train_timesteps, (cfg.batch,), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)
+        _set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_fraction))
+        pred = transformer(noisy, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+                           added_cond_kwargs=no_size).sample
+        loss = F.mse_loss(pred, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = nn.utils.clip_grad_norm_(transformer.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema.update(transformer)
+        return {"loss": float(loss), "grad_norm": float(grad), "lr": optimizer.param_groups[0]["lr"]}
+
+    def on_step(step: int) -> dict[str, float] | None:
+        if evaluate is None or not cfg.eval_every or (step % cfg.eval_every and step != cfg.steps):
+            return None
+        return evaluate(ema.model)
+
+    run_stage("denoiser", cfg.steps, out / "denoiser.pt", {"transformer": transformer, "ema": ema}, optimizer,
+              train_step, budget, cfg.checkpoint_minutes, on_step)
+    return ema.model
+
+
+# -- export ---------------------------------------------------------------------------------------------------------
+def assemble_pipeline(cfg: TrainConfig, vae: nn.Module, transformer: nn.Module):
+    """The trained components as a `PixArtAlphaPipeline` (fp32, CPU)."""
+    from diffusers import PixArtAlphaPipeline
+
+    tokenizer = build_tokenizer()
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=build_text_encoder(cfg, len(tokenizer)), vae=vae,
+                               transformer=transformer, scheduler=sampling_scheduler(cfg))
+
+
+def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
+    """Write the pipeline (fp16 safetensors) and the feature network from the finished checkpoints to `target`."""
+    from .quality import AttributeNet
+
+    stages = {s: Checkpoint.load(out / f"{s}.pt") for s in STAGES}
+    missing = [s for s, c in stages.items() if not c.step]
+    if missing:
+        raise FileNotFoundError(f"no checkpoint for stage(s) {missing} in {out}; train them first")
+    for name, c in stages.items():
+        if not c.done:
+            logger.warning("stage %s stopped early (step %d): exporting what it reached", name, c.step)
+    vae = build_vae(cfg)
+    vae.load_state_dict(stages["vae"].models["vae"])
+    vae = calibrate_vae(vae.eval(), cfg)
+    transformer = build_transformer(cfg)
+    ema_state = stages["denoiser"].models["ema"]
+    transformer.load_state_dict({k.removeprefix("model."): v for k, v in ema_state.items() if k.startswith("model.")})
+    pipe = assemble_pipeline(cfg, vae, transformer.eval())
+    target.mkdir(parents=True, exist_ok=True)
+    pipe.to(torch.float16).save_pretrained(target, safe_serialization=True)
+    net = AttributeNet()
+    net.load_state_dict(stages["features"].models["net"])
+    net.save_pretrained(target / "features")
+    (target / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    history = {s: {"steps": c.step, "done": c.done, "last": c.history[-1] if c.history else None}
+               for s, c in stages.items()}
+    (target / "train_log.json").write_text(json.dumps(history, indent=1))
+    write_reference_sample(target)
+    logger.info("exported the reference pipeline to %s", target)
+    return target
+
+
+REFERENCE_PROMPTS = ("a large red circle at the top left on a striped background",
+                     "a small blue triangle in the center on a dotted background")
+
+
+def reference_sample(folder: Path, steps: int = 10) -> tuple[list[str], "np.ndarray"]:
+    """Images of `REFERENCE_PROMPTS` (seed 0) from the pipeline saved in `folder`, loaded with `from_pretrained`."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(list(REFERENCE_PROMPTS), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                  output_type="np", use_resolution_binning=False, clean_caption=False).images
+    return list(REFERENCE_PROMPTS), images
+
+
+def write_reference_sample(folder: Path) -> None:
+    """Store what the exported pipeline generates, so that a later load can be checked against it."""
+    import numpy as np
+
+    prompts, images = reference_sample(folder)
+    np.savez_compressed(folder / "reference_sample.npz", images=(images * 255).round().astype(np.uint8),
+                        prompts=np.array(prompts))
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------------
+def load_stage_vae(cfg: TrainConfig, out: Path) -> nn.Module:
+    ckpt = Checkpoint.load(out / "vae.pt")
+    if not ckpt.step:
+        raise FileNotFoundError(f"the denoiser needs a trained VAE: no {out / 'vae.pt'}; run --stage vae first")
+    vae = build_vae(cfg)
+    vae.load_state_dict(ckpt.models["vae"])
+    return calibrate_vae(vae.eval(), cfg)
+
+
+def monitor(cfg: TrainConfig, vae: nn.Module) -> Callable[[nn.Module], dict[str, float]]:
+    """Prompt adherence of a fixed prompt set, measured on the EMA weights during training."""
+    from .quality import adherence_table, evaluation_prompts
+
+    prompts = evaluation_prompts(cfg.eval_prompts)
+
+    def evaluate(transformer: nn.Module) -> dict[str, float]:
+        pipe = assemble_pipeline(cfg, vae, transformer)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe([p.caption for p in prompts], generator=torch.Generator().manual_seed(0), output_type="np",
+                      num_inference_steps=20, use_resolution_binning=False, clean_caption=False).images
+        table = adherence_table(images, prompts)
+        return {f"adh_{k}": float(v) for k, v in table.items()}
+
+    return evaluate
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/train"), help="checkpoints (default %(default)s)")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    parser.add_argument("--export", type=Path, default=None, metavar="DIR",
+                        help="after training, write the pipeline here (default: <out>/pipeline)")
+    parser.add_argument("--budget-minutes", type=float, default=120.0, help="wall-clock cap of this command")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
+    parser.add_argument("--config", type=Path, default=None, help="a train_config.json to reproduce")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    parser.add_argument("--no-monitor", action="store_true", help="skip the adherence evaluations during training")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in fields(TrainConfig)}:
+            raise SystemExit(f"--set {key}: not a TrainConfig field")
+        setattr(cfg, key, type(getattr(cfg, key))(json.loads(value)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    budget = Budget(args.budget_minutes)
+    start = time.monotonic()
+
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "vae" in stages:
+        train_vae(cfg, args.out, budget)
+    if "features" in stages:
+        train_features(cfg, args.out, budget)
+    if "denoiser" in stages:
+        vae = load_stage_vae(cfg, args.out)
+        train_denoiser(cfg, args.out, budget, vae, None if args.no_monitor else monitor(cfg, vae))
+    logger.info("training took %.1f min", (time.monotonic() - start) / 60)
+    if args.stage == "all" or args.export is not None:
+        export(cfg, args.out, args.export or args.out / "pipeline")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""diffusers' step caches on any supported denoiser, alone or composed with token merging.
+
+diffusers ships FirstBlockCache, TaylorSeer, PyramidAttentionBroadcast, FasterCache and MagCache as functional
+`apply_*` entry points; this module drives them unchanged. What a pipeline without `CacheMixin` (PixArt) lacks is
+supplied by `CacheContextHook`, the outermost hook on the denoiser: a cache context around every forward (one per
+call within a step, so an extra call such as SD3's skip-layer guidance keeps its own cache state), a reset of
+every cache hook when a generation begins, and the current timestep for the callbacks of PAB and FasterCache,
+read from the scheduler's schedule without a host sync.
+
+Composition with merging: the cache hooks sit outside the merge hooks, so a skipped or predicted sub-layer or
+block returns a full-length cached output and its merge never runs (no merge state changes for it), and a computed
+one is cached after it was unmerged. The merge cache (SDTM's per-token sub-layer outputs) and the step cache are
+separate tensors; merged outputs are never modified in place after they are returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from diffusers.hooks import (
+    FasterCacheConfig, FirstBlockCacheConfig, HookRegistry, MagCacheConfig, ModelHook,
+    PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, apply_faster_cache, apply_first_block_cache,
+    apply_mag_cache, apply_pyramid_attention_broadcast, apply_taylorseer_cache,
+)
+from diffusers.models.cache_utils import CacheMixin
+from torch import nn
+
+from .state import MergeState
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_HOOK = "sdtm_cache_context"
+STEP_CACHES: dict[type, Any] = {
+    FirstBlockCacheConfig: apply_first_block_cache,
+    TaylorSeerCacheConfig: apply_taylorseer_cache,
+    PyramidAttentionBroadcastConfig: apply_pyramid_attention_broadcast,
+    FasterCacheConfig: apply_faster_cache,
+    MagCacheConfig: apply_mag_cache,
+}
+
+# TaylorSeer matches module names with `re.fullmatch`; its defaults ("^transformer_blocks.*attn") hook nothing on
+# PixArt / DiT / U-Net blocks, whose attention modules are "attn1" / "attn2": the same modules, named as they are
+_TAYLORSEER_MODULES = (r"transformer_blocks\.\d+\.attn\d?", r"transformer_blocks\.\d+\.ff")
+
+
+def supported_step_caches() -> str:
+    return ", ".join(cls.__name__ for cls in STEP_CACHES)
+
+
+def _prepared(config: Any, state: MergeState) -> Any:
+    """The config with this project's wiring filled in where the user left it unset (a copy; the user's is kept)."""
+    if type(config) not in STEP_CACHES:
+        raise TypeError(f"step_cache must be one of {supported_step_caches()}, got {type(config).__name__}")
+    changes: dict[str, Any] = {}
+    if hasattr(config, "current_timestep_callback") and config.current_timestep_callback is None:
+        changes["current_timestep_callback"] = state.current_timestep
+    if isinstance(config, TaylorSeerCacheConfig) and not (
+        config.cache_identifiers or config.skip_predict_identifiers or config.use_lite_mode
+    ):
+        changes["cache_identifiers"] = list(_TAYLORSEER_MODULES)
+    if isinstance(config, FasterCacheConfig) and config.tensor_format == "BCFHW":
+        changes["tensor_format"] = "BCHW"  # image latents (the default is for video)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _hook_names(model: nn.Module) -> set[tuple[int, str]]:
+    return {(id(m), name) for m in model.modules() for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})}
+
+
+class CacheContextHook(ModelHook):
+    """Outermost hook on the denoiser: opens a cache context around every forward (see the module docstring).
+
+    Args:
+        state: the patch's `MergeState` (its progress tells the call within the step).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, state: MergeState) -> None:
+        super().__init__()
+        self.state = state
+        self._contexts: list[ExitStack] = []
+
+    @torch.compiler.disable
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        progress = self.state.progress
+        if progress.next_starts_generation():  # a bare model: no scheduler announced the generation
+            self.state.reset_step_caches()
+        call = progress.next_call()
+        stack = ExitStack()
+        stack.enter_context(CacheMixin.cache_context(module, "cond" if call == 0 else f"call{call}"))
+        self._contexts.append(stack)
+        return args, kwargs
+
+    @torch.compiler.disable
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self._contexts.pop().close()
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        while self._contexts:
+            self._contexts.pop().close()
+        return module
+
+
+def attach_step_cache(model: nn.Module, config: Any, state: MergeState) -> list[tuple[nn.Module, str]]:
+    """Apply diffusers' step cache `config` to `model` behind the patch's hooks; returns the hooks it registered
+    (outermost last), so that they can be removed exactly."""
+    before = _hook_names(model)
+    STEP_CACHES[type(config)](model, _prepared(config, state))
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(CacheContextHook(state), CONTEXT_HOOK)
+    added = [(m, name) for m in model.modules() for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
+             if (id(m), name) not in before]
+    if len(added) < 2:
+        raise RuntimeError(f"{type(config).__name__} hooked no module of {type(model).__name__}")
+
+    def reset_caches() -> None:  # a new generation: no cache state may carry over
+        for module, name in added:
+            hook = module._diffusers_hook.get_hook(name)
+            if hook is not None and hook._is_stateful and name != CONTEXT_HOOK:
+                hook.reset_state(module)
+
+    state.on_generation.append(reset_caches)
+    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    logger.info("%s applied to %s: %d hooks", type(config).__name__, type(model).__name__, len(added))
+    return added

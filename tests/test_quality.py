@@ -1,0 +1,95 @@
+"""Image-quality metrics on constructed images: the analytic adherence checker, FID and KID."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import quality, shapes
+
+
+def _render(rows, seed=0):
+    """(B, H, W, 3) numpy renders of scenes given as attribute-index rows (colour, shape, size, position, texture)."""
+    index = torch.tensor(rows)
+    return shapes.render(shapes.Scenes(*index.T), torch.Generator().manual_seed(seed)).permute(0, 2, 3, 1).numpy()
+
+
+def _all_values():
+    """A few scenes that together use every value of every attribute."""
+    return [[c, c % 3, c % 2, p, p % 3] for c in range(6) for p in (c, 8 - c)] + [[0, 1, 1, 6, 2], [3, 2, 0, 7, 1]]
+
+
+def test_renders_of_every_attribute_value_score_one():
+    rows = _all_values()
+    ok = quality.adherence(_render(rows), [quality.Prompt(*r) for r in rows])
+    assert ok.all(), np.argwhere(~ok)
+
+
+def test_checker_reads_the_whole_attribute_grid():
+    grid = shapes.scene_grid()
+    rows = torch.stack([getattr(grid, a) for a in shapes.ATTRIBUTES], 1).tolist()
+    table = quality.adherence_table(_render(rows, seed=3), [quality.Prompt(*r) for r in rows])
+    assert min(table[a] for a in shapes.ATTRIBUTES) >= 0.99, table
+
+
+@pytest.mark.parametrize("attribute, wrong", [("colour", 3), ("shape", 2), ("size", 0), ("position", 8), ("texture", 0)])
+def test_a_wrong_attribute_scores_zero_for_it_only(attribute, wrong):
+    right = [1, 0, 1, 0, 1]  # a large yellow circle at the top left on a striped background
+    image = right.copy()
+    image[shapes.ATTRIBUTES.index(attribute)] = wrong
+    ok = quality.adherence(_render([image]), [quality.Prompt(*right)])[0]
+    expected = [a != attribute for a in shapes.ATTRIBUTES]
+    assert ok.tolist() == expected
+
+
+def test_an_empty_image_meets_no_object_attribute():
+    blank = np.full((1, 64, 64, 3), 0.5)
+    found = quality.analyse(blank[0])
+    assert found["colour"] == found["shape"] == found["size"] == found["position"] == -1
+    assert found["texture"] == shapes.TEXTURES.index("plain")
+    table = quality.adherence_table(blank, [quality.Prompt(0, 0, 0, 0, 0)])
+    assert table["colour"] == table["position"] == 0.0 and table["texture"] == 1.0 and table["all_correct"] == 0.0
+
+
+def test_checker_errors_name_the_bad_input():
+    with pytest.raises(ValueError, match="image must be"):
+        quality.analyse(np.zeros((64, 64)))
+    with pytest.raises(ValueError, match="same length"):
+        quality.adherence(np.zeros((2, 64, 64, 3)), [quality.Prompt(0, 0, 0, 0, 0)])
+    with pytest.raises(ValueError, match="number of prompts"):
+        quality.evaluation_prompts(0)
+
+
+def test_evaluation_prompts_are_fixed_distinct_and_balanced():
+    prompts = quality.evaluation_prompts(54)
+    assert prompts == quality.evaluation_prompts(54)
+    assert len(set(prompts)) == 54
+    for i, values in enumerate(shapes.VOCABULARY.values()):
+        counts = np.bincount([p.expected()[shapes.ATTRIBUTES[i]] for p in prompts], minlength=len(values))
+        assert counts.max() - counts.min() <= 1, (shapes.ATTRIBUTES[i], counts)
+
+
+def test_fid_and_kid_of_a_set_against_itself_and_a_shifted_set():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(400, 8))
+    b = g.normal(size=(400, 8))  # same distribution, other samples
+    shifted = b + 0.5
+    assert quality.frechet_distance(a, a) < 1e-6
+    assert quality.frechet_distance(a, b) < 0.3 < quality.frechet_distance(a, shifted)
+    assert abs(quality.kernel_distance(a, b)) < 0.02 < quality.kernel_distance(a, shifted)
+    # FID of two Gaussians with known moments: |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)
+    assert quality.frechet_distance(a, shifted) == pytest.approx(8 * 0.25, rel=0.15)
+
+
+def test_shipped_feature_network_separates_data_from_degraded_images():
+    """FID on the trained attribute network: renders vs other renders small, vs blurred or noisy renders larger."""
+    prompts = quality.evaluation_prompts(32)
+    scorer = quality.QualityScorer(prompts, quality.default_features())
+    renders = quality.reference_images(prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
+    clean = scorer(renders)
+    assert clean["adherence"] == 1.0
+    noisy = np.clip(renders + np.random.default_rng(0).normal(0, 0.15, renders.shape), 0, 1)
+    blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(renders).permute(0, 3, 1, 2), 5, 1, 2)
+    blurred = blurred.permute(0, 2, 3, 1).numpy()
+    for degraded in (noisy, blurred):
+        scores = scorer(degraded)
+        assert scores["fid"] > 2 * clean["fid"] and scores["kid"] > clean["kid"]

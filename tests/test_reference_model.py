@@ -1,0 +1,52 @@
+"""The shipped trained pipeline: loads with `from_pretrained`, reproduces its stored sample, counts MACs on meta."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import train
+from benchmarks.macs import count_forward_macs
+from benchmarks.models import PRESETS, WEIGHTS, build_denoiser, denoiser_inputs, load_pipeline
+
+FOLDER = WEIGHTS / "pixart-shapes"
+
+
+def test_shipped_weights_are_small_safetensors():
+    files = [p for p in FOLDER.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} >= {"transformer", "vae", "text_encoder", "features"}
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+
+
+def test_preset_loads_through_from_pretrained_with_learned_weights():
+    from diffusers import PixArtAlphaPipeline
+
+    preset = PRESETS["pixart-shapes"]
+    assert preset.trained and preset.num_tokens == 256 and preset.resolution == 64
+    pipe = load_pipeline("pixart-shapes", torch_dtype=torch.float32)
+    assert isinstance(pipe, PixArtAlphaPipeline) and pipe.transformer.dtype == torch.float32
+    assert pipe.transformer.config == build_denoiser(preset, "meta").config
+
+
+def test_generates_the_stored_reference_sample():
+    stored = np.load(FOLDER / "reference_sample.npz")
+    prompts, images = train.reference_sample(FOLDER)
+    assert prompts == list(stored["prompts"])
+    diff = np.abs(images - stored["images"] / 255.0)
+    # not bits: other BLAS libraries round differently over the 10 steps
+    assert diff.mean() < 0.01 and np.quantile(diff, 0.99) < 0.1, (diff.mean(), diff.max())
+
+
+def test_macs_of_the_trained_preset_on_meta():
+    preset = PRESETS["pixart-shapes"]
+    count = count_forward_macs(build_denoiser(preset, "meta"), denoiser_inputs(preset, 2, "meta")).steps[0]
+    assert count.total > count.linear > 0 and count.by_label()["merge"] == 0
+
+
+def test_missing_trained_preset_is_a_clear_error(monkeypatch):
+    from benchmarks import models
+
+    monkeypatch.delitem(models.PRESETS, "pixart-shapes")
+    with pytest.raises(FileNotFoundError, match="benchmarks.train"):
+        load_pipeline("pixart-shapes")

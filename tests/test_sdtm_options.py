@@ -1,0 +1,103 @@
+"""SDTM options beyond the paper (signed / bounded staleness prior, destination rule, structure merge, attention in
+the detail phase, protected first / last blocks): each moves the result in its documented direction."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import generate
+from test_sdtm_pipeline import _build, expected_counts, per_step, record_counts
+
+from sdtm_plugin import SDTMConfig, apply_SDTM
+from sdtm_plugin.merge import WindowGrid, staleness_priority
+from sdtm_plugin.methods import SDTM
+from sdtm_plugin.schedule import Phase
+
+CPU = torch.device("cpu")
+
+
+def test_paper_defaults_are_unchanged():
+    paper = dict(ratio=0.3, deviation=0.2, switch_step=20, use_rand=True, sx=2, sy=2, a_s=0.05, a_d=0.05,
+                 prior="linear", idm_destination="stalest", structure_merge="window", detail_merge_attn=False,
+                 mcw=0.1, protect_steps_frequency=3, protect_layers_frequency=-1, protect_first_layers=0,
+                 protect_last_layers=0, merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0)
+    assert {k: v for k, v in dataclasses.asdict(SDTMConfig()).items() if k in paper} == paper
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("prior", "log", "prior must be one of"), ("idm_destination", "first", "idm_destination must be one of"),
+    ("structure_merge", "tile", "structure_merge must be one of"), ("a_s", float("nan"), "a_s must be"),
+    ("protect_first_layers", -1, "protect_first_layers must be"), ("detail_merge_attn", 1, "detail_merge_attn"),
+])
+def test_option_errors_name_the_field_and_its_range(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SDTMConfig(**{field: value})
+
+
+def _idm_merged_stale(a_d, prior="linear"):
+    x = torch.randn(4, 64, 16, generator=torch.Generator().manual_seed(1))
+    staleness = torch.zeros(4, 64, dtype=torch.int32)
+    staleness[:, ::2] = 5
+    merge, grid = _build(SDTMConfig(a_d=a_d, prior=prior, use_rand=False), Phase.DETAIL, x, staleness, 0.25)
+    sources = merge.merged.clone()
+    sources[:, grid.window_tokens[:, 0]] = False
+    return int((sources & staleness.bool()).sum())
+
+
+def test_a_negative_prior_makes_stale_tokens_less_likely_to_merge():
+    assert _idm_merged_stale(-2.0) < _idm_merged_stale(0.0) < _idm_merged_stale(2.0)
+    assert _idm_merged_stale(-2.0, "bounded") < _idm_merged_stale(0.0, "bounded") < _idm_merged_stale(2.0, "bounded")
+
+
+def test_bounded_prior_saturates_below_one():
+    t = torch.tensor([[0, 1, 3, 100]], dtype=torch.int32)
+    bounded = staleness_priority(t, "bounded")
+    assert bounded[0, 0] == 0 and (bounded < 1).all() and (bounded.diff() > 0).all()
+    assert staleness_priority(t)[0, -1] > 3  # the linear form is unbounded
+
+
+def test_destination_rules():
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
+    x = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(5))
+    for w, tokens in enumerate(grid.window_tokens.tolist()):  # in each window, token w % 4 is an outlier
+        base = torch.randn(8, generator=torch.Generator().manual_seed(w))
+        for p, t in enumerate(tokens):
+            x[0, t] = -base if p == w % 4 else base + 0.05 * torch.randn(8)
+    staleness = torch.zeros(1, 16, dtype=torch.int32)
+    staleness[0, grid.window_tokens[:, 2]] = 4  # position 2 is the stalest everywhere
+
+    def chosen(rule, seed=0):
+        method = SDTM(SDTMConfig(idm_destination=rule, use_rand=True), 1)
+        return method._destinations(x, grid, staleness, torch.Generator().manual_seed(seed)).argmax(-1)[0].tolist()
+
+    assert chosen("stalest") == [2, 2, 2, 2]
+    similar = chosen("similar")
+    assert all(pos != w % 4 for w, pos in enumerate(similar))  # never the outlier
+    draws = {tuple(chosen("random", seed)) for seed in range(6)}
+    assert len(draws) > 1  # random destinations follow the generator
+
+
+def test_bipartite_structure_merge_removes_as_many_tokens_but_not_whole_windows():
+    x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(7))
+    staleness = torch.zeros(2, 64, dtype=torch.int32)
+    window, grid = _build(SDTMConfig(), Phase.STRUCTURE, x, staleness, 0.3)
+    bipartite, _ = _build(SDTMConfig(structure_merge="bipartite"), Phase.STRUCTURE, x, staleness, 0.3)
+    assert window.num_rows == bipartite.num_rows  # matched token counts, so matched MACs
+    whole = lambda m: bool(((m.merged[:, grid.window_tokens].sum(-1) % 4) == 0).all())  # noqa: E731
+    assert whole(window) and not whole(bipartite)
+
+
+def test_detail_phase_attention_and_protected_first_and_last_blocks(tiny_pipe):
+    steps = 10
+    apply_SDTM(tiny_pipe, detail_merge_attn=True, protect_first_layers=1, protect_last_layers=1)
+    seen, handles = record_counts(tiny_pipe)
+    generate(tiny_pipe, steps=steps)
+    for h in handles:
+        h.remove()
+    paper = expected_counts(steps)
+    for i, row in enumerate(per_step(seen)):
+        assert row[0] == row[3] == (64, 64)  # protected blocks
+        for layer in (1, 2):
+            attn, mlp = row[layer]
+            assert mlp == paper[i][layer][1]
+            assert attn == (mlp if i * 50 > 20 * steps else paper[i][layer][0]), (i, layer)  # detail: shared merge

@@ -1,0 +1,84 @@
+"""The training command on a tiny configuration: losses fall, an interrupted stage resumes exactly, export loads."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import train
+from benchmarks.train import Budget, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """All three stages of the tiny configuration, then the export."""
+    out = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig.tiny()
+    train.train_vae(cfg, out, Budget(None))
+    train.train_features(cfg, out, Budget(None))
+    train.train_denoiser(cfg, out, Budget(None), train.load_stage_vae(cfg, out))
+    return cfg, out, train.export(cfg, out, out / "pipeline")
+
+
+def _losses(out, stage):
+    return [r["loss"] for r in train.Checkpoint.load(out / f"{stage}.pt").history]
+
+
+def test_losses_fall(trained):
+    _, out, _ = trained
+    for stage in ("vae", "features", "denoiser"):
+        losses = _losses(out, stage)
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+
+
+def test_export_loads_with_from_pretrained_and_generates(trained):
+    from diffusers import DiffusionPipeline, PixArtAlphaPipeline
+
+    from benchmarks.quality import AttributeNet
+
+    _, _, folder = trained
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    assert isinstance(pipe, PixArtAlphaPipeline) and pipe.transformer.dtype == torch.float32
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    images = pipe("a small red circle at the top left on a plain background", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np", use_resolution_binning=False,
+                  clean_caption=False).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    net = AttributeNet.from_pretrained(folder / "features")
+    assert set(net(torch.rand(2, 3, 64, 64))) == set(train.shapes.ATTRIBUTES)
+
+
+def test_interrupted_stage_resumes_to_the_same_weights(tmp_path, trained, monkeypatch):
+    cfg, out, _ = trained
+    cfg = TrainConfig(**{**cfg.__dict__, "checkpoint_minutes": 1e-9})  # a checkpoint after every step
+    vae = train.load_stage_vae(cfg, out)
+    straight = train.train_denoiser(cfg, tmp_path / "straight", Budget(None), vae)
+
+    calls = {"n": 0}
+
+    def stop_after_five(self):
+        calls["n"] += 1
+        return calls["n"] > 5
+
+    with monkeypatch.context() as m:
+        m.setattr(Budget, "exhausted", stop_after_five)
+        train.train_denoiser(cfg, tmp_path / "resumed", Budget(None), vae)
+    assert train.Checkpoint.load(tmp_path / "resumed" / "denoiser.pt").step == 5
+    resumed = train.train_denoiser(cfg, tmp_path / "resumed", Budget(None), vae)
+    ckpt = train.Checkpoint.load(tmp_path / "resumed" / "denoiser.pt")
+    assert ckpt.done and ckpt.step == cfg.steps and len(ckpt.history) == cfg.steps
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_training_text_encoding_equals_the_pipelines(trained):
+    """Training pads captions to 16 tokens; with the attention masks that equals the pipeline's 120."""
+    from diffusers import DiffusionPipeline
+
+    cfg, _, folder = trained
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    caption = "a large blue square in the center on a dotted background"
+    embeds, mask = train.encode_captions(pipe.tokenizer, pipe.text_encoder, [caption], cfg.text_tokens)
+    ref, ref_mask, _, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, clean_caption=False)
+    n = int(mask.sum())
+    assert int(ref_mask.sum()) == n and ref.shape[1] == 120
+    torch.testing.assert_close(embeds[0, :n], ref[0, :n].float(), rtol=1e-3, atol=1e-3)
