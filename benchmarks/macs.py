@@ -221,7 +221,10 @@ class ForwardMacs:
         """
         per_phase: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for count, tokens, phase in zip(self.steps, self.token_counts or [], self.phases or []):
-            full = max(c for role in tokens.values() for c in role if c is not None)
+            ran = [c for role in tokens.values() for c in role if c is not None]
+            if not ran:  # a step cache skipped every block
+                continue
+            full = max(ran)
             merged = sum(any(t is not None and t < full for t in blk) for blk in zip(*tokens.values()))
             if merged:
                 per_phase[phase].append((count.merge_bytes / (merged * block_input_bytes), count.merge_ops / merged))
@@ -263,7 +266,10 @@ def count_call_macs(model: nn.Module, run: Callable[[], Any]) -> ForwardMacs:
     from sdtm_plugin import get_merge_state
     from sdtm_plugin.adapters import find_adapter
 
-    sublayers = [sub.module for block in find_adapter(model).layout(model).blocks for sub in block]
+    # a sub-layer ran when its first linear layer did: attention-level caches (PAB, FasterCache, TaylorSeer) return
+    # a cached output from the sub-layer's own forward, whose hooks would still fire
+    sublayers = [next((m for m in sub.module.modules() if isinstance(m, nn.Linear)), sub.module)
+                 for block in find_adapter(model).layout(model).blocks for sub in block]
     counter = MacCounter()
     counter.enabled = False
     steps: list[MacCount] = []

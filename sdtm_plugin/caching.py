@@ -110,8 +110,9 @@ class CacheContextHook(ModelHook):
 def attach_step_cache(model: nn.Module, config: Any, state: MergeState) -> list[tuple[nn.Module, str]]:
     """Apply diffusers' step cache `config` to `model` behind the patch's hooks; returns the hooks it registered
     (outermost last), so that they can be removed exactly."""
+    prepared = _prepared(config, state)  # raises for an unknown config before anything is hooked
     before = _hook_names(model)
-    STEP_CACHES[type(config)](model, _prepared(config, state))
+    STEP_CACHES[type(config)](model, prepared)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(CacheContextHook(state), CONTEXT_HOOK)
     added = [(m, name) for m in model.modules() for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
              if (id(m), name) not in before]

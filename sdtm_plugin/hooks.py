@@ -52,14 +52,14 @@ class StepHook(ModelHook):
         self._scheduler = None
         self._wrapped: dict[str, Callable] = {}
         self._model = None
-        self.installed_forward = None  # the model's forward once this hook is registered (set by `patch`)
+        self.installed_forward = None  # the model's outermost hooked forward (set by `patch`)
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._model = weakref.ref(module)
         return module
 
     def ensure_wired(self) -> None:
-        """Put this hook back in front of the model's forward if a wrapper that was outside it reset that forward.
+        """Put the patch's hooks back in front of the model's forward if a wrapper outside them reset that forward.
 
         accelerate's `enable_model_cpu_offload` re-creates its hooks after every pipeline call, restoring the
         forward it had wrapped (the unpatched one when offloading was enabled before patching).

@@ -143,7 +143,7 @@ class SDTM(MergeMethod):
             merge = bipartite_merge(x, grid, removed, self._destinations(x, grid, staleness, generator), priority,
                                     weight)
         # T counts steps since a token was last computed on its own: +1 where merged, else back to 0
-        torch.where(merge.merged, staleness + 1, 0, out=staleness)
+        staleness.add_(1).masked_fill_(~merge.merged, 0)
         return merge
 
     def _destinations(self, x: torch.Tensor, grid: WindowGrid, staleness: torch.Tensor,

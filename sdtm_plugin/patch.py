@@ -113,6 +113,7 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
         except BaseException:
             remove_SDTM(model)
             raise
+        step_hook.installed_forward = model.__dict__["forward"]  # the outermost hook's forward
     logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
                 len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
     return pipe_or_model

@@ -170,8 +170,7 @@ class MergeState:
     def _new_generation(self) -> None:
         self.records.clear()
         self._generators = {}
-        for buffers in self._streams.values():
-            buffers.reset_staleness()
+        self._streams.clear()  # nothing (staleness, output caches) carries over from the previous generation
 
     def release(self) -> None:
         """Free the per-generation buffers (output caches, staleness); the telemetry stays readable."""

@@ -18,7 +18,7 @@ from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM, apply_ToMe, remove_S
         ({"sx": 1, "sy": 1}, "sx \\* sy"),
         ({"sx": 2.0}, "sx"),
         ({"switch_step": -1}, "switch_step"),
-        ({"a_s": -0.1}, "a_s"),
+        ({"a_s": float("nan")}, "a_s"),
         ({"a_d": float("inf")}, "a_d"),
         ({"mcw": 1.5}, "mcw"),
         ({"protect_steps_frequency": 0}, "protect_steps_frequency"),

@@ -221,11 +221,17 @@ def _groups(merge, b):
     return sorted(sorted(m) for m in rows.values() if len(m) > 1)
 
 
-def _inputs_with_ties(hw, seed, batch=2, channels=6):
-    x = _grid_metric(batch, hw, channels, seed)
+def _inputs_with_ties(hw, seed, batch=2, channels=8):
+    """Tokens with four +-1 entries (norm 2): every cosine is a multiple of 1/4, exact in any summation order, so
+    the many exact ties test the tie-breaking itself rather than rounding."""
+    g = torch.Generator().manual_seed(seed)
+    n = hw[0] * hw[1]
+    support = torch.rand(batch, n, channels, generator=g).argsort(-1)[..., :4]
+    signs = torch.randint(0, 2, (batch, n, 4), generator=g).float() * 2 - 1
+    x = torch.zeros(batch, n, channels).scatter_(2, support, signs)
     windows, _ = _tokens_of_windows(hw, 2, 2)
-    x[:, windows[1]] = x[:, windows[0]]  # two identical windows: a tie the stable order must break the same way
-    x[:, windows[-1][1]] = x[:, windows[-1][0]]  # a source tied with its own destination
+    x[:, windows[1]] = x[:, windows[0]]  # two identical windows
+    x[:, windows[-1][1]] = x[:, windows[-1][0]]  # a source equal to its window's first token
     return x
 
 
@@ -271,12 +277,12 @@ def test_low_precision_chooses_the_same_windows_and_sources(dtype):
     x[:, redundant] = x[:, redundant[:, :1]] + 0.05 * torch.randn(2, 4, 4, 32, generator=g)
     full = window_merge(x, grid, 4)
     low = window_merge(x.to(dtype), grid, 4)
-    assert torch.equal(full.merged, low.merged) and torch.equal(full.row_of_token, low.row_of_token)
-    merged = low.merge(x.to(dtype))
-    assert merged.dtype == dtype
-    torch.testing.assert_close(merged.float(), full.merge(x), atol=2e-2, rtol=2e-2)
+    assert all(_groups(full, b) == _groups(low, b) for b in range(2))  # the row order of equal scores may differ
+    roundtrip = low.unmerge(low.merge(x.to(dtype)))
+    assert roundtrip.dtype == dtype
+    torch.testing.assert_close(roundtrip.float(), full.unmerge(full.merge(x)), atol=2e-2, rtol=2e-2)
     # sources that nearly duplicate a destination
     x = torch.randn(2, 64, 32, generator=g)
     x[:, grid.window_tokens[:6, 1]] = x[:, grid.window_tokens[:6, 0]] + 0.01 * torch.randn(2, 6, 32, generator=g)
     full, low = bipartite_merge(x, grid, 6), bipartite_merge(x.to(dtype), grid, 6)
-    assert torch.equal(full.merged, low.merged) and torch.equal(full.row_of_token, low.row_of_token)
+    assert all(_groups(full, b) == _groups(low, b) for b in range(2))

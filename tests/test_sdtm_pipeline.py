@@ -306,14 +306,15 @@ def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
     """cache_each_step=False blends merged tokens with the last *protected* step's output, True with the last step's."""
     from sdtm_plugin.methods import SDTM
 
-    events = []  # (step, protected, id of the cache blended in, id of the output returned)
+    events = []  # (step, protected, storage of the cache blended in, storage of the output returned, output)
     original = SDTM.finish
 
     def finish(self, layer, name, role, merge, output, plan, buffers):
         used = buffers.cache[layer].get(name) if merge is not None else None
         out = original(self, layer, name, role, merge, output, plan, buffers)
         if layer == 1 and name == "mlp":
-            events.append((plan.step, plan.protected, id(used) if used is not None else None, id(out), out))
+            events.append((plan.step, plan.protected, used.data_ptr() if used is not None else None, out.data_ptr(),
+                           out))  # the outputs stay referenced, so no storage is reused
         return out
 
     monkeypatch.setattr(SDTM, "finish", finish)
