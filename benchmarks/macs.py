@@ -202,6 +202,7 @@ class ForwardMacs:
     token_counts: list[dict[str, list[int | None]]] | None = None
     phases: list[str] | None = None
     sublayers_run: list[float] | None = None  # per forward: the share of attention / MLP sub-layers computed
+    grid_tokens: list[list[int | None]] | None = None  # per forward and block: the unmerged token count
 
     @property
     def per_call(self) -> MacCount:
@@ -220,12 +221,9 @@ class ForwardMacs:
         A block counts as merged at a step when fewer tokens than the grid enter one of its sub-layers.
         """
         per_phase: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for count, tokens, phase in zip(self.steps, self.token_counts or [], self.phases or []):
-            ran = [c for role in tokens.values() for c in role if c is not None]
-            if not ran:  # a step cache skipped every block
-                continue
-            full = max(ran)
-            merged = sum(any(t is not None and t < full for t in blk) for blk in zip(*tokens.values()))
+        for count, tokens, phase, full in zip(self.steps, self.token_counts or [], self.phases or [],
+                                              self.grid_tokens or []):
+            merged = sum(any(t is not None and t < n for t in blk) for n, *blk in zip(full, *tokens.values()))
             if merged:
                 per_phase[phase].append((count.merge_bytes / (merged * block_input_bytes), count.merge_ops / merged))
         return {
@@ -253,7 +251,8 @@ def count_forward_macs(model: nn.Module, inputs: dict[str, Any], num_steps: int 
     if state is None:
         return ForwardMacs(steps)
     records = [r for r in state.records if r.call == 0]
-    return ForwardMacs(steps, [r.tokens for r in records], [r.phase for r in records])
+    return ForwardMacs(steps, [r.tokens for r in records], [r.phase for r in records],
+                       grid_tokens=[r.grid_tokens for r in records])
 
 
 def count_call_macs(model: nn.Module, run: Callable[[], Any]) -> ForwardMacs:
@@ -299,7 +298,7 @@ def count_call_macs(model: nn.Module, run: Callable[[], Any]) -> ForwardMacs:
     state = get_merge_state(model)
     records = [r for r in state.records if r.call == 0] if state is not None else []
     return ForwardMacs(steps, [r.tokens for r in records] or None, [r.phase for r in records] or None,
-                       [n / len(sublayers) for n in ran])
+                       [n / len(sublayers) for n in ran], [r.grid_tokens for r in records] or None)
 
 
 def fvcore_macs(model: nn.Module, inputs: dict[str, Any]) -> int:

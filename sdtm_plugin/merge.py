@@ -17,27 +17,30 @@ Tokens beyond the last full window row/column belong to no window ("loose" token
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity (the row tables are cached per grid)
 class WindowGrid:
     """The non-overlapping ``sy x sx`` windows of an ``(h, w)`` token grid, and index tables built once per device.
 
     Attributes:
         window_tokens: (W, K) token index of each window's K tokens, row-major inside the window.
-        others: (K, K-1) for each in-window position, the other positions.
         loose_tokens: (L,) tokens outside every full window.
+        positions: (N,) 0..N-1.
+        destination_keys: (W,) float32 sort keys of the windows' IDM destinations: below any score, decreasing.
     """
 
     grid: tuple[int, int]
     sx: int
     sy: int
     window_tokens: torch.Tensor
-    others: torch.Tensor
     loose_tokens: torch.Tensor
+    positions: torch.Tensor
+    destination_keys: torch.Tensor
 
     @classmethod
     def build(cls, grid: tuple[int, int], sx: int, sy: int, device: torch.device) -> "WindowGrid":
@@ -50,10 +53,10 @@ class WindowGrid:
         window_tokens = ids[: gh * sy, : gw * sx].reshape(gh, sy, gw, sx).permute(0, 2, 1, 3).reshape(gh * gw, sy * sx)
         in_window = torch.zeros(h * w, dtype=torch.bool)
         in_window[window_tokens.flatten()] = True
-        k = sx * sy
-        others = torch.stack([torch.cat([torch.arange(p), torch.arange(p + 1, k)]) for p in range(k)])
         loose = (~in_window).nonzero().flatten()
-        return cls(grid, sx, sy, window_tokens.to(device), others.to(device), loose.to(device))
+        keys = -1e30 * (1 + torch.arange(gh * gw) / (gh * gw))
+        return cls(grid, sx, sy, window_tokens.to(device), loose.to(device), torch.arange(h * w, device=device),
+                   keys.to(device))
 
     @property
     def num_windows(self) -> int:
@@ -62,6 +65,15 @@ class WindowGrid:
     @property
     def window_size(self) -> int:
         return self.sx * self.sy
+
+    @functools.lru_cache(maxsize=16)
+    def window_merge_rows(self, num_windows: int) -> torch.Tensor:
+        """(N,) the merged row of each position of `window_merge`'s token order (loose and kept window tokens, then
+        the merged windows' K tokens each): kept positions keep their index, merged window j's tokens share row
+        ``n_kept + j``. Built once per merged-window count."""
+        n_kept = self.positions.numel() - num_windows * self.window_size
+        return torch.where(self.positions < n_kept, self.positions,
+                           n_kept + (self.positions - n_kept).div(self.window_size, rounding_mode="floor"))
 
     def window_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, *F) -> (B, gh, sy, gw, sx, *F): a view (no copy) of the tokens covered by full windows."""
@@ -152,8 +164,7 @@ class TokenMerge:
     def _blend_weight(self, cache_weight: float, dtype: torch.dtype) -> torch.Tensor:
         key = (cache_weight, dtype)
         if key not in self._blend_weights:  # shared by the attention and MLP unmerges of the block
-            one = torch.ones((), dtype=dtype, device=self.merged.device)
-            self._blend_weights[key] = torch.where(self.merged, cache_weight, one).to(dtype).unsqueeze(-1)
+            self._blend_weights[key] = (self.merged.to(dtype) * (cache_weight - 1.0) + 1.0).unsqueeze(-1)
         return self._blend_weights[key]
 
 
@@ -163,10 +174,10 @@ def staleness_priority(staleness: torch.Tensor, form: str = "linear") -> torch.T
     ``"linear"``: ``T / mean(T)`` per batch element (the paper's; all-zero T gives zeros); ``"bounded"``:
     ``T / (T + 1)``, in [0, 1).
     """
-    t = staleness.float()
     if form == "bounded":
-        return t / (t + 1)
-    return t / t.mean(1, keepdim=True).clamp_min(1e-6)
+        return staleness / (staleness + 1.0)
+    mean = staleness.sum(1, keepdim=True, dtype=torch.float32).div_(staleness.shape[1]).clamp_min_(1e-6)
+    return staleness / mean
 
 
 def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
@@ -177,16 +188,20 @@ def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     return (windows * summed).sum(-1, dtype=torch.float32).transpose(2, 3).flatten(3, 4).flatten(1, 2)
 
 
+def _window_unit_sums(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
+    """(B, N, C) -> (B, W) float32 ``|sum_k v_k|^2`` over each window's unit vectors v (model dtype, fp32 sums)."""
+    unit = x * inverse_norms(x).to(x.dtype).unsqueeze(-1)
+    summed = grid.window_view(unit).sum((2, 4), dtype=torch.float32).flatten(1, 2)  # (B, W, C)
+    return torch.linalg.vector_norm(summed, dim=-1).square_()
+
+
 def window_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     """(B, N, C) -> (B, W) float32: mean cosine similarity over the K(K-1) ordered pairs of each window's tokens.
 
-    ``(|sum_k v_k|^2 - K) / (K(K-1))`` on unit vectors v: O(K C) per window. The unit vectors are in the model's
-    dtype, their window sums accumulate in fp32.
+    ``(|sum_k v_k|^2 - K) / (K(K-1))`` on unit vectors v: O(K C) per window.
     """
     k = grid.window_size
-    unit = x * inverse_norms(x).to(x.dtype).unsqueeze(-1)
-    summed = grid.window_view(unit).sum((2, 4), dtype=torch.float32).flatten(1, 2)  # (B, W, C)
-    return (summed.pow(2).sum(-1) - k) / (k * (k - 1))
+    return (_window_unit_sums(x, grid) - k) / (k * (k - 1))
 
 
 def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: torch.Tensor | None = None,
@@ -200,23 +215,21 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: 
         priority: (B, N) per-token P_fre, averaged per window; None for none.
     """
     b, n, _ = x.shape
-    device = x.device
-    score = window_scores(x, grid)
+    k = grid.window_size
+    # ranked on |sum v|^2 = K + K(K-1) P_sim: the same order as P_sim, with the prior scaled to match
+    score = _window_unit_sums(x, grid)
     if priority is not None and priority_weight:
-        score = score + priority_weight * grid.window_reduce(priority, mean=True)
-    order = score.sort(dim=1, descending=True, stable=True).indices  # (B, W)
-    chosen, others = order[:, :num_windows], order[:, num_windows:]
-    members = grid.window_tokens[chosen]  # (B, w, K)
-    kept = grid.window_tokens[others].flatten(1)
+        score = score.add_(grid.window_reduce(priority, mean=True), alpha=priority_weight * k * (k - 1))
+    order = score.sort(dim=1, descending=True, stable=True).indices  # (B, W), the merged windows first
+    # token order: loose tokens, the kept windows' tokens, then the merged windows' K tokens each
+    ordered = grid.window_tokens[order.roll(-num_windows, dims=1)].flatten(1)
     if grid.loose_tokens.numel():
-        kept = torch.cat([kept, grid.loose_tokens.expand(b, -1)], dim=1)
-    n_kept = kept.shape[1]
-    rows = torch.cat([kept, members[..., 0]], dim=1)  # (B, N')
-    row_of_token = torch.empty(b, n, dtype=torch.long, device=device)
-    row_of_token.scatter_(1, kept, torch.arange(n_kept, device=device).expand(b, -1))
-    group_row = (n_kept + torch.arange(num_windows, device=device)).view(1, -1, 1).expand_as(members)
-    row_of_token.scatter_(1, members.flatten(1), group_row.flatten(1))
-    merged = torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, members.flatten(1), True)
+        ordered = torch.cat([grid.loose_tokens.expand(b, -1), ordered], dim=1)
+    n_kept = n - num_windows * k
+    rows = torch.cat([ordered[:, :n_kept], ordered[:, n_kept::k]], dim=1)  # (B, N'): a group row holds a member
+    row_of_token = torch.empty_like(ordered).scatter_(1, ordered, grid.window_merge_rows(num_windows).expand(b, -1))
+    merged = row_of_token >= n_kept
+    chosen = order[:, :num_windows]
 
     def group_means(y: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         return _gather_rows(grid.window_reduce(y, mean=True), chosen)  # (B, w, C), fp32 accumulation
@@ -230,56 +243,47 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
 
     Each window's destination is the argmax of `destination_score` (B, W, K) over its positions (the first
     position when None). Sources are the other window tokens and the loose tokens; a source's score is its best
-    cosine similarity to any destination (P_ina) plus ``priority_weight * priority`` (P_fre). Destinations become
-    the group rows (a destination that receives no source keeps its own value).
+    cosine similarity to any destination (P_ina) plus ``priority_weight * priority`` (P_fre); ties go to the lower
+    token index. Destinations become the group rows (one that receives no source keeps its own value).
 
     Args:
         x: (B, N, C).
         destination_score: (B, W, K) or None.
         priority: (B, N) or None.
     """
-    b, n, channels = x.shape
-    device = x.device
+    b, n, _ = x.shape
     num_windows = grid.num_windows
     if destination_score is None:
-        dst_pos = torch.zeros(b, num_windows, dtype=torch.long, device=device)
+        dst = grid.window_tokens[:, 0].expand(b, -1)  # (B, W)
     else:
-        dst_pos = destination_score.argmax(-1)  # (B, W)
-    window_tokens = grid.window_tokens.expand(b, -1, -1)
-    dst = window_tokens.gather(2, dst_pos.unsqueeze(-1)).squeeze(-1)  # (B, W)
-    src = window_tokens.gather(2, grid.others[dst_pos]).flatten(1)  # (B, W (K - 1))
-    if grid.loose_tokens.numel():
-        src = torch.cat([src, grid.loose_tokens.expand(b, -1)], dim=1)
-    # cosines of unit vectors (<= 1: no fp16 overflow), as a matmul in the model dtype (fp32 accumulation)
-    inv_norms = inverse_norms(x).to(x.dtype).unsqueeze(-1)  # (B, N, 1)
-    dst_unit = _gather_rows(x, dst) * inv_norms.gather(1, dst.unsqueeze(-1))
-    src_unit = _gather_rows(x, src) * inv_norms.gather(1, src.unsqueeze(-1))
-    similarity = src_unit @ dst_unit.transpose(1, 2)  # (B, Ns, W)
-    best, best_dst = similarity.max(-1)
+        dst = grid.window_tokens.expand(b, -1, -1).gather(2, destination_score.argmax(-1, keepdim=True)).squeeze(-1)
+    # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
+    # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows
+    unit = x * inverse_norms(x).to(x.dtype).unsqueeze(-1)
+    best, best_dst = torch.bmm(unit, _gather_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N) cosine, window
     score = best.float()
     if priority is not None and priority_weight:
-        score = score + priority_weight * priority.gather(1, src)
-    order = score.sort(dim=1, descending=True, stable=True).indices
-    chosen, unchosen = order[:, :num_merged], order[:, num_merged:]
-    chosen_src = src.gather(1, chosen)  # (B, r)
-    chosen_dst = best_dst.gather(1, chosen)  # (B, r) window index of each merged source
-    kept = src.gather(1, unchosen)
-    n_kept = kept.shape[1]
-    rows = torch.cat([kept, dst], dim=1)  # (B, N')
-    row_of_token = torch.empty(b, n, dtype=torch.long, device=device)
-    row_of_token.scatter_(1, kept, torch.arange(n_kept, device=device).expand(b, -1))
-    row_of_token.scatter_(1, dst, (n_kept + torch.arange(num_windows, device=device)).expand(b, -1))
-    row_of_token.scatter_(1, chosen_src, n_kept + chosen_dst)
-    merged = torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, chosen_src, True)
-    merged.scatter_(1, dst.gather(1, chosen_dst), True)
+        score = score.add_(priority, alpha=priority_weight)
+    # destinations are no sources: keys below any score, decreasing with the window index, sort them last
+    score.scatter_(1, dst, grid.destination_keys.expand(b, -1))
+    # token order: the merged sources, the kept sources, then the destinations (in window order)
+    ordered = score.sort(dim=1, descending=True, stable=True).indices
+    n_kept = n - num_windows - num_merged
+    rows = ordered[:, num_merged:]  # (B, N'): kept sources, then one row per window
+    chosen = ordered[:, :num_merged]
+    group = best_dst.gather(1, chosen)  # (B, r): the window each merged source joins
+    row_of_token = torch.empty_like(ordered).scatter_(1, ordered, grid.positions.expand(b, -1)).sub_(num_merged)
+    chosen_row = group + n_kept
+    row_of_token.scatter_(1, chosen, chosen_row)
+    receives = torch.zeros(b, n - num_merged, dtype=torch.bool, device=x.device).scatter_(1, chosen_row, True)
+    merged = receives.gather(1, row_of_token)
     # merge matrix: each group's mean as a (W x r) @ (r x C) matmul, deterministic (no float atomics); the 1 / size
     # weights are inside it, so no group sum is ever formed (fp16 overflows at 65504)
-    assign = torch.zeros(b, num_windows, num_merged, dtype=torch.float32, device=device)
-    assign.scatter_(1, chosen_dst.unsqueeze(1), 1.0)
-    inv_size = (assign.sum(-1, keepdim=True) + 1).reciprocal()  # (B, W, 1)
-    weights, inv_size = (assign * inv_size).to(x.dtype), inv_size.to(x.dtype)
+    weights = torch.zeros(b, num_windows, num_merged, dtype=x.dtype, device=x.device).scatter_(1, group.unsqueeze(1), 1.0)
+    inv_size = weights.sum(-1, keepdim=True).add_(1.0).reciprocal_()  # (B, W, 1), exact small integers before
+    weights.mul_(inv_size)
 
     def group_means(y: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(destinations * inv_size, weights, _gather_rows(y, chosen_src))
+        return torch.baddbmm(destinations * inv_size, weights, _gather_rows(y, chosen))
 
     return TokenMerge(rows, row_of_token, merged, num_windows, group_means)

@@ -143,7 +143,7 @@ class SDTM(MergeMethod):
             merge = bipartite_merge(x, grid, removed, self._destinations(x, grid, staleness, generator), priority,
                                     weight)
         # T counts steps since a token was last computed on its own: +1 where merged, else back to 0
-        staleness.add_(1).masked_fill_(~merge.merged, 0)
+        staleness.add_(1).mul_(merge.merged)
         return merge
 
     def _destinations(self, x: torch.Tensor, grid: WindowGrid, staleness: torch.Tensor,
@@ -155,7 +155,7 @@ class SDTM(MergeMethod):
             return _uniform(shape, x, generator)
         if rule == "similar":
             return window_medoid_scores(x, grid)
-        score = grid.per_window(staleness).float()  # the stalest token, ties broken at random with use_rand
+        score = grid.per_window(staleness)  # the stalest token, ties broken at random with use_rand
         return score + _uniform(shape, x, generator) if self.config.use_rand else score
 
     def finish(self, layer, name, role, merge, output, plan, buffers):

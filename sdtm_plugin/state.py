@@ -32,7 +32,8 @@ MAX_RECORDS = 4096  # telemetry kept for the current generation (a bare model wi
 class ForwardRecord:
     """Telemetry of one transformer call: its step, its index within the step, tokens entering each sub-layer.
 
-    `tokens[role][layer]` is None for a block that did not run (a step cache skipped it).
+    `tokens[role][layer]` is None for a block that did not run (a step cache skipped it); `grid_tokens[layer]` is
+    the block's unmerged token count.
     """
 
     step: int
@@ -40,6 +41,7 @@ class ForwardRecord:
     batch_size: int
     phase: str
     tokens: dict[str, list[int | None]] = field(default_factory=dict)
+    grid_tokens: list[int | None] = field(default_factory=list)
 
 
 class GenerationProgress:
@@ -211,7 +213,7 @@ class MergeState:
         if progress.step == 0 or not plan.merges:  # a full step computes every token on its own
             self._buffers.reset_staleness()
         self.records.append(ForwardRecord(progress.step, progress.call, batch_size, plan.phase.value,
-                                          {role: [None] * self.num_layers for role in ROLES}))
+                                          {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers))
         return plan
 
     def set_layer_grid(self, layers: list[int], grid: tuple[int, int]) -> None:
@@ -235,7 +237,9 @@ class MergeState:
                 f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {grid[0]}x{grid[1]} "
                 f"token grid, got {tuple(x.shape)} (chunked feed-forward cannot be combined with merging)"
             )
-        counts = self.records[-1].tokens[role]
+        record = self.records[-1]
+        record.grid_tokens[layer] = num_tokens
+        counts = record.tokens[role]
         counts[layer] = num_tokens
         if not plan.merges_sublayer(role) or not self.method.merges_layer(layer) or not self._downsample_allowed(layer):
             return None

@@ -198,7 +198,7 @@ def reference_idm(x, hw, sx, sy, num_merged, dst_pos, priority=None, a=0.0):
     out, groups = x.clone(), []
     for b in range(x.shape[0]):
         dsts = [win[dst_pos[b][w]] for w, win in enumerate(windows)]
-        sources = [t for w, win in enumerate(windows) for t in win if t != dsts[w]] + loose
+        sources = sorted([t for w, win in enumerate(windows) for t in win if t != dsts[w]] + loose)  # ties: lower index
         best, target = [], []
         for s in sources:
             sims = [_cos(x[b, s], x[b, d]) for d in dsts]
