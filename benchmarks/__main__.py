@@ -26,6 +26,7 @@ import pandas as pd
 
 import torch
 
+from .frontier import best_at_equal_quality
 from .macs import PAPER_TMACS
 from .methods import METHODS, parse_method
 from .models import PRESETS
@@ -160,6 +161,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         shown = table[columns].dropna(axis=1, how="all")
         with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
             print(shown.to_string(index=False))
+    best = best_at_equal_quality(table)
+    if not args.json and not best.empty:
+        best.to_csv(args.out / "best_at_equal_quality.csv", index=False)
+        print("\nBest setting per method at equal quality (adherence within 2 points of the baseline, FID within 10%):")
+        with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
+            print(best.dropna(axis=1, how="all").to_string(index=False))
     if not args.macs_only:
         for path in plot_all(table, args.out):
             logger.info("wrote %s", path)

@@ -111,7 +111,6 @@ class Settings:
     measure_latency: bool = True
     measure_fidelity: bool = True
     quality_prompts: int = 64
-    quality_batch: int = 16
     resume: bool = True
     model_cache: Path | None = None
     clip_model: str | None = None
@@ -302,8 +301,9 @@ class ModelSession:
             return probe.call(lambda: pipe(**self.call_kwargs(prompts, seed)))
 
     def _generate_quality_set(self, pipe) -> tuple[np.ndarray, torch.Tensor]:
-        """Images (N, H, W, 3) and final latents of the quality prompts, in fixed batches with fixed seeds."""
-        prompts, batch = self.quality_set[0], self.settings.quality_batch
+        """Images (N, H, W, 3) and final latents of the quality prompts, with fixed seeds, in calls of the timed
+        call's batch: step caches decide on a whole batch, so their quality is measured as their speed is."""
+        prompts, batch = self.quality_set[0], self.settings.batch_size
         results = [self._call(pipe, [p.caption for p in prompts[i:i + batch]], seed=self.settings.seed + i)
                    for i in range(0, len(prompts), batch)]
         return np.concatenate([r.images for r in results]), torch.cat([r.latents for r in results])

@@ -269,3 +269,19 @@ def test_merge_path_traffic_per_merged_block(tmp_path, models_dir):
         assert set(traffic) == ({"tome"} if row["method"] == "tome" else {"structure", "detail"})
         for phase, figures in traffic.items():
             assert 0 < figures["bytes_x"] <= 8 and 0 < figures["ops"] <= 50, (row["label"], phase, figures)
+
+
+def test_best_setting_per_method_at_equal_quality():
+    from benchmarks.frontier import best_at_equal_quality
+
+    rows = [("baseline", "baseline", 1.0, 0.90, 10.0),
+            ("fbcache", "fbcache threshold=0.1", 1.5, 0.89, 10.5),
+            ("fbcache", "fbcache threshold=0.3", 2.5, 0.80, 10.5),  # too much adherence lost
+            ("sdtm+fbcache", "a", 2.2, 0.88, 10.9),
+            ("sdtm+fbcache", "b", 2.4, 0.90, 11.5),  # FID 15% above the baseline's
+            ("tome", "tome", 1.3, 0.70, 20.0)]
+    table = pd.DataFrame(rows, columns=["method", "label", "speedup_denoiser", "adherence", "fid"]).assign(model="m")
+    best = best_at_equal_quality(table).set_index("method")
+    assert list(best.index) == ["sdtm+fbcache", "fbcache", "tome"]  # fastest first, methods without a setting last
+    assert best.loc["sdtm+fbcache", "label"] == "a" and best.loc["fbcache", "label"] == "fbcache threshold=0.1"
+    assert best.loc["tome", "settings_within"] == 0 and pd.isna(best.loc["tome", "speedup_denoiser"])
