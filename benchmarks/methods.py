@@ -118,7 +118,9 @@ def _dbcache_config(params: dict[str, Any], num_steps: int | None) -> Any:
         from cache_dit import DBCacheConfig
     except ImportError as err:
         raise ValueError("method dbcache needs cache-dit: pip install cache-dit (an optional extra)") from err
-    return DBCacheConfig(**params)
+    # cache-dit's default (8 front + 8 back blocks always computed) exceeds small models; F1B0 is its lightest
+    # documented setting and fits any depth
+    return DBCacheConfig(**{"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, **params})
 
 
 def _dbcache_apply(pipe: Any, config: Any) -> None:

@@ -111,6 +111,12 @@ def attach_step_cache(model: nn.Module, config: Any, state: MergeState) -> list[
     """Apply diffusers' step cache `config` to `model` behind the patch's hooks; returns the hooks it registered
     (outermost last), so that they can be removed exactly."""
     prepared = _prepared(config, state)  # raises for an unknown config before anything is hooked
+    blocks = getattr(model, "transformer_blocks", None)
+    if isinstance(config, FirstBlockCacheConfig) and blocks and getattr(blocks[-1], "context_pre_only", False):
+        raise ValueError(
+            f"FirstBlockCacheConfig does not work on {type(model).__name__}: its last block returns no text states "
+            "(context_pre_only), which diffusers' first-block cache subtracts; use another step cache"
+        )
     before = _hook_names(model)
     STEP_CACHES[type(config)](model, prepared)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(CacheContextHook(state), CONTEXT_HOOK)
