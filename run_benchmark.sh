@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fresh machine -> installed project -> the benchmark. With no arguments: the embedded default (pixart-small, a
-# random-weight PixArt with PixArt-XL-2-512's 1024 tokens; baseline, ToMe and SDTM) on CPU, a few minutes.
+# Fresh machine -> installed project -> the benchmark. With no arguments, on CPU: the shipped trained model
+# (pixart-shapes; baseline, ToMe and SDTM with speed-up and image quality), several minutes; with a GPU: full-size
+# PixArt-XL-2 at 512 and 1024 px in fp16 with a ratio sweep.
 # Arguments go to `python -m benchmarks` (see --help). With several GPUs, one process per GPU via accelerate.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
