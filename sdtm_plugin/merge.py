@@ -87,15 +87,17 @@ class WindowGrid:
         return self.window_view(x).transpose(2, 3).flatten(3, 4).flatten(1, 2)
 
     def window_reduce(self, x: torch.Tensor, mean: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(B, N, *F) -> (B, W, *F): the sum (or mean) over each window, windows in `window_tokens` order, accumulated
-        and returned in `dtype` (default: x's).
+        """(B, N, *F) -> (B, W, *F): the sum (or mean) over each window, windows in `window_tokens` order, in `dtype`
+        (default: x's), accumulated in at least fp32.
 
-        Two single-dimension reductions (rows, then columns of the window): PyTorch's CPU reduction over the two
-        strided window dimensions at once is ~18x slower (measured on a (2, 256, 256) grid), the GPU's about the same.
+        One reduction over both window dimensions (one kernel, one output); on CPU two single-dimension ones, since
+        PyTorch's CPU reduction over two strided dimensions is ~18x slower (measured on a (2, 256, 256) grid).
         """
-        reduced = self.window_view(x).sum(2, dtype=dtype).sum(3)
-        if mean:
-            reduced = reduced.div_(self.window_size)
+        view = self.window_view(x)
+        if x.device.type == "cpu":
+            reduced = view.sum(2, dtype=torch.promote_types(x.dtype, torch.float32)).sum(3)
+            return (reduced.div_(self.window_size) if mean else reduced).to(dtype or x.dtype).flatten(1, 2)
+        reduced = view.mean((2, 4), dtype=dtype) if mean else view.sum((2, 4), dtype=dtype)
         return reduced.flatten(1, 2)
 
 
@@ -105,9 +107,24 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     An `index_select` of the (B·N, C) rows: `gather` with the index expanded over C copies element by element
     (~9x slower on CPU for (2, 256, 256)).
     """
+    return _take_rows(x, _flat_rows(index, x.shape[1]))
+
+
+def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, M) token indices -> (B·M,) rows of the flattened (B·N, C) tokens."""
+    return (index + _row_offsets(index.shape[0], n, index.device)).flatten()
+
+
+def _take_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(B, N, C), (B·M,) flat rows -> (B, M, C)."""
     b, n, c = x.shape
-    flat = index + torch.arange(0, b * n, n, device=index.device).unsqueeze(1)
-    return x.reshape(b * n, c).index_select(0, flat.flatten()).view(b, -1, c)
+    return x.reshape(b * n, c).index_select(0, flat).view(b, -1, c)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_offsets(b: int, n: int, device: torch.device) -> torch.Tensor:
+    """(B, 1) first row of each batch element in the flattened (B·N, C) tokens."""
+    return torch.arange(0, b * n, n, device=device).unsqueeze(1)
 
 
 def inverse_norms(x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +152,9 @@ class TokenMerge:
                  group_means) -> None:
         self.rows = rows
         self.row_of_token = row_of_token
+        # flat row indices, built once: each sub-layer of the block merges and unmerges with them
+        self._flat_rows = _flat_rows(rows, row_of_token.shape[1])
+        self._flat_row_of_token = _flat_rows(row_of_token, rows.shape[1])
         self.merged = merged
         self.num_groups = num_groups
         self._group_means = group_means
@@ -152,7 +172,7 @@ class TokenMerge:
         """(B, N, C) -> (B, N', C): kept tokens unchanged (bit-exact), each group its mean (fp32 accumulation)."""
         if x.shape[1] != self.num_tokens:
             raise ValueError(f"merge expected {self.num_tokens} tokens, got {x.shape[1]} (shape {tuple(x.shape)})")
-        out = _gather_rows(x, self.rows)
+        out = _take_rows(x, self._flat_rows)
         if self.num_groups:
             groups = out[:, out.shape[1] - self.num_groups:]
             groups.copy_(self._group_means(x, groups))
@@ -164,7 +184,9 @@ class TokenMerge:
         With `cache` (B, N, C), merged tokens get ``cache_weight * row + (1 - cache_weight) * cache``; tokens computed
         on their own keep their exact output.
         """
-        out = _gather_rows(y, self.row_of_token)
+        if y.shape[1] != self.num_rows:
+            raise ValueError(f"unmerge expected {self.num_rows} rows, got {y.shape[1]} (shape {tuple(y.shape)})")
+        out = _take_rows(y, self._flat_row_of_token)
         if cache is None or cache_weight >= 1.0:
             return out
         return torch.lerp(cache.to(out.dtype), out, self._blend_weight(cache_weight, out.dtype))
@@ -241,7 +263,7 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: 
     chosen = order[:, :num_windows]
 
     def group_means(y: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        return _gather_rows(grid.window_reduce(y, mean=True, dtype=torch.float32), chosen)  # (B, w, C)
+        return _gather_rows(grid.window_reduce(y, mean=True), chosen)  # (B, w, C), fp32 accumulation
 
     return TokenMerge(rows, row_of_token, merged, num_windows, group_means)
 

@@ -73,11 +73,13 @@ def test_unmerge_blends_only_merged_tokens_with_cache():
     assert torch.equal(merge.unmerge(y, cache, cache_weight=1.0), plain)
 
 
-def test_merge_rejects_wrong_token_count():
+def test_merge_and_unmerge_reject_wrong_lengths():
     x, grid = _duplicated_pairs()
     merge = bipartite_merge(x, grid, num_merged=2)
     with pytest.raises(ValueError, match="expected 16 tokens"):
         merge.merge(torch.randn(1, 15, 4))
+    with pytest.raises(ValueError, match="expected 14 rows"):
+        merge.unmerge(torch.randn(1, 16, 4))
 
 
 def _grid_metric(batch=2, grid=(4, 4), channels=8, seed=0):
