@@ -340,3 +340,32 @@ def test_larger_mcw_moves_merged_outputs_away_from_the_cache():
     assert distances[0] == 0.0 and distances == sorted(distances) and distances[-1] > distances[1]
     for mcw in (0.0, 0.5):  # tokens computed on their own never see the cache
         assert torch.equal(merge.unmerge(y, cache, mcw)[~merged], merge.unmerge(y)[~merged])
+
+
+def test_fast_preset_merges_every_step_without_a_cache(tiny_pipe):
+    cfg = SDTMConfig.fast()
+    assert (cfg.ratio, cfg.protect_steps_frequency, cfg.mcw) == (0.35, -1, 1.0) and not cfg.uses_cache
+    assert SDTMConfig.fast(ratio=0.5).ratio == 0.5
+    apply_SDTM(tiny_pipe, cfg)
+    seen, handles = record_counts(tiny_pipe)
+    cached = []
+
+    def count_cached(step, timestep, latents):
+        streams = get_merge_state(tiny_pipe)._streams.values()
+        cached.append(sum(len(layer) for stream in streams for layer in stream.cache))
+
+    generate(tiny_pipe, steps=10, callback=count_cached)
+    for h in handles:
+        h.remove()
+    assert per_step(seen) == expected_counts(10, ratio=0.35, deviation=cfg.deviation, protect=-1)
+    # every step merges and nothing is blended, so no merge cache is ever stored
+    assert all(all(n < N for n in step["mlp"]) for step in get_merge_state(tiny_pipe).token_counts)
+    assert cached == [0] * 10
+
+
+def test_faithful_preset_only_flips_the_prior():
+    paper, faithful = SDTMConfig(), SDTMConfig.faithful()
+    assert (faithful.a_s, faithful.a_d) == (-0.5, -0.5)
+    assert {k: v for k, v in vars(faithful).items() if k not in ("a_s", "a_d")} == {
+        k: v for k, v in vars(paper).items() if k not in ("a_s", "a_d")}
+    assert (SDTMConfig().a_s, SDTMConfig().a_d, SDTMConfig().mcw) == (0.05, 0.05, 0.1)  # paper defaults untouched
