@@ -46,10 +46,12 @@ MACS_COLUMNS = [
     "macs_merge_G", "macs_other_G", "macs_speedup", "merge_bytes_x", "merge_ops", "merge_traffic",
 ]
 # the embedded defaults of `./run_benchmark.sh` with no arguments
+FAST = "ratio=0.35,protect_steps_frequency=-1,mcw=1.0"  # SDTMConfig.fast()
 CPU_DEFAULT = dict(model=["pixart-shapes"],
-                   method=["baseline", "tome", "sdtm", "sdtm:ratio=0.35,protect_steps_frequency=-1"])
-GPU_DEFAULT = dict(model=["pixart-xl-2-512", "pixart-xl-2-1024", "pixart-shapes"], method=["baseline", "tome", "sdtm"],
-                   ratios=[0.2, 0.3, 0.4, 0.5], dtype="float16")
+                   method=["baseline", "tome", "sdtm", f"sdtm:{FAST}", "magcache:threshold=0.06",
+                           f"sdtm+magcache:{FAST},cache.threshold=0.06"])
+GPU_DEFAULT = dict(model=["pixart-xl-2-512", "pixart-xl-2-1024", "pixart-shapes"],
+                   method=["baseline", "tome", "sdtm", f"sdtm:{FAST}"], ratios=[0.2, 0.3, 0.4, 0.5], dtype="float16")
 
 
 def default_run(gpu: bool) -> dict[str, Any]:

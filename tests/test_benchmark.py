@@ -285,3 +285,12 @@ def test_best_setting_per_method_at_equal_quality():
     assert list(best.index) == ["sdtm+fbcache", "fbcache", "tome"]  # fastest first, methods without a setting last
     assert best.loc["sdtm+fbcache", "label"] == "a" and best.loc["fbcache", "label"] == "fbcache threshold=0.1"
     assert best.loc["tome", "settings_within"] == 0 and pd.isna(best.loc["tome", "speedup_denoiser"])
+
+
+def test_cpu_default_runs_the_fast_preset_alone_and_composed():
+    from benchmarks.__main__ import CPU_DEFAULT, FAST
+    from benchmarks.methods import parse_method
+    from sdtm_plugin import SDTMConfig
+
+    assert SDTMConfig(**parse_method(f"sdtm:{FAST}")[1]) == SDTMConfig.fast()
+    assert {f"sdtm:{FAST}", f"sdtm+magcache:{FAST},cache.threshold=0.06"} <= set(CPU_DEFAULT["method"])
