@@ -4,12 +4,12 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-
-from types import SimpleNamespace
 
 from benchmarks.__main__ import default_run, main
 from benchmarks.macs import count_forward_macs
@@ -294,3 +294,33 @@ def test_cpu_default_runs_the_fast_preset_alone_and_composed():
 
     assert SDTMConfig(**parse_method(f"sdtm:{FAST}")[1]) == SDTMConfig.fast()
     assert {f"sdtm:{FAST}", f"sdtm+magcache:{FAST},cache.threshold=0.06"} <= set(CPU_DEFAULT["method"])
+
+
+def test_ablation_suites_expand_to_valid_settings():
+    from benchmarks.ablate import SDTM_SUITE, expand
+    from benchmarks.methods import parse_method
+    from sdtm_plugin import SDTMConfig
+
+    shipped = json.loads((Path(__file__).parents[1] / "benchmarks" / "ablation_suite.json").read_text())
+    for suite in (SDTM_SUITE, shipped):
+        rows = expand(suite)
+        assert {table for table, _, _ in rows} == set(suite)
+        for table in suite:
+            names = [variant for t, variant, _ in rows if t == table]
+            assert len(names) == len(set(names)) == len(suite[table]["vary"])
+        for _, _, spec in rows:
+            name, params = parse_method(spec)
+            assert name == "sdtm" and isinstance(SDTMConfig(**params), SDTMConfig)
+
+
+def test_ablation_runs_through_the_harness(tmp_path, models_dir):
+    from benchmarks.ablate import main as ablate
+
+    spec = tmp_path / "suite.json"
+    spec.write_text(json.dumps({"protection": {"base": "sdtm", "vary": [{}, {"protect_steps_frequency": -1}]}}))
+    summary = ablate(["--spec", str(spec), "--model", "tiny", "--out", str(tmp_path / "out"), "--macs-only",
+                      "--model-cache", str(models_dir), "--log-level", "WARNING"])
+    assert list(summary["variant"]) == ["base", "protect_steps_frequency=-1"]
+    base, unprotected = summary["macs_speedup"]
+    assert 1.0 < base < unprotected  # no protected (full) steps: fewer MACs
+    assert (tmp_path / "out" / "ablation.csv").exists()
