@@ -232,3 +232,24 @@ def test_demo_class_retrieval_map_and_rank1_hand_computed():
     feat2 = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
     r = class_retrieval(feat2, torch.tensor([0, 1, 0, 0]), query)
     assert abs(r["mAP"] - 100 * (1 / 2 + 2 / 3) / 2) < 1e-4 and r["R@1"] == 0.0
+
+
+def test_demo_task_puts_the_identity_at_one_place_in_every_modality_unless_blinded():
+    from token_modules.demos.sdtps import TaskConfig, make_data
+
+    task = TaskConfig(test_digits=60, views_per_train_digit=1, blind_prob=0.5)
+    train, test = make_data(task)
+    for split in (train, test):
+        ident, blinded = split.identity, split.blinded  # (M, S, N), (M, S)
+        assert ident.shape == (3, len(split.labels), task.num_patches)
+        assert blinded.sum(0).le(1).all()  # at most one modality blinded per sample
+        assert not ident[blinded].any()  # a blinded modality shows no identity ink
+        seen = ~blinded
+        # the union over the seeing modalities equals each seeing modality's mask: one place in all of them
+        union = (ident & seen[..., None]).any(0)
+        assert (ident == union).logical_or(~seen[..., None]).all()
+        assert union.sum(-1).gt(0).all()
+        # the distractor takes another cell: with the jitter they share at most the patches of one boundary strip
+        overlap = (split.identity & split.distractor).sum(-1)
+        assert overlap.max() <= 2 * (task.cell // task.patch + 1)
+    assert 0.35 < test.blinded.any(0).float().mean() < 0.65

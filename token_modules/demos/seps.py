@@ -24,7 +24,7 @@ where a caption matches every image containing the two digits it names (almost a
 per image and MACs per image-caption pair after the encoders, at the demo width and at the seeds' width (C = 512,
 196 patches, 12-word captions, 40-word descriptions).
 
-    python -m token_modules.demos.seps [--out outputs/demos] [--seeds 3] [--epochs 10] [--threads 2]
+    python -m token_modules.demos.seps [--out outputs/demos] [--seeds 3] [--epochs 6] [--threads 2]
 
 Output in --out: seps_results.json (every number).
 """
@@ -81,8 +81,8 @@ class TaskConfig:
     dense_error: float = 0.2  # probability that the dense description names a wrong object
     texture: float = 0.2
     noise: float = 0.05
-    train_images: int = 2000
-    test_images: int = 300
+    train_images: int = 1500
+    test_images: int = 200
     test_digits: int = 500  # digit images held out for the test canvases
     seed: int = 0
 
@@ -313,7 +313,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demos")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     args = ap.parse_args()
@@ -322,7 +322,7 @@ def main() -> None:
     setup(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    task, cfg, tcfg = TaskConfig(), ModelConfig(), TrainConfig(epochs=args.epochs, batch_size=64)
+    task, cfg, tcfg = TaskConfig(), ModelConfig(), TrainConfig(epochs=args.epochs, batch_size=32)
     t_start, cpu_start = time.time(), time.process_time()
     train, test = make_data(task)
     chance = recall_at_k(torch.rand(test.relevant.shape, generator=torch.Generator().manual_seed(1)), test.relevant)
