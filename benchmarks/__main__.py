@@ -47,9 +47,13 @@ MACS_COLUMNS = [
 ]
 # the embedded defaults of `./run_benchmark.sh` with no arguments
 FAST = "ratio=0.35,protect_steps_frequency=-1,mcw=1.0"  # SDTMConfig.fast()
-CPU_DEFAULT = dict(model=["pixart-shapes"],
-                   method=["baseline", "tome", "sdtm", f"sdtm:{FAST}", "magcache:threshold=0.06",
-                           f"sdtm+magcache:{FAST},cache.threshold=0.06"])
+MAGCACHE = "threshold=0.06,retention_ratio=0.1"  # composed with fast(): the fastest setting at baseline quality
+FAST_MAGCACHE = f"{FAST},cache.threshold=0.06,cache.retention_ratio=0.1"
+# one generation of the trained model takes ~1.2 s on 2 cores, whose speed drifts by up to 30 % between minutes:
+# identical runs timed 3 times each differed by 10 %, so the CPU default times 15 calls per job
+CPU_DEFAULT = dict(model=["pixart-shapes"], repeats=15,
+                   method=["baseline", "tome", "sdtm", f"sdtm:{FAST}", f"magcache:{MAGCACHE}",
+                           f"sdtm+magcache:{FAST_MAGCACHE}"])
 GPU_DEFAULT = dict(model=["pixart-xl-2-512", "pixart-xl-2-1024", "pixart-shapes"],
                    method=["baseline", "tome", "sdtm", f"sdtm:{FAST}"], ratios=[0.2, 0.3, 0.4, 0.5], dtype="float16")
 
@@ -87,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tome", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="add a field to every tome setting, e.g. --tome merge_mlp=true (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the pipeline's default)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per job (median and IQR reported)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per job (median and IQR reported; default 3, or the embedded default's)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls per model (baseline) and per job (method) before timing")
     p.add_argument("--seed", type=int, default=0, help="generator seed (fidelity compares outputs of this seed)")
@@ -128,7 +133,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.model = default["model"]
         args.ratios = args.ratios if args.ratios is not None else default.get("ratios")
         args.dtype = args.dtype or default.get("dtype")
+        if args.repeats is None:
+            args.repeats = default.get("repeats")
     args.dtype = args.dtype or "float32"
+    args.repeats = 3 if args.repeats is None else args.repeats
     specs = args.method or (["baseline", "sdtm"] if args.macs_only else default["method"])
     if args.quick:
         args.steps, args.repeats, args.warmup = args.steps or 6, 1, 1

@@ -328,7 +328,7 @@ def train_features(cfg: TrainConfig, out: Path, budget: Budget) -> nn.Module:
         loss.backward()
         optimizer.step()
         acc = torch.stack([(logits[n].argmax(-1) == getattr(scenes, n)).float().mean() for n in names]).mean()
-        return {"loss": float(loss), "acc": float(acc)}
+        return {"loss": loss.item(), "acc": float(acc)}
 
     run_stage("features", cfg.feature_steps, out / "features.pt", {"net": net}, optimizer, train_step, budget,
               cfg.checkpoint_minutes)

@@ -288,12 +288,17 @@ def test_best_setting_per_method_at_equal_quality():
 
 
 def test_cpu_default_runs_the_fast_preset_alone_and_composed():
-    from benchmarks.__main__ import CPU_DEFAULT, FAST
-    from benchmarks.methods import parse_method
+    from benchmarks.__main__ import CPU_DEFAULT, FAST, FAST_MAGCACHE, MAGCACHE
+    from benchmarks.methods import METHODS, parse_method
     from sdtm_plugin import SDTMConfig
 
     assert SDTMConfig(**parse_method(f"sdtm:{FAST}")[1]) == SDTMConfig.fast()
-    assert {f"sdtm:{FAST}", f"sdtm+magcache:{FAST},cache.threshold=0.06"} <= set(CPU_DEFAULT["method"])
+    assert {f"sdtm:{FAST}", f"sdtm+magcache:{FAST_MAGCACHE}", f"magcache:{MAGCACHE}"} <= set(CPU_DEFAULT["method"])
+    # the composed setting is fast() plus the very cache setting that also runs alone
+    composed = METHODS["sdtm+magcache"].make_config(parse_method(f"sdtm+magcache:{FAST_MAGCACHE}")[1], 20)
+    alone = METHODS["magcache"].make_config(parse_method(f"magcache:{MAGCACHE}")[1], 20)
+    assert composed.merge == SDTMConfig.fast(num_inference_steps=20)
+    assert (composed.cache.threshold, composed.cache.retention_ratio) == (alone.threshold, alone.retention_ratio)
 
 
 def test_ablation_suites_expand_to_valid_settings():
