@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,13 +185,14 @@ PRESETS.update({
 })
 
 
-def _tokenizer(max_length: int):
-    """A word-level fast tokenizer with T5's special tokens (pad=0, eos=1, unk=2), built without any download."""
+def word_tokenizer(max_length: int, words: Iterable[str] | None = None):
+    """A word-level fast tokenizer over `words` (default: the random presets' vocabulary) with T5's special tokens
+    (pad=0, eos=1, unk=2), built without any download."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in _WORDS:
+    for word in _WORDS if words is None else words:
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -309,26 +311,26 @@ def build_pipeline(preset: ModelPreset, seed: int = 0):
     if preset.family == "dit":
         return DiTPipeline(transformer=denoiser, vae=_vae(preset, 4), scheduler=DPMSolverMultistepScheduler())
     if preset.family == "pixart":
-        tokenizer = _tokenizer(preset.text_tokens)
+        tokenizer = word_tokenizer(preset.text_tokens)
         return PixArtAlphaPipeline(
             tokenizer=tokenizer, text_encoder=_t5(preset, preset.text_dim, len(tokenizer)), vae=_vae(preset, 4),
             transformer=denoiser, scheduler=DPMSolverMultistepScheduler(),
         )
     if preset.family == "sd-unet":
-        tokenizer = _tokenizer(77)
+        tokenizer = word_tokenizer(77)
         return StableDiffusionPipeline(
             vae=_vae(preset, 4), text_encoder=_clip(preset, preset.text_dim, len(tokenizer), projection=False),
             tokenizer=tokenizer, unet=denoiser, scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
-    clip_tok, t5_tok = _tokenizer(77), _tokenizer(256)
+    clip_tok, t5_tok = word_tokenizer(77), word_tokenizer(256)
     clip_l, clip_g = preset.text_dim
     return StableDiffusion3Pipeline(
         transformer=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant convs
         vae=_vae(preset, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=_clip(preset, clip_l, len(clip_tok), projection=True), tokenizer=clip_tok,
-        text_encoder_2=_clip(preset, clip_g, len(clip_tok), projection=True), tokenizer_2=_tokenizer(77),
+        text_encoder_2=_clip(preset, clip_g, len(clip_tok), projection=True), tokenizer_2=word_tokenizer(77),
         text_encoder_3=_t5(preset, preset.denoiser["joint_attention_dim"], len(t5_tok)), tokenizer_3=t5_tok,
     )
 

@@ -101,19 +101,9 @@ class TrainConfig:
 # -- components ---------------------------------------------------------------------------------------------------
 def build_tokenizer(max_length: int = 120):
     """Word-level fast tokenizer over the caption vocabulary with T5's special tokens (pad 0, eos 1, unk 2)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from .models import word_tokenizer
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in shapes.caption_words():
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
-    )
+    return word_tokenizer(max_length, shapes.caption_words())
 
 
 def build_text_encoder(cfg: TrainConfig, vocab_size: int) -> nn.Module:
