@@ -42,6 +42,9 @@ SDTM_SUITE: dict[str, dict[str, Any]] = {
     "no_protection_collapse": {"base": "sdtm:protect_steps_frequency=-1", "vary": [
         {"ratio": r, **extra} for r in (0.2, 0.35) for extra in (
             {}, {"mcw": 1.0}, {"a_s": 0.0, "a_d": 0.0}, {"structure_merge": "bipartite"}, {"switch_step": 0})]},
+    "plan_sharing": {"base": BASE, "vary": [{"plan_blocks": k} for k in (1, 2, 3)]},
+    "plan_sharing_fast": {"base": "sdtm:ratio=0.35,protect_steps_frequency=-1,mcw=1.0",
+                          "vary": [{"plan_blocks": k} for k in (1, 2, 3)]},
 }
 SUMMARY = ["table", "variant", "label", "macs_speedup", "speedup_denoiser", "speedup_pipeline", "adherence", "fid",
            "kid", "psnr_db", "ssim", "merge_bytes_x"]

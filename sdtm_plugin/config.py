@@ -120,6 +120,10 @@ class SDTMConfig(_WindowedMergeConfig):
         detail_merge_attn: also merge self-attention in the detail phase (the paper merges only the MLP there).
         merge_mlp: merge the input of the MLP in both phases.
         cache_each_step: refresh the cache from every step's unmerged outputs, not only on protected steps.
+        plan_blocks: consecutive merged blocks (same token grid) that share one merge plan: the first builds it from
+            its own input, the next ``plan_blocks - 1`` reuse its choices (which tokens merge where) with group means
+            of their own inputs. 1 (the paper's) plans every block; larger values cut the planning cost by that
+            factor (fewer kernels on a GPU), at a measured cost in image quality (README, ablation `plan_sharing`).
         seed: seed of the random generator, re-seeded at the start of every generation (so a repeated call with
             the same inputs gives the same output); None draws a fresh seed from torch's global RNG.
         num_inference_steps: only needed for a bare transformer used without a pipeline (a pipeline's scheduler
@@ -143,6 +147,7 @@ class SDTMConfig(_WindowedMergeConfig):
     protect_first_layers: int = 0
     protect_last_layers: int = 0
     cache_each_step: bool = True
+    plan_blocks: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +171,7 @@ class SDTMConfig(_WindowedMergeConfig):
         _check_frequency("protect_steps_frequency", self.protect_steps_frequency)
         _check_frequency("protect_layers_frequency", self.protect_layers_frequency)
         _check_bool("cache_each_step", self.cache_each_step)
+        _check_int("plan_blocks", self.plan_blocks, 1)
         if self.mcw < 1.0 and not self.cache_each_step and self.protect_steps_frequency == -1:
             raise ValueError(
                 f"mcw={self.mcw} would have no effect: with cache_each_step=False and protect_steps_frequency=-1 the "

@@ -66,10 +66,18 @@ class MergeMethod:
     def merges_layer(self, layer: int) -> bool:
         return True
 
+    @property
+    def plan_blocks(self) -> int:
+        """Consecutive merged blocks that share one plan (`reuse` is called for all but the first)."""
+        return 1
+
     def build(self, layer: int, x: torch.Tensor, grid: WindowGrid, plan: StepPlan, buffers: StreamBuffers,
               generator: torch.Generator | None) -> TokenMerge | None:
         """The block's merge for this step from its first merged sub-layer input `x` (B, N, C); None: none."""
         raise NotImplementedError
+
+    def reuse(self, layer: int, merge: TokenMerge, buffers: StreamBuffers) -> None:
+        """Block `layer` merges with the previous block's `merge`: update its per-block state."""
 
     def finish(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor,
                plan: StepPlan, buffers: StreamBuffers) -> torch.Tensor:
@@ -129,6 +137,10 @@ class SDTM(MergeMethod):
     def merges_layer(self, layer: int) -> bool:
         return not layer_is_protected(self.config, layer, self.num_layers)
 
+    @property
+    def plan_blocks(self) -> int:
+        return self.config.plan_blocks
+
     def build(self, layer, x, grid, plan, buffers, generator):
         cfg = self.config
         removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, cfg.sx, cfg.sy)
@@ -142,9 +154,12 @@ class SDTM(MergeMethod):
             weight = cfg.a_s if plan.phase is Phase.STRUCTURE else cfg.a_d
             merge = bipartite_merge(x, grid, removed, self._destinations(x, grid, staleness, generator), priority,
                                     weight)
-        # T counts steps since a token was last computed on its own: +1 where merged, else back to 0
-        staleness.add_(1).mul_(merge.merged)
+        self.reuse(layer, merge, buffers)
         return merge
+
+    def reuse(self, layer, merge, buffers):
+        # T counts steps since a token was last computed on its own: +1 where merged, else back to 0
+        buffers.staleness_of(layer, merge.merged).add_(1).mul_(merge.merged)
 
     def _destinations(self, x: torch.Tensor, grid: WindowGrid, staleness: torch.Tensor,
                       generator: torch.Generator | None) -> torch.Tensor:

@@ -126,6 +126,7 @@ class MergeState:
         self.layer_grids: list[tuple[int, int] | None] = [None] * num_layers
         self._buffers: StreamBuffers | None = None
         self._merges: list[TokenMerge | None] = [None] * num_layers
+        self._plan_age: list[int] = [0] * num_layers
         self._built: list[bool] = [False] * num_layers
         self._last_shape: tuple | None = None
 
@@ -205,6 +206,7 @@ class MergeState:
         self.grid = grid
         self.layer_grids = [grid] * self.num_layers
         self._merges = [None] * self.num_layers
+        self._plan_age = [0] * self.num_layers  # blocks since the plan of `_merges[layer]` was built
         self._built = [False] * self.num_layers
         key = (progress.call, batch_size, grid)
         if key not in self._streams:
@@ -245,9 +247,15 @@ class MergeState:
             return None
         if not self._built[layer]:
             self._built[layer] = True
-            self._merges[layer] = self.method.build(
-                layer, x, self._window_grid(grid, x.device), plan, self._buffers, self._generator(x.device)
-            )
+            previous = self._merges[layer - 1] if layer else None
+            if (previous is not None and self._plan_age[layer - 1] + 1 < self.method.plan_blocks
+                    and self.layer_grids[layer - 1] == grid):
+                self._merges[layer], self._plan_age[layer] = previous, self._plan_age[layer - 1] + 1
+                self.method.reuse(layer, previous, self._buffers)
+            else:
+                self._merges[layer] = self.method.build(
+                    layer, x, self._window_grid(grid, x.device), plan, self._buffers, self._generator(x.device)
+                )
         merge = self._merges[layer]
         if merge is not None:
             counts[layer] = merge.num_rows

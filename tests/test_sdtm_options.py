@@ -1,5 +1,6 @@
 """SDTM options beyond the paper (signed / bounded staleness prior, destination rule, structure merge, attention in
-the detail phase, protected first / last blocks): each moves the result in its documented direction."""
+the detail phase, protected first / last blocks, plans shared over blocks): each moves the result in its documented
+direction."""
 
 import dataclasses
 
@@ -20,7 +21,7 @@ def test_paper_defaults_are_unchanged():
     paper = dict(ratio=0.3, deviation=0.2, switch_step=20, use_rand=True, sx=2, sy=2, a_s=0.05, a_d=0.05,
                  prior="linear", idm_destination="stalest", structure_merge="window", detail_merge_attn=False,
                  mcw=0.1, protect_steps_frequency=3, protect_layers_frequency=-1, protect_first_layers=0,
-                 protect_last_layers=0, merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0)
+                 protect_last_layers=0, merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0, plan_blocks=1)
     assert {k: v for k, v in dataclasses.asdict(SDTMConfig()).items() if k in paper} == paper
 
 
@@ -28,6 +29,7 @@ def test_paper_defaults_are_unchanged():
     ("prior", "log", "prior must be one of"), ("idm_destination", "first", "idm_destination must be one of"),
     ("structure_merge", "tile", "structure_merge must be one of"), ("a_s", float("nan"), "a_s must be"),
     ("protect_first_layers", -1, "protect_first_layers must be"), ("detail_merge_attn", 1, "detail_merge_attn"),
+    ("plan_blocks", 0, "plan_blocks must be"),
 ])
 def test_option_errors_name_the_field_and_its_range(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -101,3 +103,58 @@ def test_detail_phase_attention_and_protected_first_and_last_blocks(tiny_pipe):
             attn, mlp = row[layer]
             assert mlp == paper[i][layer][1]
             assert attn == (mlp if i * 50 > 20 * steps else paper[i][layer][0]), (i, layer)  # detail: shared merge
+
+
+def _merges_per_block(pipe, steps=10, **params):
+    """Per step, the merge (TokenMerge) each block's sub-layers used, seen from the outside: the merge hook passes
+    the same object to every sub-layer of a block, so one forward hook per block reads the last one used."""
+    from sdtm_plugin.merge import TokenMerge
+
+    used, order = [], []
+    original = TokenMerge.merge
+
+    def spy(self, x):
+        used.append(self)
+        return original(self, x)
+
+    apply_SDTM(pipe, **params)
+    blocks = pipe.transformer.transformer_blocks
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: order.append((i, len(used)))) for i, b in enumerate(blocks)]
+    TokenMerge.merge = spy
+    try:
+        latents = generate(pipe, steps=steps)
+    finally:
+        TokenMerge.merge = original
+        for h in handles:
+            h.remove()
+    ends = [start for _, start in order[1:]] + [len(used)]
+    per_forward = [{} for _ in range(len(order) // len(blocks))]
+    for k, ((block, start), end) in enumerate(zip(order, ends)):
+        per_forward[k // len(blocks)][block] = used[start:end]
+    return per_forward, latents
+
+
+def test_plan_blocks_share_one_plan_over_consecutive_merged_blocks(tiny_pipe):
+    builds = []
+    original = SDTM.build
+    SDTM.build = lambda self, *a, **k: builds.append(1) or original(self, *a, **k)
+    try:
+        shared, latents = _merges_per_block(tiny_pipe, plan_blocks=2, protect_first_layers=1)
+        own, reference = _merges_per_block(tiny_pipe, plan_blocks=1, protect_first_layers=1)
+    finally:
+        SDTM.build = original
+    merged_forwards = 0
+    for forward in shared:
+        assert forward[0] == []  # protected
+        if not forward[1]:
+            assert forward[2] == forward[3] == []  # a protected step
+            continue
+        merged_forwards += 1
+        # blocks 1 and 2 (consecutive merged blocks) use one merge; block 3 starts a new plan
+        assert all(m is forward[1][0] for m in forward[1] + forward[2])
+        assert all(m is forward[3][0] for m in forward[3]) and forward[3][0] is not forward[1][0]
+    for forward in own:
+        if forward[1]:
+            assert len({id(forward[b][0]) for b in (1, 2, 3)}) == 3
+    assert merged_forwards > 0 and len(builds) == 2 * merged_forwards + 3 * merged_forwards
+    assert not torch.equal(latents, reference)
