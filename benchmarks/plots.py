@@ -4,6 +4,7 @@ MACs vs fidelity, per-step token counts."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -80,7 +81,8 @@ def sample_grids(table: pd.DataFrame, out: Path) -> list[Path]:
                 axes[i, j].imshow(images[j], interpolation="nearest")
                 axes[i, j].set_xticks([])
                 axes[i, j].set_yticks([])
-            axes[i, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
+            # labels of composed settings run long: wrap them inside the left margin
+            axes[i, 0].set_ylabel(textwrap.fill(name, 34), fontsize=6, rotation=0, ha="right", va="center")
         fig.suptitle(f"{model}: same prompts and seeds per column", fontsize=8)
         fig.tight_layout()
         target = out / f"samples_{model.replace('/', '_')}.png"
