@@ -88,7 +88,7 @@ def _cache_config(cls: type, params: dict[str, Any], num_steps: int | None) -> A
     if cls is MagCacheConfig:
         values.setdefault("num_inference_steps", num_steps or 20)
         if "mag_ratios" not in values:
-            values["calibrate"] = True  # placeholder: `calibrated_magcache` replaces it with the model's ratios
+            values["calibrate"] = True  # placeholder: the runner (`ModelSession.resolve`) puts the model's ratios in
     return cls(**values)
 
 
