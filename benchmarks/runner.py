@@ -15,13 +15,10 @@ relative L2 of the latents); on random-weight models only the last three are mea
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import copy
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import platform
@@ -37,7 +34,7 @@ from tqdm.auto import tqdm
 
 from diffusers.hooks import MagCacheConfig
 
-from sdtm_plugin import apply_step_cache, get_merge_state, remove_SDTM
+from sdtm_plugin import calibrate_mag_cache, get_merge_state
 from sdtm_plugin.adapters import find_adapter
 
 from . import quality
@@ -388,32 +385,9 @@ class ModelSession:
     def mag_ratios(self, num_steps: int) -> list[float]:
         """MagCache's residual-magnitude ratios of this model, from one calibration run (diffusers logs them)."""
         if num_steps not in self._mag_ratios:
-            self._mag_ratios[num_steps] = self._calibrate_magcache(num_steps)
+            self._mag_ratios[num_steps] = calibrate_mag_cache(self.method_pipe, num_steps, **{
+                k: v for k, v in self.call_kwargs().items() if k != "num_inference_steps"})
         return self._mag_ratios[num_steps]
-
-    def _calibrate_magcache(self, num_steps: int) -> list[float]:
-        records: list[str] = []
-
-        class Capture(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                records.append(record.getMessage())
-
-        log = logging.getLogger("diffusers.hooks.mag_cache")
-        handler, level = Capture(), log.level
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        apply_step_cache(self.method_pipe, MagCacheConfig(calibrate=True, num_inference_steps=num_steps))
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it also prints them
-                self.method_pipe(**{**self.call_kwargs(), "num_inference_steps": num_steps})
-        finally:
-            remove_SDTM(self.method_pipe)
-            log.removeHandler(handler)
-            log.setLevel(level)
-        found = [m for m in records if "Calibration Results" in m]
-        if not found:
-            raise RuntimeError("MagCache calibration logged no ratios")
-        return [float(v) for v in ast.literal_eval(found[-1].split(":", 1)[1].strip())]
 
     def macs(self, job: Job) -> ForwardMacs:
         """MACs of every denoiser forward of one generation: on the meta device for presets (shape-only methods),

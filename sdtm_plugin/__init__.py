@@ -9,7 +9,10 @@
 from .adapters import supported_models
 from .caching import supported_step_caches
 from .config import SDTMConfig, ToMeConfig
-from .patch import apply_SDTM, apply_step_cache, apply_ToMe, get_merge_state, remove_SDTM, remove_step_cache, remove_ToMe
+from .patch import (
+    apply_SDTM, apply_step_cache, apply_ToMe, calibrate_mag_cache, get_merge_state, remove_SDTM, remove_step_cache,
+    remove_ToMe,
+)
 from .schedule import Phase, StepPlan, cosine_ratio, step_plan
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "remove_ToMe",
     "apply_step_cache",
     "remove_step_cache",
+    "calibrate_mag_cache",
     "get_merge_state",
     "supported_models",
     "supported_step_caches",

@@ -5,12 +5,15 @@ One patch per denoiser: token merging (SDTM or ToMe), a diffusers step cache, or
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import inspect
+import io
 import logging
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from diffusers.hooks import HookRegistry
+from diffusers.hooks import HookRegistry, MagCacheConfig
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
@@ -154,6 +157,40 @@ def apply_step_cache(pipe_or_model: T, config: Any) -> T:
     FasterCache need and TaylorSeer's module patterns are filled in where left unset. Removed by `remove_SDTM`.
     """
     return _apply(pipe_or_model, None, config)
+
+
+def calibrate_mag_cache(pipe: Any, num_inference_steps: int, **call_kwargs: Any) -> list[float]:
+    """MagCache's per-step residual-magnitude ratios for this pipeline (`MagCacheConfig(mag_ratios=...)`), from one
+    generation in diffusers' calibration mode (nothing skipped) with `call_kwargs` (prompt, guidance, ...).
+
+    MagCache needs them per model and step count. The pipeline must not be patched; it is left unpatched.
+    """
+    model, _ = _split(pipe)
+    if _PATCH_ATTR in model.__dict__:
+        raise ValueError("calibrate_mag_cache needs an unpatched pipeline: call remove_SDTM(pipe) first")
+    messages: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    # diffusers reports the ratios only by logging (and printing) them at the end of the run
+    log = logging.getLogger("diffusers.hooks.mag_cache")
+    handler, level = Capture(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    apply_step_cache(pipe, MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            pipe(**call_kwargs, num_inference_steps=num_inference_steps)
+    finally:
+        remove_SDTM(pipe)
+        log.removeHandler(handler)
+        log.setLevel(level)
+    found = [m for m in messages if "Calibration Results" in m]
+    if not found:
+        raise RuntimeError("MagCache calibration logged no ratios (did the call run all its steps?)")
+    return [float(v) for v in ast.literal_eval(found[-1].split(":", 1)[1].strip())]
 
 
 def remove_SDTM(pipe_or_model: T) -> T:

@@ -159,3 +159,21 @@ def test_first_block_cache_on_sd3_is_a_clear_error(pipes):
     with pytest.raises(ValueError, match="FirstBlockCacheConfig.*context_pre_only"):
         apply_step_cache(model, FirstBlockCacheConfig(threshold=0.1))
     assert _no_hooks_left(model)
+
+
+def test_calibrate_mag_cache_gives_one_ratio_per_step_and_leaves_the_pipeline_unpatched(tiny_pipe):
+    from sdtm_plugin import calibrate_mag_cache
+
+    reference = generate_pixart(tiny_pipe, steps=STEPS)
+    call = dict(prompt="a red cat on a boat", use_resolution_binning=False, output_type="latent", clean_caption=False)
+    ratios = calibrate_mag_cache(tiny_pipe, STEPS, **call)
+    assert len(ratios) == STEPS and ratios[0] == 1.0
+    assert all(0.0 < r < 10.0 for r in ratios)
+    assert _no_hooks_left(tiny_pipe.transformer) and get_merge_state(tiny_pipe) is None
+    assert torch.equal(generate_pixart(tiny_pipe, steps=STEPS), reference)
+    # the ratios drive MagCache on the same pipeline; a patched pipeline cannot be calibrated
+    apply_step_cache(tiny_pipe, MagCacheConfig(threshold=0.5, num_inference_steps=STEPS, mag_ratios=ratios))
+    with pytest.raises(ValueError, match="unpatched"):
+        calibrate_mag_cache(tiny_pipe, STEPS, **call)
+    assert not torch.equal(generate_pixart(tiny_pipe, steps=STEPS), reference)
+    remove_SDTM(tiny_pipe)
