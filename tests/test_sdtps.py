@@ -132,8 +132,9 @@ def _absent_nir(b=3):
     return present
 
 
-def test_missing_modality_values_do_not_influence_any_output():
-    model = _model()
+@pytest.mark.parametrize("guidance", ["global", "aligned"])
+def test_missing_modality_values_do_not_influence_any_output(guidance):
+    model = _model(guidance=guidance)
     p, g = _inputs(b=3)
     present = _absent_nir()
     outs = []
@@ -253,3 +254,25 @@ def test_demo_task_puts_the_identity_at_one_place_in_every_modality_unless_blind
         overlap = (split.identity & split.distractor).sum(-1)
         assert overlap.max() <= 2 * (task.cell // task.patch + 1)
     assert 0.35 < test.blinded.any(0).float().mean() < 0.65
+
+
+def test_aligned_guidance_keeps_what_every_modality_has_at_the_same_place():
+    """Patches 2 and 5 hold the same content in all three modalities, the others each modality's own clutter; the
+    globals are orthogonal to every patch, so only the cross-modal term can tell them apart (beta = 0.5: no
+    predictor). Aligned guidance keeps exactly the shared patches; global guidance scores every patch alike."""
+    b, n, c = 2, 8, 16
+    g = torch.Generator().manual_seed(0)
+    patches = {m: torch.randn(b, n, c, generator=g) for m in MODS}
+    shared = torch.randn(b, 2, c, generator=g)
+    for m in MODS:
+        patches[m][:, [2, 5]] = shared
+        patches[m][:, :, 0] = 0.0  # orthogonal to the globals
+    globals_ = {m: torch.zeros(b, c).index_fill_(1, torch.tensor([0]), 1.0) for m in MODS}
+    kw = dict(dim=c, num_patches=n, sparse_ratio=0.25, aggr_ratio=0.5, beta=0.5)
+    aligned = _model(guidance="aligned", **kw)(patches, globals_)
+    pooled = _model(**kw)(patches, globals_)
+    for m in MODS:
+        assert aligned.masks[m].nonzero()[:, 1].tolist() == [2, 5, 2, 5]
+        assert torch.equal(pooled.scores[m], torch.zeros_like(pooled.scores[m]))
+    with pytest.raises(ValueError, match="guidance must be one of"):
+        _model(guidance="local")

@@ -21,11 +21,13 @@ from __future__ import annotations
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .selection import TokenAggregation, TokenSparse, aggregated_count, cosine_scores
 
 Tensor = torch.Tensor
+GUIDANCE = ("global", "aligned")
 
 
 class SDTPSOutput(NamedTuple):
@@ -50,6 +52,10 @@ class MultiModalSDTPS(nn.Module):
         hidden_ratio: aggregator MLP width as a fraction of C.
         use_importance: add log(softmax(kept scores)) to the aggregation logits (a weak prior, as in the reference).
         use_gumbel, gumbel_tau: Gumbel top-k with straight-through gradients, see `TokenSparse`.
+        guidance: what a patch is compared with in the other modalities: ``"global"`` (the seeds': their global
+            features) or ``"aligned"`` (their patch at the same index, for spatially registered modalities such as
+            RGB/NIR/TIR crops: content present at the same place in every modality scores high, clutter of one
+            modality low; a global has no position and cannot tell the two apart).
     """
 
     def __init__(
@@ -64,8 +70,11 @@ class MultiModalSDTPS(nn.Module):
         use_importance: bool = True,
         use_gumbel: bool = False,
         gumbel_tau: float = 1.0,
+        guidance: str = "global",
     ) -> None:
         super().__init__()
+        if guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {GUIDANCE}, got {guidance!r}")
         modalities = tuple(modalities)
         if len(modalities) < 2 or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must be >= 2 distinct names, got {modalities}")
@@ -74,6 +83,7 @@ class MultiModalSDTPS(nn.Module):
         self.num_patches = num_patches
         self.num_aggregated = aggregated_count(num_patches, sparse_ratio, aggr_ratio)
         self.use_importance = use_importance
+        self.guidance = guidance
         self.sparse = nn.ModuleDict(
             {m: TokenSparse(dim, sparse_ratio, beta, "paper", 0.25, use_gumbel, gumbel_tau) for m in modalities}
         )
@@ -147,7 +157,12 @@ class MultiModalSDTPS(nn.Module):
         sims = sims.view(num_mod, b, num_mod, n)
         idx = torch.arange(num_mod, device=p.device)
         self_s = sims[idx, :, idx]  # (M, B, N)
-        cross = sims.permute(0, 2, 1, 3)[idx[:, None], self.others].transpose(1, 2)  # (M, B, M-1, N)
+        if self.guidance == "global":
+            cross = sims.permute(0, 2, 1, 3)[idx[:, None], self.others].transpose(1, 2)  # (M, B, M-1, N)
+        else:  # cos(patch n of i, patch n of j) for every pair, (M, M, B, N)
+            unit = F.normalize(p, dim=-1)
+            aligned = torch.einsum("ibnc,jbnc->ijbn", unit, unit)
+            cross = aligned[idx[:, None], self.others].transpose(1, 2)  # (M, B, M-1, N)
 
         tokens, masks, scores = {}, {}, {}
         for i, m in enumerate(names):  # M independent modules, each fully batched

@@ -7,9 +7,10 @@ of the canvas) sits in one of 8 cells, jittered, at the same place in every moda
 clutter: a texture crop (grass / gravel / brick) and a distractor digit of any class in another cell. Modalities
 differ by blur and gain (NIR: blur 0.7, TIR: blur 1.2 x 1.3). Modality-specific corruption: in 30 % of samples one
 modality is blinded (the identity digit is missing from it; stronger noise). Within one modality the identity digit
-and a distractor look alike; what singles the identity out is that it is present in the *other* modalities too,
-which is exactly what SDTPS's cross-modal guidance (cosine of a modality's patches to the other modalities' globals)
-can see and the other heads cannot.
+and a distractor look alike; what singles the identity out is that it is present at the same place in the *other*
+modalities too. SDTPS's cross-modal guidance as seeded (cosine of a modality's patches to the other modalities'
+globals) cannot see that, since a global has no position; the `aligned` head's guidance (cosine to the other
+modalities' patch at the same place) can.
 
 Model (`ModelConfig`). A shared encoder (`WindowEncoder`: pixel window -> linear + position + modality embedding ->
 residual MLP, one backbone for all modalities as in DeMo) gives per modality patches (B, 128, D) and a global
@@ -20,7 +21,9 @@ and layer-normalised: the retrieval feature. Heads:
 - mean:   1 token, the mean of the 128 patches;
 - random: `TokenSparse` + `TokenAggregation` on uniform random scores, 128 -> 64 -> 25 + 1 = 26 tokens;
 - beta=0: `MultiModalSDTPS` with beta = 0: learned predictor only, no own- or cross-modal guidance, 26 tokens;
-- SDTPS:  `MultiModalSDTPS` (rho 0.5, alpha 0.4, beta 0.25), 26 tokens.
+- SDTPS:  `MultiModalSDTPS` (rho 0.5, alpha 0.4, beta 0.25), 26 tokens;
+- aligned: the same with ``guidance="aligned"``: the cross-modal term compares each patch with the other modalities'
+          patch at the same place instead of their globals, 26 tokens.
 Every variant is trained the same way (`TrainConfig`, same batches per seed): cross-entropy on the head feature plus
 cross-entropy on the concatenated globals (DeMo trains both branches; SDTPS needs meaningful globals to be guided
 by). Reported on held-out digit images (query = every 5th sample, gallery = the rest, match = same class): mAP and
@@ -28,9 +31,10 @@ R@1, mean ± std over seeds; tokens per modality and MACs per sample after the (
 at the seeds' width (C = 512, one 8-head block); and, for the selecting heads, how much of the identity digit's
 patches and of the distractors' patches the kept set covers (chance: the kept fraction, 50 %).
 
-    python -m token_modules.demos.sdtps [--out outputs/demos] [--seeds 3] [--epochs 8] [--threads 2]
+    python -m token_modules.demos.sdtps [--out outputs/demos] [--seeds 3] [--epochs 7] [--threads 2]
 
-Outputs in --out: sdtps_results.json (every number), sdtps_masks.png (SDTPS selections, seed 0).
+Outputs in --out: sdtps_results.json (every number), sdtps_masks.png and sdtps_aligned_masks.png (selections,
+seed 0).
 """
 
 from __future__ import annotations
@@ -58,7 +62,6 @@ from token_modules.demos.common import (
     class_retrieval,
     count_macs,
     log,
-    mean_std,
     paste,
     patch_windows,
     residual_mlp,
@@ -71,7 +74,8 @@ from token_modules.sdtps import MultiModalSDTPS, SDTPSOutput
 from token_modules.selection import TokenAggregation, TokenSparse, aggregated_count
 
 MODS = ("rgb", "nir", "tir")
-HEADS = ("full", "mean", "random", "beta=0", "SDTPS")
+HEADS = ("full", "mean", "random", "beta=0", "SDTPS", "aligned")
+MASK_PNG = {"SDTPS": "sdtps_masks.png", "aligned": "sdtps_aligned_masks.png"}
 Tensor = torch.Tensor
 
 
@@ -254,9 +258,10 @@ class ReIDNet(nn.Module):
         self.encoder = Encoder(task, cfg)
         if head == "random":
             self.select = RandomSelection(d, n, cfg.sparse_ratio, cfg.aggr_ratio)
-        elif head in ("beta=0", "SDTPS"):
+        elif head in ("beta=0", "SDTPS", "aligned"):
             beta = 0.0 if head == "beta=0" else cfg.beta
-            self.select = MultiModalSDTPS(d, n, MODS, cfg.sparse_ratio, cfg.aggr_ratio, beta)
+            guidance = "aligned" if head == "aligned" else "global"
+            self.select = MultiModalSDTPS(d, n, MODS, cfg.sparse_ratio, cfg.aggr_ratio, beta, guidance=guidance)
         self.pool, self.pool_mlp = AttentionPool(d), residual_mlp(d)
         self.norm, self.classifier = nn.LayerNorm(len(MODS) * d), nn.Linear(len(MODS) * d, 10)
 
@@ -360,7 +365,8 @@ def budgets(task: TaskConfig, cfg: ModelConfig) -> dict[str, dict[str, float]]:
             sel = RandomSelection(512, 128, cfg.sparse_ratio, cfg.aggr_ratio)
             wide = lambda: [wide_block(t) for t in sel(wide_p).tokens.values()]  # noqa: E731
         else:
-            sd = MultiModalSDTPS(512, 128, MODS, cfg.sparse_ratio, cfg.aggr_ratio)
+            sd = MultiModalSDTPS(512, 128, MODS, cfg.sparse_ratio, cfg.aggr_ratio,
+                                 guidance="aligned" if head == "aligned" else "global")
             wide = lambda: [wide_block(t) for t in sd(wide_p, wide_g).tokens.values()]  # noqa: E731
         res[head] = {"tokens/modality": tokens, "encoder kMACs": encoder / 1e3,
                      "head+block kMACs": (total - encoder) / 1e3, "C=512 head+block MMACs": count_macs(wide) / 1e6}
@@ -394,7 +400,7 @@ def plot_masks(model: ReIDNet, test: Split, task: TaskConfig, path: Path, count:
             ax.set_title(title, fontsize=7)
             if c == 0:
                 ax.set_ylabel(m.upper())
-    fig.suptitle("SDTPS: tinted = discarded, cyan = identity digit", fontsize=8)
+    fig.suptitle(f"{model.head}: tinted = discarded, cyan = identity digit", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -404,7 +410,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demos")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--pretrain-epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
@@ -437,8 +443,8 @@ def main() -> None:
             runs[head].append(metrics)
             log.info("seed %d %-7s mAP %.1f  R@1 %.1f  (%.0f s)", seed, head, metrics["mAP"], metrics["R@1"],
                      time.time() - t0)
-            if head == "SDTPS" and seed == 0:
-                plot_masks(model, test, task, out_dir / "sdtps_masks.png")
+            if head in ("SDTPS", "aligned") and seed == 0:
+                plot_masks(model, test, task, out_dir / MASK_PNG[head])
     cost = budgets(task, cfg)
     rows = {}
     for head, rs in runs.items():
@@ -454,7 +460,8 @@ def main() -> None:
     result = {"task": asdict(task), "model": asdict(cfg), "train": asdict(tcfg), "pretrain": asdict(pre_cfg),
               "chance": chance, "runs": runs, "cost": cost, "wall_s": wall, "cpu_s": cpu, "threads": args.threads}
     (out_dir / "sdtps_results.json").write_text(json.dumps(result, indent=1))
-    log.info("results: %s, masks: %s", out_dir / "sdtps_results.json", out_dir / "sdtps_masks.png")
+    log.info("results: %s, masks: %s", out_dir / "sdtps_results.json", ", ".join(
+        str(out_dir / MASK_PNG[h]) for h in args.heads if h in MASK_PNG))
 
 
 if __name__ == "__main__":
