@@ -165,6 +165,8 @@ def calibrate_mag_cache(pipe: Any, num_inference_steps: int, **call_kwargs: Any)
 
     MagCache needs them per model and step count. The pipeline must not be patched; it is left unpatched.
     """
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
     model, _ = _split(pipe)
     if _PATCH_ATTR in model.__dict__:
         raise ValueError("calibrate_mag_cache needs an unpatched pipeline: call remove_SDTM(pipe) first")

@@ -175,5 +175,8 @@ def test_calibrate_mag_cache_gives_one_ratio_per_step_and_leaves_the_pipeline_un
     apply_step_cache(tiny_pipe, MagCacheConfig(threshold=0.5, num_inference_steps=STEPS, mag_ratios=ratios))
     with pytest.raises(ValueError, match="unpatched"):
         calibrate_mag_cache(tiny_pipe, STEPS, **call)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1"):
+            calibrate_mag_cache(tiny_pipe, steps, **call)
     assert not torch.equal(generate_pixart(tiny_pipe, steps=STEPS), reference)
     remove_SDTM(tiny_pipe)
