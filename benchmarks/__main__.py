@@ -48,7 +48,7 @@ MACS_COLUMNS = [
 # the embedded defaults of `./run_benchmark.sh` with no arguments
 FAST = "ratio=0.35,protect_steps_frequency=-1,mcw=1.0"  # SDTMConfig.fast()
 MAGCACHE = "threshold=0.06,retention_ratio=0.1"  # composed with fast(): the fastest setting at baseline quality
-FAST_MAGCACHE = f"{FAST},cache.threshold=0.06,cache.retention_ratio=0.1"
+FAST_MAGCACHE = ",".join([FAST, *(f"cache.{field}" for field in MAGCACHE.split(","))])
 # one generation of the trained model takes ~1.2 s on 2 cores, whose speed drifts by up to 30 % between minutes:
 # identical runs timed 3 times each differed by 10 %, so the CPU default times 15 calls per job
 CPU_DEFAULT = dict(model=["pixart-shapes"], repeats=15,

@@ -126,6 +126,11 @@ class ToMe(MergeMethod):
         return bipartite_merge(x, grid, removed, destination_score)
 
 
+def _age(staleness: torch.Tensor, merged: torch.Tensor) -> None:
+    """T counts steps since a token was last computed on its own: +1 where merged, else back to 0 (in place)."""
+    staleness.add_(1).mul_(merged)
+
+
 class SDTM(MergeMethod):
     """Structure-then-detail merging: SSM whole-window merges, then IDM on the MLP, a merge cache, protection."""
 
@@ -154,12 +159,11 @@ class SDTM(MergeMethod):
             weight = cfg.a_s if plan.phase is Phase.STRUCTURE else cfg.a_d
             merge = bipartite_merge(x, grid, removed, self._destinations(x, grid, staleness, generator), priority,
                                     weight)
-        self.reuse(layer, merge, buffers)
+        _age(staleness, merge.merged)
         return merge
 
     def reuse(self, layer, merge, buffers):
-        # T counts steps since a token was last computed on its own: +1 where merged, else back to 0
-        buffers.staleness_of(layer, merge.merged).add_(1).mul_(merge.merged)
+        _age(buffers.staleness_of(layer, merge.merged), merge.merged)
 
     def _destinations(self, x: torch.Tensor, grid: WindowGrid, staleness: torch.Tensor,
                       generator: torch.Generator | None) -> torch.Tensor:
