@@ -1,16 +1,21 @@
-"""Merge primitives shared by SDTM (SSM, IDM) and ToMe, built for little memory traffic and bit-reproducibility.
+"""Merge primitives shared by SDTM (SSM, IDM) and ToMe, built for few kernels, little memory traffic and
+bit-reproducibility.
 
-A `TokenMerge` is the merge of one block at one step: `merge` maps the (B, N, C) tokens to (B, N', C) rows, one row
-per kept token plus one per merged group (the group's mean), and `unmerge` copies every row back to its tokens,
-optionally blending merged tokens with a cache. `window_merge` (SSM) and `bipartite_merge` (IDM, ToMe) build it.
+A `TokenMerge` is the merge of one block at one step. Its plan is one permutation of the (B, N, C) tokens: the
+*head* holds the tokens that are merged into groups, the *tail* the tokens kept as they are. `merge` gathers the
+tokens in plan order (one row gather), reduces the head to one mean per group and puts the tail after it, giving
+(B, N', C) rows ``[groups..., kept tokens...]``; `unmerge` copies every row back to its tokens (one row gather),
+blending merged tokens with a cache when asked (one `lerp`). `window_merge` (SSM) and `bipartite_merge` (IDM, ToMe)
+build it.
 
 Why it is cheap and deterministic on a GPU:
-- windows are strided views of the row-major (h, w) token grid, so window sums and means are plain reductions;
-- similarities and group sums are matmuls in the model's dtype (tensor cores, fp32 accumulation), the group sums
-  through a one-hot merge matrix instead of a float `scatter_add_` (whose CUDA atomics make results vary run to run);
-- choices are stable sorts; every scatter writes unique positions; no host syncs and no loops over batch or tokens;
-- unmerging is one row gather, plus one `lerp` with a per-token weight (1 for tokens computed on their own, which
-  `lerp` returns bit-exactly) when a cache is blended in.
+- windows are strided views of the row-major (h, w) token grid, so window sums are plain reductions, and SSM's
+  head is whole windows, so a group mean is a mean over K consecutive rows;
+- similarities and group means are matmuls in the model's dtype (tensor cores, fp32 accumulation), IDM's group
+  means through a one-hot merge matrix instead of a float `scatter_add_` (whose CUDA atomics make results vary run
+  to run);
+- choices are stable sorts; every scatter writes unique positions; no host syncs, no loops over batch or tokens;
+- index tables that depend only on the grid, the batch and the merged counts are built once and cached.
 
 Tokens beyond the last full window row/column belong to no window ("loose" tokens).
 """
@@ -19,19 +24,39 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity (the row tables are cached per grid)
+@dataclass(frozen=True)
+class BatchTables:
+    """Index tables of a `WindowGrid` for one batch size, rows of the flattened (B·N, C) tokens.
+
+    Attributes:
+        offsets: (B, 1) the first row of each batch element.
+        window_tokens: (B, W, K) the rows of each window's tokens.
+        first_tokens: (B·W,) each window's first token.
+        loose_tokens: (B, L).
+        window_ids: (B·W,) 0..W-1 per batch element.
+        destination_keys: (B·W,) float32 sort keys of IDM destinations: above any score, decreasing with the window.
+    """
+
+    offsets: torch.Tensor
+    window_tokens: torch.Tensor
+    first_tokens: torch.Tensor
+    loose_tokens: torch.Tensor
+    window_ids: torch.Tensor
+    destination_keys: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity (its tables are cached per grid)
 class WindowGrid:
-    """The non-overlapping ``sy x sx`` windows of an ``(h, w)`` token grid, and index tables built once per device.
+    """The non-overlapping ``sy x sx`` windows of an ``(h, w)`` token grid.
 
     Attributes:
         window_tokens: (W, K) token index of each window's K tokens, row-major inside the window.
         loose_tokens: (L,) tokens outside every full window.
-        positions: (N,) 0..N-1.
-        destination_keys: (W,) float32 sort keys of the windows' IDM destinations: below any score, decreasing.
     """
 
     grid: tuple[int, int]
@@ -39,8 +64,6 @@ class WindowGrid:
     sy: int
     window_tokens: torch.Tensor
     loose_tokens: torch.Tensor
-    positions: torch.Tensor
-    destination_keys: torch.Tensor
 
     @classmethod
     def build(cls, grid: tuple[int, int], sx: int, sy: int, device: torch.device) -> "WindowGrid":
@@ -54,9 +77,11 @@ class WindowGrid:
         in_window = torch.zeros(h * w, dtype=torch.bool)
         in_window[window_tokens.flatten()] = True
         loose = (~in_window).nonzero().flatten()
-        keys = -1e30 * (1 + torch.arange(gh * gw) / (gh * gw))
-        return cls(grid, sx, sy, window_tokens.to(device), loose.to(device), torch.arange(h * w, device=device),
-                   keys.to(device))
+        return cls(grid, sx, sy, window_tokens.to(device), loose.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
 
     @property
     def num_windows(self) -> int:
@@ -66,14 +91,40 @@ class WindowGrid:
     def window_size(self) -> int:
         return self.sx * self.sy
 
-    @functools.lru_cache(maxsize=16)
-    def window_merge_rows(self, num_windows: int) -> torch.Tensor:
-        """(N,) the merged row of each position of `window_merge`'s token order (loose and kept window tokens, then
-        the merged windows' K tokens each): kept positions keep their index, merged window j's tokens share row
-        ``n_kept + j``. Built once per merged-window count."""
-        n_kept = self.positions.numel() - num_windows * self.window_size
-        return torch.where(self.positions < n_kept, self.positions,
-                           n_kept + (self.positions - n_kept).div(self.window_size, rounding_mode="floor"))
+    @functools.lru_cache(maxsize=8)
+    def batch_tables(self, batch: int) -> BatchTables:
+        n, w = self.num_tokens, self.num_windows
+        device = self.window_tokens.device
+        offsets = torch.arange(0, batch * n, n, device=device).unsqueeze(1)
+        window_tokens = self.window_tokens + offsets.unsqueeze(2)
+        keys = 1e30 * (2 - torch.arange(w, device=device) / w)
+        return BatchTables(offsets, window_tokens, window_tokens[:, :, 0].flatten(), self.loose_tokens + offsets,
+                           torch.arange(w, device=device).repeat(batch), keys.repeat(batch))
+
+    @functools.lru_cache(maxsize=4)
+    def band_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(gw, sy·w) in `dtype`: 1 where a token of a band of sy token rows lies in the band's window j."""
+        h, w = self.grid
+        column = torch.arange(self.sy * w, device=self.window_tokens.device) % w
+        windows = torch.arange(w // self.sx, device=column.device).unsqueeze(1)
+        return ((column.div(self.sx, rounding_mode="floor") == windows) & (column < windows.numel() * self.sx)).to(dtype)
+
+    def window_unit_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, W, C): the sum of each window's unit vectors ``x / ||x||``, in x's dtype (fp32
+        accumulation), windows in `window_tokens` order.
+
+        One matmul per band of sy token rows, (gw x sy·w) pooling weights ``1 / ||x||`` @ the band's (sy·w x C)
+        tokens: no unit-vector copy of x is written (its cost: sy·w / K times the sums' MACs, a few per cent of one
+        linear layer's).
+        """
+        b, _, c = x.shape
+        h, w = self.grid
+        gh, band = h // self.sy, self.sy * w
+        tokens = x[:, : gh * band]
+        norms = torch.linalg.vector_norm(tokens, dim=-1).clamp_min_(torch.finfo(x.dtype).tiny)
+        weights = self.band_mask(x.dtype) / norms.view(b * gh, 1, band)  # (B·gh, gw, sy·w)
+        # a view unless loose token rows lie between the bands of consecutive batch elements
+        return torch.bmm(weights, tokens.reshape(b * gh, band, c)).view(b, -1, c)
 
     def window_view(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, *F) -> (B, gh, sy, gw, sx, *F): a view (no copy) of the tokens covered by full windows."""
@@ -82,9 +133,14 @@ class WindowGrid:
         grid = x.unflatten(1, (h, w))[:, : gh * self.sy, : gw * self.sx]
         return grid.unflatten(1, (gh, self.sy)).unflatten(3, (gw, self.sx))
 
-    def per_window(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N) -> (B, W, K): each window's values, row-major inside the window (a copy; for small tensors)."""
-        return self.window_view(x).transpose(2, 3).flatten(3, 4).flatten(1, 2)
+    def per_window(self, x: torch.Tensor, plus: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) -> (B, W, K): each window's values, row-major inside the window, plus `plus` (B, W, K) if given
+        (one kernel either way: the copy or the sum)."""
+        windows = self.window_view(x).transpose(2, 3)  # (B, gh, gw, sy, sx)
+        if plus is None:
+            return windows.contiguous().flatten(3).flatten(1, 2)
+        # the contiguous operand first: the sum is laid out like it, so flattening it is a view
+        return plus.view(windows.shape).add(windows).flatten(3).flatten(1, 2)
 
     def window_reduce(self, x: torch.Tensor, mean: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, N, *F) -> (B, W, *F): the sum (or mean) over each window, windows in `window_tokens` order, in `dtype`
@@ -101,118 +157,159 @@ class WindowGrid:
         return reduced.flatten(1, 2)
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, N, C), (B, M) -> (B, M, C): whole-row copies.
+@dataclass(frozen=True)
+class _Layout:
+    """Index tables of a merge's output layout, shared by every merge with the same counts.
 
-    An `index_select` of the (B·N, C) rows: `gather` with the index expanded over C copies element by element
-    (~9x slower on CPU for (2, 256, 256)).
+    Attributes:
+        row_offsets: (B, 1) first output row of each batch element in the flattened (B·N', C) output.
+        tail_rows: (B, N - H) output rows of the kept tokens.
+        kept_flags: (B, N' - G) zeros in the model dtype: kept rows are no group.
+        position_rows: (B, N) output row of every plan position when each group is a run of `group_size` head
+            positions (SSM), else None.
+        row_flags: (B·N',) 1 for group rows, 0 for kept rows, when every group has `group_size` > 1 members (SSM).
     """
-    return _take_rows(x, _flat_rows(index, x.shape[1]))
+
+    row_offsets: torch.Tensor
+    tail_rows: torch.Tensor
+    kept_flags: torch.Tensor
+    position_rows: torch.Tensor | None
+    row_flags: torch.Tensor | None
 
 
-def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, M) token indices -> (B·M,) rows of the flattened (B·N, C) tokens."""
-    return (index + _row_offsets(index.shape[0], n, index.device)).flatten()
+@functools.lru_cache(maxsize=64)
+def _layout(batch: int, num_tokens: int, head: int, num_groups: int, group_size: int | None, dtype: torch.dtype,
+            device: torch.device) -> _Layout:
+    rows = num_tokens - head + num_groups
+    row_offsets = torch.arange(0, batch * rows, rows, device=device).unsqueeze(1)
+    tail_rows = torch.arange(num_groups, rows, device=device) + row_offsets
+    kept_flags = torch.zeros(batch, rows - num_groups, dtype=dtype, device=device)
+    position_rows = row_flags = None
+    if group_size is not None:
+        head_rows = torch.arange(head, device=device).div(group_size, rounding_mode="floor") + row_offsets
+        position_rows = torch.cat([head_rows, tail_rows], dim=1)
+        group_flags = torch.ones(batch, num_groups, dtype=dtype, device=device)
+        row_flags = torch.cat([group_flags, kept_flags], dim=1).flatten()
+    return _Layout(row_offsets, tail_rows, kept_flags, position_rows, row_flags)
 
 
 def _take_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """(B, N, C), (B·M,) flat rows -> (B, M, C)."""
+    """(B, N, C), (B·M,) rows of the flattened (B·N, C) tokens -> (B, M, C).
+
+    An `index_select` of whole rows: `gather` with the index expanded over C copies element by element (~6x slower
+    on CPU for (2, 1024, 384)), and so does indexing with a (B, M) index (~2x).
+    """
     b, n, c = x.shape
     return x.reshape(b * n, c).index_select(0, flat).view(b, -1, c)
 
 
-@functools.lru_cache(maxsize=64)
-def _row_offsets(b: int, n: int, device: torch.device) -> torch.Tensor:
-    """(B, 1) first row of each batch element in the flattened (B·N, C) tokens."""
-    return torch.arange(0, b * n, n, device=device).unsqueeze(1)
+def unit_vectors(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) -> (B, N, C) ``x / ||x||`` in x's dtype (the norm accumulated in fp32); zero vectors stay zero.
 
-
-def inverse_norms(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) -> (B, N) float32 1 / ||x||, accumulated in fp32 without a full-size fp32 copy."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
+    The merged tensors are sub-layer inputs, layer-normalised, so their norms fit any float dtype.
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.clamp_min_(torch.finfo(x.dtype).tiny)
 
 
 class TokenMerge:
     """The merge of one block's tokens: (B, N, C) -> (B, N', C) and back.
 
-    Merged rows are laid out as ``[kept tokens..., groups...]``: `rows` (B, N') names the token each row is
-    gathered from (a group row first holds one member of the group, then the group's mean, see `merge`),
-    `row_of_token` (B, N) the row each token reads its output from.
-
     Args:
-        rows: (B, N') long.
-        row_of_token: (B, N) long.
-        merged: (B, N) bool, the tokens that share their row with others.
-        num_groups: G, the trailing rows that are groups.
-        group_means: ``(x, members) -> (B, G, C)``, the mean of each group from the merge input `x` and the group
-            rows' gathered members `members` (B, G, C).
+        order: (B, N) long, the rows of the flattened (B·N, C) input in plan order: per batch element, `head` tokens
+            that form the groups, then the kept tokens.
+        head: H.
+        num_groups: G; N' = G + N - H.
+        reduce_head: ``(B, H, C) -> (B, G, C)``, each group's mean from the head tokens in plan order.
+        row_of_position: (B, N) long, the row of the flattened (B·N', C) output that each plan position reads.
+        row_flags: ``() -> (B·N',)``, 1 for the rows of groups of more than one token, 0 for the others (a group of
+            one and a kept token are computed on their own), in `dtype`; called when first needed.
+        dtype: the model dtype of the merged tokens.
     """
 
-    def __init__(self, rows: torch.Tensor, row_of_token: torch.Tensor, merged: torch.Tensor, num_groups: int,
-                 group_means) -> None:
-        self.rows = rows
-        self.row_of_token = row_of_token
-        # flat row indices, built once: each sub-layer of the block merges and unmerges with them
-        self._flat_rows = _flat_rows(rows, row_of_token.shape[1])
-        self._flat_row_of_token = _flat_rows(row_of_token, rows.shape[1])
-        self.merged = merged
-        self.num_groups = num_groups
-        self._group_means = group_means
+    def __init__(self, order: torch.Tensor, head: int, num_groups: int,
+                 reduce_head: Callable[[torch.Tensor], torch.Tensor], row_of_position: torch.Tensor,
+                 row_flags: Callable[[], torch.Tensor], dtype: torch.dtype) -> None:
+        self.batch_size, self.num_tokens = order.shape
+        self.dtype, self.device = dtype, order.device
+        self.head, self.num_groups = head, num_groups
+        self._order = order.view(-1)
+        self._reduce_head = reduce_head
+        # each token's output row, the inverse of the plan order: built once, used by every unmerge of the block
+        self._row_of_token = torch.empty_like(self._order).scatter_(0, self._order, row_of_position.view(-1))
+        self._row_flags = row_flags
+        self._flags: dict[torch.dtype, torch.Tensor] = {}
         self._blend_weights: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
     @property
-    def num_tokens(self) -> int:
-        return self.row_of_token.shape[1]
+    def num_rows(self) -> int:
+        return self.num_groups + self.num_tokens - self.head
 
     @property
-    def num_rows(self) -> int:
-        return self.rows.shape[1]
+    def row_of_token(self) -> torch.Tensor:
+        """(B, N) the row of the (B, N', C) output each token reads (for inspection; the hot path keeps flat rows)."""
+        offsets = torch.arange(0, self.batch_size * self.num_rows, self.num_rows, device=self._order.device)
+        return self._row_of_token.view(self.batch_size, -1) - offsets.unsqueeze(1)
+
+    def merged_flags(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, N) 1 for the tokens that share their row with others, else 0, in `dtype` (default: the model's; built
+        once per dtype)."""
+        dtype = dtype or self.dtype
+        if dtype not in self._flags:
+            flags = self._flags.get(self.dtype)
+            if flags is None:
+                flags = self._flags[self.dtype] = self._row_flags().take(self._row_of_token).view(self.batch_size, -1)
+            self._flags[dtype] = flags.to(dtype)
+        return self._flags[dtype]
+
+    @property
+    def merged(self) -> torch.Tensor:
+        """(B, N) bool: the tokens that share their row with others."""
+        return self.merged_flags() > 0
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N', C): kept tokens unchanged (bit-exact), each group its mean (fp32 accumulation)."""
-        if x.shape[1] != self.num_tokens:
-            raise ValueError(f"merge expected {self.num_tokens} tokens, got {x.shape[1]} (shape {tuple(x.shape)})")
-        out = _take_rows(x, self._flat_rows)
-        if self.num_groups:
-            groups = out[:, out.shape[1] - self.num_groups:]
-            groups.copy_(self._group_means(x, groups))
-        return out
+        """(B, N, C) -> (B, N', C): each group's mean (fp32 accumulation), then the kept tokens unchanged."""
+        if x.shape[:2] != (self.batch_size, self.num_tokens):
+            raise ValueError(f"merge expected {self.num_tokens} tokens in a batch of {self.batch_size}, got shape "
+                             f"{tuple(x.shape)}")
+        ordered = _take_rows(x, self._order)
+        return torch.cat([self._reduce_head(ordered[:, : self.head]), ordered[:, self.head:]], dim=1)
 
     def unmerge(self, y: torch.Tensor, cache: torch.Tensor | None = None, cache_weight: float = 1.0) -> torch.Tensor:
         """(B, N', C) -> (B, N, C): each token gets its row's output.
 
         With `cache` (B, N, C), merged tokens get ``cache_weight * row + (1 - cache_weight) * cache``; tokens computed
-        on their own keep their exact output.
+        on their own keep their exact output (`lerp` with weight 0 returns its start bit-exactly).
         """
-        if y.shape[1] != self.num_rows:
-            raise ValueError(f"unmerge expected {self.num_rows} rows, got {y.shape[1]} (shape {tuple(y.shape)})")
-        out = _take_rows(y, self._flat_row_of_token)
+        if y.shape[:2] != (self.batch_size, self.num_rows):
+            raise ValueError(f"unmerge expected {self.num_rows} rows in a batch of {self.batch_size}, got shape "
+                             f"{tuple(y.shape)}")
+        out = _take_rows(y, self._row_of_token)
         if cache is None or cache_weight >= 1.0:
             return out
-        return torch.lerp(cache.to(out.dtype), out, self._blend_weight(cache_weight, out.dtype))
+        return torch.lerp(out, cache.to(out.dtype), self._blend_weight(cache_weight, out.dtype))
 
     def _blend_weight(self, cache_weight: float, dtype: torch.dtype) -> torch.Tensor:
         key = (cache_weight, dtype)
         if key not in self._blend_weights:  # shared by the attention and MLP unmerges of the block
-            self._blend_weights[key] = (self.merged.to(dtype) * (cache_weight - 1.0) + 1.0).unsqueeze(-1)
+            self._blend_weights[key] = self.merged_flags(dtype).mul(1.0 - cache_weight).unsqueeze(-1)
         return self._blend_weights[key]
 
 
 def staleness_priority(staleness: torch.Tensor, form: str = "linear") -> torch.Tensor:
-    """P_fre from the steps T since each token was computed on its own, (B, N) -> (B, N) float.
+    """P_fre from the steps T since each token was computed on its own, (B, N) -> (B, N) float32.
 
     ``"linear"``: ``T / mean(T)`` per batch element (the paper's; all-zero T gives zeros); ``"bounded"``:
     ``T / (T + 1)``, in [0, 1).
     """
     if form == "bounded":
         return staleness / (staleness + 1.0)
-    mean = staleness.sum(1, keepdim=True, dtype=torch.float32).div_(staleness.shape[1]).clamp_min_(1e-6)
-    return staleness / mean
+    return staleness / staleness.mean(1, keepdim=True, dtype=torch.float32).clamp_min_(1e-6)
 
 
 def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     """(B, N, C) -> (B, W, K): each window token's cosine similarity to the sum of its window's unit vectors."""
-    unit = x * inverse_norms(x).to(x.dtype).unsqueeze(-1)
+    unit = unit_vectors(x)
     windows = grid.window_view(unit)  # (B, gh, sy, gw, sx, C)
     gh, gw = windows.shape[1], windows.shape[3]
     summed = grid.window_reduce(unit, dtype=torch.float32).to(x.dtype).unflatten(1, (gh, gw))[:, :, None, :, None]
@@ -220,10 +317,8 @@ def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
 
 
 def _window_unit_sums(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-    """(B, N, C) -> (B, W) float32 ``|sum_k v_k|^2`` over each window's unit vectors v (model dtype, fp32 sums)."""
-    unit = x * inverse_norms(x).to(x.dtype).unsqueeze(-1)
-    summed = grid.window_reduce(unit, dtype=torch.float32)  # (B, W, C)
-    return torch.linalg.vector_norm(summed, dim=-1).square_()
+    """(B, N, C) -> (B, W) float32 ``|sum_k v_k|^2`` over each window's unit vectors v."""
+    return torch.linalg.vector_norm(grid.window_unit_sums(x), dim=-1, dtype=torch.float32).square_()
 
 
 def window_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
@@ -239,6 +334,8 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: 
                  priority_weight: float = 0.0) -> TokenMerge:
     """SSM: merge the `num_windows` windows of highest ``P_sim + priority_weight * P_fre`` whole, into their mean.
 
+    Ties go to the lower window index.
+
     Args:
         x: (B, N, C) the compared features (the sub-layer input).
         grid: the window grid of the N tokens.
@@ -251,21 +348,20 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: 
     score = _window_unit_sums(x, grid)
     if priority is not None and priority_weight:
         score = score.add_(grid.window_reduce(priority, mean=True), alpha=priority_weight * k * (k - 1))
-    order = score.sort(dim=1, descending=True, stable=True).indices  # (B, W), the merged windows first
-    # token order: loose tokens, the kept windows' tokens, then the merged windows' K tokens each
-    ordered = grid.window_tokens[order.roll(-num_windows, dims=1)].flatten(1)
-    if grid.loose_tokens.numel():
-        ordered = torch.cat([grid.loose_tokens.expand(b, -1), ordered], dim=1)
-    n_kept = n - num_windows * k
-    rows = torch.cat([ordered[:, :n_kept], ordered[:, n_kept::k]], dim=1)  # (B, N'): a group row holds a member
-    row_of_token = torch.empty_like(ordered).scatter_(1, ordered, grid.window_merge_rows(num_windows).expand(b, -1))
-    merged = row_of_token >= n_kept
-    chosen = order[:, :num_windows]
+    order = score.sort(dim=1, descending=True, stable=True).indices  # (B, W): the merged windows first
+    tables = grid.batch_tables(b)
+    # plan order: the merged windows' K tokens each (the head), the kept windows' tokens, the loose tokens
+    order = tables.window_tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, k)).flatten(1)
+    if tables.loose_tokens.shape[1]:
+        order = torch.cat([order, tables.loose_tokens], dim=1)
+    head = num_windows * k
+    layout = _layout(b, n, head, num_windows, k, x.dtype, x.device)
 
-    def group_means(y: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-        return _gather_rows(grid.window_reduce(y, mean=True), chosen)  # (B, w, C), fp32 accumulation
+    def window_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B, w·K, C) -> (B, w, C)
+        return ordered_head.unflatten(1, (num_windows, k)).mean(2)
 
-    return TokenMerge(rows, row_of_token, merged, num_windows, group_means)
+    return TokenMerge(order, head, num_windows, window_means, layout.position_rows, lambda: layout.row_flags,
+                      x.dtype)
 
 
 def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destination_score: torch.Tensor | None = None,
@@ -275,7 +371,7 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
     Each window's destination is the argmax of `destination_score` (B, W, K) over its positions (the first
     position when None). Sources are the other window tokens and the loose tokens; a source's score is its best
     cosine similarity to any destination (P_ina) plus ``priority_weight * priority`` (P_fre); ties go to the lower
-    token index. Destinations become the group rows (one that receives no source keeps its own value).
+    token index. Each destination is a group (one that receives no source is a group of one, not merged).
 
     Args:
         x: (B, N, C).
@@ -284,37 +380,35 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
     """
     b, n, _ = x.shape
     num_windows = grid.num_windows
+    tables = grid.batch_tables(b)
     if destination_score is None:
-        dst = grid.window_tokens[:, 0].expand(b, -1)  # (B, W)
+        dst = tables.first_tokens  # (B·W,) rows of the flattened tokens
     else:
-        dst = grid.window_tokens.expand(b, -1, -1).gather(2, destination_score.argmax(-1, keepdim=True)).squeeze(-1)
+        dst = tables.window_tokens.gather(2, destination_score.argmax(-1, keepdim=True)).view(-1)
     # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
     # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows
-    unit = x * inverse_norms(x).to(x.dtype).unsqueeze(-1)
-    best, best_dst = torch.bmm(unit, _gather_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N) cosine, window
-    score = best.float()
-    if priority is not None and priority_weight:
-        score = score.add_(priority, alpha=priority_weight)
-    # destinations are no sources: keys below any score, decreasing with the window index, sort them last
-    score.scatter_(1, dst, grid.destination_keys.expand(b, -1))
-    # token order: the merged sources, the kept sources, then the destinations (in window order)
+    unit = unit_vectors(x)
+    best, best_window = torch.bmm(unit, _take_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N)
+    score = best.float() if priority is None or not priority_weight else torch.add(best, priority, alpha=priority_weight)
+    # destinations are no sources: keys above any score, in window order, sort them first; each is its own group
+    score.view(-1).scatter_(0, dst, tables.destination_keys)
+    best_window.view(-1).scatter_(0, dst, tables.window_ids)
+    # plan order: the destinations and the merged sources (the head), then the kept sources
     ordered = score.sort(dim=1, descending=True, stable=True).indices
-    n_kept = n - num_windows - num_merged
-    rows = ordered[:, num_merged:]  # (B, N'): kept sources, then one row per window
-    chosen = ordered[:, :num_merged]
-    group = best_dst.gather(1, chosen)  # (B, r): the window each merged source joins
-    row_of_token = torch.empty_like(ordered).scatter_(1, ordered, grid.positions.expand(b, -1)).sub_(num_merged)
-    chosen_row = group + n_kept
-    row_of_token.scatter_(1, chosen, chosen_row)
-    receives = torch.zeros(b, n - num_merged, dtype=torch.bool, device=x.device).scatter_(1, chosen_row, True)
-    merged = receives.gather(1, row_of_token)
-    # merge matrix: each group's mean as a (W x r) @ (r x C) matmul, deterministic (no float atomics); the 1 / size
-    # weights are inside it, so no group sum is ever formed (fp16 overflows at 65504)
-    weights = torch.zeros(b, num_windows, num_merged, dtype=x.dtype, device=x.device).scatter_(1, group.unsqueeze(1), 1.0)
-    inv_size = weights.sum(-1, keepdim=True).add_(1.0).reciprocal_()  # (B, W, 1), exact small integers before
-    weights.mul_(inv_size)
+    head = num_windows + num_merged
+    group = best_window.gather(1, ordered[:, :head])  # (B, H): the window each head token joins
+    layout = _layout(b, n, head, num_windows, None, x.dtype, x.device)
+    # merge matrix: each group's mean as a (W x H) @ (H x C) matmul, deterministic (no float atomics), the 1 / size
+    # weights inside it, so no group sum is ever formed (fp16 overflows at 65504)
+    members = group.unsqueeze(1) == tables.window_ids[:num_windows].unsqueeze(1)  # (B, W, H) one-hot
+    sizes = members.sum(-1, dtype=x.dtype)  # (B, W) >= 1: the destination
+    weights = members / sizes.unsqueeze(-1)
 
-    def group_means(y: torch.Tensor, destinations: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(destinations * inv_size, weights, _gather_rows(y, chosen))
+    def group_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B, H, C) -> (B, W, C)
+        return torch.bmm(weights, ordered_head)
 
-    return TokenMerge(rows, row_of_token, merged, num_windows, group_means)
+    def row_flags() -> torch.Tensor:
+        return torch.cat([sizes > 1, layout.kept_flags], dim=1).view(-1)
+
+    row_of_position = torch.cat([group + layout.row_offsets, layout.tail_rows], dim=1)
+    return TokenMerge(ordered + tables.offsets, head, num_windows, group_means, row_of_position, row_flags, x.dtype)

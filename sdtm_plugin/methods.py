@@ -22,7 +22,7 @@ class StreamBuffers:
     """What one transformer call of a step carries to the same call of the next step.
 
     Attributes:
-        staleness: per block, (B, N) int32 steps since each token's outputs were last computed on their own.
+        staleness: per block, (B, N) float32 steps since each token's outputs were last computed on their own.
         cache: per block, sub-layer name -> (B, N, C) that sub-layer's last full-length output.
     """
 
@@ -37,7 +37,7 @@ class StreamBuffers:
     def staleness_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         counter = self.staleness[layer]
         if counter is None or counter.shape != x.shape[:2] or counter.device != x.device:
-            counter = self.staleness[layer] = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
+            counter = self.staleness[layer] = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
         return counter
 
     def reset_staleness(self) -> None:
@@ -126,9 +126,11 @@ class ToMe(MergeMethod):
         return bipartite_merge(x, grid, removed, destination_score)
 
 
-def _age(staleness: torch.Tensor, merged: torch.Tensor) -> None:
-    """T counts steps since a token was last computed on its own: +1 where merged, else back to 0 (in place)."""
-    staleness.add_(1).mul_(merged)
+def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
+    """T counts steps since a token was last computed on its own: +1 where merged, else back to 0 (in place, one
+    kernel: ``(T + 1) * m = T * m + m`` for the 0/1 merged flags m)."""
+    flags = merge.merged_flags()
+    torch.addcmul(flags, staleness, flags, out=staleness)
 
 
 class SDTM(MergeMethod):
@@ -159,11 +161,11 @@ class SDTM(MergeMethod):
             weight = cfg.a_s if plan.phase is Phase.STRUCTURE else cfg.a_d
             merge = bipartite_merge(x, grid, removed, self._destinations(x, grid, staleness, generator), priority,
                                     weight)
-        _age(staleness, merge.merged)
+        _age(staleness, merge)
         return merge
 
     def reuse(self, layer, merge, buffers):
-        _age(buffers.staleness_of(layer, merge.merged), merge.merged)
+        _age(buffers.staleness_of(layer, merge.merged_flags()), merge)
 
     def _destinations(self, x: torch.Tensor, grid: WindowGrid, staleness: torch.Tensor,
                       generator: torch.Generator | None) -> torch.Tensor:
@@ -174,8 +176,8 @@ class SDTM(MergeMethod):
             return _uniform(shape, x, generator)
         if rule == "similar":
             return window_medoid_scores(x, grid)
-        score = grid.per_window(staleness)  # the stalest token, ties broken at random with use_rand
-        return score + _uniform(shape, x, generator) if self.config.use_rand else score
+        # the stalest token, ties broken at random with use_rand
+        return grid.per_window(staleness, _uniform(shape, x, generator) if self.config.use_rand else None)
 
     def finish(self, layer, name, role, merge, output, plan, buffers):
         cfg = self.config

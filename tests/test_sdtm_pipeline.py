@@ -261,7 +261,7 @@ def _build(cfg, phase, x, staleness, ratio):
     from sdtm_plugin.schedule import StepPlan
 
     buffers = StreamBuffers(1)
-    buffers.staleness[0] = staleness.clone()
+    buffers.staleness[0] = staleness.float()  # the buffers count steps in float32
     plan = StepPlan(5, 20, phase, ratio, phase.value == "structure", True)
     grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
     return SDTM(cfg, 1).build(0, x, grid, plan, buffers, torch.Generator().manual_seed(0)), grid
