@@ -9,7 +9,7 @@ blending merged tokens with a cache when asked (one `lerp`). `window_merge` (SSM
 build it.
 
 Why it is cheap and deterministic on a GPU:
-- windows are strided views of the row-major (h, w) token grid, so window sums are plain reductions, and SSM's
+- SSM scores windows with one pooling matmul per band of token rows (no unit-vector copy of the tokens), and its
   head is whole windows, so a group mean is a mean over K consecutive rows;
 - similarities and group means are matmuls in the model's dtype (tensor cores, fp32 accumulation), IDM's group
   means through a one-hot merge matrix instead of a float `scatter_add_` (whose CUDA atomics make results vary run

@@ -31,6 +31,8 @@ def test_window_views_equal_gathers(grid_hw, sx, sy):
     gathered = x[:, grid.window_tokens]  # (B, W, K, C)
     torch.testing.assert_close(grid.window_reduce(x), gathered.sum(2))
     torch.testing.assert_close(grid.window_reduce(x, mean=True), gathered.mean(2))
+    # SSM's pooling matmul per band of token rows (loose rows and columns excluded) = the unit vectors' window sums
+    torch.testing.assert_close(grid.window_unit_sums(x), F.normalize(x, dim=-1)[:, grid.window_tokens].sum(2))
     ids = torch.arange(x.shape[1]).expand(2, -1)
     assert torch.equal(grid.per_window(ids), grid.window_tokens.expand(2, -1, -1))
 
