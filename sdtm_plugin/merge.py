@@ -231,7 +231,7 @@ class TokenMerge:
                  reduce_head: Callable[[torch.Tensor], torch.Tensor], row_of_position: torch.Tensor,
                  row_flags: Callable[[], torch.Tensor], dtype: torch.dtype) -> None:
         self.batch_size, self.num_tokens = order.shape
-        self.dtype, self.device = dtype, order.device
+        self.dtype = dtype
         self.head, self.num_groups = head, num_groups
         self._order = order.view(-1)
         self._reduce_head = reduce_head
@@ -312,7 +312,7 @@ def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     unit = unit_vectors(x)
     windows = grid.window_view(unit)  # (B, gh, sy, gw, sx, C)
     gh, gw = windows.shape[1], windows.shape[3]
-    summed = grid.window_reduce(unit, dtype=torch.float32).to(x.dtype).unflatten(1, (gh, gw))[:, :, None, :, None]
+    summed = grid.window_unit_sums(x).unflatten(1, (gh, gw))[:, :, None, :, None]
     return (windows * summed).sum(-1, dtype=torch.float32).transpose(2, 3).flatten(3, 4).flatten(1, 2)
 
 
