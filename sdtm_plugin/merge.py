@@ -39,7 +39,8 @@ class BatchTables:
         first_tokens: (B·W,) each window's first token.
         loose_tokens: (B, L).
         window_ids: (B·W,) 0..W-1 per batch element.
-        destination_keys: (B·W,) float32 sort keys of IDM destinations: above any score, decreasing with the window.
+        destination_keys: (B·W,) float32 sort keys of bipartite destinations: above any score, decreasing with the
+            window.
     """
 
     offsets: torch.Tensor
@@ -48,6 +49,26 @@ class BatchTables:
     loose_tokens: torch.Tensor
     window_ids: torch.Tensor
     destination_keys: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """Each window's destination for `bipartite_merge`, with the bias that ranks its tokens.
+
+    Leading dimensions (...) hold several blocks' choices (SDTM chooses for every block of a grid once per forward);
+    index them to get one block's.
+
+    Attributes:
+        rows: (..., B·W) long, the row of the flattened (B·N, C) tokens of each window's destination.
+        source_bias: (..., B, N) float32, added to each token's best similarity before ranking: the weighted prior
+            P_fre for sources; for destinations, keys above any score that rank them first, in window order.
+    """
+
+    rows: torch.Tensor
+    source_bias: torch.Tensor
+
+    def __getitem__(self, index) -> "Destinations":
+        return Destinations(self.rows[index], self.source_bias[index])
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity (its tables are cached per grid)
@@ -100,6 +121,11 @@ class WindowGrid:
         keys = 1e30 * (2 - torch.arange(w, device=device) / w)
         return BatchTables(offsets, window_tokens, window_tokens[:, :, 0].flatten(), self.loose_tokens + offsets,
                            torch.arange(w, device=device).repeat(batch), keys.repeat(batch))
+
+    @functools.lru_cache(maxsize=8)
+    def first_token_destinations(self, batch: int) -> Destinations:
+        """Each window's first token as its destination, no prior (`choose_destinations` without a choice)."""
+        return choose_destinations(self, batch)
 
     @functools.lru_cache(maxsize=4)
     def band_mask(self, dtype: torch.dtype) -> torch.Tensor:
@@ -163,14 +189,16 @@ class _Layout:
 
     Attributes:
         row_offsets: (B, 1) first output row of each batch element in the flattened (B·N', C) output.
+        group_rows: (B, G, 1) output row of each group.
         tail_rows: (B, N - H) output rows of the kept tokens.
         kept_flags: (B, N' - G) zeros in the model dtype: kept rows are no group.
-        position_rows: (B, N) output row of every plan position when each group is a run of `group_size` head
+        position_rows: (B·N,) output row of every plan position when each group is a run of `group_size` head
             positions (SSM), else None.
         row_flags: (B·N',) 1 for group rows, 0 for kept rows, when every group has `group_size` > 1 members (SSM).
     """
 
     row_offsets: torch.Tensor
+    group_rows: torch.Tensor
     tail_rows: torch.Tensor
     kept_flags: torch.Tensor
     position_rows: torch.Tensor | None
@@ -182,15 +210,16 @@ def _layout(batch: int, num_tokens: int, head: int, num_groups: int, group_size:
             device: torch.device) -> _Layout:
     rows = num_tokens - head + num_groups
     row_offsets = torch.arange(0, batch * rows, rows, device=device).unsqueeze(1)
+    group_rows = (torch.arange(num_groups, device=device) + row_offsets).unsqueeze(-1)
     tail_rows = torch.arange(num_groups, rows, device=device) + row_offsets
     kept_flags = torch.zeros(batch, rows - num_groups, dtype=dtype, device=device)
     position_rows = row_flags = None
     if group_size is not None:
         head_rows = torch.arange(head, device=device).div(group_size, rounding_mode="floor") + row_offsets
-        position_rows = torch.cat([head_rows, tail_rows], dim=1)
+        position_rows = torch.cat([head_rows, tail_rows], dim=1).flatten()
         group_flags = torch.ones(batch, num_groups, dtype=dtype, device=device)
         row_flags = torch.cat([group_flags, kept_flags], dim=1).flatten()
-    return _Layout(row_offsets, tail_rows, kept_flags, position_rows, row_flags)
+    return _Layout(row_offsets, group_rows, tail_rows, kept_flags, position_rows, row_flags)
 
 
 def _take_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -221,25 +250,29 @@ class TokenMerge:
         head: H.
         num_groups: G; N' = G + N - H.
         reduce_head: ``(B, H, C) -> (B, G, C)``, each group's mean from the head tokens in plan order.
-        row_of_position: (B, N) long, the row of the flattened (B·N', C) output that each plan position reads.
+        row_of_token: (B·N,) long, the row of the flattened (B·N', C) output that each token of the flattened input
+            reads.
         row_flags: ``() -> (B·N',)``, 1 for the rows of groups of more than one token, 0 for the others (a group of
             one and a kept token are computed on their own), in `dtype`; called when first needed.
         dtype: the model dtype of the merged tokens.
     """
 
     def __init__(self, order: torch.Tensor, head: int, num_groups: int,
-                 reduce_head: Callable[[torch.Tensor], torch.Tensor], row_of_position: torch.Tensor,
+                 reduce_head: Callable[[torch.Tensor], torch.Tensor], row_of_token: torch.Tensor,
                  row_flags: Callable[[], torch.Tensor], dtype: torch.dtype) -> None:
         self.batch_size, self.num_tokens = order.shape
         self.dtype = dtype
         self.head, self.num_groups = head, num_groups
         self._order = order.view(-1)
         self._reduce_head = reduce_head
-        # each token's output row, the inverse of the plan order: built once, used by every unmerge of the block
-        self._row_of_token = torch.empty_like(self._order).scatter_(0, self._order, row_of_position.view(-1))
+        self._row_of_token = row_of_token
         self._row_flags = row_flags
         self._flags: dict[torch.dtype, torch.Tensor] = {}
         self._blend_weights: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._order.device
 
     @property
     def num_rows(self) -> int:
@@ -297,14 +330,14 @@ class TokenMerge:
 
 
 def staleness_priority(staleness: torch.Tensor, form: str = "linear") -> torch.Tensor:
-    """P_fre from the steps T since each token was computed on its own, (B, N) -> (B, N) float32.
+    """P_fre from the steps T since each token was computed on its own, (..., B, N) -> (..., B, N) float32.
 
     ``"linear"``: ``T / mean(T)`` per batch element (the paper's; all-zero T gives zeros); ``"bounded"``:
     ``T / (T + 1)``, in [0, 1).
     """
     if form == "bounded":
         return staleness / (staleness + 1.0)
-    return staleness / staleness.mean(1, keepdim=True, dtype=torch.float32).clamp_min_(1e-6)
+    return staleness / staleness.mean(-1, keepdim=True, dtype=torch.float32).clamp_min_(1e-6)
 
 
 def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
@@ -330,7 +363,7 @@ def window_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     return (_window_unit_sums(x, grid) - k) / (k * (k - 1))
 
 
-def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: torch.Tensor | None = None,
+def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, window_priority: torch.Tensor | None = None,
                  priority_weight: float = 0.0) -> TokenMerge:
     """SSM: merge the `num_windows` windows of highest ``P_sim + priority_weight * P_fre`` whole, into their mean.
 
@@ -340,14 +373,15 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: 
         x: (B, N, C) the compared features (the sub-layer input).
         grid: the window grid of the N tokens.
         num_windows: windows merged (w); N' = N - w (K - 1).
-        priority: (B, N) per-token P_fre, averaged per window; None for none.
+        window_priority: (B, W) P_fre of each window (its tokens' mean: ``grid.window_reduce(P_fre, mean=True)``);
+            None for none.
     """
     b, n, _ = x.shape
     k = grid.window_size
     # ranked on |sum v|^2 = K + K(K-1) P_sim: the same order as P_sim, with the prior scaled to match
     score = _window_unit_sums(x, grid)
-    if priority is not None and priority_weight:
-        score = score.add_(grid.window_reduce(priority, mean=True), alpha=priority_weight * k * (k - 1))
+    if window_priority is not None and priority_weight:
+        score = score.add_(window_priority, alpha=priority_weight * k * (k - 1))
     order = score.sort(dim=1, descending=True, stable=True).indices  # (B, W): the merged windows first
     tables = grid.batch_tables(b)
     # plan order: the merged windows' K tokens each (the head), the kept windows' tokens, the loose tokens
@@ -356,51 +390,77 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, priority: 
         order = torch.cat([order, tables.loose_tokens], dim=1)
     head = num_windows * k
     layout = _layout(b, n, head, num_windows, k, x.dtype, x.device)
+    # each token's output row: the inverse of the plan order
+    row_of_token = torch.empty_like(order).view(-1).scatter_(0, order.view(-1), layout.position_rows)
 
     def window_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B, w·K, C) -> (B, w, C)
         return ordered_head.unflatten(1, (num_windows, k)).mean(2)
 
-    return TokenMerge(order, head, num_windows, window_means, layout.position_rows, lambda: layout.row_flags,
-                      x.dtype)
+    return TokenMerge(order, head, num_windows, window_means, row_of_token, lambda: layout.row_flags, x.dtype)
 
 
-def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destination_score: torch.Tensor | None = None,
-                    priority: torch.Tensor | None = None, priority_weight: float = 0.0) -> TokenMerge:
+def choose_destinations(grid: WindowGrid, batch: int, choice: torch.Tensor | None = None,
+                        priority: torch.Tensor | None = None, priority_weight: float = 0.0) -> Destinations:
+    """Each window's destination: the argmax of `choice` over its K tokens (its first token when None).
+
+    Batched over any leading dimensions (...) of `choice` and `priority`, which must agree.
+
+    Args:
+        batch: B.
+        choice: (..., B, W, K) or None.
+        priority: (..., B, N) float32 P_fre of the sources, weighted by `priority_weight`; None for none.
+    """
+    tables = grid.batch_tables(batch)
+    if choice is not None:
+        rows = tables.window_tokens.expand(choice.shape).gather(-1, choice.argmax(-1, keepdim=True)).flatten(-3)
+    else:
+        lead = priority.shape[:-2] if priority is not None else ()
+        rows = tables.first_tokens.expand(*lead, -1)
+    if priority is not None and priority_weight:
+        bias = priority.mul(priority_weight)
+    else:
+        bias = torch.zeros(*rows.shape[:-1], batch, grid.num_tokens, device=rows.device)
+    # destinations are no sources: keys above any score, decreasing with the window, rank them first
+    flat_rows = rows.reshape(-1, rows.shape[-1])
+    bias.view(-1, batch * grid.num_tokens).scatter_(1, flat_rows, tables.destination_keys.expand(flat_rows.shape))
+    return Destinations(rows, bias)
+
+
+def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int,
+                    destinations: Destinations | None = None) -> TokenMerge:
     """IDM / ToMe: one destination per window; the `num_merged` best-scoring sources merge into their best match.
 
-    Each window's destination is the argmax of `destination_score` (B, W, K) over its positions (the first
-    position when None). Sources are the other window tokens and the loose tokens; a source's score is its best
-    cosine similarity to any destination (P_ina) plus ``priority_weight * priority`` (P_fre); ties go to the lower
-    token index. Each destination is a group (one that receives no source is a group of one, not merged).
+    Sources are the tokens that are no destination (the other window tokens and the loose tokens); a source's score
+    is its best cosine similarity to any destination (P_ina) plus its `source_bias` (the weighted P_fre); ties go
+    to the lower token index. Each destination is a group (one that receives no source is a group of one, not
+    merged).
 
     Args:
         x: (B, N, C).
-        destination_score: (B, W, K) or None.
-        priority: (B, N) or None.
+        destinations: one block's `choose_destinations` (rows (B·W,), bias (B, N)); None: each window's first token,
+            no prior.
     """
     b, n, _ = x.shape
     num_windows = grid.num_windows
     tables = grid.batch_tables(b)
-    if destination_score is None:
-        dst = tables.first_tokens  # (B·W,) rows of the flattened tokens
-    else:
-        dst = tables.window_tokens.gather(2, destination_score.argmax(-1, keepdim=True)).view(-1)
+    if destinations is None:
+        destinations = grid.first_token_destinations(b)
+    dst = destinations.rows
     # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
     # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows
     unit = unit_vectors(x)
     best, best_window = torch.bmm(unit, _take_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N)
-    score = best.float() if priority is None or not priority_weight else torch.add(best, priority, alpha=priority_weight)
-    # destinations are no sources: keys above any score, in window order, sort them first; each is its own group
-    score.view(-1).scatter_(0, dst, tables.destination_keys)
-    best_window.view(-1).scatter_(0, dst, tables.window_ids)
     # plan order: the destinations and the merged sources (the head), then the kept sources
-    ordered = score.sort(dim=1, descending=True, stable=True).indices
+    ordered = torch.add(best, destinations.source_bias).sort(dim=1, descending=True, stable=True).indices
     head = num_windows + num_merged
-    group = best_window.gather(1, ordered[:, :head])  # (B, H): the window each head token joins
     layout = _layout(b, n, head, num_windows, None, x.dtype, x.device)
+    # each token's output row: its window's group for the destinations and merged sources, its own for the kept
+    row_of_token = best_window.view(-1).scatter_(0, dst, tables.window_ids).view(b, n).add_(layout.row_offsets)
+    group = row_of_token.gather(1, ordered[:, :head])  # (B, H): the group row of each head token
+    row_of_token.scatter_(1, ordered[:, head:], layout.tail_rows)
     # merge matrix: each group's mean as a (W x H) @ (H x C) matmul, deterministic (no float atomics), the 1 / size
     # weights inside it, so no group sum is ever formed (fp16 overflows at 65504)
-    members = group.unsqueeze(1) == tables.window_ids[:num_windows].unsqueeze(1)  # (B, W, H) one-hot
+    members = group.unsqueeze(1) == layout.group_rows  # (B, W, H) one-hot
     sizes = members.sum(-1, dtype=x.dtype)  # (B, W) >= 1: the destination
     weights = members / sizes.unsqueeze(-1)
 
@@ -410,5 +470,5 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
     def row_flags() -> torch.Tensor:
         return torch.cat([sizes > 1, layout.kept_flags], dim=1).view(-1)
 
-    row_of_position = torch.cat([group + layout.row_offsets, layout.tail_rows], dim=1)
-    return TokenMerge(ordered + tables.offsets, head, num_windows, group_means, row_of_position, row_flags, x.dtype)
+    return TokenMerge(ordered + tables.offsets, head, num_windows, group_means, row_of_token.view(-1), row_flags,
+                      x.dtype)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import SDTMConfig, ToMeConfig
-from .merge import TokenMerge, WindowGrid, bipartite_merge, staleness_priority, window_medoid_scores, window_merge
+from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
+                    window_medoid_scores, window_merge)
 from .schedule import Phase, StepPlan, in_structure_phase, layer_is_protected, step_plan, tokens_removed
 
 
@@ -22,28 +23,35 @@ class StreamBuffers:
     """What one transformer call of a step carries to the same call of the next step.
 
     Attributes:
-        staleness: per block, (B, N) float32 steps since each token's outputs were last computed on their own.
         cache: per block, sub-layer name -> (B, N, C) that sub-layer's last full-length output.
+        per_forward: values a method derives once per forward for all its blocks (keyed by the method), dropped when
+            the next forward begins.
     """
 
     num_layers: int
-    staleness: list[torch.Tensor | None] = field(default_factory=list)
     cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    per_forward: dict = field(default_factory=dict)
+    _staleness: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.staleness = [None] * self.num_layers
         self.cache = [{} for _ in range(self.num_layers)]
 
-    def staleness_of(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        counter = self.staleness[layer]
-        if counter is None or counter.shape != x.shape[:2] or counter.device != x.device:
-            counter = self.staleness[layer] = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
-        return counter
+    def staleness(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(L, B, N) float32: per block, steps since each token's outputs were last computed on their own.
+
+        One tensor for all blocks of a token grid, so a forward derives what it needs for all of them at once.
+        """
+        key = (batch, num_tokens, device)
+        if key not in self._staleness:
+            self._staleness[key] = torch.zeros(self.num_layers, batch, num_tokens, device=device)
+        return self._staleness[key]
+
+    def begin_forward(self) -> None:
+        self.per_forward.clear()
 
     def reset_staleness(self) -> None:
-        for counter in self.staleness:
-            if counter is not None:
-                counter.zero_()
+        for counters in self._staleness.values():
+            counters.zero_()
 
 
 class MergeMethod:
@@ -100,15 +108,16 @@ class NoMerge(MergeMethod):
         return None
 
 
-def _uniform(shape: tuple[int, ...], x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=x.device)
+def _uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=device)
 
 
 class ToMe(MergeMethod):
     """Fixed-ratio bipartite merging on every step: a random (or top-left) destination per window.
 
     As in tomesd, destinations are drawn at random only for even batches (a classifier-free-guidance batch holds
-    the conditional and unconditional halves of the same images, which then share their merge).
+    the conditional and unconditional halves of the same images, which then share their merge); one draw per
+    forward for all blocks.
     """
 
     needs_step_count = False
@@ -117,13 +126,17 @@ class ToMe(MergeMethod):
         return step_plan(self.config, step, num_steps or step + 1)
 
     def build(self, layer, x, grid, plan, buffers, generator):
+        b = x.shape[0]
         removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, grid.sx, grid.sy)
         if removed == 0:
             return None
-        destination_score = None
-        if self.config.use_rand and x.shape[0] % 2 == 0:  # one random destination per window, shared by the batch
-            destination_score = _uniform(tuple(grid.window_tokens.shape), x, generator).expand(x.shape[0], -1, -1)
-        return bipartite_merge(x, grid, removed, destination_score)
+        if not (self.config.use_rand and b % 2 == 0):
+            return bipartite_merge(x, grid, removed)
+        key = (self, grid, b)
+        if key not in buffers.per_forward:
+            draw = _uniform((self.num_layers, 1, grid.num_windows, grid.window_size), x.device, generator)
+            buffers.per_forward[key] = choose_destinations(grid, b, draw.expand(-1, b, -1, -1))
+        return bipartite_merge(x, grid, removed, buffers.per_forward[key][layer])
 
 
 def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
@@ -131,6 +144,26 @@ def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
     kernel: ``(T + 1) * m = T * m + m`` for the 0/1 merged flags m)."""
     flags = merge.merged_flags()
     torch.addcmul(flags, staleness, flags, out=staleness)
+
+
+@dataclass(frozen=True)
+class _StalenessTerms:
+    """What SDTM derives from the staleness counters of all blocks of a grid, once per forward.
+
+    A block's counters change only after its own merge, so values derived at the forward's first merge are those
+    each block would derive from its own counters; deriving them for all blocks at once costs a few kernels per
+    forward instead of several per block.
+
+    Attributes:
+        window_priority: (L, B, W) each window's mean P_fre (SSM with a prior), else None.
+        priority: (L, B, N) P_fre (bipartite merges with a prior), else None.
+        destinations: (L) each window's destination and the ranking bias (bipartite merges), None when each block
+            chooses from its own input (`idm_destination="similar"`).
+    """
+
+    window_priority: torch.Tensor | None = None
+    priority: torch.Tensor | None = None
+    destinations: Destinations | None = None
 
 
 class SDTM(MergeMethod):
@@ -150,34 +183,64 @@ class SDTM(MergeMethod):
 
     def build(self, layer, x, grid, plan, buffers, generator):
         cfg = self.config
+        b = x.shape[0]
         removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, cfg.sx, cfg.sy)
         if removed == 0:
             return None
-        staleness = buffers.staleness_of(layer, x)
-        priority = staleness_priority(staleness, cfg.prior) if (cfg.a_s or cfg.a_d) else None
+        key = (self, grid, b)
+        if key not in buffers.per_forward:
+            buffers.per_forward[key] = self._staleness_terms(grid, plan, buffers.staleness(b, x.shape[1], x.device),
+                                                             generator)
+        terms: _StalenessTerms = buffers.per_forward[key]
         if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
-            merge = window_merge(x, grid, removed // (grid.window_size - 1), priority, cfg.a_s)
+            window_priority = terms.window_priority[layer] if terms.window_priority is not None else None
+            merge = window_merge(x, grid, removed // (grid.window_size - 1), window_priority, cfg.a_s)
         else:
-            weight = cfg.a_s if plan.phase is Phase.STRUCTURE else cfg.a_d
-            merge = bipartite_merge(x, grid, removed, self._destinations(x, grid, staleness, generator), priority,
-                                    weight)
-        _age(staleness, merge)
+            if terms.destinations is not None:
+                destinations = terms.destinations[layer]
+            else:  # "similar": from this block's input
+                priority = terms.priority[layer] if terms.priority is not None else None
+                destinations = choose_destinations(grid, b, window_medoid_scores(x, grid), priority,
+                                                   self._prior_weight(plan))
+            merge = bipartite_merge(x, grid, removed, destinations)
+        _age(buffers.staleness(b, x.shape[1], x.device)[layer], merge)
         return merge
 
     def reuse(self, layer, merge, buffers):
-        _age(buffers.staleness_of(layer, merge.merged_flags()), merge)
+        _age(buffers.staleness(merge.batch_size, merge.num_tokens, merge.device)[layer], merge)
 
-    def _destinations(self, x: torch.Tensor, grid: WindowGrid, staleness: torch.Tensor,
-                      generator: torch.Generator | None) -> torch.Tensor:
-        """(B, W, K) score whose argmax over each window is its destination (`SDTMConfig.idm_destination`)."""
+    def _prior_weight(self, plan: StepPlan) -> float:
+        return self.config.a_s if plan.phase is Phase.STRUCTURE else self.config.a_d
+
+    def _staleness_terms(self, grid: WindowGrid, plan: StepPlan, staleness: torch.Tensor,
+                         generator: torch.Generator | None) -> _StalenessTerms:
+        """`_StalenessTerms` of every block from their counters `staleness` (L, B, N)."""
+        cfg = self.config
+        weight = self._prior_weight(plan)
+        priority = staleness_priority(staleness, cfg.prior) if weight else None
+        if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
+            if priority is None:
+                return _StalenessTerms()
+            window_priority = grid.window_reduce(priority.flatten(0, 1), mean=True)
+            return _StalenessTerms(window_priority=window_priority.view(*staleness.shape[:2], -1))
+        choice = self.destination_choice(grid, staleness, generator)
+        if choice is None:
+            return _StalenessTerms(priority=priority)
+        return _StalenessTerms(destinations=choose_destinations(grid, staleness.shape[-2], choice, priority, weight))
+
+    def destination_choice(self, grid: WindowGrid, staleness: torch.Tensor,
+                           generator: torch.Generator | None) -> torch.Tensor | None:
+        """(..., B, N) counters -> (..., B, W, K) scores whose argmax over each window is its destination
+        (`SDTMConfig.idm_destination`); None for "similar", which each block derives from its input."""
         rule = self.config.idm_destination
-        shape = (x.shape[0], grid.num_windows, grid.window_size)
+        shape = (*staleness.shape[:-1], grid.num_windows, grid.window_size)
         if rule == "random":
-            return _uniform(shape, x, generator)
+            return _uniform(shape, staleness.device, generator)
         if rule == "similar":
-            return window_medoid_scores(x, grid)
+            return None
         # the stalest token, ties broken at random with use_rand
-        return grid.per_window(staleness, _uniform(shape, x, generator) if self.config.use_rand else None)
+        noise = _uniform(shape, staleness.device, generator).flatten(0, -3) if self.config.use_rand else None
+        return grid.per_window(staleness.flatten(0, -2), noise).view(shape)
 
     def finish(self, layer, name, role, merge, output, plan, buffers):
         cfg = self.config

@@ -212,6 +212,7 @@ class MergeState:
         if key not in self._streams:
             self._streams[key] = StreamBuffers(self.num_layers)
         self._buffers = self._streams[key]
+        self._buffers.begin_forward()
         if progress.step == 0 or not plan.merges:  # a full step computes every token on its own
             self._buffers.reset_staleness()
         self.records.append(ForwardRecord(progress.step, progress.call, batch_size, plan.phase.value,

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdtm_plugin.merge import TokenMerge, WindowGrid, bipartite_merge, staleness_priority, window_merge, window_scores
+from sdtm_plugin.merge import (TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
+                               window_merge, window_scores)
 
 CPU = torch.device("cpu")
 
@@ -115,7 +116,8 @@ def test_window_merge_picks_most_similar_windows_and_priority_can_override():
     # a strong staleness prior on window 0 wins over similarity
     priority = torch.zeros(1, 16)
     priority[0, grid.window_tokens[0]] = 10.0
-    merge = window_merge(metric, grid, num_windows=1, priority=priority, priority_weight=1.0)
+    window_priority = grid.window_reduce(priority, mean=True)
+    merge = window_merge(metric, grid, num_windows=1, window_priority=window_priority, priority_weight=1.0)
     assert merge.merged[0, grid.window_tokens[0]].all() and not merge.merged[0, w3].any()
 
 
@@ -134,7 +136,7 @@ def test_bipartite_destination_score_and_priority():
     grid = WindowGrid.build((4, 4), 2, 2, CPU)
     dst_score = torch.zeros(1, 4, 4)
     dst_score[..., 2] = 1.0  # destinations at in-window position 2
-    merge = bipartite_merge(metric, grid, num_merged=12, destination_score=dst_score)
+    merge = bipartite_merge(metric, grid, num_merged=12, destinations=choose_destinations(grid, 1, dst_score))
     # every source merged: only the 4 destination rows remain, one per window
     assert merge.num_rows == 4
     assert set(merge.row_of_token[0, grid.window_tokens[:, 2]].tolist()) == {0, 1, 2, 3}
@@ -142,7 +144,8 @@ def test_bipartite_destination_score_and_priority():
     priority = torch.zeros(1, 16)
     untouched = [i for i in range(16) if not base.merged[0, i] and i not in grid.window_tokens[:, 0].tolist()][0]
     priority[0, untouched] = 100.0
-    boosted = bipartite_merge(metric, grid, num_merged=2, priority=priority, priority_weight=1.0)
+    boosted = bipartite_merge(metric, grid, num_merged=2,
+                              destinations=choose_destinations(grid, 1, priority=priority, priority_weight=1.0))
     assert boosted.merged[0, untouched] and not base.merged[0, untouched]
 
 
@@ -252,7 +255,8 @@ def test_window_merge_equals_loop_reference(hw, use_prior):
     grid = WindowGrid.build(hw, 2, 2, CPU)
     priority = _dyadic_priority(x.shape[:2]) if use_prior else None
     for w in (1, 3, grid.num_windows):
-        merge = window_merge(x, grid, w, priority, 0.3)
+        window_priority = grid.window_reduce(priority, mean=True) if use_prior else None
+        merge = window_merge(x, grid, w, window_priority, 0.3)
         groups, expected = reference_ssm(x, hw, 2, 2, w, priority, 0.3)
         for b in range(x.shape[0]):
             assert _groups(merge, b) == groups[b]
@@ -270,7 +274,7 @@ def test_bipartite_merge_equals_loop_reference(hw, use_prior):
     priority = _dyadic_priority(x.shape[:2]) if use_prior else None
     n_sources = hw[0] * hw[1] - grid.num_windows
     for r in (1, n_sources // 2, n_sources):
-        merge = bipartite_merge(x, grid, r, dst_score, priority, 0.3)
+        merge = bipartite_merge(x, grid, r, choose_destinations(grid, x.shape[0], dst_score, priority, 0.3))
         groups, expected = reference_idm(x, hw, 2, 2, r, dst_pos, priority, 0.3)
         for b in range(x.shape[0]):
             assert _groups(merge, b) == groups[b]

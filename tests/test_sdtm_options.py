@@ -10,7 +10,7 @@ from conftest import generate
 from test_sdtm_pipeline import _build, expected_counts, per_step, record_counts
 
 from sdtm_plugin import SDTMConfig, apply_SDTM
-from sdtm_plugin.merge import WindowGrid, staleness_priority
+from sdtm_plugin.merge import WindowGrid, staleness_priority, window_medoid_scores
 from sdtm_plugin.methods import SDTM
 from sdtm_plugin.schedule import Phase
 
@@ -70,10 +70,12 @@ def test_destination_rules():
 
     def chosen(rule, seed=0):
         method = SDTM(SDTMConfig(idm_destination=rule, use_rand=True), 1)
-        return method._destinations(x, grid, staleness, torch.Generator().manual_seed(seed)).argmax(-1)[0].tolist()
+        choice = method.destination_choice(grid, staleness.float(), torch.Generator().manual_seed(seed))
+        return choice.argmax(-1)[0].tolist()
 
     assert chosen("stalest") == [2, 2, 2, 2]
-    similar = chosen("similar")
+    assert SDTM(SDTMConfig(idm_destination="similar"), 1).destination_choice(grid, staleness.float(), None) is None
+    similar = window_medoid_scores(x, grid).argmax(-1)[0].tolist()  # what each block derives from its input
     assert all(pos != w % 4 for w, pos in enumerate(similar))  # never the outlier
     draws = {tuple(chosen("random", seed)) for seed in range(6)}
     assert len(draws) > 1  # random destinations follow the generator

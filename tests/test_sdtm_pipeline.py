@@ -261,7 +261,7 @@ def _build(cfg, phase, x, staleness, ratio):
     from sdtm_plugin.schedule import StepPlan
 
     buffers = StreamBuffers(1)
-    buffers.staleness[0] = staleness.float()  # the buffers count steps in float32
+    buffers.staleness(x.shape[0], x.shape[1], x.device)[0] = staleness
     plan = StepPlan(5, 20, phase, ratio, phase.value == "structure", True)
     grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
     return SDTM(cfg, 1).build(0, x, grid, plan, buffers, torch.Generator().manual_seed(0)), grid
@@ -369,3 +369,42 @@ def test_faithful_preset_only_flips_the_prior():
     assert {k: v for k, v in vars(faithful).items() if k not in ("a_s", "a_d")} == {
         k: v for k, v in vars(paper).items() if k not in ("a_s", "a_d")}
     assert (SDTMConfig().a_s, SDTMConfig().a_d, SDTMConfig().mcw) == (0.05, 0.05, 0.1)  # paper defaults untouched
+
+
+@pytest.mark.parametrize("overrides", [dict(use_rand=False), dict(use_rand=False, a_d=0.0, a_s=0.0),
+                                       dict(use_rand=False, structure_merge="bipartite", prior="bounded")])
+def test_staleness_terms_derived_once_per_forward_equal_each_blocks_own(tiny_pipe, monkeypatch, overrides):
+    """SDTM derives P_fre and the destinations of all blocks at a forward's first merge; each block must get what it
+    would derive from its own counters at its own merge (they change only after it)."""
+    from sdtm_plugin.merge import choose_destinations, staleness_priority
+    from sdtm_plugin.methods import SDTM
+    from sdtm_plugin.schedule import Phase
+
+    checked = []
+    original = SDTM.build
+
+    def build(self, layer, x, grid, plan, buffers, generator):
+        own = buffers.staleness(x.shape[0], x.shape[1], x.device)[layer].clone()
+        merge = original(self, layer, x, grid, plan, buffers, generator)
+        if merge is None:
+            return merge
+        terms = buffers.per_forward[(self, grid, x.shape[0])]
+        weight = self._prior_weight(plan)
+        priority = staleness_priority(own, self.config.prior) if weight else None
+        if plan.phase is Phase.STRUCTURE and self.config.structure_merge == "window":
+            expected = grid.window_reduce(priority, mean=True) if weight else None
+            got = terms.window_priority[layer] if terms.window_priority is not None else None
+            assert (got is None) == (expected is None) and (got is None or torch.equal(got, expected))
+        else:
+            expected = choose_destinations(grid, x.shape[0], self.destination_choice(grid, own, None), priority,
+                                           weight)
+            got = terms.destinations[layer]
+            assert torch.equal(got.rows, expected.rows) and torch.equal(got.source_bias, expected.source_bias)
+        checked.append((plan.phase, bool(own.any())))
+        return merge
+
+    monkeypatch.setattr(SDTM, "build", build)
+    apply_SDTM(tiny_pipe, **overrides)
+    generate(tiny_pipe, steps=10)
+    phases = {phase for phase, _ in checked}
+    assert phases == {Phase.STRUCTURE, Phase.DETAIL} and any(stale for _, stale in checked)
