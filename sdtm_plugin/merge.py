@@ -340,9 +340,12 @@ def staleness_priority(staleness: torch.Tensor, form: str = "linear") -> torch.T
     return staleness / staleness.mean(-1, keepdim=True, dtype=torch.float32).clamp_min_(1e-6)
 
 
-def window_medoid_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-    """(B, N, C) -> (B, W, K): each window token's cosine similarity to the sum of its window's unit vectors."""
-    unit = unit_vectors(x)
+def window_medoid_scores(x: torch.Tensor, grid: WindowGrid, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, C) -> (B, W, K): each window token's cosine similarity to the sum of its window's unit vectors.
+
+    `unit`: ``unit_vectors(x)`` when the caller has them (a bipartite merge of the same tokens needs them too).
+    """
+    unit = unit_vectors(x) if unit is None else unit
     windows = grid.window_view(unit)  # (B, gh, sy, gw, sx, C)
     gh, gw = windows.shape[1], windows.shape[3]
     summed = grid.window_unit_sums(x).unflatten(1, (gh, gw))[:, :, None, :, None]
@@ -426,8 +429,8 @@ def choose_destinations(grid: WindowGrid, batch: int, choice: torch.Tensor | Non
     return Destinations(rows, bias)
 
 
-def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int,
-                    destinations: Destinations | None = None) -> TokenMerge:
+def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinations: Destinations | None = None,
+                    unit: torch.Tensor | None = None) -> TokenMerge:
     """IDM / ToMe: one destination per window; the `num_merged` best-scoring sources merge into their best match.
 
     Sources are the tokens that are no destination (the other window tokens and the loose tokens); a source's score
@@ -439,6 +442,7 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int,
         x: (B, N, C).
         destinations: one block's `choose_destinations` (rows (B·W,), bias (B, N)); None: each window's first token,
             no prior.
+        unit: ``unit_vectors(x)`` when the caller has them.
     """
     b, n, _ = x.shape
     num_windows = grid.num_windows
@@ -448,7 +452,7 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int,
     dst = destinations.rows
     # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
     # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows
-    unit = unit_vectors(x)
+    unit = unit_vectors(x) if unit is None else unit
     best, best_window = torch.bmm(unit, _take_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N)
     # plan order: the destinations and the merged sources (the head), then the kept sources
     ordered = torch.add(best, destinations.source_bias).sort(dim=1, descending=True, stable=True).indices

@@ -14,7 +14,7 @@ import torch
 
 from .config import SDTMConfig, ToMeConfig
 from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
-                    window_medoid_scores, window_merge)
+                    unit_vectors, window_medoid_scores, window_merge)
 from .schedule import Phase, StepPlan, in_structure_phase, layer_is_protected, step_plan, tokens_removed
 
 
@@ -196,13 +196,15 @@ class SDTM(MergeMethod):
             window_priority = terms.window_priority[layer] if terms.window_priority is not None else None
             merge = window_merge(x, grid, removed // (grid.window_size - 1), window_priority, cfg.a_s)
         else:
+            unit = None
             if terms.destinations is not None:
                 destinations = terms.destinations[layer]
             else:  # "similar": from this block's input
+                unit = unit_vectors(x)
                 priority = terms.priority[layer] if terms.priority is not None else None
-                destinations = choose_destinations(grid, b, window_medoid_scores(x, grid), priority,
+                destinations = choose_destinations(grid, b, window_medoid_scores(x, grid, unit), priority,
                                                    self._prior_weight(plan))
-            merge = bipartite_merge(x, grid, removed, destinations)
+            merge = bipartite_merge(x, grid, removed, destinations, unit)
         _age(buffers.staleness(b, x.shape[1], x.device)[layer], merge)
         return merge
 
