@@ -93,6 +93,14 @@ class PipelineProbe:
         return CallResult(pipeline_s, self._denoiser_seconds(), self._latents, np.asarray(output.images, np.float64))
 
 
+def median_iqr(values: list[float]) -> tuple[float, float]:
+    """Median and interquartile range (0 for fewer than two values)."""
+    if len(values) < 2:
+        return statistics.median(values), 0.0
+    q = np.percentile(values, [25, 75])
+    return statistics.median(values), float(q[1] - q[0])
+
+
 @dataclass
 class Timing:
     """Median and interquartile range of repeated measurements, in milliseconds."""
@@ -105,10 +113,7 @@ class Timing:
 
     @property
     def iqr(self) -> float:
-        if len(self.samples_ms) < 2:
-            return 0.0
-        q = np.percentile(self.samples_ms, [25, 75])
-        return float(q[1] - q[0])
+        return median_iqr(self.samples_ms)[1]
 
 
 def rel_l2(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -39,7 +39,7 @@ from sdtm_plugin.adapters import find_adapter
 
 from . import quality
 from .macs import ForwardMacs, count_call_macs, count_forward_macs
-from .measure import CallResult, ClipScorer, PipelineProbe, Timing, psnr, rel_l2, ssim
+from .measure import CallResult, ClipScorer, PipelineProbe, Timing, median_iqr, psnr, rel_l2, ssim
 from .methods import METHODS, Composed, method_label
 from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
 from .plots import sample_path
@@ -60,6 +60,8 @@ COLUMNS = [
     "sublayers_run", "sublayers_run_per_step",
     "pipeline_ms", "pipeline_iqr_ms", "denoiser_ms", "denoiser_iqr_ms",
     "baseline_pipeline_ms", "baseline_denoiser_ms", "speedup_pipeline", "speedup_denoiser",
+    # median and IQR over repeats of baseline call / the method call after it: robust to the machine's slow drift
+    "speedup_denoiser_paired", "speedup_denoiser_paired_iqr",
     # image quality on the fixed prompt set (trained presets only)
     "quality_images", "adherence", "all_correct", *[f"adherence_{a}" for a in quality.ATTRIBUTES], "fid", "kid",
     # fidelity against the baseline output of the same seeds
@@ -355,6 +357,8 @@ class ModelSession:
                 baseline_denoiser_ms=baseline[1].median, speedup_pipeline=baseline[0].median / timings[0].median,
                 speedup_denoiser=baseline[1].median / timings[1].median,
             )
+            paired = median_iqr([b / m for b, m in zip(baseline[1].samples_ms, timings[1].samples_ms)])
+            row.update(speedup_denoiser_paired=paired[0], speedup_denoiser_paired_iqr=paired[1])
         if self.clip is not None and self.family != "dit":
             row["clip_score"] = self.clip(result.images, s.prompt)
         return row

@@ -101,11 +101,13 @@ def test_csv_schema_and_rows(tmp_path, models_dir):
     assert sorted(table["method"]) == ["baseline", "sdtm", "tome"]
     base = table[table["method"] == "baseline"].iloc[0]
     assert base["speedup_pipeline"] == 1.0 and base["psnr_db"] == float("inf") and base["rel_l2_latents"] == 0
+    assert base["speedup_denoiser_paired"] == 1.0 and base["speedup_denoiser_paired_iqr"] == 0.0
     for _, row in table[table["method"] != "baseline"].iterrows():
         assert row["macs_speedup"] > 1 and row["macs_forward_total_G"] < base["macs_forward_total_G"]
         assert 0 < row["merge_bytes_x"] and 0 < row["merge_ops"]
         assert 0 < row["rel_l2_latents"] < 1 and row["psnr_db"] > 0
         assert row["pipeline_ms"] > 0 and row["baseline_pipeline_ms"] > 0 and row["speedup_pipeline"] > 0
+        assert row["speedup_denoiser_paired"] > 0 and row["speedup_denoiser_paired_iqr"] >= 0
         tokens = json.loads(row["tokens_per_step"])
         assert len(tokens["attn"]) == len(tokens["mlp"]) == row["steps"] == 6
     assert base["threads"] == 2 and base["torch"] == torch.__version__ and base["device"] == "cpu"
@@ -333,3 +335,13 @@ def test_ablation_runs_through_the_harness(tmp_path, models_dir):
     base, unprotected = summary["macs_speedup"]
     assert 1.0 < base < unprotected  # no protected (full) steps: fewer MACs
     assert (tmp_path / "out" / "ablation.csv").exists()
+
+
+def test_paired_speedup_is_the_median_of_per_repeat_ratios():
+    from benchmarks.measure import median_iqr
+
+    baseline, method = [100.0, 200.0, 110.0, 90.0], [50.0, 160.0, 100.0, 45.0]  # the machine slows down mid-run
+    ratios = [b / m for b, m in zip(baseline, method)]  # 2.0, 1.25, 1.1, 2.0
+    assert median_iqr(ratios) == (1.625, pytest.approx(2.0 - 1.2125))  # numpy's linear quartiles
+    assert median_iqr(baseline)[0] / median_iqr(method)[0] == 1.4  # the ratio of medians mixes the slow repeat in
+    assert median_iqr([3.0]) == (3.0, 0.0)
