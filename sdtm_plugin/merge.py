@@ -6,7 +6,7 @@ A `TokenMerge` is the merge of one block at one step. Its plan is one permutatio
 tokens in plan order (one row gather), reduces the head to one mean per group and puts the tail after it, giving
 (B, N', C) rows ``[groups..., kept tokens...]``; `unmerge` copies every row back to its tokens (one row gather),
 blending merged tokens with a cache when asked (one `lerp`). `window_merge` (SSM) and `bipartite_merge` (IDM, ToMe)
-build it.
+build it; `choose_destinations` picks the latter's destinations and ranking bias, for several blocks at once.
 
 Why it is cheap and deterministic on a GPU:
 - SSM scores windows with one pooling matmul per band of token rows (no unit-vector copy of the tokens), and its
