@@ -366,6 +366,22 @@ def window_scores(x: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
     return (_window_unit_sums(x, grid) - k) / (k * (k - 1))
 
 
+def _check_input(x: torch.Tensor, grid: WindowGrid) -> None:
+    if x.dim() != 3 or x.shape[1] != grid.num_tokens:
+        raise ValueError(f"x must be (B, {grid.num_tokens}, C) for the {grid.grid[0]}x{grid.grid[1]} token grid, got "
+                         f"shape {tuple(x.shape)}")
+
+
+def _check_count(name: str, value: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise ValueError(f"{name} must be an int in [0, {high}], got {value!r}")
+
+
+def _check_shape(name: str, tensor: torch.Tensor | None, tail: tuple[int, ...], meaning: str) -> None:
+    if tensor is not None and tuple(tensor.shape[tensor.dim() - len(tail):]) != tail:
+        raise ValueError(f"{name} must end in {tail} ({meaning}), got shape {tuple(tensor.shape)}")
+
+
 def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, window_priority: torch.Tensor | None = None,
                  priority_weight: float = 0.0) -> TokenMerge:
     """SSM: merge the `num_windows` windows of highest ``P_sim + priority_weight * P_fre`` whole, into their mean.
@@ -379,7 +395,10 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, window_pri
         window_priority: (B, W) P_fre of each window (its tokens' mean: ``grid.window_reduce(P_fre, mean=True)``);
             None for none.
     """
+    _check_input(x, grid)
     b, n, _ = x.shape
+    _check_count("num_windows", num_windows, grid.num_windows)
+    _check_shape("window_priority", window_priority, (b, grid.num_windows), "B, W")
     k = grid.window_size
     # ranked on |sum v|^2 = K + K(K-1) P_sim: the same order as P_sim, with the prior scaled to match
     score = _window_unit_sums(x, grid)
@@ -413,6 +432,11 @@ def choose_destinations(grid: WindowGrid, batch: int, choice: torch.Tensor | Non
         choice: (..., B, W, K) or None.
         priority: (..., B, N) float32 P_fre of the sources, weighted by `priority_weight`; None for none.
     """
+    _check_shape("choice", choice, (batch, grid.num_windows, grid.window_size), "B, W, K")
+    _check_shape("priority", priority, (batch, grid.num_tokens), "B, N")
+    if choice is not None and priority is not None and choice.shape[:-3] != priority.shape[:-2]:
+        raise ValueError(f"choice {tuple(choice.shape)} and priority {tuple(priority.shape)} must have the same leading "
+                         f"dimensions")
     tables = grid.batch_tables(batch)
     if choice is not None:
         rows = tables.window_tokens.expand(choice.shape).gather(-1, choice.argmax(-1, keepdim=True)).flatten(-3)
@@ -444,11 +468,16 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
             no prior.
         unit: ``unit_vectors(x)`` when the caller has them.
     """
+    _check_input(x, grid)
     b, n, _ = x.shape
     num_windows = grid.num_windows
     tables = grid.batch_tables(b)
+    _check_count("num_merged", num_merged, n - num_windows)
     if destinations is None:
         destinations = grid.first_token_destinations(b)
+    if destinations.rows.shape != (b * num_windows,) or destinations.source_bias.shape != (b, n):
+        raise ValueError(f"destinations must be one block's (rows ({b * num_windows},), source_bias ({b}, {n})), got "
+                         f"{tuple(destinations.rows.shape)} and {tuple(destinations.source_bias.shape)}")
     dst = destinations.rows
     # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
     # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows

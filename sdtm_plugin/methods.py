@@ -9,6 +9,7 @@ guidance, a split classifier-free-guidance batch) never overwrites the main call
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -48,6 +49,12 @@ class StreamBuffers:
 
     def begin_forward(self) -> None:
         self.per_forward.clear()
+
+    def once_per_forward(self, key: tuple, derive: Callable[[], Any]) -> Any:
+        """`derive()` on the first request of `key` in this forward, the same value after."""
+        if key not in self.per_forward:
+            self.per_forward[key] = derive()
+        return self.per_forward[key]
 
     def reset_staleness(self) -> None:
         for counters in self._staleness.values():
@@ -132,11 +139,12 @@ class ToMe(MergeMethod):
             return None
         if not (self.config.use_rand and b % 2 == 0):
             return bipartite_merge(x, grid, removed)
-        key = (self, grid, b)
-        if key not in buffers.per_forward:
-            draw = _uniform((self.num_layers, 1, grid.num_windows, grid.window_size), x.device, generator)
-            buffers.per_forward[key] = choose_destinations(grid, b, draw.expand(-1, b, -1, -1))
-        return bipartite_merge(x, grid, removed, buffers.per_forward[key][layer])
+        def draw() -> Destinations:
+            score = _uniform((self.num_layers, 1, grid.num_windows, grid.window_size), x.device, generator)
+            return choose_destinations(grid, b, score.expand(-1, b, -1, -1))
+
+        destinations = buffers.once_per_forward((self, grid, b), draw)
+        return bipartite_merge(x, grid, removed, destinations[layer])
 
 
 def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
@@ -187,11 +195,9 @@ class SDTM(MergeMethod):
         removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, cfg.sx, cfg.sy)
         if removed == 0:
             return None
-        key = (self, grid, b)
-        if key not in buffers.per_forward:
-            buffers.per_forward[key] = self._staleness_terms(grid, plan, buffers.staleness(b, x.shape[1], x.device),
-                                                             generator)
-        terms: _StalenessTerms = buffers.per_forward[key]
+        staleness = buffers.staleness(b, x.shape[1], x.device)
+        terms: _StalenessTerms = buffers.once_per_forward(
+            (self, grid, b), lambda: self._staleness_terms(grid, plan, staleness, generator))
         if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
             window_priority = terms.window_priority[layer] if terms.window_priority is not None else None
             merge = window_merge(x, grid, removed // (grid.window_size - 1), window_priority, cfg.a_s)
@@ -205,7 +211,7 @@ class SDTM(MergeMethod):
                 destinations = choose_destinations(grid, b, window_medoid_scores(x, grid, unit), priority,
                                                    self._prior_weight(plan))
             merge = bipartite_merge(x, grid, removed, destinations, unit)
-        _age(buffers.staleness(b, x.shape[1], x.device)[layer], merge)
+        _age(staleness[layer], merge)
         return merge
 
     def reuse(self, layer, merge, buffers):

@@ -300,3 +300,30 @@ def test_low_precision_chooses_the_same_windows_and_sources(dtype):
     x[:, grid.window_tokens[:6, 1]] = x[:, grid.window_tokens[:6, 0]] + 0.01 * torch.randn(2, 6, 32, generator=g)
     full, low = bipartite_merge(x, grid, 6), bipartite_merge(x.to(dtype), grid, 6)
     assert all(_groups(full, b) == _groups(low, b) for b in range(2))
+
+
+def test_bad_merge_inputs_name_the_parameter_and_its_range():
+    grid = WindowGrid.build((4, 4), 2, 2, CPU)
+    x = torch.randn(2, 16, 8)
+    with pytest.raises(ValueError, match=r"x must be \(B, 16, C\)"):
+        window_merge(torch.randn(2, 15, 8), grid, 1)
+    with pytest.raises(ValueError, match=r"x must be \(B, 16, C\)"):
+        bipartite_merge(torch.randn(16, 8), grid, 1)
+    with pytest.raises(ValueError, match=r"num_windows must be an int in \[0, 4\]"):
+        window_merge(x, grid, 5)
+    with pytest.raises(ValueError, match=r"num_merged must be an int in \[0, 12\]"):
+        bipartite_merge(x, grid, 13)
+    with pytest.raises(ValueError, match=r"num_merged must be an int in \[0, 12\]"):
+        bipartite_merge(x, grid, -1)
+    with pytest.raises(ValueError, match=r"window_priority must end in \(2, 4\)"):
+        window_merge(x, grid, 1, torch.zeros(2, 16), 1.0)  # a per-token prior where a per-window one is due
+    with pytest.raises(ValueError, match=r"choice must end in \(2, 4, 4\)"):
+        choose_destinations(grid, 2, torch.rand(1, 4, 4))
+    with pytest.raises(ValueError, match=r"priority must end in \(2, 16\)"):
+        choose_destinations(grid, 2, priority=torch.zeros(2, 4), priority_weight=1.0)
+    with pytest.raises(ValueError, match="same leading dimensions"):
+        choose_destinations(grid, 2, torch.rand(3, 2, 4, 4), torch.zeros(2, 2, 16), 1.0)
+    several = choose_destinations(grid, 2, torch.rand(3, 2, 4, 4))
+    with pytest.raises(ValueError, match="destinations must be one block's"):
+        bipartite_merge(x, grid, 2, several)  # all blocks' destinations instead of one block's
+    assert bipartite_merge(x, grid, 2, several[1]).num_rows == 14
