@@ -345,3 +345,39 @@ def test_paired_speedup_is_the_median_of_per_repeat_ratios():
     assert median_iqr(ratios) == (1.625, pytest.approx(2.0 - 1.2125))  # numpy's linear quartiles
     assert median_iqr(baseline)[0] / median_iqr(method)[0] == 1.4  # the ratio of medians mixes the slow repeat in
     assert median_iqr([3.0]) == (3.0, 0.0)
+
+
+def test_host_twin_keeps_family_and_depth_and_merging_runs_on_it():
+    """The host twin: same class and depth, width 16, 16x16 tokens; merging runs on it as on the real model."""
+    from benchmarks.host import TWIN_GRID, TWIN_WIDTH, host_twin
+    from sdtm_plugin import get_merge_state
+
+    for name in ("pixart-xl-2-512", "sd3-medium", "dit-xl-2-256"):
+        preset, twin = PRESETS[name], host_twin(PRESETS[name])
+        cfg = twin.denoiser
+        assert (twin.family, cfg["num_layers"]) == (preset.family, preset.denoiser["num_layers"])
+        assert cfg["num_attention_heads"] * cfg["attention_head_dim"] == TWIN_WIDTH
+        assert twin.num_tokens == TWIN_GRID ** 2 and not twin.full_size
+    twin = host_twin(PRESETS["pixart-xl-2-512"])
+    model = build_denoiser(twin, "cpu")
+    apply_SDTM(model, ratio=0.5, protect_steps_frequency=-1, num_inference_steps=2)
+    with torch.no_grad():
+        model(**denoiser_inputs(twin, 2))
+    assert max(get_merge_state(model).token_counts[0]["mlp"]) < TWIN_GRID ** 2
+    with pytest.raises(ValueError, match="model must be a transformer preset"):
+        host_twin(PRESETS["tiny-sd"])
+
+
+def test_host_time_rows_and_bad_input():
+    from benchmarks.host import host_time
+
+    table = host_time("tiny", ["baseline", "sdtm", "tome:ratio=0.3"], forwards=2, repeats=1)
+    assert list(table["label"]) == ["baseline", "sdtm", "tome ratio=0.3"]
+    assert (table["depth"] == TINY.denoiser["num_layers"]).all() and (table["host_ms_per_forward"] > 0).all()
+    assert table.loc[0, "host_extra_ms_per_block"] == 0
+    with pytest.raises(ValueError, match="method must be a merging method"):
+        host_time("tiny", ["fbcache"])
+    with pytest.raises(ValueError, match="forwards and repeats must be >= 1"):
+        host_time("tiny", ["sdtm"], forwards=0)
+    with pytest.raises(ValueError, match="model must be one of the presets"):
+        host_time("no-such-model", ["sdtm"])
