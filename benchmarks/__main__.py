@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="pipeline dtype (default float32; float16 in the GPU default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded in the CSV)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the baseline's and the methods' denoisers (backend: inductor when not given); "
+                        "the warm-up calls absorb compilation")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for results.csv and plots")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         threads=args.threads, measure_latency=args.latency and not args.macs_only,
         measure_fidelity=args.fidelity and not args.macs_only, quality_prompts=args.quality_prompts,
         resume=args.resume, model_cache=args.model_cache, clip_model=args.clip_model, samples=args.samples,
+        compile=args.compile,
     )
     table = run_jobs(jobs, settings, macs_only=args.macs_only)
     from accelerate import PartialState

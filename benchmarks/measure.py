@@ -40,7 +40,8 @@ class PipelineProbe:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
-        self.denoiser: nn.Module = getattr(pipe, "transformer", None) or pipe.unet
+        transformer = getattr(pipe, "transformer", None)  # not `or`: a compiled module has no truth value
+        self.denoiser: nn.Module = pipe.unet if transformer is None else transformer
         self.device = self.denoiser.device
         self._spans: list[Any] = []
         self._latents: torch.Tensor | None = None

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers.hooks import MagCacheConfig
+from diffusers.utils.torch_utils import unwrap_module
 
 from sdtm_plugin import calibrate_mag_cache, get_merge_state
 from sdtm_plugin.adapters import find_adapter
@@ -66,8 +67,8 @@ COLUMNS = [
     "quality_images", "adherence", "all_correct", *[f"adherence_{a}" for a in quality.ATTRIBUTES], "fid", "kid",
     # fidelity against the baseline output of the same seeds
     "psnr_db", "ssim", "rel_l2_latents", "clip_score", "tokens_per_step",
-    "device", "device_name", "dtype", "threads", "warmup", "repeats", "torch", "diffusers", "code_version",
-    "python", "rank", "finished_at",
+    "device", "device_name", "dtype", "compile", "threads", "warmup", "repeats", "torch", "diffusers",
+    "code_version", "python", "rank", "finished_at",
 ]
 
 
@@ -114,6 +115,7 @@ class Settings:
     model_cache: Path | None = None
     clip_model: str | None = None
     samples: bool = True
+    compile: str | None = None  # torch.compile backend for the baseline's and the methods' denoisers
     extra_call_kwargs: dict = field(default_factory=dict)
 
     @property
@@ -157,8 +159,8 @@ def environment(device: torch.device, settings: Settings) -> dict[str, Any]:
     return dict(
         device=device.type,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        dtype=settings.dtype, threads=torch.get_num_threads(), warmup=settings.warmup, repeats=settings.repeats,
-        torch=torch.__version__, diffusers=diffusers.__version__, code_version=code_version(),
+        dtype=settings.dtype, compile=settings.compile or "", threads=torch.get_num_threads(), warmup=settings.warmup,
+        repeats=settings.repeats, torch=torch.__version__, diffusers=diffusers.__version__, code_version=code_version(),
         python=platform.python_version(),
     )
 
@@ -169,8 +171,8 @@ def job_key(job: Job, settings: Settings, env: dict[str, Any]) -> str:
         job.model, job.method, list(job.params), settings.steps, settings.seed, settings.prompt,
         settings.guidance_scale, settings.batch_size, settings.measure_latency, settings.measure_fidelity,
         settings.quality_prompts, settings.clip_model,
-        *(env[k] for k in ("device", "device_name", "dtype", "threads", "warmup", "repeats", "torch", "diffusers",
-                           "code_version", "python")),
+        *(env[k] for k in ("device", "device_name", "dtype", "compile", "threads", "warmup", "repeats", "torch",
+                           "diffusers", "code_version", "python")),
     ]
     return hashlib.sha1(json.dumps(ident, default=str).encode()).hexdigest()[:16]
 
@@ -220,13 +222,19 @@ class ModelSession:
         s = self.settings
         pipe = load_pipeline(self.name, seed=0, cache_dir=s.model_cache, torch_dtype=s.torch_dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        if s.compile:
+            attr = _denoiser_attr(pipe)
+            setattr(pipe, attr, compile_denoiser(getattr(pipe, attr), s.compile))
         return pipe
 
     @functools.cached_property
     def method_pipe(self):
         """The same pipeline with its own denoiser and scheduler, which methods patch: the baseline stays clean."""
         components = dict(self.pipe.components)
-        components[self.denoiser_attr] = copy.deepcopy(components[self.denoiser_attr])
+        denoiser = copy.deepcopy(self.denoiser)
+        if self.settings.compile:
+            denoiser = compile_denoiser(denoiser, self.settings.compile)
+        components[self.denoiser_attr] = denoiser
         components["scheduler"] = copy.deepcopy(components["scheduler"])
         pipe = type(self.pipe)(**components)
         pipe.set_progress_bar_config(disable=True)
@@ -234,7 +242,12 @@ class ModelSession:
 
     @property
     def denoiser_attr(self) -> str:
-        return "transformer" if getattr(self.pipe, "transformer", None) is not None else "unet"
+        return _denoiser_attr(self.pipe)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The baseline's denoiser, unwrapped from `torch.compile`."""
+        return unwrap_module(getattr(self.pipe, self.denoiser_attr))
 
     @property
     def trained(self) -> bool:
@@ -251,7 +264,7 @@ class ModelSession:
 
     @property
     def family(self) -> str:
-        return self.preset.family if self.preset else type(getattr(self.pipe, self.denoiser_attr)).__name__
+        return self.preset.family if self.preset else type(self.denoiser).__name__
 
     @property
     def steps(self) -> int:
@@ -325,12 +338,18 @@ class ModelSession:
             if not is_baseline:
                 for _ in range(s.warmup):  # the method's cold start (layouts, first allocations), untimed
                     result = self._call(pipe)
+                if s.compile:  # after a method's graphs the baseline's next call compiles frames of its own
+                    self._call(self.pipe)
             timings, baseline = (Timing(), Timing()), (Timing(), Timing())
+            graphs_before = _compiled_graphs()
             for _ in range(s.repeats if s.measure_latency else 0):
                 _record(baseline, self._call(self.pipe))
                 if not is_baseline:
                     result = self._call(pipe)
                     _record(timings, result)
+            if _compiled_graphs() > graphs_before:
+                logger.warning("%s %s: %d graphs were compiled during the timed calls; its times include compilation "
+                               "(raise --warmup)", self.name, job.label, _compiled_graphs() - graphs_before)
             state = get_merge_state(pipe)
             if state is not None:
                 row["tokens_per_step"] = json.dumps(_mean_tokens(state.token_counts))
@@ -402,7 +421,7 @@ class ModelSession:
         if spec.caches:
             spec.apply(self.method_pipe, self.resolve(job.config(self.steps)))
             try:
-                result = count_call_macs(getattr(self.method_pipe, self.denoiser_attr),
+                result = count_call_macs(unwrap_module(getattr(self.method_pipe, self.denoiser_attr)),
                                          lambda: self.method_pipe(**self.call_kwargs()))
             finally:
                 spec.remove(self.method_pipe)
@@ -423,7 +442,7 @@ class ModelSession:
         if self.preset is not None:
             inputs = denoiser_inputs(self.preset, self.denoiser_batch, "meta", self.settings.torch_dtype)
             return build_denoiser(self.preset, "meta").to(self.settings.torch_dtype), inputs
-        return getattr(self.pipe, self.denoiser_attr), self._captured_inputs()
+        return self.denoiser, self._captured_inputs()
 
     def block_input_bytes(self) -> int | None:
         """Bytes of one block's (B, N, C) input (transformers; U-Net blocks differ per resolution: None)."""
@@ -437,12 +456,12 @@ class ModelSession:
     def _captured_inputs(self) -> dict[str, Any]:
         """The denoiser's keyword inputs at the first step of a real call (checkpoints without a preset)."""
         captured: dict[str, Any] = {}
-        denoiser = getattr(self.pipe, self.denoiser_attr)
+        denoiser = getattr(self.pipe, self.denoiser_attr)  # the compiled wrapper's hooks run eagerly, before it
 
         def grab(module, args, kwargs):
             captured.update(kwargs)
             if args:
-                captured[find_adapter(module).input_name] = args[0]
+                captured[find_adapter(self.denoiser).input_name] = args[0]
             raise _Captured
 
         handle = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
@@ -454,6 +473,27 @@ class ModelSession:
             handle.remove()
         captured.pop("return_dict", None)
         return captured
+
+
+def _denoiser_attr(pipe: Any) -> str:
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_denoiser(denoiser: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """`torch.compile(denoiser, backend=backend)`. Each method's hooks and each merged token count add graphs to the
+    denoiser's code: the recompile limit is raised so that a run of several methods stays compiled, and hitting it
+    raises instead of quietly running eagerly."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(denoiser, backend=backend)
 
 
 class _Captured(Exception):

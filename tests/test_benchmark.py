@@ -381,3 +381,30 @@ def test_host_time_rows_and_bad_input():
         host_time("tiny", ["sdtm"], forwards=0)
     with pytest.raises(ValueError, match="model must be one of the presets"):
         host_time("no-such-model", ["sdtm"])
+
+
+def test_compiled_run_measures_compiled_denoisers_with_eager_numbers(tmp_path, models_dir, caplog):
+    """--compile wraps the baseline's and the methods' denoisers in torch.compile (hooks on the original modules): the
+    graphs are compiled, all during the untimed calls, and with a backend that runs them as traced the rows'
+    fidelity and token counts equal an uncompiled run's."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(counting_backend, name="test_counting_backend")
+    methods = ("--method", "baseline", "sdtm", "tome")
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):  # restored after
+        compiled = _cli(tmp_path / "compiled", models_dir, *methods, "--compile", "test_counting_backend")
+    eager = _cli(tmp_path / "eager", models_dir, *methods)
+    assert graphs and set(compiled["compile"]) == {"test_counting_backend"} and eager["compile"].isna().all()
+    assert "compiled during the timed calls" not in caplog.text
+    assert set(compiled["key"]).isdisjoint(eager["key"])  # a compiled row never resumes an eager one
+    compiled, eager = compiled.set_index("label"), eager.set_index("label")
+    for label in ("sdtm", "tome"):
+        assert compiled.loc[label, "tokens_per_step"] == eager.loc[label, "tokens_per_step"]
+        assert compiled.loc[label, "psnr_db"] == pytest.approx(eager.loc[label, "psnr_db"], abs=1e-3)
