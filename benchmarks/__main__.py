@@ -139,6 +139,14 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if args.repeats is None:
             args.repeats = default.get("repeats")
     args.dtype = args.dtype or "float32"
+    if args.compile is not None:
+        import torch._dynamo as dynamo
+
+        backends = sorted(dynamo.list_backends(exclude_tags=()))
+        try:
+            dynamo.lookup_backend(args.compile)
+        except dynamo.exc.InvalidBackend:
+            raise ValueError(f"--compile must be a torch.compile backend {backends}, got {args.compile!r}") from None
     args.repeats = 3 if args.repeats is None else args.repeats
     specs = args.method or (["baseline", "sdtm"] if args.macs_only else default["method"])
     if args.quick:

@@ -60,7 +60,7 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
         raise ValueError(f"model must be one of the presets {sorted(PRESETS)}, got {model!r}")
     if forwards < 1 or repeats < 1:
         raise ValueError(f"forwards and repeats must be >= 1, got {forwards} and {repeats}")
-    settings = [parse_method(text) for text in methods if parse_method(text)[0] != "baseline"]
+    settings = [(name, params) for name, params in map(parse_method, methods) if name != "baseline"]
     for name, _ in settings:
         if not METHODS[name].merges or METHODS[name].caches:
             raise ValueError(f"method must be a merging method without a step cache (tome, sdtm), got {name!r}")

@@ -31,6 +31,11 @@ class CallResult:
     images: np.ndarray  # (B, H, W, 3) in [0, 1]
 
 
+def denoiser_attr(pipe: Any) -> str:
+    """The pipeline attribute that holds its denoiser (tested against None: a compiled module has no truth value)."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
 class PipelineProbe:
     """Times the denoiser's forwards and captures the decoder's input latents during pipeline calls.
 
@@ -40,8 +45,7 @@ class PipelineProbe:
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
-        transformer = getattr(pipe, "transformer", None)  # not `or`: a compiled module has no truth value
-        self.denoiser: nn.Module = pipe.unet if transformer is None else transformer
+        self.denoiser: nn.Module = getattr(pipe, denoiser_attr(pipe))
         self.device = self.denoiser.device
         self._spans: list[Any] = []
         self._latents: torch.Tensor | None = None

@@ -40,7 +40,7 @@ from sdtm_plugin.adapters import find_adapter
 
 from . import quality
 from .macs import ForwardMacs, count_call_macs, count_forward_macs
-from .measure import CallResult, ClipScorer, PipelineProbe, Timing, median_iqr, psnr, rel_l2, ssim
+from .measure import CallResult, ClipScorer, PipelineProbe, Timing, denoiser_attr, median_iqr, psnr, rel_l2, ssim
 from .methods import METHODS, Composed, method_label
 from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
 from .plots import sample_path
@@ -223,7 +223,7 @@ class ModelSession:
         pipe = load_pipeline(self.name, seed=0, cache_dir=s.model_cache, torch_dtype=s.torch_dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if s.compile:
-            attr = _denoiser_attr(pipe)
+            attr = denoiser_attr(pipe)
             setattr(pipe, attr, compile_denoiser(getattr(pipe, attr), s.compile))
         return pipe
 
@@ -242,7 +242,7 @@ class ModelSession:
 
     @property
     def denoiser_attr(self) -> str:
-        return _denoiser_attr(self.pipe)
+        return denoiser_attr(self.pipe)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -473,10 +473,6 @@ class ModelSession:
             handle.remove()
         captured.pop("return_dict", None)
         return captured
-
-
-def _denoiser_attr(pipe: Any) -> str:
-    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 def _compiled_graphs() -> int:

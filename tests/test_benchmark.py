@@ -201,6 +201,12 @@ def test_bad_method_parameters_fail_before_running(tmp_path, models_dir):
     assert not (tmp_path / "out").exists()
 
 
+def test_unknown_compile_backend_fails_before_running(tmp_path, models_dir):
+    with pytest.raises(ValueError, match=r"--compile must be a torch.compile backend .*inductor.*got 'no-such'"):
+        _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", "no-such")
+    assert not (tmp_path / "out").exists()
+
+
 def test_harness_runs_on_every_architecture(tmp_path, models_dir):
     """Whole pipelines (text encoders, VAE decode) of each family through the harness, MACs and fidelity."""
     table = main([
