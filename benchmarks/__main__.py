@@ -26,7 +26,7 @@ import pandas as pd
 
 import torch
 
-from .frontier import best_at_equal_quality
+from .frontier import best_at_equal_quality, equal_quality_rule
 from .macs import PAPER_TMACS
 from .methods import METHODS, parse_method
 from .models import PRESETS
@@ -37,7 +37,8 @@ logger = logging.getLogger("benchmarks")
 
 TABLE_COLUMNS = [
     "model", "label", "macs_forward_total_G", "macs_speedup", "merge_bytes_x", "merge_ops", "pipeline_ms",
-    "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "adherence", "fid", "kid", "psnr_db", "ssim",
+    "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "quality_images", "adherence", "adherence_diff_low",
+    "adherence_shape_diff_low", "detail_diff_low", "kid", "kid_diff_high", "equal_quality", "psnr_db", "ssim",
     "rel_l2_latents", "clip_score",
 ]
 MACS_COLUMNS = [
@@ -110,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
     p.add_argument("--no-fidelity", dest="fidelity", action="store_false", help="skip PSNR/SSIM/rel-L2")
-    p.add_argument("--quality-prompts", type=int, default=64,
-                   help="prompts of the fixed quality set (trained presets: adherence, FID, KID; default %(default)s)")
+    p.add_argument("--eval-set", default="report", choices=["tune", "report"],
+                   help="trained presets: the prompt set quality is measured on: 'tune' (144 prompts) to choose settings, "
+                        "'report' (288, disjoint prompts and seeds) for published figures (default %(default)s)")
+    p.add_argument("--quality-prompts", type=int, default=None,
+                   help="score only the first N prompts of the evaluation set (default: all, or the embedded "
+                        "default's; 0: no quality measurement, e.g. for a timing-only run)")
     p.add_argument("--no-samples", dest="samples", action="store_false", help="skip the sample grids")
     p.add_argument("--clip-model", default=None,
                    help="CLIP checkpoint (path or cached hub name) for a CLIP score column")
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         args.dtype = args.dtype or default.get("dtype")
         if args.repeats is None:
             args.repeats = default.get("repeats")
+        if args.quality_prompts is None:
+            args.quality_prompts = default.get("quality_prompts")
     args.dtype = args.dtype or "float32"
     if args.compile is not None:
         import torch._dynamo as dynamo
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     specs = args.method or (["baseline", "sdtm"] if args.macs_only else default["method"])
     if args.quick:
         args.steps, args.repeats, args.warmup = args.steps or 6, 1, 1
-        args.quality_prompts = min(args.quality_prompts, 16)
+        if args.quality_prompts != 0:
+            args.quality_prompts = min(args.quality_prompts or 16, 16)
     overrides = {"sdtm": dict(args.sdtm), "tome": dict(args.tome)}
     methods = []
     for spec in specs:
@@ -162,7 +170,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         out=args.out, steps=args.steps, repeats=args.repeats, warmup=args.warmup, seed=args.seed, prompt=args.prompt,
         guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         threads=args.threads, measure_latency=args.latency and not args.macs_only,
-        measure_fidelity=args.fidelity and not args.macs_only, quality_prompts=args.quality_prompts,
+        measure_fidelity=args.fidelity and not args.macs_only, eval_set=args.eval_set,
+        quality_prompts=args.quality_prompts,
         resume=args.resume, model_cache=args.model_cache, clip_model=args.clip_model, samples=args.samples,
         compile=args.compile,
     )
@@ -186,7 +195,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     best = best_at_equal_quality(table)
     if not args.json and not best.empty:
         best.to_csv(args.out / "best_at_equal_quality.csv", index=False)
-        print("\nBest setting per method at equal quality (adherence within 2 points of the baseline, FID within 10%):")
+        print("\nFastest setting per method at equal quality (non-inferior to the baseline on every metric: "
+              f"{equal_quality_rule()}):")
         with pd.option_context("display.width", 250, "display.max_columns", 40, "display.float_format", "{:.3f}".format):
             print(best.dropna(axis=1, how="all").to_string(index=False))
     if not args.macs_only:

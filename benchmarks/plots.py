@@ -31,35 +31,70 @@ def pareto_front(speed: np.ndarray, score: np.ndarray, higher_is_better: bool = 
     return np.array(front[::-1], dtype=int)
 
 
+QUALITY_PANELS = (("adherence", "prompt adherence, %", True), ("detail", "detail vs the data, %", True),
+                  ("kid", "KID vs the data (x1000)", False))
+
+
+def speed_column(table: pd.DataFrame) -> str:
+    """The measured denoiser speed-up where the table has one, else the MAC ratio."""
+    return "speedup_denoiser" if table["speedup_denoiser"].notna().any() else "macs_speedup"
+
+
 def speedup_vs_quality(table: pd.DataFrame, path: Path) -> Path | None:
-    """Denoiser speed-up against prompt adherence and FID (trained models), each model's Pareto frontier drawn."""
-    data = table.dropna(subset=["speedup_denoiser", "adherence"])
+    """Speed-up against adherence, detail and KID with their 95 % intervals (trained models), the Pareto frontier
+    drawn; settings at equal quality to the baseline (non-inferiority) filled, the others hollow; points numbered,
+    the numbers keyed beside the panels."""
+    data = table.dropna(subset=["adherence"])
     if data.empty:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, metric, higher, name in ((axes[0], "adherence", True, "prompt adherence (higher is better)"),
-                                     (axes[1], "fid", False, "FID vs the data (lower is better)")):
-        for model, group in data.groupby("model"):
-            for method, points in group.groupby("method"):
-                ax.scatter(points["speedup_denoiser"], points[metric], label=f"{model} {method}", s=22)
-            front = pareto_front(group["speedup_denoiser"].to_numpy(), group[metric].to_numpy(), higher)
-            rows = group.iloc[front]
-            ax.step(rows["speedup_denoiser"], rows[metric], where="post", color="k", lw=0.8, alpha=0.6)
-            for _, row in rows.iterrows():
-                ax.annotate(row["label"], (row["speedup_denoiser"], row[metric]), fontsize=5)
-        ax.set(xlabel="denoiser speed-up vs baseline (same run)", ylabel=metric, title=name)
-    axes[0].legend(fontsize=6)
-    fig.suptitle("Speed-up vs image quality (learned weights); black: Pareto frontier")
+    models = list(dict.fromkeys(data["model"]))
+    fig, axes = plt.subplots(len(models), len(QUALITY_PANELS) + 1, figsize=(17, 4.6 * len(models)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 1, 0.9]})
+    colours = plt.get_cmap("tab10")
+    for row_axes, model in zip(axes, models):
+        group = data[data["model"] == model].reset_index(drop=True)
+        speed = speed_column(group)
+        methods = list(dict.fromkeys(group["method"]))
+        at_equal = group["equal_quality"].astype(str) == "True"
+        for ax, (metric, name, higher) in zip(row_axes, QUALITY_PANELS):
+            for i, row in group.iterrows():
+                colour = colours(methods.index(row["method"]) % 10)
+                err = [[row[metric] - row[f"{metric}_low"]], [row[f"{metric}_high"] - row[metric]]]
+                ax.errorbar(row[speed], row[metric], yerr=err, fmt="o", ms=6, capsize=2, lw=0.8, color=colour,
+                            mfc=colour if at_equal[i] else "white")
+                ax.annotate(str(i + 1), (row[speed], row[metric]), xytext=(4, 3), textcoords="offset points",
+                            fontsize=7)
+            front = group.iloc[pareto_front(group[speed].to_numpy(), group[metric].to_numpy(), higher)]
+            ax.step(front[speed], front[metric], where="post", color="k", lw=0.7, alpha=0.5)
+            base = group[group["method"] == "baseline"]
+            if not base.empty:
+                ax.axhline(base[metric].iloc[0], color="grey", ls="--", lw=0.7)
+            ax.set_xlabel("denoiser speed-up (same run)" if speed == "speedup_denoiser" else "MACs speed-up")
+            ax.set_ylabel(name)
+            ax.set_title(f"{model}: {name.split(',')[0]} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+            ax.grid(alpha=0.3)
+        key = row_axes[-1]
+        key.axis("off")
+        lines = [f"{i + 1:>2}  {textwrap.shorten(label, 58)}" for i, label in enumerate(group["label"])]
+        key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=7, transform=key.transAxes)
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colours(k % 10), label=m) for k, m in enumerate(methods)]
+        key.legend(handles=handles, loc="lower left", fontsize=7, frameon=False, ncol=2)
+    fig.suptitle("Speed-up vs image quality on learned weights: 95 % intervals; filled = equal quality to the "
+                 "baseline (non-inferiority); black: Pareto frontier; dashed: baseline", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def slug(label: str) -> str:
+    """A setting's label as a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
 def sample_path(out: Path, model: str, label: str) -> Path:
     """Where a job's first generated images (uint8, (n, H, W, 3)) are kept for the sample grid."""
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-    return out / "samples" / model.replace("/", "_") / f"{slug}.npy"
+    return out / "samples" / model.replace("/", "_") / f"{slug(label)}.npy"
 
 
 def sample_grids(table: pd.DataFrame, out: Path) -> list[Path]:

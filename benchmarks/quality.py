@@ -1,29 +1,45 @@
-"""Image quality without downloaded weights: prompt adherence, FID and KID on the procedural shapes.
+"""Image quality without downloaded weights, measured so that it holds out of sample.
 
-- **Prompt adherence** (`analyse`, `adherence_table`): an analytic reading of a decoded image, per caption
-  attribute. The shape is the largest saturated connected region (the background is grey); its colour is the
-  nearest of the six hues, its position the 3 x 3 cell of its centroid, its size the side of its bounding box, its
-  shape the best-overlapping template; the background texture is read from the high-passed grey level (no energy:
-  plain; energy along one axis only: striped; else dotted). Scores are accuracies over a fixed prompt set.
-- **FID / KID** (`frechet_distance`, `kernel_distance`) on the features of `AttributeNet`, a small CNN trained by
-  `python -m benchmarks.train` to recognise the caption attributes of rendered images, so that generated images are
-  compared with the *data* (renders of the same prompts), not only with the baseline's output.
+The protocol (issue 24):
+- **Two disjoint evaluation sets** (`evaluation_set`): *tune* (144 prompts) for ablations and for choosing
+  settings, *report* (288 prompts) for the published figures only. They share no scene and no generator seed, and
+  their data renders (the reference side of the distances) use other nuisance seeds again. Both are balanced over
+  every attribute value, and so is every prefix of them closely (the CPU default scores a prefix).
+- **Prompt adherence** (`analyse`, `adherence`): an analytic reading of a decoded image, per caption attribute. The
+  shape is the largest saturated connected region (the background is grey); its colour is the nearest of the six
+  hues, its position the 3 x 3 cell of its centroid, its size the side of its bounding box, its shape the
+  best-overlapping template; the background texture is read from the high-passed grey level (no energy: plain;
+  energy along one axis only: striped; else dotted).
+- **Detail against the data** (`detail_statistics`): what merging loses first and adherence cannot see: edge
+  sharpness, the shape's dark outline, its shading gradient and the background texture's energy, each compared with
+  renders of the same scene (1 = as in the data).
+- **Distances to the data** (`paired_kid`, `frechet_distance`) on `FeatureSpace`: the features of `AttributeNet`
+  (a small CNN trained by ``python -m benchmarks.train`` on the data) projected on their 16 leading principal
+  directions over renders of every scene and whitened, so that the dimension is far below the sample count and KID's
+  kernel sees unit-scale features. KID is the unbiased MMD^2 with the data renders *of the same prompts*, pairs of
+  the same prompt left out (they are not independent draws); FID is biased at finite samples and compared only
+  between sets of equal size (the count is in every row).
+- **Uncertainty** (`QualityScorer.summary`, `QualityScorer.compare`): a paired bootstrap over prompts
+  (`benchmarks.stats`) gives every figure and every difference to the baseline its 95 % interval; "equal quality" is
+  the non-inferiority rule of `benchmarks.stats`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from huggingface_hub import PyTorchModelHubMixin
-from scipy import linalg, ndimage
+from scipy import ndimage
 from torch import nn
 
-from . import shapes
+from . import shapes, stats
 
 ATTRIBUTES = shapes.ATTRIBUTES
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -43,19 +59,21 @@ class Prompt:
         return {name: getattr(self, name) for name in shapes.ATTRIBUTES}
 
 
-def evaluation_prompts(n: int, seed: int = 0) -> list[Prompt]:
-    """A fixed prompt set: `n` distinct scenes of the attribute grid in a seeded order, cycling through every value
-    of each attribute as evenly as the grid allows."""
+def evaluation_prompts(n: int, seed: int = 0, exclude: list[Prompt] | tuple[Prompt, ...] = ()) -> list[Prompt]:
+    """A fixed prompt set: `n` distinct scenes of the attribute grid (less `exclude`) in a seeded order, cycling
+    through every value of each attribute as evenly as the grid allows (greedily, so prefixes are balanced too)."""
     grid = shapes.scene_grid()
-    if not 1 <= n <= len(grid):
-        raise ValueError(f"n (number of prompts) must be in [1, {len(grid)}], got {n}")
+    left = len(grid) - len(set(exclude))
+    if not 1 <= n <= left:
+        raise ValueError(f"n (number of prompts) must be in [1, {left}], got {n}")
     order = torch.randperm(len(grid), generator=torch.Generator().manual_seed(seed))
     picked = grid[order]
     # greedy balance: take the next scene whose values are the least used so far
     counts = {name: np.zeros(len(v)) for name, v in shapes.VOCABULARY.items()}
     rows = torch.stack([getattr(picked, a) for a in shapes.ATTRIBUTES], 1).numpy()
     chosen: list[int] = []
-    available = np.ones(len(rows), bool)
+    excluded = set(exclude)
+    available = np.array([Prompt(*map(int, row)) not in excluded for row in rows])
     for _ in range(n):
         cost = sum(counts[a][rows[:, i]] for i, a in enumerate(shapes.ATTRIBUTES))
         cost = np.where(available, cost, np.inf)
@@ -108,7 +126,9 @@ def _shape(mask: np.ndarray) -> int:
     return int(iou.argmax())
 
 
-def _texture(image: np.ndarray, mask: np.ndarray) -> int:
+def _background_energy(image: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean squared high-passed grey level of the background, the high-passed grey level, the background pixels
+    used); the energy is 0 when too little background is left."""
     grey = image.mean(-1)
     scale = image.shape[0] / shapes.RESOLUTION
     size = int(round(shapes.TEXTURE_PERIOD / 2 * scale)) + 1  # a box filter half a period wide keeps gradients
@@ -116,9 +136,14 @@ def _texture(image: np.ndarray, mask: np.ndarray) -> int:
     keep = ~ndimage.binary_dilation(mask, iterations=size // 2 + 1)
     edge = size // 2
     keep[:edge], keep[-edge:], keep[:, :edge], keep[:, -edge:] = False, False, False, False
+    energy = float(np.mean(residual[keep] ** 2)) if keep.sum() >= 64 else 0.0
+    return energy, residual, keep
+
+
+def _texture(image: np.ndarray, mask: np.ndarray) -> int:
+    energy, residual, keep = _background_energy(image, mask)
     if keep.sum() < 64:
         return 0
-    energy = float(np.mean(residual[keep] ** 2))
     if energy < TEXTURE_ENERGY_MIN:
         return shapes.TEXTURES.index("plain")
     masked = np.where(keep, residual, 0.0)
@@ -213,53 +238,290 @@ def extract_features(net: AttributeNet, images: np.ndarray | torch.Tensor, batch
     return torch.cat([net.features(images[i:i + batch].float()) for i in range(0, len(images), batch)]).double().numpy()
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between two (N, D) feature sets: |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    root = root.real
-    return float(max(0.0, np.sum((mu_a - mu_b) ** 2) + np.trace(s_a + s_b - 2 * root)))
+@dataclass(frozen=True)
+class EvalSet:
+    """A prompt set with one generator seed per prompt and the nuisance seed of its data renders.
+
+    Attributes:
+        name: "tune" or "report" (a prefix keeps the name: it is a subset of the same draws).
+        prompts: the scenes, in order.
+        seeds: the generator seed of each prompt's generation.
+        reference_seed: nuisance seed of the first data render per prompt (the k-th uses ``reference_seed + k``).
+    """
+
+    name: str
+    prompts: tuple[Prompt, ...]
+    seeds: tuple[int, ...]
+    reference_seed: int
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def head(self, n: int) -> "EvalSet":
+        """The first `n` prompts (balanced prefixes; the CPU default's report subset)."""
+        if not 2 <= n <= len(self):
+            raise ValueError(f"quality prompts must be in [2, {len(self)}] for the {self.name} set, got {n}")
+        return EvalSet(self.name, self.prompts[:n], self.seeds[:n], self.reference_seed)
 
 
-def kernel_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """KID: unbiased MMD^2 with the cubic polynomial kernel (x.y / D + 1)^3 between (N, D) feature sets."""
-    d = a.shape[1]
-    k_aa, k_bb, k_ab = ((x @ y.T / d + 1) ** 3 for x, y in ((a, a), (b, b), (a, b)))
-    n, m = len(a), len(b)
-    return float((k_aa.sum() - np.trace(k_aa)) / (n * (n - 1)) + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
-                 - 2 * k_ab.mean())
+# (size, scene-order seed, first generator seed, first render seed); the report set is drawn first from the whole
+# scene grid, the tune set from the scenes left
+EVAL_SETS = {"report": (288, 2024, 20_000, 30_000), "tune": (144, 2025, 10_000, 40_000)}
 
 
-def reference_images(prompts: list[Prompt], per_prompt: int = 4, seed: int = 1) -> torch.Tensor:
-    """Renders of the prompts' scenes (`per_prompt` each, other nuisance draws): the data side of FID / KID."""
-    index = torch.tensor([[p.colour, p.shape, p.size, p.position, p.texture] for p in prompts]).repeat(per_prompt, 1)
-    scenes = shapes.Scenes(*index.T)
-    return shapes.render(scenes, torch.Generator().manual_seed(seed))
+@functools.lru_cache(maxsize=None)
+def evaluation_set(name: str) -> EvalSet:
+    """The tune or report set (see the module docstring); they share no scene and no seed."""
+    if name not in EVAL_SETS:
+        raise ValueError(f"evaluation set must be one of {sorted(EVAL_SETS)}, got {name!r}")
+    taken: list[Prompt] = []
+    for set_name, (size, order_seed, first_seed, render_seed) in EVAL_SETS.items():
+        prompts = evaluation_prompts(size, order_seed, exclude=taken)
+        if set_name == name:
+            return EvalSet(name, tuple(prompts), tuple(range(first_seed, first_seed + size)), render_seed)
+        taken += prompts
+    raise AssertionError("unreachable")
+
+
+# -- distances to the data --------------------------------------------------------------------------------------------
+FEATURE_DIM = 16
+KID_SCALE = 1e3  # KID is reported x 1000
+
+
+class FeatureSpace:
+    """`AttributeNet` features projected on their `dim` leading principal directions over renders of every scene
+    (two nuisance draws each) and whitened: (B, H, W, 3) images -> (B, dim), unit variance per direction on the data.
+    """
+
+    def __init__(self, net: AttributeNet, dim: int = FEATURE_DIM, seed: int = 900) -> None:
+        self.net = net.eval()
+        grid = shapes.scene_grid()
+        renders = torch.cat([shapes.render(grid, torch.Generator().manual_seed(seed + k)) for k in range(2)])
+        features = extract_features(self.net, renders)
+        self.mean = features.mean(0)
+        _, singular, directions = np.linalg.svd(features - self.mean, full_matrices=False)
+        variance = singular[:dim] ** 2 / (len(features) - 1)
+        self.projection = directions[:dim].T / np.sqrt(variance)  # (feature_dim, dim)
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        return (extract_features(self.net, images) - self.mean) @ self.projection
+
+
+@functools.lru_cache(maxsize=2)
+def feature_space(features: str) -> FeatureSpace:
+    """The `FeatureSpace` of the `AttributeNet` saved in folder `features` (fitted once per process)."""
+    return FeatureSpace(AttributeNet.from_pretrained(features))
+
+
+def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones((1, n)) if weights is None else np.atleast_2d(weights)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """FID between feature sets a (N, D) and b (N, P, D) (P data renders per prompt) or (M, D):
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2)``.
+
+    With `weights` (R, N), prompt multiplicities of bootstrap draws (b's renders weighted like their prompt), one
+    distance per draw (R,); without, a float.
+    """
+    w = _weights(weights, len(a))
+    if b.ndim == 2:  # an unpaired reference: every draw sees all of it
+        wb = np.ones((len(w), len(b)))
+    else:
+        wb = np.repeat(w, b.shape[1], axis=1)
+        b = b.reshape(-1, b.shape[-1])
+
+    def moments(x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        total = weight.sum(1, keepdims=True)
+        mean = weight @ x / total
+        d = x.shape[1]
+        second = (weight @ (x[:, :, None] * x[:, None, :]).reshape(len(x), d * d)).reshape(-1, d, d)
+        cov = second / total[..., None] - mean[:, :, None] * mean[:, None, :]
+        return mean, cov * (total / (total - 1))[..., None]
+
+    (mu_a, s_a), (mu_b, s_b) = moments(a, w), moments(b, wb)
+    eigenvalues = np.linalg.eigvals(s_a @ s_b).real.clip(min=0)  # tr (S_a S_b)^1/2 = sum of sqrt eigenvalues
+    fid = ((mu_a - mu_b) ** 2).sum(1) + np.trace(s_a + s_b, axis1=1, axis2=2) - 2 * np.sqrt(eigenvalues).sum(1)
+    fid = fid.clip(min=0)
+    return float(fid[0]) if weights is None else fid
+
+
+def _cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x @ y.T / x.shape[-1] + 1) ** 3
+
+
+def reference_kernel(reference: np.ndarray) -> np.ndarray:
+    """(N, N) KID kernel between the data renders (N, P, D) of each pair of prompts, averaged over their renders."""
+    n, p, d = reference.shape
+    flat = reference.reshape(n * p, d)
+    return _cubic_kernel(flat, flat).reshape(n, p, n, p).mean((1, 3))
+
+
+def kid_matrix(x: np.ndarray, reference: np.ndarray, k_yy: np.ndarray | None = None) -> np.ndarray:
+    """(N, N) per-prompt-pair terms of the unbiased MMD^2 between features x (N, D) and the data's (N, P, D):
+    ``k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)``, kernel ``(x.y / D + 1)^3`` (KID's), data terms
+    averaged over the P renders (`k_yy`: the `reference_kernel`, when already computed)."""
+    n, p, d = reference.shape
+    k_yy = reference_kernel(reference) if k_yy is None else k_yy
+    k_xy = _cubic_kernel(x, reference.reshape(n * p, d)).reshape(n, n, p).mean(2)
+    return _cubic_kernel(x, x) + k_yy - k_xy - k_xy.T
+
+
+def paired_kid(matrix: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray | float:
+    """KID from a `kid_matrix`: the mean of its off-diagonal terms, pairs of the same prompt left out (a generated
+    image and the renders of its own prompt are not independent draws; leaving them out keeps KID unbiased, ~0 for
+    the data against itself). With `weights` (R, N) prompt multiplicities, one KID per bootstrap draw (R,)."""
+    w = _weights(weights, len(matrix))
+    diagonal = (w**2) @ np.diag(matrix)
+    kid = (np.einsum("rn,nm,rm->r", w, matrix, w) - diagonal) / (w.sum(1) ** 2 - (w**2).sum(1))
+    return float(kid[0]) if weights is None else kid
+
+
+# -- detail against the data ------------------------------------------------------------------------------------------
+DETAIL_STATISTICS = ("sharpness", "outline", "shading", "texture")
+# floors of the ratio that compares a statistic with the data's: about a twentieth of its value on the data
+# (texture: a tenth of a textured background's energy, so that two plain backgrounds compare as equal)
+_DETAIL_FLOOR = np.array([0.05, 0.05, 0.05, 2e-4])
+
+
+def detail_statistics(image: np.ndarray) -> np.ndarray:
+    """(4,) detail of one (H, W, 3) image in [0, 1], in `DETAIL_STATISTICS` order:
+
+    - sharpness: ``sqrt(mean laplacian^2 / mean |gradient|^2)`` of the grey level, an effective spatial frequency
+      that does not depend on contrast (blur lowers it);
+    - outline: ``1 - value of the shape's 2-px rim / value of its inside`` (the dark outline; 0 without);
+    - shading: the shape's brightness slope along the light's diagonal over its mean (0 when flat);
+    - texture: energy of the high-passed background (as the texture reading of `analyse` measures it).
+
+    Outline and shading are 0 where no shape is found.
+    """
+    image = np.clip(np.asarray(image, np.float64), 0, 1)
+    grey, value = image.mean(-1), image.max(-1)
+    gy, gx = np.gradient(grey)
+    gradient = np.mean(gx**2 + gy**2)
+    sharpness = np.sqrt(np.mean(ndimage.laplace(grey) ** 2) / gradient) if gradient > 0 else 0.0
+    mask = _object_mask(image)
+    inside = ndimage.binary_erosion(mask, iterations=3)
+    outline = shading = 0.0
+    if inside.sum() >= 4:
+        rim = mask & ~ndimage.binary_erosion(mask, iterations=2)
+        outline = 1 - np.median(value[rim]) / max(np.median(value[inside]), 1e-6)
+        ys, xs = np.nonzero(mask)
+        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        r = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2
+        ys, xs = np.nonzero(inside)
+        along = (xs + 0.5 - cx + ys + 0.5 - cy) / (4 * r)  # the shading runs along x + y (top-left light)
+        if np.ptp(along) > 0:
+            shading = -np.polyfit(along, value[inside], 1)[0] / max(value[inside].mean(), 1e-6)
+    return np.array([sharpness, outline, shading, _background_energy(image, mask)[0]])
+
+
+def detail_similarity(generated: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """(N, 4) statistics of generated images and (N, 4) of the data for the same prompts -> (N, 4) in [0, 1]:
+    ``min(g, d) / max(g, d)`` after a floor, 1 where the image has the data's detail, lower for less (blur, a lost
+    outline) or more (noise, stray texture)."""
+    g = np.maximum(generated, 0) + _DETAIL_FLOOR
+    d = np.maximum(data, 0) + _DETAIL_FLOOR
+    return np.minimum(g, d) / np.maximum(g, d)
+
+
+# -- scoring a set, with uncertainty ----------------------------------------------------------------------------------
+@dataclass
+class SetScores:
+    """Per-prompt results of one method on an evaluation set: the material of every figure and interval.
+
+    Attributes:
+        correct: (N, 5) bool, each attribute read back right (`ATTRIBUTES` order).
+        features: (N, D) the images in `FeatureSpace`.
+        detail: (N, 4) `detail_similarity` to the data, per `DETAIL_STATISTICS`.
+    """
+
+    correct: np.ndarray
+    features: np.ndarray
+    detail: np.ndarray
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, correct=self.correct, features=self.features, detail=self.detail)
+
+    @classmethod
+    def load(cls, path: Path) -> "SetScores":
+        with np.load(path) as data:
+            return cls(data["correct"], data["features"], data["detail"])
 
 
 class QualityScorer:
-    """Scores generated images of a fixed prompt set: adherence per attribute, FID and KID against the data.
+    """Scores generated images of an evaluation set: adherence per attribute, detail, KID / FID against the data,
+    each with its paired-bootstrap interval, and the differences to a baseline.
 
     Args:
-        prompts: the prompt set; `__call__` takes the images of its first ``len(images)`` prompts, in order.
+        eval_set: the prompts; `scores` takes the images of all of them, in order.
         features: folder of a trained `AttributeNet` (``save_pretrained``).
-        per_prompt: renders per prompt on the data side of FID / KID.
+        per_prompt: data renders per prompt on the reference side of the distances and the detail.
+        resamples: bootstrap draws.
     """
 
-    def __init__(self, prompts: list[Prompt], features: str | Path, per_prompt: int = 4) -> None:
-        self.prompts = prompts
-        self.net = AttributeNet.from_pretrained(features).eval()
-        self.reference = extract_features(self.net, reference_images(prompts, per_prompt))
+    def __init__(self, eval_set: EvalSet, features: str | Path, per_prompt: int = 4,
+                 resamples: int = stats.RESAMPLES) -> None:
+        self.eval_set = eval_set
+        self.space = feature_space(str(features))
+        renders = [reference_images(eval_set.prompts, 1, eval_set.reference_seed + k) for k in range(per_prompt)]
+        self.reference = np.stack([self.space(r) for r in renders], 1)  # (N, P, D)
+        self.reference_detail = np.mean([[detail_statistics(im) for im in r.permute(0, 2, 3, 1).numpy()]
+                                         for r in renders], 0)  # (N, 4)
+        self._k_yy = reference_kernel(self.reference)
+        self.counts = stats.bootstrap_counts(len(eval_set), resamples)
 
-    def __call__(self, images: np.ndarray) -> dict[str, float]:
-        table = adherence_table(images, self.prompts[: len(images)])
-        feats = extract_features(self.net, images)
-        return {
-            "adherence": table["adherence"], "all_correct": table["all_correct"],
-            **{f"adherence_{a}": table[a] for a in ATTRIBUTES},
-            "fid": frechet_distance(feats, self.reference), "kid": kernel_distance(feats, self.reference),
-        }
+    def scores(self, images: np.ndarray) -> SetScores:
+        """(N, H, W, 3) images in [0, 1] of the set's prompts, in order -> `SetScores`."""
+        if len(images) != len(self.eval_set):
+            raise ValueError(f"images must be one per prompt of the {self.eval_set.name} set ({len(self.eval_set)}), "
+                             f"got {len(images)}")
+        statistics = np.stack([detail_statistics(im) for im in images])
+        return SetScores(adherence(images, list(self.eval_set.prompts)), self.space(images),
+                         detail_similarity(statistics, self.reference_detail))
+
+    def _metrics(self, scores: SetScores) -> dict[str, np.ndarray]:
+        """Per-prompt values (N,) of the mean-type metrics, in percent."""
+        correct = scores.correct.astype(np.float64) * 100
+        return {"adherence": correct.mean(1), "all_correct": scores.correct.all(1) * 100.0,
+                **{f"adherence_{a}": correct[:, i] for i, a in enumerate(ATTRIBUTES)},
+                "detail": scores.detail.mean(1) * 100,
+                **{f"detail_{d}": scores.detail[:, i] * 100 for i, d in enumerate(DETAIL_STATISTICS)}}
+
+    def summary(self, scores: SetScores) -> dict[str, stats.Interval]:
+        """Every figure of one set with its 95 % interval: adherence, all_correct, per attribute, detail (all in
+        percent), KID (x 1000) and FID against the data."""
+        out = {name: stats.mean_interval(v, self.counts) for name, v in self._metrics(scores).items()}
+        matrix = self._kid_matrix(scores)
+        out["kid"] = stats.percentile_interval(self._kid(matrix, None), self._kid(matrix, self.counts))
+        out["fid"] = stats.normal_interval(frechet_distance(scores.features, self.reference),
+                                           frechet_distance(scores.features, self.reference, self.counts))
+        return out
+
+    def compare(self, scores: SetScores, baseline: SetScores) -> dict[str, stats.Interval]:
+        """method - baseline for every figure of `summary`, with paired 95 % intervals (same bootstrap draws)."""
+        ours, theirs = self._metrics(scores), self._metrics(baseline)
+        out = {name: stats.paired_mean_difference(ours[name], theirs[name], self.counts) for name in ours}
+        out["kid"] = stats.paired_statistic_difference(self._kid, self._kid_matrix(scores),
+                                                       self._kid_matrix(baseline), self.counts)
+        fid = lambda features, w: frechet_distance(features, self.reference, w)  # noqa: E731
+        out["fid"] = stats.paired_statistic_difference(fid, scores.features, baseline.features, self.counts)
+        return out
+
+    def _kid_matrix(self, scores: SetScores) -> np.ndarray:
+        return kid_matrix(scores.features, self.reference, self._k_yy)
+
+    @staticmethod
+    def _kid(matrix: np.ndarray, weights: np.ndarray | None) -> np.ndarray | float:
+        return paired_kid(matrix, weights) * KID_SCALE
+
+
+def reference_images(prompts: list[Prompt] | tuple[Prompt, ...], per_prompt: int = 4, seed: int = 1) -> torch.Tensor:
+    """Renders of the prompts' scenes (`per_prompt` each, other nuisance draws): the data side of the distances."""
+    index = torch.tensor([[p.colour, p.shape, p.size, p.position, p.texture] for p in prompts]).repeat(per_prompt, 1)
+    scenes = shapes.Scenes(*index.T)
+    return shapes.render(scenes, torch.Generator().manual_seed(seed))
 
 
 def default_features() -> Path:

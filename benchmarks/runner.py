@@ -38,14 +38,20 @@ from diffusers.utils.torch_utils import unwrap_module
 from sdtm_plugin import calibrate_mag_cache, get_merge_state
 from sdtm_plugin.adapters import find_adapter
 
-from . import quality
+from . import quality, stats
 from .macs import ForwardMacs, count_call_macs, count_forward_macs
 from .measure import CallResult, ClipScorer, PipelineProbe, Timing, denoiser_attr, median_iqr, psnr, rel_l2, ssim
 from .methods import METHODS, Composed, method_label
 from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
-from .plots import sample_path
+from .plots import sample_path, slug
 
 logger = logging.getLogger(__name__)
+
+# quality figures: value and interval; differences to the baseline: value and interval
+QUALITY_FIGURES = ["adherence", "all_correct", *[f"adherence_{a}" for a in quality.ATTRIBUTES], "detail",
+                   *[f"detail_{d}" for d in quality.DETAIL_STATISTICS], "kid", "fid"]
+QUALITY_COLUMNS = [f"{name}{suffix}" for name in QUALITY_FIGURES
+                   for suffix in ("", "_low", "_high", "_diff", "_diff_low", "_diff_high")]
 
 # the CSV schema: one row per job; every column is always present (NaN where not measured)
 COLUMNS = [
@@ -63,8 +69,10 @@ COLUMNS = [
     "baseline_pipeline_ms", "baseline_denoiser_ms", "speedup_pipeline", "speedup_denoiser",
     # median and IQR over repeats of baseline call / the method call after it: robust to the machine's slow drift
     "speedup_denoiser_paired", "speedup_denoiser_paired_iqr",
-    # image quality on the fixed prompt set (trained presets only)
-    "quality_images", "adherence", "all_correct", *[f"adherence_{a}" for a in quality.ATTRIBUTES], "fid", "kid",
+    # image quality on an evaluation set (trained presets only): the set, its size, every figure with its 95 % interval
+    # (paired bootstrap over prompts), the differences to the baseline's images of the same prompts and seeds with
+    # their intervals, and the equal-quality verdict (non-inferiority on every metric; the failing ones listed)
+    "quality_set", "quality_images", *QUALITY_COLUMNS, "equal_quality", "quality_failures",
     # fidelity against the baseline output of the same seeds
     "psnr_db", "ssim", "rel_l2_latents", "clip_score", "tokens_per_step",
     "device", "device_name", "dtype", "compile", "threads", "warmup", "repeats", "torch", "diffusers",
@@ -110,7 +118,8 @@ class Settings:
     threads: int | None = None
     measure_latency: bool = True
     measure_fidelity: bool = True
-    quality_prompts: int = 64
+    eval_set: str = "report"  # trained presets: the evaluation set quality is measured on ("tune" or "report")
+    quality_prompts: int | None = None  # its first prompts scored (None: all of them; 0: no quality measurement)
     resume: bool = True
     model_cache: Path | None = None
     clip_model: str | None = None
@@ -170,7 +179,7 @@ def job_key(job: Job, settings: Settings, env: dict[str, Any]) -> str:
     ident = [
         job.model, job.method, list(job.params), settings.steps, settings.seed, settings.prompt,
         settings.guidance_scale, settings.batch_size, settings.measure_latency, settings.measure_fidelity,
-        settings.quality_prompts, settings.clip_model,
+        settings.eval_set, settings.quality_prompts, settings.clip_model,
         *(env[k] for k in ("device", "device_name", "dtype", "compile", "threads", "warmup", "repeats", "torch",
                            "diffusers", "code_version", "python")),
     ]
@@ -213,7 +222,7 @@ class ModelSession:
         self.name, self.settings, self.device = name, settings, device
         self.preset = PRESETS.get(name)
         self.reference: CallResult | None = None  # the baseline's timed-call output (random-weight models)
-        self.baseline_quality: tuple[np.ndarray, torch.Tensor] | None = None
+        self.baseline_quality: tuple[np.ndarray, torch.Tensor, quality.SetScores] | None = None
         self._macs: dict[Job, ForwardMacs] = {}
         self._mag_ratios: dict[int, list[float]] = {}
 
@@ -280,10 +289,20 @@ class ModelSession:
         """Images per timed call, doubled under classifier-free guidance (the pipelines batch both halves)."""
         return self.settings.batch_size * (2 if self.guidance > 1 else 1)
 
+    @property
+    def eval_set(self) -> quality.EvalSet:
+        """The evaluation set's prompts and seeds that quality is measured on (its first `quality_prompts`)."""
+        eval_set = quality.evaluation_set(self.settings.eval_set)
+        n = self.settings.quality_prompts
+        return eval_set if not n else eval_set.head(n)
+
+    @property
+    def scores_quality(self) -> bool:
+        return self.trained and self.settings.quality_prompts != 0
+
     @functools.cached_property
-    def quality_set(self) -> tuple[list[quality.Prompt], quality.QualityScorer]:
-        prompts = quality.evaluation_prompts(self.settings.quality_prompts)
-        return prompts, quality.QualityScorer(prompts, self.preset.weights / "features")
+    def scorer(self) -> quality.QualityScorer:
+        return quality.QualityScorer(self.eval_set, self.preset.weights / "features")
 
     # -- pipeline calls ----------------------------------------------------------------------------------------
     def call_kwargs(self, prompts: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -298,8 +317,8 @@ class ModelSession:
             kwargs["class_labels"] = list(range(s.batch_size))
         elif prompts is not None:
             kwargs["prompt"] = prompts
-        elif self.trained:  # the timed call: the first prompts of the quality set
-            kwargs["prompt"] = [p.caption for p in self.quality_set[0][: s.batch_size]]
+        elif self.trained:  # the timed call: the first prompts of the evaluation set
+            kwargs["prompt"] = [p.caption for p in self.eval_set.prompts[: s.batch_size]]
         else:
             kwargs["prompt"] = s.prompt
             kwargs["num_images_per_prompt"] = s.batch_size
@@ -313,11 +332,12 @@ class ModelSession:
             return probe.call(lambda: pipe(**self.call_kwargs(prompts, seed)))
 
     def _generate_quality_set(self, pipe) -> tuple[np.ndarray, torch.Tensor]:
-        """Images (N, H, W, 3) and final latents of the quality prompts, with fixed seeds, in calls of the timed
-        call's batch: step caches decide on a whole batch, so their quality is measured as their speed is."""
-        prompts, batch = self.quality_set[0], self.settings.batch_size
-        results = [self._call(pipe, [p.caption for p in prompts[i:i + batch]], seed=self.settings.seed + i)
-                   for i in range(0, len(prompts), batch)]
+        """Images (N, H, W, 3) and final latents of the evaluation set's prompts with its seeds (a batch takes its
+        first prompt's), in calls of the timed call's batch: step caches decide on a whole batch, so their quality
+        is measured as their speed is."""
+        eval_set, batch = self.eval_set, self.settings.batch_size
+        results = [self._call(pipe, [p.caption for p in eval_set.prompts[i:i + batch]], seed=eval_set.seeds[i])
+                   for i in range(0, len(eval_set), batch)]
         return np.concatenate([r.images for r in results]), torch.cat([r.latents for r in results])
 
     # -- measurements ----------------------------------------------------------------------------------------
@@ -354,9 +374,9 @@ class ModelSession:
             if state is not None:
                 row["tokens_per_step"] = json.dumps(_mean_tokens(state.token_counts))
             images = result.images
-            if self.trained:
+            if self.scores_quality:
                 images, latents = self._quality_images(job, pipe)
-                row.update(self._score(images, latents))
+                row.update(self._score(job, images, latents))
             elif s.measure_fidelity:
                 row.update(psnr_db=psnr(images, self.reference.images), ssim=ssim(images, self.reference.images),
                            rel_l2_latents=rel_l2(result.latents, self.reference.latents))
@@ -384,17 +404,29 @@ class ModelSession:
 
     def _quality_images(self, job: Job, pipe) -> tuple[np.ndarray, torch.Tensor]:
         if self.baseline_quality is None:
-            self.baseline_quality = self._generate_quality_set(self.pipe)
-        return self.baseline_quality if job.method == "baseline" else self._generate_quality_set(pipe)
+            images, latents = self._generate_quality_set(self.pipe)
+            self.baseline_quality = images, latents, self.scorer.scores(images)
+        return self.baseline_quality[:2] if job.method == "baseline" else self._generate_quality_set(pipe)
 
-    def _score(self, images: np.ndarray, latents: torch.Tensor) -> dict[str, Any]:
-        """Adherence, FID / KID against the data; PSNR, SSIM, relative L2 against the baseline's same seeds."""
-        row = {"quality_images": len(images), **self.quality_set[1](images)}
+    def _score(self, job: Job, images: np.ndarray, latents: torch.Tensor) -> dict[str, Any]:
+        """Quality against the data with intervals, differences to the baseline's images of the same prompts and
+        seeds with intervals, the equal-quality verdict; PSNR, SSIM, relative L2 against those images. The
+        per-prompt scores are saved beside the CSV (`scores_path`) for any later analysis."""
+        base_images, base_latents, base_scores = self.baseline_quality
+        scores = base_scores if job.method == "baseline" else self.scorer.scores(images)
+        scores.save(scores_path(self.settings.out, self.name, self.eval_set, job.label))
+        summary, differences = self.scorer.summary(scores), self.scorer.compare(scores, base_scores)
+        ok, failed = stats.equal_quality(differences, stats.margins(quality.ATTRIBUTES, self.baseline_kid))
+        row = {"quality_set": self.eval_set.name, "quality_images": len(images), "equal_quality": ok,
+               "quality_failures": " ".join(failed), **interval_columns(summary), **interval_columns(differences, "_diff")}
         if self.settings.measure_fidelity:
-            base_images, base_latents = self.baseline_quality
             row.update(psnr_db=psnr(images, base_images), ssim=ssim(images, base_images),
                        rel_l2_latents=rel_l2(latents, base_latents))
         return row
+
+    @functools.cached_property
+    def baseline_kid(self) -> float:
+        return self.scorer.summary(self.baseline_quality[2])["kid"].estimate
 
     def resolve(self, config: Any) -> Any:
         """A job's config with what only this model can tell filled in: MagCache's calibrated ratios."""
@@ -473,6 +505,20 @@ class ModelSession:
             handle.remove()
         captured.pop("return_dict", None)
         return captured
+
+
+def scores_path(out: Path, model: str, eval_set: quality.EvalSet, label: str) -> Path:
+    """Where a job's per-prompt quality scores (`quality.SetScores`) are saved."""
+    return out / "scores" / model.replace("/", "_") / f"{eval_set.name}{len(eval_set)}" / f"{slug(label)}.npz"
+
+
+def interval_columns(intervals: dict[str, stats.Interval], suffix: str = "") -> dict[str, float]:
+    """``{name: Interval}`` -> CSV columns ``name<suffix>``, ``name<suffix>_low``, ``name<suffix>_high``."""
+    out = {}
+    for name, interval in intervals.items():
+        out.update({f"{name}{suffix}": interval.estimate, f"{name}{suffix}_low": interval.low,
+                    f"{name}{suffix}_high": interval.high})
+    return out
 
 
 def _compiled_graphs() -> int:
@@ -632,7 +678,10 @@ def _summary(row: dict) -> str:
     if row.get("speedup_pipeline") is not None:
         parts.append(f"speed-up {row['speedup_pipeline']:.2f}x (denoiser {row['speedup_denoiser']:.2f}x)")
     if row.get("adherence") is not None:
-        parts.append(f"adherence {row['adherence']:.3f}, FID {row['fid']:.2f}")
+        parts.append(f"adherence {row['adherence']:.1f}% ({row['adherence_diff']:+.1f} "
+                     f"[{row['adherence_diff_low']:+.1f}, {row['adherence_diff_high']:+.1f}]), "
+                     f"KID {row['kid']:.1f} ({row['kid_diff']:+.1f}), detail {row['detail']:.1f}%, "
+                     f"equal quality: {row['equal_quality']}")
     if row.get("psnr_db") is not None:
         parts.append(f"PSNR {row['psnr_db']:.1f} dB")
     return ", ".join(parts)

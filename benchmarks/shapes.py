@@ -115,8 +115,13 @@ def shape_distance(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: t
     return torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
 
 
-def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUTION) -> torch.Tensor:
-    """Images of `scenes`, (B, 3, H, W) in [0, 1]; the nuisance factors are drawn from `generator`."""
+def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUTION, shading: bool = True,
+           outline: bool = True) -> torch.Tensor:
+    """Images of `scenes`, (B, 3, H, W) in [0, 1]; the nuisance factors are drawn from `generator`.
+
+    `shading` / `outline` False leave out the shape's shading gradient / dark outline (constructed losses of detail,
+    for testing the detail measure); the nuisance draws are the same either way.
+    """
     n, s = len(scenes), resolution / RESOLUTION
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
@@ -154,8 +159,8 @@ def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUT
     dx, dy = x - cx, y - cy
     distance = shape_distance(scenes.shape[:, None, None], dx, dy, r) * s
     rgb = hue_to_rgb(scenes.colour.float() * 60.0, SATURATION, VALUE)[:, :, None, None]
-    shade = 1.0 - 0.3 * ((dx + dy) / (4 * r) + 0.5).clamp(0, 1)
-    outline = torch.where(distance < 1.5 * s, 0.5, 1.0)
-    fill = rgb * (shade * outline)[:, None]
+    shade = 1.0 - 0.3 * ((dx + dy) / (4 * r) + 0.5).clamp(0, 1) if shading else torch.ones_like(dx)
+    dark_rim = torch.where(distance < 1.5 * s, 0.5, 1.0) if outline else torch.ones_like(distance)
+    fill = rgb * (shade * dark_rim)[:, None]
     coverage = (distance + 0.5).clamp(0, 1)[:, None]
     return image * (1 - coverage) + fill * coverage

@@ -87,10 +87,7 @@ class CacheContextHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs):
-        progress = self.state.progress
-        if progress.next_starts_generation():  # a bare model: no scheduler announced the generation
-            self.state.reset_step_caches()
-        call = progress.next_call()
+        call = self.state.progress.call  # the step hook, outside this one, has moved to this forward
         stack = ExitStack()
         stack.enter_context(CacheMixin.cache_context(module, "cond" if call == 0 else f"call{call}"))
         self._contexts.append(stack)

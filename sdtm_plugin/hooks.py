@@ -120,8 +120,8 @@ class StepHook(ModelHook):
         timesteps = getattr(scheduler, "timesteps", None)
         if timestep is None or timesteps is None or len(timesteps) == 0:
             return 0
-        t = torch.as_tensor(timestep).flatten()[:1].to(timesteps.device, torch.float64)
-        return int((timesteps.to(torch.float64) - t).abs().argmin())
+        t = torch.as_tensor(timestep).detach().flatten()[:1].cpu().double()  # on the CPU: MPS has no float64
+        return int((timesteps.detach().cpu().double() - t).abs().argmin())
 
     def _timestep(self, args: tuple, kwargs: dict) -> Any:
         if "timestep" in kwargs:

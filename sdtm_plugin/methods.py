@@ -23,29 +23,57 @@ from .schedule import Phase, StepPlan, in_structure_phase, layer_is_protected, s
 class StreamBuffers:
     """What one transformer call of a step carries to the same call of the next step.
 
+    A block may see fewer images than the call (FasterCache computes only the conditional half, the trailing rows of
+    a classifier-free-guidance batch, on some steps): it then reads and updates the trailing rows of the buffers,
+    so the conditional images keep one history whatever the step computed.
+
     Attributes:
-        cache: per block, sub-layer name -> (B, N, C) that sub-layer's last full-length output.
+        num_layers: blocks of the model.
+        batch: images of the call (B).
         per_forward: values a method derives once per forward for all its blocks (keyed by the method), dropped when
             the next forward begins.
     """
 
     num_layers: int
-    cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    batch: int
     per_forward: dict = field(default_factory=dict)
+    _cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _staleness: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cache = [{} for _ in range(self.num_layers)]
+        self._cache = [{} for _ in range(self.num_layers)]
+
+    def _rows(self, batch: int) -> slice:
+        if batch > self.batch:
+            raise ValueError(f"a block saw {batch} images in a forward of {self.batch}")
+        return slice(self.batch - batch, self.batch)
 
     def staleness(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """(L, B, N) float32: per block, steps since each token's outputs were last computed on their own.
+        """(L, batch, N) float32: per block, steps since each token's outputs were last computed on their own (a view
+        of the call's trailing `batch` rows).
 
         One tensor for all blocks of a token grid, so a forward derives what it needs for all of them at once.
         """
-        key = (batch, num_tokens, device)
+        key = (num_tokens, device)
         if key not in self._staleness:
-            self._staleness[key] = torch.zeros(self.num_layers, batch, num_tokens, device=device)
-        return self._staleness[key]
+            self._staleness[key] = torch.zeros(self.num_layers, self.batch, num_tokens, device=device)
+        return self._staleness[key][:, self._rows(batch)]
+
+    def cached_output(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
+        """The last full-length output (batch, N, C) of a sub-layer (its trailing rows), if one of that shape."""
+        cache = self._cache[layer].get(name)
+        if cache is None or cache.shape[1:] != shape[1:]:
+            return None
+        return cache[self._rows(shape[0])]
+
+    def store_output(self, layer: int, name: str, output: torch.Tensor) -> None:
+        """Keep a sub-layer's full-length output (a reference: outputs are never mutated); a partial batch replaces
+        the trailing rows only."""
+        output = output.detach()
+        cache = self._cache[layer].get(name)
+        if output.shape[0] < self.batch and cache is not None and cache.shape[1:] == output.shape[1:]:
+            output = torch.cat([cache[: self.batch - output.shape[0]], output])
+        self._cache[layer][name] = output
 
     def begin_forward(self) -> None:
         self.per_forward.clear()
@@ -253,12 +281,11 @@ class SDTM(MergeMethod):
     def finish(self, layer, name, role, merge, output, plan, buffers):
         cfg = self.config
         if merge is not None:
-            cache = buffers.cache[layer].get(name) if cfg.uses_cache else None
-            if cache is not None and cache.shape != (output.shape[0], merge.num_tokens, output.shape[-1]):
-                cache = None
+            shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
+            cache = buffers.cached_output(layer, name, shape) if cfg.uses_cache else None
             output = merge.unmerge(output, cache, cfg.mcw)
         if self._stores_cache(layer, role, plan):
-            buffers.cache[layer][name] = output.detach()  # a reference, not a copy: outputs are never mutated
+            buffers.store_output(layer, name, output)
         return output
 
     def _stores_cache(self, layer: int, role: str, plan: StepPlan) -> bool:

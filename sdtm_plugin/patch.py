@@ -100,8 +100,6 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         hooked.append((module, name, module.__dict__["forward"]))
 
-    register(model, step_hook, STEP_HOOK)
-    step_hook.installed_forward = model.__dict__["forward"]
     if config is not None:
         for module, layers in layout.grid_sources:
             register(module, GridHook(state, layers), GRID_HOOK)
@@ -110,13 +108,16 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
                 register(sub.module, SubLayerMergeHook(state, layer, sub), MERGE_HOOK)
     patch = _Patch(state, step_hook, hooked)
     setattr(model, _PATCH_ATTR, patch)
-    if step_cache is not None:
-        try:  # registered after the merge hooks: outside them
+    try:
+        if step_cache is not None:  # registered after the merge hooks: outside them
             hooked.extend((m, name, m.__dict__["forward"]) for m, name in attach_step_cache(model, step_cache, state))
-        except BaseException:
-            remove_SDTM(model)
-            raise
-        step_hook.installed_forward = model.__dict__["forward"]  # the outermost hook's forward
+        # the step hook is the model's outermost hook: every other hook of a forward (a step cache's denoiser-level
+        # hook and its timestep callback included) runs at the step it has just moved to
+        register(model, step_hook, STEP_HOOK)
+    except BaseException:
+        remove_SDTM(model)
+        raise
+    step_hook.installed_forward = model.__dict__["forward"]
     logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
                 len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
     return pipe_or_model

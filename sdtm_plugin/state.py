@@ -68,18 +68,6 @@ class GenerationProgress:
     def scheduler_stepped(self) -> None:
         self.completed += 1
 
-    def next_starts_generation(self) -> bool:
-        """Whether the next forward of a bare model (no scheduler) begins a new generation."""
-        return not self.scheduled and (
-            self._last[0] < 0 or (self.num_steps is not None and self._last[0] + 1 >= self.num_steps)
-        )
-
-    def next_call(self) -> int:
-        """The call index within its step that the next forward will have (without advancing)."""
-        if not self.scheduled or self.start is None:
-            return 0
-        return self._last[1] + 1 if self.start + self.completed == self._last[0] else 0
-
     def advance(self, start_index) -> bool:
         """Move to the current forward's (step, call); True when a new generation began (bare model wrap-around).
 
@@ -153,7 +141,8 @@ class MergeState:
         """A new generation of `num_steps` steps: the pipeline's scheduler set its `timesteps`."""
         self.progress.begin(num_steps, scheduled=True)
         # one host sync per generation, so that the current timestep is known later without any
-        self._timesteps = timesteps.detach().to("cpu", torch.float64) if timesteps is not None else None
+        # (moved before the cast: MPS has no float64)
+        self._timesteps = timesteps.detach().cpu().double() if timesteps is not None else None
         self.reset_step_caches()
         self._new_generation()
 
@@ -199,8 +188,9 @@ class MergeState:
             )
         if not progress.scheduled and progress.step >= 0 and (grid, batch_size) != self._last_shape:
             progress.begin(progress.num_steps)  # another resolution or batch: a new generation of a bare model
-        if progress.advance(start_index):
+        if progress.advance(start_index):  # a bare model's new generation (no scheduler announced it)
             self._new_generation()
+            self.reset_step_caches()
         self._last_shape = (grid, batch_size)
         self.plan = plan = self.method.plan(progress.step, progress.num_steps)
         self.grid = grid
@@ -210,7 +200,7 @@ class MergeState:
         self._built = [False] * self.num_layers
         key = (progress.call, batch_size, grid)
         if key not in self._streams:
-            self._streams[key] = StreamBuffers(self.num_layers)
+            self._streams[key] = StreamBuffers(self.num_layers, batch_size)
         self._buffers = self._streams[key]
         self._buffers.begin_forward()
         if progress.step == 0 or not plan.merges:  # a full step computes every token on its own

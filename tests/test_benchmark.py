@@ -286,17 +286,21 @@ def test_merge_path_traffic_per_merged_block(tmp_path, models_dir):
 def test_best_setting_per_method_at_equal_quality():
     from benchmarks.frontier import best_at_equal_quality
 
-    rows = [("baseline", "baseline", 1.0, 0.90, 10.0),
-            ("fbcache", "fbcache threshold=0.1", 1.5, 0.89, 10.5),
-            ("fbcache", "fbcache threshold=0.3", 2.5, 0.80, 10.5),  # too much adherence lost
-            ("sdtm+fbcache", "a", 2.2, 0.88, 10.9),
-            ("sdtm+fbcache", "b", 2.4, 0.90, 11.5),  # FID 15% above the baseline's
-            ("tome", "tome", 1.3, 0.70, 20.0)]
-    table = pd.DataFrame(rows, columns=["method", "label", "speedup_denoiser", "adherence", "fid"]).assign(model="m")
-    best = best_at_equal_quality(table).set_index("method")
+    rows = [("baseline", "baseline", 1.0, 1.0, True),
+            ("fbcache", "fbcache threshold=0.1", 1.5, 1.6, True),
+            ("fbcache", "fbcache threshold=0.3", 2.5, 2.6, False),  # faster, but not at equal quality
+            ("sdtm+fbcache", "a", 2.2, 2.0, True),
+            ("sdtm+fbcache", "b", 2.1, 2.4, "True"),  # read back from a CSV with NaNs: a string
+            ("tome", "tome", 1.3, 1.2, "False")]
+    table = pd.DataFrame(rows, columns=["method", "label", "speedup_denoiser", "macs_speedup", "equal_quality"])
+    best = best_at_equal_quality(table.assign(model="m")).set_index("method")
     assert list(best.index) == ["sdtm+fbcache", "fbcache", "tome"]  # fastest first, methods without a setting last
     assert best.loc["sdtm+fbcache", "label"] == "a" and best.loc["fbcache", "label"] == "fbcache threshold=0.1"
     assert best.loc["tome", "settings_within"] == 0 and pd.isna(best.loc["tome", "speedup_denoiser"])
+    assert (best["ranked_by"] == "speedup_denoiser").all()
+    # without timings (a quality-only run) the MAC ratio ranks
+    by_macs = best_at_equal_quality(table.assign(model="m", speedup_denoiser=float("nan"))).set_index("method")
+    assert by_macs.loc["sdtm+fbcache", "label"] == "b" and (by_macs["ranked_by"] == "macs_speedup").all()
 
 
 def test_cpu_default_runs_the_fast_preset_alone_and_composed():

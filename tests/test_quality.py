@@ -68,14 +68,13 @@ def test_evaluation_prompts_are_fixed_distinct_and_balanced():
         assert counts.max() - counts.min() <= 1, (shapes.ATTRIBUTES[i], counts)
 
 
-def test_fid_and_kid_of_a_set_against_itself_and_a_shifted_set():
+def test_fid_of_a_set_against_itself_and_a_shifted_set():
     g = np.random.default_rng(0)
     a = g.normal(size=(400, 8))
     b = g.normal(size=(400, 8))  # same distribution, other samples
     shifted = b + 0.5
     assert quality.frechet_distance(a, a) < 1e-6
     assert quality.frechet_distance(a, b) < 0.3 < quality.frechet_distance(a, shifted)
-    assert abs(quality.kernel_distance(a, b)) < 0.05 * quality.kernel_distance(a, shifted)  # unbiased: ~0 + noise
     # FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2): a shift s of one set changes only the mean term
     gap = a.mean(0) - b.mean(0)
     expected = quality.frechet_distance(a, b) + 8 * 0.25 - 2 * 0.5 * gap.sum()
@@ -83,15 +82,16 @@ def test_fid_and_kid_of_a_set_against_itself_and_a_shifted_set():
 
 
 def test_shipped_feature_network_separates_data_from_degraded_images():
-    """FID on the trained attribute network: renders vs other renders small, vs blurred or noisy renders larger."""
-    prompts = quality.evaluation_prompts(32)
-    scorer = quality.QualityScorer(prompts, quality.default_features())
-    renders = quality.reference_images(prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
-    clean = scorer(renders)
-    assert clean["adherence"] == 1.0
+    """Distances in the feature space of the trained attribute network: renders vs other renders near zero, noisy or
+    blurred renders clearly farther (KID's interval above the clean one's, FID larger)."""
+    eval_set = quality.evaluation_set("tune").head(32)
+    scorer = quality.QualityScorer(eval_set, quality.default_features(), resamples=500)
+    renders = quality.reference_images(eval_set.prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
+    clean = scorer.summary(scorer.scores(renders))
+    assert clean["adherence"].estimate == 100.0
     noisy = np.clip(renders + np.random.default_rng(0).normal(0, 0.15, renders.shape), 0, 1)
     blurred = torch.nn.functional.avg_pool2d(torch.from_numpy(renders).permute(0, 3, 1, 2), 5, 1, 2)
     blurred = blurred.permute(0, 2, 3, 1).numpy()
     for degraded in (noisy, blurred):
-        scores = scorer(degraded)
-        assert scores["fid"] > 2 * clean["fid"] and scores["kid"] > clean["kid"]
+        scores = scorer.summary(scorer.scores(degraded))
+        assert scores["fid"].estimate > 2 * clean["fid"].estimate and scores["kid"].low > clean["kid"].high

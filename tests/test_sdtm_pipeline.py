@@ -310,7 +310,8 @@ def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
     original = SDTM.finish
 
     def finish(self, layer, name, role, merge, output, plan, buffers):
-        used = buffers.cache[layer].get(name) if merge is not None else None
+        shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1])) if merge is not None else None
+        used = buffers.cached_output(layer, name, shape) if merge is not None else None
         out = original(self, layer, name, role, merge, output, plan, buffers)
         if layer == 1 and name == "mlp":
             events.append((plan.step, plan.protected, used.data_ptr() if used is not None else None, out.data_ptr(),
