@@ -401,7 +401,8 @@ def assemble_pipeline(cfg: TrainConfig, vae: nn.Module, transformer: nn.Module):
 
 
 def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
-    """Write the pipeline (fp16 safetensors) and the feature network from the finished checkpoints to `target`."""
+    """Write the pipeline (safetensors: fp16 denoiser and VAE, fp32 text encoder) and the feature network from the
+    finished checkpoints to `target`; a plain `from_pretrained` of it gives one dtype throughout."""
     from .quality import AttributeNet
 
     stages = {s: Checkpoint.load(out / f"{s}.pt") for s in STAGES}
@@ -419,7 +420,11 @@ def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
     transformer.load_state_dict({k.removeprefix("model."): v for k, v in ema_state.items() if k.startswith("model.")})
     pipe = assemble_pipeline(cfg, vae, transformer.eval())
     target.mkdir(parents=True, exist_ok=True)
-    pipe.to(torch.float16).save_pretrained(target, safe_serialization=True)
+    # denoiser and VAE in fp16 (diffusers loads them in fp32 unless asked otherwise); the text encoder in fp32:
+    # transformers loads a model in the dtype its config names, so an fp16 one would sit beside an fp32 transformer
+    # in a plain `from_pretrained` and fail at the caption projection
+    pipe.transformer.half(), pipe.vae.half()
+    pipe.save_pretrained(target, safe_serialization=True)
     net = AttributeNet()
     net.load_state_dict(stages["features"].models["net"])
     net.save_pretrained(target / "features")

@@ -75,7 +75,7 @@ class CacheContextHook(ModelHook):
     """Outermost hook on the denoiser: opens a cache context around every forward (see the module docstring).
 
     Args:
-        state: the patch's `MergeState` (its progress tells the call within the step).
+        state: the patch's `MergeState` (its clock tells the call within the step).
     """
 
     _is_stateful = True
@@ -87,7 +87,7 @@ class CacheContextHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args, **kwargs):
-        call = self.state.progress.call  # the step hook, outside this one, has moved to this forward
+        call = self.state.clock.call  # the step hook, outside this one, has moved to this forward
         stack = ExitStack()
         stack.enter_context(CacheMixin.cache_context(module, "cond" if call == 0 else f"call{call}"))
         self._contexts.append(stack)

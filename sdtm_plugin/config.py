@@ -151,13 +151,12 @@ class SDTMConfig(_WindowedMergeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.deviation is None:
-            self.deviation = min(DEFAULT_DEVIATION, self.ratio, (1.0 - self.ratio) / 2)
-        _check_float("deviation", self.deviation, 0.0, self.ratio, high_inclusive=True)
-        if self.ratio + self.deviation >= 1.0:
-            raise ValueError(
-                f"ratio + deviation must be < 1 (the first step's merge ratio), got {self.ratio} + {self.deviation}"
-            )
+        if self.deviation is not None:  # None stays None: the schedule then follows the ratio (`effective_deviation`)
+            _check_float("deviation", self.deviation, 0.0, self.ratio, high_inclusive=True)
+            if self.ratio + self.deviation >= 1.0:
+                raise ValueError(
+                    f"ratio + deviation must be < 1 (the first step's merge ratio), got {self.ratio} + {self.deviation}"
+                )
         _check_int("switch_step", self.switch_step, 0)
         _check_float("a_s", self.a_s, -math.inf, math.inf, high_inclusive=False)
         _check_float("a_d", self.a_d, -math.inf, math.inf, high_inclusive=False)
@@ -194,6 +193,15 @@ class SDTMConfig(_WindowedMergeConfig):
         """The paper defaults' speed, closer to the unmerged output: a negative staleness prior (``a_s = a_d =
         -0.5``) merges the tokens computed most recently and recomputes the stale ones (README, "Presets")."""
         return cls(**{"a_s": -0.5, "a_d": -0.5, **overrides})
+
+    @property
+    def effective_deviation(self) -> float:
+        """The schedule's half-width: `deviation` when given, else the paper's 0.2 where it fits the ratio, else
+        ``min(ratio, (1 - ratio) / 2)``. Derived, not stored, so `dataclasses.replace(config, ratio=...)` of a config
+        without an explicit deviation follows the new ratio."""
+        if self.deviation is not None:
+            return self.deviation
+        return min(DEFAULT_DEVIATION, self.ratio, (1.0 - self.ratio) / 2)
 
     @property
     def uses_cache(self) -> bool:

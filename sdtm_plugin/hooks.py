@@ -12,7 +12,6 @@ automatic dynamic shapes absorb with at most one recompile per graph.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .adapters import SubLayer
+from .clock import PipelineWatch
 from .merge import TokenMerge
 from .state import MergeState
 
@@ -29,28 +29,27 @@ MERGE_HOOK = "sdtm_merge"
 
 
 class StepHook(ModelHook):
-    """Transformer-level hook: tells the state where each forward sits in the generation and its token grid.
+    """Transformer-level hook, the model's outermost: tells the state where each forward sits in the generation and
+    its token grid.
 
     Args:
         state: the shared `MergeState`.
         token_grid: ``(model, latents) -> (h, w)``, the adapter's grid of the forward's latent input.
         input_name: keyword of the latent input when it is not passed positionally.
         timestep_position: positional index of the forward's ``timestep`` argument (None: keyword only).
-        pipeline: the pipeline whose scheduler drives the steps (weakly referenced), or None.
     """
 
     _is_stateful = True
 
-    def __init__(self, state: MergeState, token_grid: Callable, input_name: str, timestep_position: int | None,
-                 pipeline: Any = None) -> None:
+    def __init__(self, state: MergeState, token_grid: Callable, input_name: str,
+                 timestep_position: int | None) -> None:
         super().__init__()
         self.state = state
         self.token_grid = token_grid
         self.input_name = input_name
         self.timestep_position = timestep_position
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-        self._scheduler = None
-        self._wrapped: dict[str, Callable] = {}
+        self.watch = PipelineWatch(state.clock.claim, self._begin, self._stepped, state.end_generation)
+        self._scheduler = None  # the scheduler of the running generation
         self._model = None
         self.installed_forward = None  # the model's outermost hooked forward (set by `patch`)
 
@@ -71,44 +70,15 @@ class StepHook(ModelHook):
         self.fn_ref.forward = model.forward  # ours now calls the new wrapper, which calls the model
         model.forward = ours
 
-    # `set_timesteps` runs once at the start of every pipeline call, however the step count was passed (keyword,
-    # positional, default, custom timesteps or sigmas), also after a call that raised; `step` ends every denoising
-    # step, however many transformer calls it made. Both are wrapped on the scheduler instance.
-    def watch_scheduler(self) -> bool:
-        """Instrument the pipeline's current scheduler; True when it was not the one watched so far."""
-        pipeline = self._pipeline() if self._pipeline is not None else None
-        scheduler = getattr(pipeline, "scheduler", None)
-        if scheduler is None or scheduler is self._scheduler:
-            return False
-        self.unwatch_scheduler()
-        state = self.state
-        set_timesteps, step = scheduler.set_timesteps, scheduler.step
-
-        @functools.wraps(set_timesteps)
-        def watched_set_timesteps(*args, **kwargs):
-            result = set_timesteps(*args, **kwargs)
-            self.ensure_wired()
-            state.begin_generation(len(scheduler.timesteps), scheduler.timesteps)
-            return result
-
-        @functools.wraps(step)
-        def watched_step(*args, **kwargs):
-            result = step(*args, **kwargs)
-            state.progress.scheduler_stepped()
-            return result
-
-        self._wrapped = {"set_timesteps": watched_set_timesteps, "step": watched_step}
-        for name, fn in self._wrapped.items():
-            setattr(scheduler, name, fn)
+    def _begin(self, scheduler: Any) -> None:
+        """A watched scheduler set its timesteps: a generation begins."""
+        self.ensure_wired()
         self._scheduler = scheduler
-        return True
+        self.state.begin_generation(len(scheduler.timesteps), scheduler.timesteps)
 
-    def unwatch_scheduler(self) -> None:
-        scheduler = self._scheduler
-        for name, fn in self._wrapped.items():
-            if scheduler is not None and scheduler.__dict__.get(name) is fn:
-                delattr(scheduler, name)
-        self._scheduler, self._wrapped = None, {}
+    def _stepped(self) -> None:
+        if self.state.clock.scheduler_stepped():  # the schedule's last step: nothing of the call is needed any more
+            self.state.end_generation()
 
     def _start_index(self, timestep: Any) -> int:
         """The schedule position of a generation's first forward: the scheduler's `begin_index` (img2img sets it),
@@ -132,17 +102,27 @@ class StepHook(ModelHook):
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         latents = args[0] if args else kwargs[self.input_name]
-        if self.watch_scheduler() and getattr(self._scheduler, "timesteps", None) is not None:
-            # the user swapped pipe.scheduler after applying: this call's timesteps are already set
-            self.state.begin_generation(len(self._scheduler.timesteps), self._scheduler.timesteps)
+        begun = self.watch.refresh()  # the user swapped pipe.scheduler after applying: this call's timesteps are set
+        if begun is not None:
+            self._begin(begun)
+        clock = self.state.clock
+        clock.claim()
+        pipelines = self.watch.pipelines
+        if pipelines and not clock.active:
+            names = ", ".join(type(p).__name__ for p in pipelines)
+            raise RuntimeError(
+                f"SDTM: the patched {type(module).__name__} was called outside a generation of the pipeline(s) it "
+                f"follows ({names}), so its denoising step is unknown. If another pipeline shares this model, apply "
+                "the patch to that pipeline too (apply_SDTM(other_pipe): the patch then follows both); to call the "
+                "bare model, apply the patch to the model itself with num_inference_steps=..."
+            )
         timestep = self._timestep(args, kwargs)
         self.state.begin_forward(self.token_grid(module, latents), latents.shape[0],
                                  lambda: self._start_index(timestep), timestep)
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        # pipelines reset stateful hooks after every call (`maybe_free_model_hooks`): free the caches, keep the
-        # telemetry of the call that just ended; the next `set_timesteps` starts afresh
+        # `CacheMixin` pipelines reset stateful hooks after every call: free what the call held, keep the telemetry
         self.state.release()
         return module
 

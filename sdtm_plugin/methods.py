@@ -75,6 +75,20 @@ class StreamBuffers:
             output = torch.cat([cache[: self.batch - output.shape[0]], output])
         self._cache[layer][name] = output
 
+    def cached_layers(self) -> set[int]:
+        """The blocks with an output in the merge cache."""
+        return {layer for layer, outputs in enumerate(self._cache) if outputs}
+
+    @property
+    def num_cached(self) -> int:
+        """Sub-layer outputs held in the merge cache."""
+        return sum(len(layer) for layer in self._cache)
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors these buffers hold (merge cache and staleness counters)."""
+        tensors = [t for layer in self._cache for t in layer.values()] + list(self._staleness.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def begin_forward(self) -> None:
         self.per_forward.clear()
 

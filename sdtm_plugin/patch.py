@@ -38,7 +38,7 @@ class _Patch:
     hooked: list[tuple[nn.Module, str, Any]]  # (module, hook name, the forward our hook installed)
 
     def remove(self) -> None:
-        self.step_hook.unwatch_scheduler()
+        self.step_hook.watch.remove()
         for module, name, ours in reversed(self.hooked):  # outermost first
             outer = module.__dict__.get("forward")
             registry = HookRegistry.check_if_exists_or_initialize(module)
@@ -88,12 +88,17 @@ def _timestep_position(model: nn.Module) -> int | None:
 def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache: Any = None) -> T:
     model, pipeline = _split(pipe_or_model)
     adapter = find_adapter(model)
+    previous = model.__dict__.get(_PATCH_ATTR)
+    # a patch belongs to the model: pipelines that share it (each with its own scheduler) share the patch, so
+    # re-applying through one of them replaces the patch for all and keeps following the others
+    pipelines = previous.step_hook.watch.pipelines if previous is not None else []
     remove_SDTM(model)  # re-applying replaces, never stacks
 
     layout = adapter.layout(model)
     state = MergeState(config, num_layers=len(layout.blocks))
-    step_hook = StepHook(state, adapter.token_grid, adapter.input_name, _timestep_position(model), pipeline)
-    step_hook.watch_scheduler()
+    step_hook = StepHook(state, adapter.token_grid, adapter.input_name, _timestep_position(model))
+    for follow in [*pipelines, *([pipeline] if pipeline is not None else [])]:
+        step_hook.watch.add(follow)
     hooked: list[tuple[nn.Module, str, Any]] = []
 
     def register(module: nn.Module, hook, name: str) -> None:

@@ -60,7 +60,7 @@ def step_plan(config: SDTMConfig | ToMeConfig, step: int, num_steps: int) -> Ste
         return StepPlan(step, num_steps, phase, config.ratio, config.merge_attn, config.merge_mlp)
 
     protected = config.protect_steps_frequency >= 1 and step % config.protect_steps_frequency == 0
-    ratio = cosine_ratio(config.ratio, config.deviation, step, num_steps)
+    ratio = cosine_ratio(config.ratio, config.effective_deviation, step, num_steps)
     if protected or ratio <= 0:
         return StepPlan(step, num_steps, Phase.FULL, 0.0, False, False, protected=protected)
     if in_structure_phase(config.switch_step, step, num_steps):

@@ -1,11 +1,8 @@
-"""`MergeState`: where a patched model is in the current generation, and what it merged at each step.
+"""`MergeState`: what a patched model merges at each step of a generation, and what it merged.
 
-Progress is the position on the pipeline scheduler's schedule, not a count of forwards: a generation begins when
-`set_timesteps` runs, its first step is the scheduler's `begin_index` (img2img and inpainting start part-way) or,
-without one, the position of the first forward's timestep, and every `scheduler.step` moves to the next step. So
-custom `timesteps` / `sigmas`, `strength`, early stops and several transformer calls per step (SD3 skip-layer
-guidance, a separately batched unconditional pass) all see the real step. Each call within a step is a *stream*
-with its own buffers (`StreamBuffers`). A bare model without a pipeline counts forwards, one step each.
+The step comes from the `GenerationClock` (`sdtm_plugin.clock`). Each transformer call within a step is a *stream*
+with its own buffers (`StreamBuffers`: staleness counters, merge cache), held for one generation and freed when it
+ends (`end_generation`); the telemetry of the last generation stays readable.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .clock import GenerationClock
 from .config import SDTMConfig, ToMeConfig
 from .merge import TokenMerge, WindowGrid
 from .methods import MergeMethod, StreamBuffers, make_method
@@ -44,51 +42,6 @@ class ForwardRecord:
     grid_tokens: list[int | None] = field(default_factory=list)
 
 
-class GenerationProgress:
-    """Step and call-within-step of the current generation.
-
-    Attributes:
-        num_steps: steps of the schedule (None for a bare model that was not told).
-        step: index of the current step on the schedule (-1 before the first forward).
-        call: index of the current forward within its step.
-    """
-
-    def __init__(self, num_steps: int | None) -> None:
-        self.num_steps = num_steps
-        self.begin(num_steps)
-
-    def begin(self, num_steps: int | None, scheduled: bool = False) -> None:
-        self.num_steps = num_steps
-        self.step, self.call = -1, 0
-        self.scheduled = scheduled  # a scheduler drives the steps
-        self.start: int | None = None  # first step index, resolved at the first forward
-        self.completed = 0  # scheduler steps taken since the generation began
-        self._last = (-1, -1)
-
-    def scheduler_stepped(self) -> None:
-        self.completed += 1
-
-    def advance(self, start_index) -> bool:
-        """Move to the current forward's (step, call); True when a new generation began (bare model wrap-around).
-
-        Args:
-            start_index: ``() -> int``, the first step of a scheduled generation (asked once per generation).
-        """
-        if self.scheduled:
-            if self.start is None:
-                self.start = start_index()
-            step = self.start + self.completed
-        else:
-            step = self._last[0] + 1
-            if self.num_steps is not None and step >= self.num_steps:  # past the last step: a new generation
-                self.begin(self.num_steps)
-                step = 0
-        self.call = self._last[1] + 1 if step == self._last[0] else 0
-        self.step = step
-        self._last = (step, self.call)
-        return step == 0 and self.call == 0
-
-
 class MergeState:
     """Everything one patched model remembers across blocks and steps; the hooks call it.
 
@@ -101,7 +54,7 @@ class MergeState:
         self.config = config
         self.num_layers = num_layers
         self.method: MergeMethod = make_method(config, num_layers)
-        self.progress = GenerationProgress(getattr(config, "num_inference_steps", None))
+        self.clock = GenerationClock(getattr(config, "num_inference_steps", None))
         self.on_generation: list = []  # step-cache resets, run when a generation begins
         self._timesteps: torch.Tensor | None = None  # the schedule, on the CPU
         self._last_timestep: Any = None
@@ -117,15 +70,16 @@ class MergeState:
         self._plan_age: list[int] = [0] * num_layers
         self._built: list[bool] = [False] * num_layers
         self._last_shape: tuple | None = None
+        self.peak_held_bytes = 0  # the most `held_bytes` seen at the start of a forward (telemetry)
 
     # -- generations and forwards -----------------------------------------------------------------------------
     @property
     def step(self) -> int:
-        return self.progress.step
+        return self.clock.step
 
     @property
     def num_steps(self) -> int | None:
-        return self.progress.num_steps
+        return self.clock.num_steps
 
     @property
     def batch_size(self) -> int | None:
@@ -139,7 +93,7 @@ class MergeState:
 
     def begin_generation(self, num_steps: int | None, timesteps: torch.Tensor | None = None) -> None:
         """A new generation of `num_steps` steps: the pipeline's scheduler set its `timesteps`."""
-        self.progress.begin(num_steps, scheduled=True)
+        self.clock.begin(num_steps, scheduled=True)
         # one host sync per generation, so that the current timestep is known later without any
         # (moved before the cast: MPS has no float64)
         self._timesteps = timesteps.detach().cpu().double() if timesteps is not None else None
@@ -153,7 +107,7 @@ class MergeState:
 
     def current_timestep(self) -> float:
         """The timestep of the current forward (for step-cache callbacks); scheduled: read off the schedule."""
-        step = self.progress.step
+        step = self.clock.step
         if self._timesteps is not None and 0 <= step < len(self._timesteps):
             return float(self._timesteps[step])
         t = self._last_timestep
@@ -163,6 +117,17 @@ class MergeState:
         self.records.clear()
         self._generators = {}
         self._streams.clear()  # nothing (staleness, output caches) carries over from the previous generation
+        self.peak_held_bytes = 0
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors the merge state holds for the running generation (merge caches, staleness)."""
+        return sum(stream.held_bytes() for stream in self._streams.values())
+
+    def end_generation(self) -> None:
+        """The generation ended (its last step, an early stop, an exception in the loop): free what it held."""
+        self.clock.end()
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
+        self.release()
 
     def release(self) -> None:
         """Free the per-generation buffers (output caches, staleness); the telemetry stays readable."""
@@ -180,32 +145,33 @@ class MergeState:
             timestep: the forward's timestep argument (read only where no schedule is known).
         """
         self._last_timestep = timestep
-        progress = self.progress
-        if progress.num_steps is None and self.method.needs_step_count:
+        clock = self.clock
+        if clock.num_steps is None and self.method.needs_step_count:
             raise RuntimeError(
                 "the step count is unknown: apply SDTM to the pipeline (its scheduler gives the step count) or pass "
                 "num_inference_steps=... when applying it to a bare model"
             )
-        if not progress.scheduled and progress.step >= 0 and (grid, batch_size) != self._last_shape:
-            progress.begin(progress.num_steps)  # another resolution or batch: a new generation of a bare model
-        if progress.advance(start_index):  # a bare model's new generation (no scheduler announced it)
+        if not clock.scheduled and clock.step >= 0 and (grid, batch_size) != self._last_shape:
+            clock.begin(clock.num_steps)  # another resolution or batch: a new generation of a bare model
+        if clock.advance(start_index):  # a bare model's new generation (no scheduler announced it)
             self._new_generation()
             self.reset_step_caches()
         self._last_shape = (grid, batch_size)
-        self.plan = plan = self.method.plan(progress.step, progress.num_steps)
+        self.plan = plan = self.method.plan(clock.step, clock.num_steps)
         self.grid = grid
         self.layer_grids = [grid] * self.num_layers
         self._merges = [None] * self.num_layers
         self._plan_age = [0] * self.num_layers  # blocks since the plan of `_merges[layer]` was built
         self._built = [False] * self.num_layers
-        key = (progress.call, batch_size, grid)
+        key = (clock.call, batch_size, grid)
         if key not in self._streams:
             self._streams[key] = StreamBuffers(self.num_layers, batch_size)
         self._buffers = self._streams[key]
         self._buffers.begin_forward()
-        if progress.step == 0 or not plan.merges:  # a full step computes every token on its own
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
+        if clock.step == 0 or not plan.merges:  # a full step computes every token on its own
             self._buffers.reset_staleness()
-        self.records.append(ForwardRecord(progress.step, progress.call, batch_size, plan.phase.value,
+        self.records.append(ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
                                           {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers))
         return plan
 
@@ -254,6 +220,8 @@ class MergeState:
 
     def finish(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor) -> torch.Tensor:
         """A sub-layer output (B, N', C) -> (B, N, C): unmerged, blended with the cache, cached."""
+        if merge is None and not self._downsample_allowed(layer):  # a block that never merges at its resolution
+            return output
         return self.method.finish(layer, name, role, merge, output, self.plan, self._buffers)
 
     # -- helpers --------------------------------------------------------------------------------------------------

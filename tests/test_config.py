@@ -45,7 +45,7 @@ def test_bad_tome_parameters():
 
 def test_defaults_are_sdtm_star_a():
     cfg = SDTMConfig()
-    assert (cfg.ratio, cfg.deviation, cfg.switch_step, cfg.sx, cfg.sy, cfg.a_s, cfg.a_d, cfg.mcw) == (
+    assert (cfg.ratio, cfg.effective_deviation, cfg.switch_step, cfg.sx, cfg.sy, cfg.a_s, cfg.a_d, cfg.mcw) == (
         0.3, 0.2, 20, 2, 2, 0.05, 0.05, 0.1)
     assert (cfg.protect_steps_frequency, cfg.protect_layers_frequency) == (3, -1)
     assert cfg.use_rand and cfg.merge_attn and cfg.merge_mlp and cfg.cache_each_step

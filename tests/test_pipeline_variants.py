@@ -34,13 +34,13 @@ def _sd3_call(pipe, steps=10, **kwargs):
 def test_ratio_zero_needs_no_deviation_and_is_bit_identical(tiny_pipe):
     base = generate_pixart(tiny_pipe)
     apply_SDTM(tiny_pipe, ratio=0)
-    assert get_merge_state(tiny_pipe).config.deviation == 0
+    assert get_merge_state(tiny_pipe).config.effective_deviation == 0
     assert torch.equal(generate_pixart(tiny_pipe), base)
     apply_SDTM(tiny_pipe, ratio=0.1)  # below the paper's deviation: the default follows the ratio
-    assert get_merge_state(tiny_pipe).config.deviation == pytest.approx(0.1)
+    assert get_merge_state(tiny_pipe).config.effective_deviation == pytest.approx(0.1)
     with pytest.raises(ValueError, match=r"deviation must be a number in \[0.0, 0.1\]"):
         apply_SDTM(tiny_pipe, ratio=0.1, deviation=0.2)  # an explicit conflicting value is still an error
-    assert SDTMConfig().deviation == 0.2  # the paper default is unchanged
+    assert SDTMConfig().effective_deviation == 0.2  # the paper default is unchanged
 
 
 def test_tome_on_a_bare_transformer_needs_no_step_count(tiny_pipe):

@@ -30,6 +30,18 @@ def test_preset_loads_through_from_pretrained_with_learned_weights():
     assert architecture == dict(build_denoiser(preset, "meta").config)
 
 
+def test_a_plain_from_pretrained_of_the_folder_generates():
+    """No dtype given, as a user calling it "like any PixArt pipeline" would: every component in one dtype."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(FOLDER)
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
+    images = pipe("a small red circle at the top left on a plain background", num_inference_steps=2,
+                  output_type="np", use_resolution_binning=False, clean_caption=False).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
 def test_generates_the_stored_reference_sample():
     stored = np.load(FOLDER / "reference_sample.npz")
     prompts, images = train.reference_sample(FOLDER)

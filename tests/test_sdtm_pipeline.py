@@ -260,7 +260,7 @@ def _build(cfg, phase, x, staleness, ratio):
     from sdtm_plugin.methods import SDTM, StreamBuffers
     from sdtm_plugin.schedule import StepPlan
 
-    buffers = StreamBuffers(1)
+    buffers = StreamBuffers(1, x.shape[0])
     buffers.staleness(x.shape[0], x.shape[1], x.device)[0] = staleness
     plan = StepPlan(5, 20, phase, ratio, phase.value == "structure", True)
     grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
@@ -353,12 +353,12 @@ def test_fast_preset_merges_every_step_without_a_cache(tiny_pipe):
 
     def count_cached(step, timestep, latents):
         streams = get_merge_state(tiny_pipe)._streams.values()
-        cached.append(sum(len(layer) for stream in streams for layer in stream.cache))
+        cached.append(sum(stream.num_cached for stream in streams))
 
     generate(tiny_pipe, steps=10, callback=count_cached)
     for h in handles:
         h.remove()
-    assert per_step(seen) == expected_counts(10, ratio=0.35, deviation=cfg.deviation, protect=-1)
+    assert per_step(seen) == expected_counts(10, ratio=0.35, deviation=cfg.effective_deviation, protect=-1)
     # every step merges and nothing is blended, so no merge cache is ever stored
     assert all(all(n < N for n in step["mlp"]) for step in get_merge_state(tiny_pipe).token_counts)
     assert cached == [0] * 10

@@ -36,8 +36,9 @@ def test_export_loads_with_from_pretrained_and_generates(trained):
     from benchmarks.quality import AttributeNet
 
     _, _, folder = trained
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    assert isinstance(pipe, PixArtAlphaPipeline) and pipe.transformer.dtype == torch.float32
+    pipe = DiffusionPipeline.from_pretrained(folder)  # no dtype: one dtype throughout all the same
+    assert isinstance(pipe, PixArtAlphaPipeline)
+    assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     images = pipe("a small red circle at the top left on a plain background", num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0), output_type="np", use_resolution_binning=False,
