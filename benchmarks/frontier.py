@@ -19,34 +19,28 @@ from pathlib import Path
 
 import pandas as pd
 
+from sdtm_plugin import SDTMConfig
+
 from . import stats
-from .methods import method_label, parse_method
+from .methods import config_spec, method_label, parse_method
 
 COLUMNS = ["model", "method", "label", "ranked_by", "speedup_denoiser", "speedup_pipeline", "macs_speedup",
            "adherence", "adherence_diff_low", "detail_diff_low", "kid", "kid_diff_high", "psnr_db", "ssim",
            "settings_tried", "settings_within"]
 
-FAST = "ratio=0.35,protect_steps_frequency=-1,mcw=1.0"
 # settings every report carries, whatever the tune set chose: the baseline, the peers' and the paper's defaults,
-# the presets
-REFERENCES = ["baseline", "tome", "sdtm", "sdtm:a_s=-0.5,a_d=-0.5", f"sdtm:{FAST}",
+# the presets, the paper's unprotected setting
+REFERENCES = ["baseline", "tome", "sdtm", config_spec("sdtm", SDTMConfig.faithful()), config_spec("sdtm", SDTMConfig.fast()),
               "sdtm:ratio=0.35,protect_steps_frequency=-1"]
-# the tune sweep: per method, settings from cautious to aggressive
+# the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores)
 CANDIDATES = [
-    *(f"tome:ratio={r}" for r in (0.1, 0.3)),
-    *(f"sdtm:ratio={r}" for r in (0.2, 0.4)),
-    *(f"sdtm:ratio={r},mcw=1.0" for r in (0.3, 0.4, 0.5)),
-    *(f"sdtm:ratio={r},protect_steps_frequency=-1,mcw=1.0" for r in (0.15, 0.25)),
-    "sdtm:ratio=0.4,a_s=-0.5,a_d=-0.5",
-    *(f"fbcache:threshold={t}" for t in (0.05, 0.1, 0.15, 0.2, 0.3)),
-    *(f"magcache:threshold={t}" for t in (0.02, 0.04, 0.06, 0.1)),
-    "magcache:threshold=0.06,retention_ratio=0.1",
-    *(f"taylorseer:cache_interval={k}" for k in (2, 3)),
-    "pab", "fastercache",
-    *(f"dbcache:residual_diff_threshold={t}" for t in (0.12, 0.2)),
-    *(f"sdtm+{cache}:{merge}cache.threshold={t}" for cache, thresholds in (("fbcache", (0.1, 0.2)),
-                                                                          ("magcache", (0.04, 0.06)))
-      for merge in ("", "mcw=1.0,") for t in thresholds),
+    "tome:ratio=0.2", "sdtm:ratio=0.2", "sdtm:ratio=0.3,mcw=1.0", "sdtm:ratio=0.4,mcw=1.0",
+    "sdtm:ratio=0.2,protect_steps_frequency=-1,mcw=1.0",
+    *(f"fbcache:threshold={t}" for t in (0.1, 0.2, 0.3)),
+    *(f"magcache:threshold={t}" for t in (0.04, 0.06, 0.1)), "magcache:threshold=0.06,retention_ratio=0.1",
+    "taylorseer:cache_interval=2", "pab", "fastercache", "dbcache:residual_diff_threshold=0.2",
+    *(f"sdtm+{cache}:{merge}cache.threshold={t}" for cache, t in (("fbcache", 0.2), ("magcache", 0.06))
+      for merge in ("", "mcw=1.0,")),
 ]
 
 
@@ -97,6 +91,48 @@ def speed_table(report: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
     timing = ["pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "speedup_denoiser_paired",
               "speedup_denoiser_paired_iqr", "repeats", "threads"]
     return report.drop(columns=timing).merge(speed[["model", "label", *timing]], on=["model", "label"], how="left")
+
+
+def _interval(row: pd.Series, name: str, digits: int = 1, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return (f"{row[name]:{sign}.{digits}f} [{row[name + '_low']:{sign}.{digits}f}, "
+            f"{row[name + '_high']:{sign}.{digits}f}]")
+
+
+def report_tables(run: Path) -> dict[str, str]:
+    """Markdown tables of a frontier run's report set (with the speed stage's timings when it ran): the frontier
+    (speed, quality with intervals, the verdict) and the per-attribute differences."""
+    from .quality import ATTRIBUTES
+
+    report = pd.read_csv(run / "report" / "results.csv")
+    speed_csv = run / "speed" / "results.csv"
+    table = speed_table(report, pd.read_csv(speed_csv)) if speed_csv.exists() else report
+    table = table.sort_values("macs_speedup").reset_index(drop=True)
+    n = int(table["quality_images"].iloc[0])
+    head = ("| setting | MACs speed-up | denoiser speed-up (paired, IQR) | adherence % [95 % CI] | Δ adherence | "
+            "Δ detail | KID ×10³ | Δ KID | PSNR dB | equal quality |")
+    lines = [head, "| " + " | ".join(["---"] * 10) + " |"]
+    for _, row in table.iterrows():
+        verdict = "yes" if str(row["equal_quality"]) == "True" else f"no: {row['quality_failures']}"
+        paired = (f"{row['speedup_denoiser_paired']:.2f}× ({row['speedup_denoiser_paired_iqr']:.2f})"
+                  if pd.notna(row.get("speedup_denoiser_paired")) else "—")
+        baseline = row["method"] == "baseline"
+        lines.append(" | ".join([
+            f"| {row['label']}", f"{row['macs_speedup']:.2f}×", paired, _interval(row, "adherence"),
+            "—" if baseline else _interval(row, "adherence_diff", signed=True),
+            "—" if baseline else _interval(row, "detail_diff", signed=True), _interval(row, "kid"),
+            "—" if baseline else _interval(row, "kid_diff", signed=True),
+            "—" if baseline else f"{row['psnr_db']:.1f}", verdict]) + " |")
+    lines.append(f"\n{n} report prompts and seeds; intervals: paired bootstrap over prompts (2000 draws).")
+    attributes = ["| setting | " + " | ".join(f"Δ {a} [95 % CI]" for a in ATTRIBUTES) + " |",
+                  "| " + " | ".join(["---"] * (len(ATTRIBUTES) + 1)) + " |"]
+    for _, row in table[table["method"] != "baseline"].iterrows():
+        attributes.append(f"| {row['label']} | " + " | ".join(
+            _interval(row, f"adherence_{a}_diff", signed=True) for a in ATTRIBUTES) + " |")
+    base = table[table["method"] == "baseline"].iloc[0]
+    attributes.append("| baseline (absolute, %) | " + " | ".join(
+        _interval(base, f"adherence_{a}") for a in ATTRIBUTES) + " |")
+    return {"frontier": "\n".join(lines) + "\n", "attributes": "\n".join(attributes) + "\n"}
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -29,6 +29,7 @@ class CallResult:
     denoiser_s: float
     latents: torch.Tensor  # (B, C, h, w) as handed to the VAE, fp32 on CPU
     images: np.ndarray  # (B, H, W, 3) in [0, 1]
+    peak_memory_bytes: float = float("nan")  # the GPU's peak allocation during the call (NaN on CPU)
 
 
 def denoiser_attr(pipe: Any) -> str:
@@ -89,13 +90,17 @@ class PipelineProbe:
         """Run `run()` (a pipeline call returning an output with numpy `images`) and measure it."""
         self._spans, self._latents = [], None
         _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         output = run()
         _sync(self.device)
         pipeline_s = time.perf_counter() - start
         if self._latents is None:
             raise RuntimeError("the pipeline never called vae.decode; pass output_type='np'")
-        return CallResult(pipeline_s, self._denoiser_seconds(), self._latents, np.asarray(output.images, np.float64))
+        peak = float(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else float("nan")
+        return CallResult(pipeline_s, self._denoiser_seconds(), self._latents, np.asarray(output.images, np.float64),
+                          peak)
 
 
 def median_iqr(values: list[float]) -> tuple[float, float]:

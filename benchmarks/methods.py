@@ -179,3 +179,12 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
 def method_label(name: str, params: dict[str, Any]) -> str:
     """A short human-readable name of a setting, e.g. ``sdtm ratio=0.35 protect_steps_frequency=-1``."""
     return " ".join([name, *(f"{k}={v}" for k, v in sorted(params.items()))])
+
+
+def config_spec(name: str, config: Any) -> str:
+    """The ``NAME[:KEY=VALUE,...]`` spec of a merging config: the fields that differ from the class defaults (so a
+    preset such as `SDTMConfig.fast()` is written as the harness parses it)."""
+    default = type(config)()
+    changed = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(default, f.name)}
+    return ":".join([name, ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(changed.items()))]).rstrip(":")

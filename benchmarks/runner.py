@@ -56,7 +56,7 @@ QUALITY_COLUMNS = [f"{name}{suffix}" for name in QUALITY_FIGURES
 # the CSV schema: one row per job; every column is always present (NaN where not measured)
 COLUMNS = [
     "key", "model", "family", "trained", "resolution", "tokens", "method", "label", "ratio", "params", "steps",
-    "batch_size", "guidance_scale", "seed",
+    "batch_size", "guidance_scale", "scheduler", "seed",
     # MACs: per denoiser forward at this batch (CFG halves included), per generated image (all steps), and the
     # baseline's per-image total over this job's (> 1: fewer MACs)
     "macs_forward_linear_G", "macs_forward_total_G", "macs_image_linear_T", "macs_image_total_T",
@@ -69,6 +69,9 @@ COLUMNS = [
     "baseline_pipeline_ms", "baseline_denoiser_ms", "speedup_pipeline", "speedup_denoiser",
     # median and IQR over repeats of baseline call / the method call after it: robust to the machine's slow drift
     "speedup_denoiser_paired", "speedup_denoiser_paired_iqr",
+    # memory: the GPU's peak allocation during the method's timed calls (NaN on CPU); the most the merge state held
+    # (merge caches, staleness) during a generation, any device
+    "peak_memory_MB", "merge_state_peak_MB",
     # image quality on an evaluation set (trained presets only): the set, its size, every figure with its 95 % interval
     # (paired bootstrap over prompts), the differences to the baseline's images of the same prompts and seeds with
     # their intervals, and the equal-quality verdict (non-inferiority on every metric; the failing ones listed)
@@ -93,7 +96,9 @@ class Job:
 
     @property
     def ratio(self) -> float:
+        """The merge ratio of a merging setting (composed ones included); 0 for the others."""
         config = self.config()
+        config = config.merge if isinstance(config, Composed) else config
         return float(getattr(config, "ratio", 0.0) or 0.0)
 
     @property
@@ -362,17 +367,24 @@ class ModelSession:
                     self._call(self.pipe)
             timings, baseline = (Timing(), Timing()), (Timing(), Timing())
             graphs_before = _compiled_graphs()
+            peaks = [result.peak_memory_bytes]
             for _ in range(s.repeats if s.measure_latency else 0):
-                _record(baseline, self._call(self.pipe))
-                if not is_baseline:
+                base_result = self._call(self.pipe)
+                _record(baseline, base_result)
+                if is_baseline:
+                    peaks.append(base_result.peak_memory_bytes)
+                else:
                     result = self._call(pipe)
                     _record(timings, result)
+                    peaks.append(result.peak_memory_bytes)
+            row["peak_memory_MB"] = max(peaks) / 2**20
             if _compiled_graphs() > graphs_before:
                 logger.warning("%s %s: %d graphs were compiled during the timed calls; its times include compilation "
                                "(raise --warmup)", self.name, job.label, _compiled_graphs() - graphs_before)
             state = get_merge_state(pipe)
             if state is not None:
                 row["tokens_per_step"] = json.dumps(_mean_tokens(state.token_counts))
+                row["merge_state_peak_MB"] = state.peak_held_bytes / 2**20
             images = result.images
             if self.scores_quality:
                 images, latents = self._quality_images(job, pipe)
@@ -658,7 +670,8 @@ def _job_row(job: Job, session: ModelSession, settings: Settings, env: dict[str,
         key=key, model=job.model, family=session.family, trained=session.trained,
         resolution=preset.resolution if preset else None, tokens=preset.num_tokens if preset else None,
         method=job.method, label=job.label, ratio=job.ratio, params=json.dumps(dict(job.params)), steps=session.steps,
-        batch_size=settings.batch_size, guidance_scale=settings.guidance_scale, seed=settings.seed,
+        batch_size=settings.batch_size, guidance_scale=session.guidance, seed=settings.seed,
+        scheduler=type(session.pipe.scheduler).__name__ if not macs_only else None,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **env,
     )
     macs = session.macs(job)

@@ -9,6 +9,7 @@ from typing import Any
 # `switch_step` is given on the paper's 50-step schedule; see `SDTMConfig`.
 SWITCH_STEP_REFERENCE_STEPS = 50
 DEFAULT_DEVIATION = 0.2  # the paper's SDTM*-a
+DEFAULT_TOKEN_BUDGETS = 4  # distinct merged lengths per sub-layer and generation (static shapes for compilers)
 PRIORS = ("linear", "bounded")
 IDM_DESTINATIONS = ("stalest", "random", "similar")
 STRUCTURE_MERGES = ("window", "bipartite")
@@ -124,6 +125,11 @@ class SDTMConfig(_WindowedMergeConfig):
             its own input, the next ``plan_blocks - 1`` reuse its choices (which tokens merge where) with group means
             of their own inputs. 1 (the paper's) plans every block; larger values cut the planning cost by that
             factor (fewer kernels on a GPU), at a measured cost in image quality (README, ablation `plan_sharing`).
+        token_budgets: at most this many distinct merged token counts per sub-layer in a generation: the schedule's
+            per-step counts are grouped into that many budgets, each a multiple of ``lcm(sx * sy - 1, 8)`` tokens
+            (whole windows, GEMM-aligned lengths), so a compiled model (``torch.compile``, CUDA graphs) sees a few
+            static shapes instead of a new length almost every step. None keeps the paper's exact per-step counts
+            (`sdtm_plugin.schedule.removal_schedule`).
         seed: seed of the random generator, re-seeded at the start of every generation (so a repeated call with
             the same inputs gives the same output); None draws a fresh seed from torch's global RNG.
         num_inference_steps: only needed for a bare transformer used without a pipeline (a pipeline's scheduler
@@ -148,6 +154,7 @@ class SDTMConfig(_WindowedMergeConfig):
     protect_last_layers: int = 0
     cache_each_step: bool = True
     plan_blocks: int = 1
+    token_budgets: int | None = DEFAULT_TOKEN_BUDGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,6 +178,8 @@ class SDTMConfig(_WindowedMergeConfig):
         _check_frequency("protect_layers_frequency", self.protect_layers_frequency)
         _check_bool("cache_each_step", self.cache_each_step)
         _check_int("plan_blocks", self.plan_blocks, 1)
+        if self.token_budgets is not None:
+            _check_int("token_budgets", self.token_budgets, 1, " or None (the paper's exact per-step counts)")
         if self.mcw < 1.0 and not self.cache_each_step and self.protect_steps_frequency == -1:
             raise ValueError(
                 f"mcw={self.mcw} would have no effect: with cache_each_step=False and protect_steps_frequency=-1 the "

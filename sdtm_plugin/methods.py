@@ -16,7 +16,8 @@ import torch
 from .config import SDTMConfig, ToMeConfig
 from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
                     unit_vectors, window_medoid_scores, window_merge)
-from .schedule import Phase, StepPlan, in_structure_phase, layer_is_protected, step_plan, tokens_removed
+from .schedule import (Phase, StepPlan, in_structure_phase, layer_is_protected, removal_schedule, step_plan,
+                       tokens_removed)
 
 
 @dataclass
@@ -123,6 +124,13 @@ class MergeMethod:
     def merges_layer(self, layer: int) -> bool:
         return True
 
+    def removal_schedule(self, num_steps: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        """Tokens a merge removes at each step of a `num_steps` generation on an ``(h, w)`` token grid."""
+        n = grid[0] * grid[1]
+        cfg = self.config
+        return tuple(tokens_removed(p.phase, p.ratio, n, grid, cfg.sx, cfg.sy)
+                     for p in (self.plan(step, num_steps) for step in range(num_steps)))
+
     @property
     def plan_blocks(self) -> int:
         """Consecutive merged blocks that share one plan (`reuse` is called for all but the first)."""
@@ -176,7 +184,7 @@ class ToMe(MergeMethod):
 
     def build(self, layer, x, grid, plan, buffers, generator):
         b = x.shape[0]
-        removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, grid.sx, grid.sy)
+        removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, grid.sx, grid.sy)  # one count
         if removed == 0:
             return None
         if not (self.config.use_rand and b % 2 == 0):
@@ -221,11 +229,23 @@ class SDTM(MergeMethod):
 
     config: SDTMConfig
 
+    def __init__(self, config: SDTMConfig, num_layers: int) -> None:
+        super().__init__(config, num_layers)
+        self._schedules: dict[tuple, tuple[int, ...]] = {}
+
     def plan(self, step: int, num_steps: int | None) -> StepPlan:
         return step_plan(self.config, step, num_steps)
 
     def merges_layer(self, layer: int) -> bool:
         return not layer_is_protected(self.config, layer, self.num_layers)
+
+    def removal_schedule(self, num_steps: int, grid: tuple[int, int]) -> tuple[int, ...]:
+        """Tokens removed per step on `grid` with the config's token budgets (`schedule.removal_schedule`), computed
+        once per step count and grid."""
+        key = (num_steps, grid)
+        if key not in self._schedules:
+            self._schedules[key] = removal_schedule(self.config, num_steps, grid)
+        return self._schedules[key]
 
     @property
     def plan_blocks(self) -> int:
@@ -234,7 +254,7 @@ class SDTM(MergeMethod):
     def build(self, layer, x, grid, plan, buffers, generator):
         cfg = self.config
         b = x.shape[0]
-        removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, cfg.sx, cfg.sy)
+        removed = self.removal_schedule(plan.num_steps, grid.grid)[plan.step]
         if removed == 0:
             return None
         staleness = buffers.staleness(b, x.shape[1], x.device)

@@ -96,3 +96,38 @@ def tokens_removed(phase: Phase, ratio: float, num_tokens: int, grid: tuple[int,
     if phase in (Phase.DETAIL, Phase.TOME):
         return min(int(ratio * num_tokens), num_tokens - windows)
     return 0
+
+
+TOKEN_ALIGNMENT = 8  # budgets remove multiples of this many tokens (and of whole windows): aligned GEMM lengths
+
+
+def removal_schedule(config: SDTMConfig, num_steps: int, grid: tuple[int, int]) -> tuple[int, ...]:
+    """Tokens a merge removes at each step of a `num_steps` generation on an ``(h, w)`` token grid.
+
+    With ``config.token_budgets = None``, each step's exact count (`tokens_removed`, the paper's). Otherwise the
+    merged steps, sorted by their exact count, are cut into `token_budgets` groups of (nearly) equal size; each group
+    removes its mean count rounded to a multiple of ``lcm(sx * sy - 1, TOKEN_ALIGNMENT)`` (whole windows, aligned
+    lengths), at least one such granule and at most the grid's cap. The generation's mean ratio is kept to within
+    half a granule per budget, and every sub-layer sees at most `token_budgets` distinct merged lengths.
+    """
+    n = grid[0] * grid[1]
+    plans = [step_plan(config, step, num_steps) for step in range(num_steps)]
+    exact = [tokens_removed(p.phase, p.ratio, n, grid, config.sx, config.sy) for p in plans]
+    if config.token_budgets is None:
+        return tuple(exact)
+    k = config.sx * config.sy
+    granule = math.lcm(k - 1, TOKEN_ALIGNMENT)
+    windows = (grid[0] // config.sy) * (grid[1] // config.sx)
+    cap = min(windows * (k - 1), n - windows) // granule * granule  # SSM's whole windows, IDM's sources
+    merged = sorted((count, step) for step, count in enumerate(exact) if count > 0)
+    if cap < granule or not merged:  # a grid too small for one granule: nothing merges at all in budget mode
+        return tuple(0 for _ in exact)
+    budgets = list(exact)
+    groups = min(config.token_budgets, len(merged))
+    for g in range(groups):
+        members = merged[g * len(merged) // groups:(g + 1) * len(merged) // groups]
+        mean = sum(count for count, _ in members) / len(members)
+        level = min(max(round(mean / granule), 1) * granule, cap)
+        for _, step in members:
+            budgets[step] = level
+    return tuple(budgets)

@@ -119,6 +119,18 @@ class MergeState:
         self._streams.clear()  # nothing (staleness, output caches) carries over from the previous generation
         self.peak_held_bytes = 0
 
+    def token_budgets(self) -> dict[tuple[int, int], list[tuple[int, float]]]:
+        """Per token grid of the current (or last) generation, its distinct merges: (tokens removed, the ratio that
+        realises), smallest first. With `SDTMConfig.token_budgets` there are at most that many per grid."""
+        if self.num_steps is None or self.config is None:
+            return {}
+        grids = {key[0] for key in self._grids}
+        out = {}
+        for grid in sorted(grids):
+            n = grid[0] * grid[1]
+            out[grid] = sorted({(r, r / n) for r in self.method.removal_schedule(self.num_steps, grid) if r})
+        return out
+
     def held_bytes(self) -> int:
         """Bytes of the tensors the merge state holds for the running generation (merge caches, staleness)."""
         return sum(stream.held_bytes() for stream in self._streams.values())

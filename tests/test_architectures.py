@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from benchmarks.models import build_denoiser, denoiser_inputs, load_pipeline, PRESETS
-from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM, supported_models
+from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM, supported_models
+from sdtm_plugin.config import DEFAULT_TOKEN_BUDGETS
+from sdtm_plugin.schedule import removal_schedule
 
 ARCHS = ("tiny-sd3", "tiny-dit", "tiny-sd")
 
@@ -88,16 +90,23 @@ class Recorder:
             h.remove()
 
 
-def sdtm_kept(step, steps, n, windows, k=4, ratio=0.3, deviation=0.2, switch_step=20, protect=3):
-    """(attn, mlp) tokens of a block of n tokens with `windows` full windows of k tokens, SDTM defaults."""
+def sdtm_kept(step, steps, grid, sx=2, sy=2, ratio=0.3, deviation=0.2, switch_step=20, protect=3,
+              budgets=DEFAULT_TOKEN_BUDGETS):
+    """(attn, mlp) tokens of a block on `grid` with sx x sy windows, SDTM defaults: the phases and the paper's counts
+    written from the formulas, a merged step's count from the budget schedule when `budgets` is set (its properties
+    are tested in tests/test_schedule.py)."""
+    n, windows, k = grid[0] * grid[1], windows_of(grid, sx, sy), sx * sy
     p = step / (steps - 1) if steps > 1 else 0.0
     r = (ratio - deviation) + 2 * deviation * math.cos(p * math.pi / 2)
     if (protect > 0 and step % protect == 0) or r <= 0:
         return n, n
-    if step * 50 <= switch_step * steps:
-        kept = n - min(int(r * n / (k - 1)), windows) * (k - 1)
-        return kept, kept
-    return n, n - min(int(r * n), n - windows)
+    structure = step * 50 <= switch_step * steps
+    removed = min(int(r * n / (k - 1)), windows) * (k - 1) if structure else min(int(r * n), n - windows)
+    if budgets is not None:
+        config = SDTMConfig(ratio=ratio, deviation=deviation, switch_step=switch_step, protect_steps_frequency=protect,
+                            sx=sx, sy=sy, token_budgets=budgets)
+        removed = removal_schedule(config, steps, grid)[step]
+    return (n - removed, n - removed) if structure else (n, n - removed)
 
 
 def tome_kept(n, windows, ratio=0.5):
@@ -127,7 +136,7 @@ def expected_sdtm(name, steps, latent_hw=(16, 16), max_downsample=1):
         for layer, grid in enumerate(grids):
             n = grid[0] * grid[1]
             allowed = full <= n * max_downsample**2
-            attn, mlp = sdtm_kept(i, steps, n, windows_of(grid)) if allowed else (n, n)
+            attn, mlp = sdtm_kept(i, steps, grid) if allowed else (n, n)
             row[(layer, "attn")], row[(layer, "mlp")] = attn, mlp
             if name == "tiny-sd3" and layer == 0:  # SD3.5 dual attention: the same merged tokens
                 row[(layer, "attn2")] = attn
@@ -244,7 +253,7 @@ def test_unet_odd_latents_bare_model():
     for i, row in enumerate(rec.steps):
         for (layer, label), tokens in row.items():
             n = grids[layer][0] * grids[layer][1]
-            assert tokens == sdtm_kept(i, 4, n, windows_of(grids[layer]), protect=-1)[label == "mlp"], (i, layer, label)
+            assert tokens == sdtm_kept(i, 4, grids[layer], protect=-1)[label == "mlp"], (i, layer, label)
     assert all(o.shape == base.shape and torch.isfinite(o).all() for o in outs)
     remove_SDTM(model)
     assert torch.equal(model(**inputs).sample, base)

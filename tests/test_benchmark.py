@@ -95,10 +95,20 @@ def models_dir(tmp_path_factory):
 
 
 def test_csv_schema_and_rows(tmp_path, models_dir):
-    _cli(tmp_path, models_dir, "--method", "baseline", "sdtm", "tome")
+    _cli(tmp_path, models_dir, "--method", "baseline", "sdtm", "tome", "sdtm+fbcache:ratio=0.4,cache.threshold=0.1")
     table = pd.read_csv(tmp_path / "out" / "results.csv")
     assert list(table.columns) == COLUMNS
-    assert sorted(table["method"]) == ["baseline", "sdtm", "tome"]
+    assert sorted(table["method"]) == ["baseline", "sdtm", "sdtm+fbcache", "tome"]
+    composed = table[table["method"] == "sdtm+fbcache"].iloc[0]
+    assert composed["ratio"] == 0.4  # the merge part's ratio (it was written as 0 and left the ratio plot)
+    # the settings that applied: the pipeline's default guidance and its scheduler, not NaN
+    assert (table["guidance_scale"] == 4.5).all() and (table["scheduler"] == "DPMSolverMultistepScheduler").all()
+    # memory: no GPU here; the merge state's peak is there for merging methods only
+    assert table["peak_memory_MB"].isna().all()
+    peak = table.set_index("method")["merge_state_peak_MB"]
+    assert peak["sdtm"] > 0 and peak["sdtm+fbcache"] > 0  # merge caches and staleness counters
+    assert peak["tome"] == 0 and pd.isna(peak["baseline"])  # ToMe keeps nothing across steps
+    table = table[table["method"] != "sdtm+fbcache"]
     base = table[table["method"] == "baseline"].iloc[0]
     assert base["speedup_pipeline"] == 1.0 and base["psnr_db"] == float("inf") and base["rel_l2_latents"] == 0
     assert base["speedup_denoiser_paired"] == 1.0 and base["speedup_denoiser_paired_iqr"] == 0.0
@@ -418,3 +428,26 @@ def test_compiled_run_measures_compiled_denoisers_with_eager_numbers(tmp_path, m
     for label in ("sdtm", "tome"):
         assert compiled.loc[label, "tokens_per_step"] == eager.loc[label, "tokens_per_step"]
         assert compiled.loc[label, "psnr_db"] == pytest.approx(eager.loc[label, "psnr_db"], abs=1e-3)
+
+
+def test_setup_installs_once_then_skips(tmp_path):
+    """`scripts/setup_env.sh` (what both README commands run first) installs on a fresh checkout and skips the
+    reinstall on the next run; another extra or changed packaging files install again."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "pip.log"
+    shim = tmp_path / "python"
+    # a python that records pip invocations instead of running them, and is the real one otherwise
+    shim.write_text(f'#!/usr/bin/env bash\nif [ "$1 $2" = "-m pip" ]; then echo "$@" >> {log}; exit 0; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(shim), "SDTM_SETUP_STAMP": str(tmp_path / "stamp")}
+
+    def setup(extras):
+        subprocess.run([str(root / "scripts" / "setup_env.sh"), extras], check=True, env=env, cwd=tmp_path)
+        return log.read_text().count("install") if log.exists() else 0
+
+    assert setup("bench") == 1
+    assert setup("bench") == 1  # skipped: same python, extras and packaging files
+    assert setup("test") == 2

@@ -22,7 +22,7 @@ class CallRecorder(Recorder):
         super().__init__(model, modules)
         self.batches = []
         self.handles.append(model.register_forward_pre_hook(
-            lambda m, a, kw: self.batches.append(kw["hidden_states"].shape[0]), with_kwargs=True))
+            lambda m, a, kw: self.batches.append((a[0] if a else kw["hidden_states"]).shape[0]), with_kwargs=True))
 
 
 def _sd3_call(pipe, steps=10, **kwargs):
@@ -118,16 +118,23 @@ def test_sd3_custom_sigmas_and_early_stop(pipes):
     assert rec.steps == expected_sdtm("tiny-sd3", 6)
 
 
-def test_telemetry_survives_the_end_of_a_call(pipes):
-    """SD3 has CacheMixin: the pipeline resets stateful hooks after the call (`maybe_free_model_hooks`)."""
-    pipe = pipes("tiny-sd3")
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny"])
+def test_telemetry_survives_the_end_of_a_call(pipes, name):
+    """The end of a call frees the merge buffers (SD3 and PixArt are not `CacheMixin` models: the patch itself sees
+    the loop end); the per-step token counts stay readable and equal what the sub-layers saw."""
+    pipe = pipes(name)
     apply_SDTM(pipe)
-    rec = CallRecorder(pipe.transformer, merged_modules("tiny-sd3", pipe.transformer))
-    _sd3_call(pipe, steps=6)
+    rec = CallRecorder(pipe.transformer, merged_modules(name, pipe.transformer))
+    if name == "tiny":
+        generate_pixart(pipe, steps=6)
+    else:
+        _sd3_call(pipe, steps=6)
     rec.remove()
-    counts = get_merge_state(pipe).token_counts
+    state = get_merge_state(pipe)
+    assert state.held_bytes() == 0 and not state.clock.active
+    counts = state.token_counts
     assert len(counts) == 6
-    assert [counts[i]["mlp"][2] for i in range(6)] == [row[(2, "mlp")] for row in rec.steps]
+    assert [counts[i]["mlp"][1] for i in range(6)] == [row[(1, "mlp")] for row in rec.steps]
 
 
 def test_pixart_custom_timesteps(tiny_pipe):

@@ -18,18 +18,21 @@ CPU = torch.device("cpu")
 
 
 def test_paper_defaults_are_unchanged():
-    paper = dict(ratio=0.3, deviation=0.2, switch_step=20, use_rand=True, sx=2, sy=2, a_s=0.05, a_d=0.05,
+    paper = dict(ratio=0.3, deviation=None, switch_step=20, use_rand=True, sx=2, sy=2, a_s=0.05, a_d=0.05,
                  prior="linear", idm_destination="stalest", structure_merge="window", detail_merge_attn=False,
                  mcw=0.1, protect_steps_frequency=3, protect_layers_frequency=-1, protect_first_layers=0,
                  protect_last_layers=0, merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0, plan_blocks=1)
     assert {k: v for k, v in dataclasses.asdict(SDTMConfig()).items() if k in paper} == paper
-
+    assert SDTMConfig().effective_deviation == 0.2  # unset: the paper's 0.2 where it fits the ratio
+    # the one default that is not the paper's: a few static token budgets (None: the paper's per-step counts)
+    assert SDTMConfig().token_budgets == 4
 
 @pytest.mark.parametrize("field, value, match", [
     ("prior", "log", "prior must be one of"), ("idm_destination", "first", "idm_destination must be one of"),
     ("structure_merge", "tile", "structure_merge must be one of"), ("a_s", float("nan"), "a_s must be"),
     ("protect_first_layers", -1, "protect_first_layers must be"), ("detail_merge_attn", 1, "detail_merge_attn"),
-    ("plan_blocks", 0, "plan_blocks must be"),
+    ("plan_blocks", 0, "plan_blocks must be"), ("token_budgets", 0, r"token_budgets must be an integer >= 1 or None"),
+    ("token_budgets", 2.5, "token_budgets must be"),
 ])
 def test_option_errors_name_the_field_and_its_range(field, value, match):
     with pytest.raises(ValueError, match=match):

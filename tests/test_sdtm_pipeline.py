@@ -7,14 +7,22 @@ import torch
 from conftest import generate
 
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+from sdtm_plugin.config import DEFAULT_TOKEN_BUDGETS
+from sdtm_plugin.methods import SDTM
+from sdtm_plugin.schedule import removal_schedule
 
 N = 64  # tiny preset: 8x8 token grid
 WINDOWS = 16  # 2x2 windows
 
 
 def expected_counts(steps, layers=4, ratio=0.3, deviation=0.2, switch_step=20, protect=3, protect_layers=-1,
-                    merge_attn=True, merge_mlp=True, k=4):
-    """Tokens entering (attn, mlp) of each block at each step, written from the method's formulas."""
+                    merge_attn=True, merge_mlp=True, k=4, budgets=DEFAULT_TOKEN_BUDGETS):
+    """Tokens entering (attn, mlp) of each block at each step: the phases and the paper's exact counts written from
+    the method's formulas; with `budgets`, each merged step's count is the budget schedule's (its properties are
+    tested in tests/test_schedule.py)."""
+    sx, sy = (2, 2) if k == 4 else (k, 1)
+    schedule = removal_schedule(SDTMConfig(ratio=ratio, deviation=deviation, switch_step=switch_step, sx=sx, sy=sy,
+                                           protect_steps_frequency=protect, token_budgets=budgets), steps, (8, 8))
     out = []
     for i in range(steps):
         p = i / (steps - 1) if steps > 1 else 0.0
@@ -22,10 +30,18 @@ def expected_counts(steps, layers=4, ratio=0.3, deviation=0.2, switch_step=20, p
         structure = i * 50 <= switch_step * steps
         full = protect > 0 and i % protect == 0
         if structure:
-            kept = N - min(int(r * N / (k - 1)), WINDOWS) * (k - 1)
+            removed = min(int(r * N / (k - 1)), WINDOWS) * (k - 1)
+        else:
+            removed = min(int(r * N), N - WINDOWS)
+        if budgets is None:
+            assert schedule[i] == (0 if full or r <= 0 else removed), i  # the plugin's exact counts are the paper's
+        else:
+            removed = schedule[i]
+        kept = N - removed
+        if structure:
             attn, mlp = (kept if merge_attn else N), (kept if merge_mlp else N)
         else:
-            attn, mlp = N, (N - min(int(r * N), N - WINDOWS) if merge_mlp else N)
+            attn, mlp = N, (kept if merge_mlp else N)
         row = []
         for layer in range(layers):
             lp = protect_layers > 0 and (layer % protect_layers == 0 or layer == layers - 1)
@@ -64,12 +80,22 @@ def test_ratio_zero_and_removal_are_bit_identical(tiny_pipe):
 
 
 def test_applying_twice_does_not_stack(tiny_pipe):
+    """Each application replaces the last: the tokens seen are the last config's alone, one hook per module, and
+    one removal restores the unpatched model bit for bit."""
+    base = generate(tiny_pipe, steps=6)
     apply_SDTM(tiny_pipe)
     apply_SDTM(tiny_pipe, ratio=0.4)
-    apply_ToMe(tiny_pipe)
+    apply_ToMe(tiny_pipe, ratio=0.25, merge_mlp=True)
     block = tiny_pipe.transformer.transformer_blocks[0]
     assert list(block.attn1._diffusers_hook.hooks) == ["sdtm_merge"]
     assert list(tiny_pipe.transformer._diffusers_hook.hooks) == ["sdtm_step"]
+    seen, handles = record_counts(tiny_pipe)
+    generate(tiny_pipe, steps=6)
+    for h in handles:
+        h.remove()
+    assert per_step(seen) == [[(48, 48)] * 4] * 6  # ToMe 0.25 of 64 tokens on every step: no SDTM schedule left
+    remove_SDTM(tiny_pipe)
+    assert torch.equal(generate(tiny_pipe, steps=6), base)
 
 
 @pytest.mark.parametrize(
@@ -165,17 +191,44 @@ def test_same_seed_identical_and_use_rand_seeds_differ(tiny_pipe):
 
 
 @pytest.mark.parametrize(
-    "change",
-    [{"a_s": 0.0}, {"a_d": 0.0}, {"mcw": 1.0}, {"mcw": 0.5}, {"cache_each_step": False}, {"use_rand": False}],
+    "change, moves_merges",
+    [({"a_s": 0.0}, True), ({"a_d": 0.0}, True), ({"use_rand": False}, True),
+     ({"mcw": 1.0}, False), ({"mcw": 0.5}, False), ({"cache_each_step": False}, False)],
 )
-def test_every_output_parameter_has_an_effect(tiny_pipe, change):
+def test_every_output_parameter_has_its_effect(tiny_pipe, monkeypatch, change, moves_merges):
+    """Each parameter changes the image but not the schedule (the same token counts in every block and step); from
+    the same inputs, the staleness priors and the tie-break change *which* tokens merge, while the cache weight and
+    the cache cadence leave the merges alone (they act on the blending of merged outputs)."""
+    from sdtm_plugin.schedule import Phase
+
+    rows = []
+    original = SDTM.build
+
+    def build(self, layer, x, grid, plan, buffers, generator):
+        merge = original(self, layer, x, grid, plan, buffers, generator)
+        rows.append(None if merge is None else merge.num_rows)
+        return merge
+
+    monkeypatch.setattr(SDTM, "build", build)
     base_cfg = dict(switch_step=20, protect_steps_frequency=4)
     apply_SDTM(tiny_pipe, **base_cfg)
     reference = generate(tiny_pipe, steps=12)
+    reference_rows, rows[:] = list(rows), []
     apply_SDTM(tiny_pipe, **{**base_cfg, **change})
     changed = generate(tiny_pipe, steps=12)
-    assert torch.isfinite(changed).all()
-    assert not torch.equal(changed, reference), f"{change} changed nothing"
+    assert torch.isfinite(changed).all() and not torch.equal(changed, reference), f"{change} changed nothing"
+    assert rows == reference_rows and any(r is not None for r in rows)
+    # from the same inputs: same merges or not
+    monkeypatch.undo()
+    # near-equal tokens: similarities tie closely, so a prior of weight 0.05 decides between them
+    x = 1 + 0.01 * torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(5))
+    staleness = torch.randint(0, 4, (2, 64), generator=torch.Generator().manual_seed(6))
+    for phase in (Phase.STRUCTURE, Phase.DETAIL):
+        ours, _ = _build(SDTMConfig(**{**base_cfg, **change}), phase, x, staleness, 0.3)
+        theirs, _ = _build(SDTMConfig(**base_cfg), phase, x, staleness, 0.3)
+        moved = not torch.equal(ours.merged, theirs.merged)
+        acts_here = (phase is Phase.STRUCTURE) == ("a_s" in change)  # a_s in SSM; a_d, the tie-break in IDM
+        assert moved == (moves_merges and acts_here), (change, phase)
 
 
 def test_cfg_and_batches(tiny_pipe):
@@ -257,7 +310,7 @@ def test_config_object_and_errors(tiny_pipe):
 # -- each parameter moves the result in its documented direction -------------------------------------------------
 def _build(cfg, phase, x, staleness, ratio):
     from sdtm_plugin.merge import WindowGrid
-    from sdtm_plugin.methods import SDTM, StreamBuffers
+    from sdtm_plugin.methods import StreamBuffers
     from sdtm_plugin.schedule import StepPlan
 
     buffers = StreamBuffers(1, x.shape[0])

@@ -1,0 +1,106 @@
+"""Regenerate the generated parts of the docs: tables from the code and from a run's results, and the figures.
+
+    python -m benchmarks.docs                                # MAC tables (meta device, about a minute on CPU)
+    python -m benchmarks.docs --frontier outputs/frontier    # + the report-set results and figures of that run
+
+A generated block sits between a ``<!-- generated: NAME -->`` line and a ``<!-- /generated: NAME -->`` line;
+everything else in the docs is written by hand. `tests/test_docs.py` fails when the MAC table drifts from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+IMAGES = DOCS / "img"
+MAX_FIGURE_BYTES = 200 * 1024
+
+# full-size MACs of one transformer forward at 1024^2 with classifier-free guidance (batch 2)
+MAC_SETTINGS = {"sd3-medium": ["baseline", "sdtm", "sdtm:ratio=0.35,protect_steps_frequency=-1"],
+                "pixart-xl-2-1024": ["baseline", "sdtm", "sdtm:ratio=0.35,protect_steps_frequency=-1"]}
+
+
+def replace_block(text: str, name: str, content: str) -> str:
+    """`text` with the generated block `name` replaced by `content` (the block must exist)."""
+    pattern = re.compile(rf"(<!-- generated: {re.escape(name)} -->\n).*?(<!-- /generated: {re.escape(name)} -->)",
+                         re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no generated block {name!r} (<!-- generated: {name} --> ... <!-- /generated: {name} -->)")
+    return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def read_block(text: str, name: str) -> str:
+    match = re.search(rf"<!-- generated: {re.escape(name)} -->\n(.*?)<!-- /generated: {re.escape(name)} -->", text,
+                      re.S)
+    if match is None:
+        raise ValueError(f"no generated block {name!r}")
+    return match.group(1)
+
+
+def mac_table() -> str:
+    """Markdown: linear-only and total TMACs per forward for `MAC_SETTINGS`, beside the paper's figures."""
+    from .__main__ import main as benchmark
+    from .macs import PAPER_TMACS
+
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for model, methods in MAC_SETTINGS.items():
+            table = benchmark(["--macs-only", "--model", model, "--method", *methods, "--out", f"{out}/{model}",
+                               "--log-level", "ERROR"])
+            rows += table.to_dict("records")
+    lines = ["| model | setting | steps | paper (linear) | linear | total (attention included) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        paper = PAPER_TMACS.get((row["model"], row["label"]))
+        lines.append(f"| {row['model']} | {row['label']} | {row['steps']} | {f'{paper:.2f} T' if paper else '—'} | "
+                     f"{row['macs_forward_linear_G'] / 1e3:.3f} T | {row['macs_forward_total_G'] / 1e3:.3f} T |")
+    return "\n".join(lines) + "\n"
+
+
+def _shrink(source: Path, target: Path) -> Path:
+    """Copy a PNG into the docs, re-encoded with fewer colours until it is at most `MAX_FIGURE_BYTES`."""
+    from PIL import Image
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    image = Image.open(source).convert("RGB")
+    for colours, scale in ((256, 1.0), (128, 1.0), (64, 0.85), (32, 0.7)):
+        if target.stat().st_size <= MAX_FIGURE_BYTES:
+            break
+        size = (int(image.width * scale), int(image.height * scale))
+        image.resize(size, Image.LANCZOS).quantize(colours).save(target, optimize=True)
+    return target
+
+
+def figures(run: Path) -> list[Path]:
+    """The speed-quality plane and the sample grid of a frontier run, into docs/img."""
+    return [_shrink(run / "report" / "speedup_vs_quality.png", IMAGES / "speedup_vs_quality.png"),
+            _shrink(run / "report" / "samples_pixart-shapes.png", IMAGES / "samples_pixart-shapes.png")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.docs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frontier", type=Path, default=None, help="a `python -m benchmarks.frontier` output folder")
+    args = parser.parse_args(argv)
+    results = DOCS / "results.md"
+    text = replace_block(results.read_text(), "macs", mac_table())
+    if args.frontier is not None:
+        from .frontier import report_tables
+
+        for name, content in report_tables(args.frontier).items():
+            text = replace_block(text, name, content)
+        for path in figures(args.frontier):
+            print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+    results.write_text(text)
+    print(f"wrote {results}")
+
+
+if __name__ == "__main__":
+    main()
