@@ -1,6 +1,6 @@
 """Ablations: sweeps over any method fields, run by the benchmark harness, gathered into one CSV and one plot.
 
-    python -m benchmarks.ablate                               # the SDTM suite on the trained pixart-shapes model
+    python -m benchmarks.ablate                               # the SDTM suite on the trained model (tune set)
     python -m benchmarks.ablate --tables prior destination    # some of its tables
     python -m benchmarks.ablate --spec my_sweep.json          # {"table": {"base": "sdtm:ratio=0.3", "vary": [{...}]}}
 
@@ -46,8 +46,9 @@ SDTM_SUITE: dict[str, dict[str, Any]] = {
     "plan_sharing_fast": {"base": "sdtm:ratio=0.35,protect_steps_frequency=-1,mcw=1.0",
                           "vary": [{"plan_blocks": k} for k in (1, 2, 3)]},
 }
-SUMMARY = ["table", "variant", "label", "macs_speedup", "speedup_denoiser", "speedup_pipeline", "adherence", "fid",
-           "kid", "psnr_db", "ssim", "merge_bytes_x"]
+SUMMARY = ["table", "variant", "label", "macs_speedup", "speedup_denoiser", "speedup_pipeline", "adherence",
+           "adherence_diff_low", "detail_diff_low", "kid", "kid_diff_high", "equal_quality", "psnr_db", "ssim",
+           "merge_bytes_x"]
 
 
 def expand(suite: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -80,16 +81,18 @@ def plot(summary: pd.DataFrame, baseline: pd.Series, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import speed_column
+
+    speed = speed_column(summary)
     tables = list(dict.fromkeys(summary["table"]))
     fig, axes = plt.subplots(len(tables), 1, figsize=(9, 2.6 * len(tables)), squeeze=False)
     for ax, name in zip(axes[:, 0], tables):
         rows = summary[summary["table"] == name]
-        ax.scatter(rows["speedup_denoiser"], rows["adherence"], s=18)
+        ax.scatter(rows[speed], rows["adherence"], s=18)
         for _, row in rows.iterrows():
-            ax.annotate(f"{row['variant']} (FID {row['fid']:.1f})", (row["speedup_denoiser"], row["adherence"]),
-                        fontsize=6)
+            ax.annotate(f"{row['variant']} (KID {row['kid']:.1f})", (row[speed], row["adherence"]), fontsize=6)
         ax.axhline(baseline["adherence"], color="grey", lw=0.8, ls="--")
-        ax.set(title=name, xlabel="denoiser speed-up", ylabel="adherence")
+        ax.set(title=name, xlabel=speed.replace("_", " "), ylabel="adherence, %")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -113,6 +116,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         suite = {k: suite[k] for k in args.tables}
     variants = expand(suite)
     specs = list(dict.fromkeys(spec for _, _, spec in variants))
+    if "--eval-set" not in extra:  # ablations choose: the tune set, never the report set
+        extra = [*extra, "--eval-set", "tune"]
     table = benchmark(["--model", args.model, "--out", str(args.out), "--method", *specs, *extra])
     summary = summarise(table, variants)
     summary.to_csv(args.out / "ablation.csv", index=False)

@@ -1,6 +1,6 @@
 """Regenerate the generated parts of the docs: tables from the code and from a run's results, and the figures.
 
-    python -m benchmarks.docs                                # MAC tables (meta device, about a minute on CPU)
+    python -m benchmarks.docs                                # MAC tables (meta device, a few minutes on CPU)
     python -m benchmarks.docs --frontier outputs/frontier    # + the report-set results and figures of that run
 
 A generated block sits between a ``<!-- generated: NAME -->`` line and a ``<!-- /generated: NAME -->`` line;
@@ -64,6 +64,31 @@ def mac_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# the merge path's own MACs against what merging saves, global (the paper's) and window-local matching
+SHARE_MODELS = ["pixart-xl-2-1024", "pixart-sigma-xl-2-2k"]
+SHARE_METHODS = ["baseline", "sdtm", "sdtm:match_radius=1", "sdtm:match_radius=2"]
+
+
+def merge_share_table() -> str:
+    """Markdown: per model and matching, the merge path's MACs per forward (averaged over the steps) as a share of
+    the MACs the merged model's own ops save."""
+    from .__main__ import main as benchmark
+
+    with tempfile.TemporaryDirectory() as out:
+        table = benchmark(["--macs-only", "--model", *SHARE_MODELS, "--method", *SHARE_METHODS, "--out", out,
+                           "--log-level", "ERROR"])
+    lines = ["| model | setting | total per forward | merge path | saved by the model's ops | merge share |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for model, rows in table.groupby("model", sort=False):
+        base = rows.loc[rows["method"] == "baseline", "macs_forward_total_G"].iloc[0]
+        for _, row in rows[rows["method"] != "baseline"].iterrows():
+            merge = row["macs_merge_G"]
+            saved = base - (row["macs_forward_total_G"] - merge)
+            lines.append(f"| {model} | {row['label']} | {row['macs_forward_total_G']:.1f} G | {merge:.2f} G | "
+                         f"{saved:.1f} G | {merge / saved:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
 def _shrink(source: Path, target: Path) -> Path:
     """Copy a PNG into the docs, re-encoded with fewer colours until it is at most `MAX_FIGURE_BYTES`."""
     from PIL import Image
@@ -91,10 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = DOCS / "results.md"
     text = replace_block(results.read_text(), "macs", mac_table())
+    merge_path = DOCS / "merge_path.md"
+    merge_path.write_text(replace_block(merge_path.read_text(), "merge-share", merge_share_table()))
     if args.frontier is not None:
         from .frontier import report_tables
 
-        for name, content in report_tables(args.frontier).items():
+        tables = report_tables(args.frontier)
+        readme = ROOT / "README.md"
+        readme.write_text(replace_block(readme.read_text(), "summary", tables.pop("summary")))
+        for name, content in tables.items():
             text = replace_block(text, name, content)
         for path in figures(args.frontier):
             print(f"wrote {path} ({path.stat().st_size // 1024} KB)")

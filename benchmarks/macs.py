@@ -241,15 +241,15 @@ def count_forward_macs(model: nn.Module, inputs: dict[str, Any], num_steps: int 
     from sdtm_plugin import get_merge_state
 
     steps = []
+    state = get_merge_state(model)
     with torch.no_grad():
-        for _ in range(num_steps):
+        for _ in range(num_steps if state is not None else 1):  # an unpatched model costs the same every step
             counter = MacCounter()
             with counter.watch(model), counter.count_merges(model), counter:
                 model(**inputs)
             steps.append(counter.count)
-    state = get_merge_state(model)
     if state is None:
-        return ForwardMacs(steps)
+        return ForwardMacs(steps * num_steps)
     records = [r for r in state.records if r.call == 0]
     return ForwardMacs(steps, [r.tokens for r in records], [r.phase for r in records],
                        grid_tokens=[r.grid_tokens for r in records])

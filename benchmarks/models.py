@@ -170,6 +170,10 @@ PRESETS.update({
         "pixart", _pixart(28, 16, 72, 128, 4096), 4096, 120, _SD_VAE, full_size=True,
         description="PixArt-XL-2 1024x1024 (PixArt-alpha/PixArt-XL-2-1024-MS)",
     ),
+    "pixart-sigma-xl-2-2k": ModelPreset(
+        "pixart", _pixart(28, 16, 72, 256, 4096), 4096, 300, _SD_VAE, full_size=True,
+        description="PixArt-Sigma XL-2 2048x2048, 16384 tokens (PixArt-alpha/PixArt-Sigma-XL-2-2K-MS; MACs only)",
+    ),
     "sd3-medium": ModelPreset(
         "sd3", _sd3(24, 24, 64, 128, 4096, 2048, 192), (768, 1280), 77 + 256, _SD_VAE, full_size=True,
         description="Stable Diffusion 3 medium 1024x1024 (stabilityai/stable-diffusion-3-medium-diffusers)",

@@ -539,15 +539,20 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compile_denoiser(denoiser: torch.nn.Module, backend: str) -> torch.nn.Module:
-    """`torch.compile(denoiser, backend=backend)`. Each method's hooks and each merged token count add graphs to the
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_denoiser(denoiser: torch.nn.Module, spec: str) -> torch.nn.Module:
+    """`torch.compile(denoiser, backend=..., mode=...)` from ``BACKEND[:MODE]`` (mode: inductor's, e.g.
+    ``inductor:reduce-overhead`` for CUDA graphs). Each method's hooks and each merged token count add graphs to the
     denoiser's code: the recompile limit is raised so that a run of several methods stays compiled, and hitting it
     raises instead of quietly running eagerly."""
     import torch._dynamo
 
+    backend, _, mode = spec.partition(":")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(denoiser, backend=backend)
+    return torch.compile(denoiser, backend=backend, mode=mode or None)
 
 
 class _Captured(Exception):

@@ -47,7 +47,10 @@ def _check_frequency(name: str, value) -> None:
 class _WindowedMergeConfig:
     """Fields shared by every merging method: the 2-D windows, randomness and which sub-layers merge.
 
-    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd.
+    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd. `match_radius`: a
+    bipartite merge (IDM, ToMe) compares each source only with the destinations of the windows within this many
+    windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C); None compares with
+    every destination (the paper's and tomesd's global matching).
     """
 
     ratio: float = 0.3
@@ -59,6 +62,7 @@ class _WindowedMergeConfig:
     seed: int | None = 0
     num_inference_steps: int | None = None
     max_downsample: int = 1
+    match_radius: int | None = None
 
     def __post_init__(self) -> None:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
@@ -77,6 +81,8 @@ class _WindowedMergeConfig:
             _check_int("num_inference_steps", self.num_inference_steps, 1, " or None")
         if self.max_downsample not in (1, 2, 4, 8):
             raise ValueError(f"max_downsample must be one of 1, 2, 4, 8, got {self.max_downsample!r}")
+        if self.match_radius is not None:
+            _check_int("match_radius", self.match_radius, 1, " or None (every destination)")
 
     @property
     def window_size(self) -> int:
@@ -188,8 +194,10 @@ class SDTMConfig(_WindowedMergeConfig):
 
     @classmethod
     def fast(cls, **overrides: Any) -> "SDTMConfig":
-        """More speed at equal or better image quality than the paper defaults, measured on the project's trained
-        model (README, "Presets"): ratio 0.35, no protected steps, no merge cache.
+        """The paper's fast setting made to hold its image: ratio 0.35, no protected steps, no merge cache
+        (MACs 1.36x on PixArt). It is not at equal quality to the unmerged model on the project's trained model (KID,
+        shape accuracy; figures with intervals in docs/results.md): use it where speed matters more than a measured
+        quality loss.
 
         Without protected steps the merge cache (``mcw < 1``) only ever holds merged outputs, so a merged token's
         output becomes a long moving average of past steps and lags the denoising: that is the collapse of the
@@ -199,8 +207,9 @@ class SDTMConfig(_WindowedMergeConfig):
 
     @classmethod
     def faithful(cls, **overrides: Any) -> "SDTMConfig":
-        """The paper defaults' speed, closer to the unmerged output: a negative staleness prior (``a_s = a_d =
-        -0.5``) merges the tokens computed most recently and recomputes the stale ones (README, "Presets")."""
+        """The paper defaults' speed, closer to the unmerged output (higher PSNR against it): a negative staleness
+        prior (``a_s = a_d = -0.5``) merges the tokens computed most recently and recomputes the stale ones. Its
+        image quality against the data is in docs/results.md."""
         return cls(**{"a_s": -0.5, "a_d": -0.5, **overrides})
 
     @property

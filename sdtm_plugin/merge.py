@@ -11,9 +11,9 @@ build it; `choose_destinations` picks the latter's destinations and ranking bias
 Why it is cheap and deterministic on a GPU:
 - SSM scores windows with one pooling matmul per band of token rows (no unit-vector copy of the tokens), and its
   head is whole windows, so a group mean is a mean over K consecutive rows;
-- similarities and group means are matmuls in the model's dtype (tensor cores, fp32 accumulation), IDM's group
-  means through a one-hot merge matrix instead of a float `scatter_add_` (whose CUDA atomics make results vary run
-  to run);
+- similarities are matmuls in the model's dtype (tensor cores, fp32 accumulation); IDM's plan is made
+  group-contiguous (its head sorted by group), so a group mean is a segment mean over consecutive rows (O(N C), no
+  (W x H) merge matrix, no float `scatter_add_` whose CUDA atomics would make results vary run to run);
 - choices are stable sorts; every scatter writes unique positions; no host syncs, no loops over batch or tokens;
 - index tables that depend only on the grid, the batch and the merged counts are built once and cached.
 
@@ -122,6 +122,23 @@ class WindowGrid:
         return BatchTables(offsets, window_tokens, window_tokens[:, :, 0].flatten(), self.loose_tokens + offsets,
                            torch.arange(w, device=device).repeat(batch), keys.repeat(batch))
 
+    @functools.lru_cache(maxsize=4)
+    def neighbour_windows(self, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate windows of local matching: (W, J) the windows within `radius` windows of each window (offsets in
+        row-major order, clamped at the grid's border; J = (2 radius + 1)^2), and (L, J) those of each loose token's
+        nearest window."""
+        h, w = self.grid
+        gh, gw = h // self.sy, w // self.sx
+        offsets = torch.arange(-radius, radius + 1)
+        rows = (torch.arange(gh)[:, None, None, None] + offsets[:, None]).clamp(0, gh - 1)  # (gh, 1, 2r+1, 1)
+        cols = (torch.arange(gw)[None, :, None, None] + offsets).clamp(0, gw - 1)  # (1, gw, 1, 2r+1)
+        windows = (rows * gw + cols).reshape(gh * gw, -1)
+        ids = torch.arange(h * w)  # the loose tokens again, on the CPU (the grid's tables may live on meta)
+        loose = ids[(ids // w >= gh * self.sy) | (ids % w >= gw * self.sx)]
+        nearest = (loose // w // self.sy).clamp(max=gh - 1) * gw + (loose % w // self.sx).clamp(max=gw - 1)
+        device = self.window_tokens.device
+        return windows.to(device), windows[nearest].to(device)
+
     @functools.lru_cache(maxsize=8)
     def first_token_destinations(self, batch: int) -> Destinations:
         """Each window's first token as its destination, no prior (`choose_destinations` without a choice)."""
@@ -189,7 +206,6 @@ class _Layout:
 
     Attributes:
         row_offsets: (B, 1) first output row of each batch element in the flattened (B·N', C) output.
-        group_rows: (B, G, 1) output row of each group.
         tail_rows: (B, N - H) output rows of the kept tokens.
         kept_flags: (B, N' - G) zeros in the model dtype: kept rows are no group.
         position_rows: (B·N,) output row of every plan position when each group is a run of `group_size` head
@@ -198,7 +214,6 @@ class _Layout:
     """
 
     row_offsets: torch.Tensor
-    group_rows: torch.Tensor
     tail_rows: torch.Tensor
     kept_flags: torch.Tensor
     position_rows: torch.Tensor | None
@@ -210,7 +225,6 @@ def _layout(batch: int, num_tokens: int, head: int, num_groups: int, group_size:
             device: torch.device) -> _Layout:
     rows = num_tokens - head + num_groups
     row_offsets = torch.arange(0, batch * rows, rows, device=device).unsqueeze(1)
-    group_rows = (torch.arange(num_groups, device=device) + row_offsets).unsqueeze(-1)
     tail_rows = torch.arange(num_groups, rows, device=device) + row_offsets
     kept_flags = torch.zeros(batch, rows - num_groups, dtype=dtype, device=device)
     position_rows = row_flags = None
@@ -219,7 +233,7 @@ def _layout(batch: int, num_tokens: int, head: int, num_groups: int, group_size:
         position_rows = torch.cat([head_rows, tail_rows], dim=1).flatten()
         group_flags = torch.ones(batch, num_groups, dtype=dtype, device=device)
         row_flags = torch.cat([group_flags, kept_flags], dim=1).flatten()
-    return _Layout(row_offsets, group_rows, tail_rows, kept_flags, position_rows, row_flags)
+    return _Layout(row_offsets, tail_rows, kept_flags, position_rows, row_flags)
 
 
 def _take_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -453,8 +467,37 @@ def choose_destinations(grid: WindowGrid, batch: int, choice: torch.Tensor | Non
     return Destinations(rows, bias)
 
 
+def _local_best(unit: torch.Tensor, grid: WindowGrid, destination_unit: torch.Tensor,
+                radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) each token's best cosine to the destinations of the windows within `radius` windows of its own, and
+    that window: O(N J C) for J = (2 radius + 1)^2 candidates, against O(N W C) for all W destinations.
+
+    Args:
+        unit: (B, N, C) unit vectors; destination_unit: (B, W, C) those of each window's destination.
+    """
+    b, n, c = unit.shape
+    windows, loose = grid.neighbour_windows(radius)
+    tables = grid.batch_tables(b)
+    w, k = grid.num_windows, grid.window_size
+    tokens = _take_rows(unit, tables.window_tokens.flatten()).view(b, w, k, c)
+    sims = torch.matmul(tokens, destination_unit[:, windows].transpose(-1, -2))  # (B, W, K, J)
+    best_in_window, pick = sims.max(-1)
+    best = torch.empty(b * n, dtype=sims.dtype, device=unit.device)
+    best_window = torch.empty(b * n, dtype=torch.long, device=unit.device)
+    best.scatter_(0, tables.window_tokens.flatten(), best_in_window.flatten())
+    best_window.scatter_(0, tables.window_tokens.flatten(), windows.expand(b, w, -1).gather(2, pick).flatten())
+    if len(loose):  # tokens outside every full window: their nearest window's candidates
+        loose_unit = _take_rows(unit, tables.loose_tokens.flatten())  # (B, L, C)
+        loose_sims = (loose_unit.unsqueeze(2) * destination_unit[:, loose]).sum(-1, dtype=sims.dtype)  # (B, L, J)
+        loose_best, loose_pick = loose_sims.max(-1)
+        best.scatter_(0, tables.loose_tokens.flatten(), loose_best.flatten())
+        best_window.scatter_(0, tables.loose_tokens.flatten(), loose.expand(b, -1, -1).gather(2, loose_pick[..., None])
+                             .flatten())
+    return best.view(b, n), best_window.view(b, n)
+
+
 def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinations: Destinations | None = None,
-                    unit: torch.Tensor | None = None) -> TokenMerge:
+                    unit: torch.Tensor | None = None, radius: int | None = None) -> TokenMerge:
     """IDM / ToMe: one destination per window; the `num_merged` best-scoring sources merge into their best match.
 
     Sources are the tokens that are no destination (the other window tokens and the loose tokens); a source's score
@@ -467,6 +510,8 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
         destinations: one block's `choose_destinations` (rows (B·W,), bias (B, N)); None: each window's first token,
             no prior.
         unit: ``unit_vectors(x)`` when the caller has them.
+        radius: match each source only with the destinations of the windows within this many windows of its own
+            (linear cost, `_local_best`); None: with every destination (the paper's and ToMe's global matching).
     """
     _check_input(x, grid)
     b, n, _ = x.shape
@@ -482,26 +527,34 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
     # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
     # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows
     unit = unit_vectors(x) if unit is None else unit
-    best, best_window = torch.bmm(unit, _take_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N)
+    if radius is None:
+        best, best_window = torch.bmm(unit, _take_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N)
+    else:
+        best, best_window = _local_best(unit, grid, _take_rows(unit, dst), radius)
     # plan order: the destinations and the merged sources (the head), then the kept sources
     ordered = torch.add(best, destinations.source_bias).sort(dim=1, descending=True, stable=True).indices
     head = num_windows + num_merged
     layout = _layout(b, n, head, num_windows, None, x.dtype, x.device)
     # each token's output row: its window's group for the destinations and merged sources, its own for the kept
-    row_of_token = best_window.view(-1).scatter_(0, dst, tables.window_ids).view(b, n).add_(layout.row_offsets)
-    group = row_of_token.gather(1, ordered[:, :head])  # (B, H): the group row of each head token
+    window_of_token = best_window.view(-1).scatter_(0, dst, tables.window_ids).view(b, n)
+    # the head made group-contiguous: sorted by window, stably (each group's destination first, then its sources in
+    # score order), so a group's mean is a mean over consecutive rows: O(H C), no (W x H) merge matrix
+    by_window = window_of_token.gather(1, ordered[:, :head]).sort(dim=1, stable=True)
+    ordered = torch.cat([ordered[:, :head].gather(1, by_window.indices), ordered[:, head:]], dim=1)
+    sizes = torch.zeros(b, num_windows, dtype=torch.long, device=x.device).scatter_add_(
+        1, by_window.values, torch.ones_like(by_window.values))  # (B, W) >= 1: the destination
+    row_of_token = window_of_token.add_(layout.row_offsets)
     row_of_token.scatter_(1, ordered[:, head:], layout.tail_rows)
-    # merge matrix: each group's mean as a (W x H) @ (H x C) matmul, deterministic (no float atomics), the 1 / size
-    # weights inside it, so no group sum is ever formed (fp16 overflows at 65504)
-    members = group.unsqueeze(1) == layout.group_rows  # (B, W, H) one-hot
-    sizes = members.sum(-1, dtype=x.dtype)  # (B, W) >= 1: the destination
-    weights = members / sizes.unsqueeze(-1)
 
     def group_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B, H, C) -> (B, W, C)
-        return torch.bmm(weights, ordered_head)
+        # a segment mean per group, deterministic (no float atomics), accumulated in fp32 (an fp16 sum of a large
+        # group could overflow at 65504)
+        rows = ordered_head.reshape(-1, ordered_head.shape[-1]).float()
+        means = torch.segment_reduce(rows, "mean", lengths=sizes.view(-1), axis=0)
+        return means.view(b, num_windows, -1).to(ordered_head.dtype)
 
     def row_flags() -> torch.Tensor:
-        return torch.cat([sizes > 1, layout.kept_flags], dim=1).view(-1)
+        return torch.cat([(sizes > 1).to(x.dtype), layout.kept_flags], dim=1).view(-1)
 
     return TokenMerge(ordered + tables.offsets, head, num_windows, group_means, row_of_token.view(-1), row_flags,
                       x.dtype)

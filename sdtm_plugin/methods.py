@@ -187,14 +187,15 @@ class ToMe(MergeMethod):
         removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, grid.sx, grid.sy)  # one count
         if removed == 0:
             return None
+        radius = self.config.match_radius
         if not (self.config.use_rand and b % 2 == 0):
-            return bipartite_merge(x, grid, removed)
+            return bipartite_merge(x, grid, removed, radius=radius)
         def draw() -> Destinations:
             score = _uniform((self.num_layers, 1, grid.num_windows, grid.window_size), x.device, generator)
             return choose_destinations(grid, b, score.expand(-1, b, -1, -1))
 
         destinations = buffers.once_per_forward((self, grid, b), draw)
-        return bipartite_merge(x, grid, removed, destinations[layer])
+        return bipartite_merge(x, grid, removed, destinations[layer], radius=radius)
 
 
 def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
@@ -272,7 +273,7 @@ class SDTM(MergeMethod):
                 priority = terms.priority[layer] if terms.priority is not None else None
                 destinations = choose_destinations(grid, b, window_medoid_scores(x, grid, unit), priority,
                                                    self._prior_weight(plan))
-            merge = bipartite_merge(x, grid, removed, destinations, unit)
+            merge = bipartite_merge(x, grid, removed, destinations, unit, cfg.match_radius)
         _age(staleness[layer], merge)
         return merge
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.__main__ import default_run, main
+from benchmarks.__main__ import build_parser, default_run, main
 from benchmarks.macs import count_forward_macs
 from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
 from benchmarks.runner import COLUMNS, Job, ModelSession, Settings, append_row, process_device, read_rows
@@ -214,6 +214,9 @@ def test_bad_method_parameters_fail_before_running(tmp_path, models_dir):
 def test_unknown_compile_backend_fails_before_running(tmp_path, models_dir):
     with pytest.raises(ValueError, match=r"--compile must be a torch.compile backend .*inductor.*got 'no-such'"):
         _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", "no-such")
+    for spec in ("inductor:fastest", "eager:reduce-overhead"):
+        with pytest.raises(ValueError, match=r"--compile mode must be inductor's, one of .*reduce-overhead"):
+            _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", spec)
     assert not (tmp_path / "out").exists()
 
 
@@ -313,18 +316,31 @@ def test_best_setting_per_method_at_equal_quality():
     assert by_macs.loc["sdtm+fbcache", "label"] == "b" and (by_macs["ranked_by"] == "macs_speedup").all()
 
 
-def test_cpu_default_runs_the_fast_preset_alone_and_composed():
-    from benchmarks.__main__ import CPU_DEFAULT, FAST, FAST_MAGCACHE, MAGCACHE
-    from benchmarks.methods import METHODS, parse_method
+def test_compositions_are_tuned_only_where_their_merge_setting_passes_alone():
+    from benchmarks.frontier import CANDIDATES, COMPOSED, composed_to_tune, merge_part
+    from benchmarks.methods import method_label, parse_method
+
+    assert merge_part("sdtm+fbcache:mcw=1.0,ratio=0.3,cache.threshold=0.2") == "sdtm mcw=1.0 ratio=0.3"
+    candidates = {method_label(*parse_method(spec)) for spec in CANDIDATES}
+    assert {merge_part(spec) for spec in COMPOSED} <= candidates  # each gate is a setting the tune set measures
+    tune = pd.DataFrame({"label": ["baseline", "sdtm ratio=0.2", "sdtm mcw=1.0 ratio=0.3"],
+                         "equal_quality": [True, "True", False]})
+    assert composed_to_tune(tune) == [spec for spec in COMPOSED if merge_part(spec) == "sdtm ratio=0.2"]
+    assert composed_to_tune(tune.assign(equal_quality=False)) == []
+
+
+def test_cpu_default_measures_the_presets_and_the_tuned_settings_on_report_prompts():
+    from benchmarks.__main__ import CPU_DEFAULT, FAST, TUNED
+    from benchmarks.frontier import CANDIDATES
+    from benchmarks.methods import parse_method
     from sdtm_plugin import SDTMConfig
 
-    assert SDTMConfig(**parse_method(f"sdtm:{FAST}")[1]) == SDTMConfig.fast()
-    assert {f"sdtm:{FAST}", f"sdtm+magcache:{FAST_MAGCACHE}", f"magcache:{MAGCACHE}"} <= set(CPU_DEFAULT["method"])
-    # the composed setting is fast() plus the very cache setting that also runs alone
-    composed = METHODS["sdtm+magcache"].make_config(parse_method(f"sdtm+magcache:{FAST_MAGCACHE}")[1], 20)
-    alone = METHODS["magcache"].make_config(parse_method(f"magcache:{MAGCACHE}")[1], 20)
-    assert composed.merge == SDTMConfig.fast(num_inference_steps=20)
-    assert (composed.cache.threshold, composed.cache.retention_ratio) == (alone.threshold, alone.retention_ratio)
+    assert SDTMConfig(**parse_method(FAST)[1]) == SDTMConfig.fast()
+    assert CPU_DEFAULT["method"][0] == "baseline" and {"tome", "sdtm", FAST, *TUNED} <= set(CPU_DEFAULT["method"])
+    assert set(TUNED) <= set(CANDIDATES)  # settings the tune set decides, never hand-picked ones
+    assert len({parse_method(spec)[0] for spec in TUNED}) == len(TUNED)  # one per method
+    assert CPU_DEFAULT["quality_prompts"] >= 64  # quality with intervals, on the report set (the default set)
+    assert build_parser().parse_args([]).eval_set == "report"
 
 
 def test_ablation_suites_expand_to_valid_settings():
@@ -451,3 +467,23 @@ def test_setup_installs_once_then_skips(tmp_path):
     assert setup("bench") == 1
     assert setup("bench") == 1  # skipped: same python, extras and packaging files
     assert setup("test") == 2
+
+
+def test_gpu_check_script_runs_its_logic_on_cpu(tmp_path, models_dir):
+    """scripts/gpu_check.sh with a tiny model, fp32, the eager path and dynamo's eager backend: every method of the
+    check in one CSV, per compile setting, with the speed columns the check reports."""
+    import os
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_MODEL": "tiny", "GPU_CHECK_DTYPE": "float32",
+           "GPU_CHECK_MODES": "eager eager-backend", "GPU_CHECK_REPEATS": "1", "GPU_CHECK_STEPS": "4",
+           "GPU_CHECK_DEVICE": "cpu",
+           "SDTM_MODEL_CACHE": str(models_dir), "PYTHON": sys.executable}
+    done = subprocess.run([str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "gpu_check" / "results.csv")
+    assert sorted(set(table["compile"].fillna(""))) == ["", "eager"]
+    for _, group in table.groupby(table["compile"].fillna("")):
+        assert sorted(group["method"]) == ["baseline", "sdtm", "sdtm", "sdtm+magcache"]
+        assert group["speedup_denoiser_paired"].notna().all() and (group["steps"] == 4).all()
+    assert "speedup_denoiser_paired" in done.stdout

@@ -327,3 +327,38 @@ def test_bad_merge_inputs_name_the_parameter_and_its_range():
     with pytest.raises(ValueError, match="destinations must be one block's"):
         bipartite_merge(x, grid, 2, several)  # all blocks' destinations instead of one block's
     assert bipartite_merge(x, grid, 2, several[1]).num_rows == 14
+
+
+@pytest.mark.parametrize("grid_hw, sx, sy", [((8, 8), 2, 2), ((7, 9), 2, 2), ((9, 6), 3, 3), ((5, 8), 4, 1)])
+def test_local_matching_with_a_covering_radius_equals_global_matching(grid_hw, sx, sy):
+    """Every window within reach: the local candidates are all destinations, so the merge is the global one."""
+    from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations
+
+    torch.manual_seed(0)
+    grid = WindowGrid.build(grid_hw, sx, sy, torch.device("cpu"))
+    x = torch.randn(3, grid.num_tokens, 16)
+    dests = choose_destinations(grid, 3, torch.rand(3, grid.num_windows, grid.window_size))
+    removed = grid.num_tokens // 3
+    glob = bipartite_merge(x, grid, removed, dests)
+    local = bipartite_merge(x, grid, removed, dests, radius=max(grid_hw))
+    assert torch.equal(glob.row_of_token, local.row_of_token) and torch.equal(glob.merge(x), local.merge(x))
+
+
+def test_local_matching_merges_only_into_nearby_windows():
+    from sdtm_plugin.merge import WindowGrid, bipartite_merge
+
+    torch.manual_seed(1)
+    grid = WindowGrid.build((16, 16), 2, 2, torch.device("cpu"))
+    x = torch.randn(2, 256, 8)
+    merge = bipartite_merge(x, grid, 100, radius=1)
+    rows = merge.row_of_token  # (B, N): a merged token's row is its group's window (rows < W)
+    token = torch.arange(256)
+    own = (token // 16 // 2) * 8 + (token % 16 // 2)
+    merged = rows < grid.num_windows
+    dy = (rows // 8 - own // 8).abs()
+    dx = (rows % 8 - own % 8).abs()
+    assert merged.sum() > 100 and ((dy <= 1) & (dx <= 1))[merged].all()
+    far = bipartite_merge(x, grid, 100)  # global matching reaches further
+    frows = far.row_of_token
+    fmerged = frows < grid.num_windows
+    assert (((frows // 8 - own // 8).abs() > 1) | ((frows % 8 - own % 8).abs() > 1))[fmerged].any()
