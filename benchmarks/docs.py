@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     merge_path = DOCS / "merge_path.md"
     merge_path.write_text(replace_block(merge_path.read_text(), "merge-share", merge_share_table()))
     if args.frontier is not None:
-        from .frontier import report_tables
+        from .frontier import report_tables, tune_table
 
+        text = replace_block(text, "tune", tune_table(args.frontier))
         tables = report_tables(args.frontier)
         readme = ROOT / "README.md"
         readme.write_text(replace_block(readme.read_text(), "summary", tables.pop("summary")))

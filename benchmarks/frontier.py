@@ -162,6 +162,19 @@ def report_tables(run: Path) -> dict[str, str]:
             "summary": "\n".join(summary) + "\n"}
 
 
+def tune_table(run: Path) -> str:
+    """Markdown: every setting a frontier run tried on the tune set, its verdict, and what went on to the report."""
+    tune = pd.read_csv(run / "tune" / "results.csv").sort_values(["method", "macs_speedup"])
+    rows = ["| setting | MACs speed-up | Δ adherence | Δ KID ×10³ | equal quality |", "| --- | --- | --- | --- | --- |"]
+    for _, row in tune[tune["method"] != "baseline"].iterrows():
+        verdict = "**yes**" if str(row["equal_quality"]) == "True" else f"no ({row['quality_failures']})"
+        rows.append(f"| {row['label']} | {row['macs_speedup']:.2f}× | {_interval(row, 'adherence_diff', signed=True)} "
+                    f"| {_interval(row, 'kid_diff', signed=True)} | {verdict} |")
+    rows.append(f"\n{int(tune['quality_images'].iloc[0])} tune prompts and seeds. Chosen for the report set: "
+                + (", ".join(f"`{spec}`" for spec in chosen_settings(tune)) or "nothing") + ".")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     from .__main__ import main as benchmark
 
