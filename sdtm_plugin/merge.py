@@ -91,14 +91,13 @@ class WindowGrid:
         h, w = grid
         if h < sy or w < sx:
             raise ValueError(f"token grid {h}x{w} is smaller than one {sy}x{sx} (sy x sx) window; use smaller sx/sy")
-        # built on the CPU (boolean indexing has no meta-device kernel), then moved
+        # slices only (no boolean mask, whose nonzero would make the host wait for the device), on the device
         gh, gw = h // sy, w // sx
-        ids = torch.arange(h * w).view(h, w)
+        ids = torch.arange(h * w, device=device).view(h, w)
         window_tokens = ids[: gh * sy, : gw * sx].reshape(gh, sy, gw, sx).permute(0, 2, 1, 3).reshape(gh * gw, sy * sx)
-        in_window = torch.zeros(h * w, dtype=torch.bool)
-        in_window[window_tokens.flatten()] = True
-        loose = (~in_window).nonzero().flatten()
-        return cls(grid, sx, sy, window_tokens.to(device), loose.to(device))
+        # the tokens right of the last window column and below the last window row, in token order
+        loose = torch.cat([ids[: gh * sy, gw * sx:].flatten(), ids[gh * sy:].flatten()]).sort().values
+        return cls(grid, sx, sy, window_tokens, loose)
 
     @property
     def num_tokens(self) -> int:
@@ -129,15 +128,13 @@ class WindowGrid:
         nearest window."""
         h, w = self.grid
         gh, gw = h // self.sy, w // self.sx
-        offsets = torch.arange(-radius, radius + 1)
-        rows = (torch.arange(gh)[:, None, None, None] + offsets[:, None]).clamp(0, gh - 1)  # (gh, 1, 2r+1, 1)
-        cols = (torch.arange(gw)[None, :, None, None] + offsets).clamp(0, gw - 1)  # (1, gw, 1, 2r+1)
-        windows = (rows * gw + cols).reshape(gh * gw, -1)
-        ids = torch.arange(h * w)  # the loose tokens again, on the CPU (the grid's tables may live on meta)
-        loose = ids[(ids // w >= gh * self.sy) | (ids % w >= gw * self.sx)]
+        loose = self.loose_tokens
+        offsets = torch.arange(-radius, radius + 1, device=loose.device)
+        rows = (torch.arange(gh, device=loose.device)[:, None, None, None] + offsets[:, None]).clamp(0, gh - 1)
+        cols = (torch.arange(gw, device=loose.device)[None, :, None, None] + offsets).clamp(0, gw - 1)
+        windows = (rows * gw + cols).reshape(gh * gw, -1)  # from (gh, 1, 2r+1, 1) + (1, gw, 1, 2r+1)
         nearest = (loose // w // self.sy).clamp(max=gh - 1) * gw + (loose % w // self.sx).clamp(max=gw - 1)
-        device = self.window_tokens.device
-        return windows.to(device), windows[nearest].to(device)
+        return windows, windows[nearest]
 
     @functools.lru_cache(maxsize=8)
     def first_token_destinations(self, batch: int) -> Destinations:

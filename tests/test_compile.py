@@ -1,0 +1,91 @@
+"""What a GPU needs of the merge path, checked on the CPU: no host sync in a merged forward once a generation runs,
+and merge ops that dynamo captures in one graph (issue 25)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks.models import load_pipeline
+from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state
+from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations, window_merge
+
+# ops whose result the host must wait for (a CUDA stream sync): a scalar read, or an output shape set by the values
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "masked_select", "unique",
+                 "_unique2", "unique_consecutive"}
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records every host-sync op with the transformer call it ran in (`call` is set from outside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call = 0
+        self.syncs: list[tuple[int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in HOST_SYNC_OPS:
+            self.syncs.append((self.call, func.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+def _generate(model, pipe):
+    kwargs = {"num_inference_steps": 6, "generator": torch.Generator().manual_seed(0)}
+    if model == "tiny-dit":
+        return pipe(class_labels=[1], output_type="pt", **kwargs)
+    if model == "tiny":
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    return pipe("a red cat", output_type="latent", **kwargs)
+
+
+@pytest.mark.parametrize("model,apply", [("tiny", apply_SDTM), ("tiny", apply_ToMe), ("tiny-sd3", apply_SDTM),
+                                         ("tiny-dit", apply_SDTM)])
+def test_merged_forwards_after_the_first_make_no_host_sync(model, apply, tiny_pipe_dir):
+    """Once a generation's first forward has set it up (window tables, the schedule position), a merged forward runs
+    without any op that makes the host wait for the device, so CUDA graphs and an asynchronous stream stay possible.
+    The unpatched pipeline is recorded too, so a sync of the model's own code does not count."""
+    pipe = load_pipeline(model, cache_dir=tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    recorder = HostSyncRecorder()
+    pipe.transformer.register_forward_pre_hook(lambda module, args: setattr(recorder, "call", recorder.call + 1))
+    after_first = {}
+    for label in ("bare", "merged"):
+        if label == "merged":
+            apply(pipe)
+        recorder.call, recorder.syncs = 0, []
+        with recorder:
+            _generate(model, pipe)
+        after_first[label] = sorted(op for call, op in recorder.syncs if call > 1)
+    merged_rows = [n for step in get_merge_state(pipe).token_counts[1:] for n in step["attn"] + step["mlp"] if n]
+    assert min(merged_rows) < max(merged_rows), "no step merged: the check would be vacuous"
+    assert after_first["merged"] == after_first["bare"], after_first
+
+
+def _merges(radius):
+    grid = WindowGrid.build((10, 11), 2, 2, torch.device("cpu"))  # odd grid: loose tokens in the last row / column
+
+    def sdtm_detail(x, cache):
+        merge = bipartite_merge(x, grid, 30, choose_destinations(grid, x.shape[0], torch.rand(x.shape[0], 25, 4)),
+                                radius=radius)
+        return merge.unmerge(merge.merge(x) * 2, cache, 0.5)
+
+    def sdtm_structure(x, cache):
+        merge = window_merge(x, grid, 6, torch.rand(x.shape[0], grid.num_windows), 0.3)
+        return merge.unmerge(merge.merge(x) + 1, cache, 0.8)
+
+    return grid, {"detail": sdtm_detail, "structure": sdtm_structure}
+
+
+@pytest.mark.parametrize("radius", [None, 1])
+def test_merge_ops_compile_into_one_graph(radius):
+    """Building a merge, merging and unmerging with a cache blend: one graph, no break, for both SDTM phases and the
+    window-local match; the compiled function equals the eager one."""
+    grid, functions = _merges(radius)
+    x, cache = torch.randn(2, grid.num_tokens, 16), torch.randn(2, grid.num_tokens, 16)
+    for phase, function in functions.items():
+        explained = torch._dynamo.explain(function)(x, cache)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (phase, explained.break_reasons)
+        torch.manual_seed(0)
+        eager = function(x, cache)
+        torch.manual_seed(0)
+        compiled = torch.compile(function, backend="eager", fullgraph=True)(x, cache)
+        torch.testing.assert_close(compiled, eager)
