@@ -35,6 +35,10 @@ COLUMNS = ["model", "method", "label", "ranked_by", "speedup_denoiser", "speedup
 REFERENCES = ["baseline", "tome", "sdtm", "sdtm:token_budgets=null", "sdtm:match_radius=1",
               config_spec("sdtm", SDTMConfig.faithful()),
               config_spec("sdtm", SDTMConfig.fast()), "sdtm:ratio=0.35,protect_steps_frequency=-1"]
+# the names a reader knows the presets by, keyed by the harness's label of their spec
+PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
+    ("sdtm", "SDTM*-a (default)"), (config_spec("sdtm", SDTMConfig.faithful()), "SDTMConfig.faithful()"),
+    (config_spec("sdtm", SDTMConfig.fast()), "SDTMConfig.fast()"), ("tome", "ToMe 0.5 (default)"))}
 # the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores)
 CANDIDATES = [
     "tome:ratio=0.2", "sdtm:ratio=0.2", "sdtm:ratio=0.3,mcw=1.0", "sdtm:ratio=0.4,mcw=1.0",
@@ -126,6 +130,7 @@ def report_tables(run: Path) -> dict[str, str]:
     speed_csv = run / "speed" / "results.csv"
     table = speed_table(report, pd.read_csv(speed_csv)) if speed_csv.exists() else report
     table = table.sort_values("macs_speedup").reset_index(drop=True)
+    table["label"] = table["label"].replace(PRESET_NAMES)
     n = int(table["quality_images"].iloc[0])
     head = ("| setting | MACs speed-up | denoiser speed-up (paired, IQR) | adherence % [95 % CI] | Δ adherence | "
             "Δ detail | KID ×10³ | Δ KID | PSNR dB | equal quality |")

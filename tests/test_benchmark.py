@@ -317,6 +317,35 @@ def test_best_setting_per_method_at_equal_quality():
     assert by_macs.loc["sdtm+fbcache", "label"] == "b" and (by_macs["ranked_by"] == "macs_speedup").all()
 
 
+def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_path):
+    """The README's summary and docs/results.md's tables from a report CSV: presets by the names users type, every
+    quality figure with its interval, the failed criteria named, fastest first, the baseline only in the frontier;
+    MAC ratios stand in for timings (and say so) when the speed stage did not run."""
+    from benchmarks.frontier import REFERENCES, report_tables
+    from benchmarks.methods import method_label, parse_method
+    from benchmarks.quality import ATTRIBUTES
+
+    quality = ["adherence", "detail", "kid", *(f"adherence_{a}" for a in ATTRIBUTES)]
+    rows = []
+    for spec, macs, equal in ((REFERENCES[0], 1.0, True), (REFERENCES[6], 1.35, False), ("fbcache:threshold=0.1", 1.14, True)):
+        row = {"method": parse_method(spec)[0], "label": method_label(*parse_method(spec)), "macs_speedup": macs,
+               "quality_images": 288, "equal_quality": equal, "quality_failures": "" if equal else "kid detail",
+               "psnr_db": 20.0}
+        for name in quality:
+            row |= {name: 80.0, f"{name}_low": 78.0, f"{name}_high": 82.0,
+                    f"{name}_diff": -1.5, f"{name}_diff_low": -2.5, f"{name}_diff_high": -0.5}
+        rows.append(row)
+    (tmp_path / "report").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "report" / "results.csv", index=False)
+    tables = report_tables(tmp_path)
+    summary = tables["summary"].splitlines()[2:]
+    assert [line.split(" | ")[0] for line in summary] == ["| SDTMConfig.fast()", "| fbcache threshold=0.1"]
+    assert summary[0].endswith("| 1.35× (MACs) | -1.5 [-2.5, -0.5] | -1.5 [-2.5, -0.5] | no (kid detail) |")
+    assert summary[1].endswith("| **yes** |")
+    assert "| baseline | 1.00× |" in tables["frontier"] and "288 report prompts" in tables["frontier"]
+    assert tables["attributes"].count("SDTMConfig.fast()") == 1 and "baseline (absolute, %)" in tables["attributes"]
+
+
 def test_compositions_are_tuned_only_where_their_merge_setting_passes_alone():
     from benchmarks.frontier import CANDIDATES, COMPOSED, composed_to_tune, merge_part
     from benchmarks.methods import method_label, parse_method
