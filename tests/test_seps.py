@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from token_modules.selection import minmax_normalize
+from token_modules.demos.common import count_macs
+from token_modules.selection import aggregated_count, minmax_normalize
 from token_modules.seps import SEPS, PatchWordAlignment, masked_mean
 
 C, N = 8, 12
@@ -150,6 +151,58 @@ def test_validation():
         PatchWordAlignment(topk=0)
 
 
+@pytest.mark.parametrize("paper", [True, False])
+@pytest.mark.parametrize("with_dense", [True, False])
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_batched_pairs_equal_the_per_pair_reference(paper, with_dense, gumbel):
+    model = _model(use_paper_version=paper, use_gumbel=gumbel)
+    patches, caps, cmask, dense = _data(v=3, t=5, seed=1)
+    dense = dense if with_dense else None
+    dmask = None
+    if with_dense:
+        dmask = torch.ones(3, 6, dtype=torch.bool)
+        dmask[2, 3:] = False
+    patches.requires_grad_(True)
+    for training in (False, True):  # in training, Gumbel noise is drawn for the same (pairs, N) logits
+        model.train(training)
+        torch.manual_seed(3)
+        s = model(patches, caps, cmask, dense, dmask)
+        (grad,) = torch.autograd.grad(s.square().sum(), patches)
+        torch.manual_seed(3)
+        ref = model.reference_forward(patches, caps, cmask, dense, dmask)
+        (ref_grad,) = torch.autograd.grad(ref.square().sum(), patches)
+        torch.testing.assert_close(s, ref)
+        torch.testing.assert_close(grad, ref_grad)
+
+
+def test_batched_slim_pairs_equal_slim_of_each_pair():
+    model = _model()
+    patches, caps, cmask, dense = _data(v=2, t=3)
+    tokens = model.slim_pairs(patches, caps, cmask, dense)
+    assert tokens.shape == (2, 3, aggregated_count(N, 0.5, 0.4) + 1, C)
+    for i, j in ((0, 0), (1, 2)):
+        ref, _ = model.slim(patches[i:i + 1], caps[j:j + 1], cmask[j:j + 1], dense[i:i + 1])
+        torch.testing.assert_close(tokens[i, j], ref[0])
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_batched_pairs_cost_fewer_macs_per_pair_than_the_per_pair_path(paper):
+    model = _model(use_paper_version=paper).eval()
+    patches, caps, cmask, dense = _data(v=2, t=8)
+    batched = count_macs(lambda: model(patches, caps, cmask, dense))
+    per_pair = count_macs(lambda: model.reference_forward(patches, caps, cmask, dense))
+    assert 0 < batched < per_pair
+
+
+def test_slim_pairs_rejects_bad_shapes():
+    model = _model()
+    patches, caps, cmask, dense = _data()
+    with pytest.raises(ValueError, match=r"patches must be \(B_v, N, C\) = \(B_v, 12, 8\)"):
+        model.slim_pairs(patches[:, :-1], caps, cmask)
+    with pytest.raises(ValueError, match=r"dense must be \(3, L, C=8\)"):
+        model.reference_forward(patches, caps, cmask, dense[:2])
+
+
 # --- demo helpers: retrieval metrics and caption relevance (token_modules.demos) ---
 
 
@@ -186,3 +239,32 @@ def test_demo_caption_relevance_ignores_fillers_and_needs_every_named_object():
     captions = torch.tensor([[filler, 3, filler + 1, 50], [filler, 20, filler + 1, 70], [filler, 3, filler + 1, 99]])
     expected = torch.tensor([[True, True, False], [True, False, True]])
     assert torch.equal(relevance(objects, captions, cells), expected)
+
+
+def test_demo_sweep_expands_to_valid_settings():
+    from token_modules.demos.seps import BUDGETED, TASKS, VARIANTS, Setting, SweepConfig
+
+    sweep = SweepConfig(budgets=((0.5, 0.4), (0.25, 0.4), (0.5, 0.4)), no_dense_budgets=((0.25, 0.4),))
+    settings = sweep.expand(196)
+    assert len(settings) == len(set(settings)) == 2 + 2 + 2 * 3  # the repeated budget runs once
+    assert {s.variant for s in settings} == set(VARIANTS)
+    for s in settings:
+        assert not s.budgeted or aggregated_count(196, s.sparse_ratio, s.aggr_ratio) >= 1
+        assert s.dense or s.variant.startswith("SEPS")  # the dense term is only switched for SEPS
+    assert {(s.sparse_ratio, s.aggr_ratio, s.dense) for s in settings if s.variant == "SEPS paper"} == {
+        (0.5, 0.4, True), (0.25, 0.4, True), (0.25, 0.4, False)}
+    assert [s for s in settings if not s.budgeted] == [Setting("no slimming"), Setting("mean")]
+    for name, spec in TASKS.items():  # the demo's own sweeps are valid, and grid196 has >= 196 patches
+        assert all(s.variant in VARIANTS for s in spec.sweep.expand(spec.task.num_patches)), name
+        assert any(s.variant in BUDGETED for s in spec.sweep.expand(spec.task.num_patches)), name
+    assert TASKS["grid196"].task.num_patches >= 196 and TASKS["grid64"].task.num_patches == 64
+    with pytest.raises(ValueError, match="N_c >= 1"):
+        SweepConfig(budgets=((0.05, 0.1),), no_dense_budgets=()).expand(64)
+    with pytest.raises(ValueError, match=r"sparse_ratio must be in \(0, 1\]"):
+        SweepConfig(budgets=((1.5, 0.4),), no_dense_budgets=()).expand(64)
+    with pytest.raises(ValueError, match="no_dense_budgets must be among budgets"):
+        SweepConfig(budgets=((0.5, 0.4),), no_dense_budgets=((0.25, 0.4),)).expand(64)
+    with pytest.raises(ValueError, match="variants must be among"):
+        SweepConfig(variants=("SEPS",)).expand(64)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        Setting("median")

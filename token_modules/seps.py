@@ -4,6 +4,12 @@ Patches are selected by `TokenSparse` under text guidance, aggregated by `TokenA
 SDTPS), and the slimmed tokens are aligned with the caption's words. Selection depends on the caption, so every
 (image, caption) pair is slimmed separately, all pairs in one batch.
 
+Batched pairs (`SEPS.forward`, `SEPS.slim_pairs`): everything that depends on the image alone runs once per image
+(normalised patches, s^im, s^dt, the score predictor, the aggregator's per-patch logits); per pair run only the
+caption score s^st (one (V*N, C) x (C, T) product), the top-k, the softmax over the kept patches and the weighted
+sums, so no (pairs, N, C) tensor is built. `SEPS.reference_forward` is the direct per-pair form (every pair's patches
+copied and slimmed by `SEPS.slim`); it gives the same similarities and serves as the reference and the cost baseline.
+
 ``use_paper_version`` switches both the scoring and the similarity (research/token_modules.md §3.2-3.3):
 - paper: s = (1-2b) sigmoid(MLP(v)) + b (s^st + s^dt + 2 s^im), min-max normalised sources (Eq. 1-3); similarity
   with plain cosine A plus ``MLP(TOPK(.))`` relevance terms (Eq. 5);
@@ -24,7 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .selection import Selection, TokenAggregation, TokenSparse, aggregated_count, cosine_scores
+from .selection import (
+    Selection,
+    TokenAggregation,
+    TokenSparse,
+    aggregated_count,
+    cosine_scores,
+    fuse_scores,
+    gumbel_noise,
+    keep_count,
+    minmax_normalize,
+    straight_through_topk,
+)
 
 Tensor = torch.Tensor
 
@@ -180,6 +197,99 @@ class SEPS(nn.Module):
         importance = sel.keep_score.softmax(-1) if self.use_paper_version else None
         return torch.cat([self.aggr(sel.tokens, importance), sel.extra], dim=1), sel
 
+    def _check_pairs(
+        self, patches: Tensor, captions: Tensor, caption_mask: Tensor | None, dense: Tensor | None,
+        dense_mask: Tensor | None,
+    ) -> None:
+        if patches.dim() != 3 or patches.shape[1:] != (self.num_patches, self.dim):
+            raise ValueError(
+                f"patches must be (B_v, N, C) = (B_v, {self.num_patches}, {self.dim}), got {tuple(patches.shape)}"
+            )
+        self._check_text("captions", captions, caption_mask, None)
+        if dense is not None:
+            # Image-side only: a description indexed by caption would be the query's ground-truth image's (leakage).
+            self._check_text("dense", dense, dense_mask, patches.shape[0])
+
+    def slim_pairs(
+        self,
+        patches: Tensor,
+        captions: Tensor,
+        caption_mask: Tensor | None = None,
+        dense: Tensor | None = None,
+        dense_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Slimmed tokens of every (image, caption) pair: patches (B_v, N, C); captions (B_t, L, C) with caption_mask
+        (B_t, L); dense (B_v, L_d, C), one description per image, with dense_mask (B_v, L_d) -> (B_v, B_t, N_c + 1, C)
+        (the N_c aggregated tokens, then the extra token), equal to `slim` of each pair.
+
+        With Gumbel selection the gates act on the kept patches and the extra token's weights as in `TokenSparse`.
+        The aggregator's logits are computed once per patch from the ungated patches: its MLP starts with a
+        LayerNorm, which is invariant to the gates' scale, so values and gradients are those of `slim`.
+        """
+        self._check_pairs(patches, captions, caption_mask, dense, dense_mask)
+        v, n, c = patches.shape
+        t = captions.shape[0]
+        unit = F.normalize(patches, dim=-1)
+        refs = [patches.mean(1)] + ([] if dense is None else [masked_mean(dense, dense_mask)])
+        image_refs = (unit @ F.normalize(torch.stack(refs, 1), dim=-1).transpose(1, 2)).transpose(1, 2)  # (V, G, N)
+        s_st = (unit @ F.normalize(masked_mean(captions, caption_mask), dim=-1).T).transpose(1, 2)  # (V, T, N)
+        score = self._pair_score(patches, image_refs, s_st).reshape(v * t, n)
+
+        sparse = self.sparse
+        k = keep_count(n, sparse.sparse_ratio)
+        if sparse.use_gumbel:
+            logits = score / sparse.gumbel_tau
+            if self.training:
+                logits = logits + gumbel_noise(logits, generator)
+            mask, order = straight_through_topk(logits, k, tau=1.0)
+            gate = torch.where(mask.detach().bool(), mask, 1.0 - mask)  # 1 in value, relaxed mask's gradient
+        else:
+            order = score.sort(dim=-1, descending=True, stable=True).indices
+            gate = None
+        keep_idx, drop_idx = order[:, :k], order[:, k:]
+        # Row of each kept patch in the (V*N, ...) per-image tensors; index_select's backward is a cheap index_add.
+        flat = (keep_idx + n * torch.arange(v, device=patches.device).repeat_interleave(t).unsqueeze(-1)).view(-1)
+        kept = patches.reshape(v * n, c).index_select(0, flat).view(v * t, k, c)  # the only per-pair copy of patches
+        if gate is not None:
+            kept = kept * gate.gather(1, keep_idx).unsqueeze(-1)
+
+        # The aggregator's MLP is per token: its logits for a kept patch are that patch's row of the per-image logits.
+        logits = self.aggr.weight_net(patches).reshape(v * n, -1).index_select(0, flat).view(v * t, k, -1)
+        logits = (logits * self.aggr.scale).transpose(1, 2)  # (V*T, N_c, K)
+        if self.use_paper_version:
+            logits = logits + torch.log(score.gather(1, keep_idx).softmax(-1) + 1e-8).unsqueeze(1)
+        aggregated = logits.softmax(-1) @ kept  # (V*T, N_c, C)
+
+        if k < n:
+            # Extra token as a (V, T, N) x (V, N, C) product: zero weight on the kept patches, no per-pair gather.
+            weights = torch.zeros_like(score).scatter_(1, drop_idx, score.gather(1, drop_idx).softmax(-1))
+            if gate is not None:
+                weights = weights * gate
+            extra = weights.view(v, t, n) @ patches  # (V, T, C)
+        else:
+            extra = patches.new_zeros(v, t, c)
+        return torch.cat([aggregated.view(v, t, -1, c), extra.unsqueeze(2)], dim=2)
+
+    def _pair_score(self, patches: Tensor, image_refs: Tensor, s_st: Tensor) -> Tensor:
+        """Fused score (B_v, B_t, N) from patches (B_v, N, C), the image-side cosines (B_v, G, N) (s^im[, s^dt]) and
+        the caption cosines s^st (B_v, B_t, N), as `TokenSparse.score` fuses them."""
+        v, t, n = s_st.shape
+        s_im, s_dt = image_refs[:, 0], image_refs[:, 1:]
+        if self.sparse.predictor is None:
+            return s_im.unsqueeze(1) + s_st + s_dt.sum(1, keepdim=True)
+        predicted = torch.sigmoid(self.sparse.predictor(patches)).squeeze(-1)  # (V, N), once per image
+        guides = minmax_normalize(s_st).unsqueeze(2)  # (V, T, 1, N)
+        if s_dt.shape[1]:
+            guides = torch.cat([guides, minmax_normalize(s_dt).unsqueeze(1).expand(v, t, -1, n)], 2)
+
+        def pairs(x: Tensor) -> Tensor:
+            return x.unsqueeze(1).expand(v, t, n).reshape(v * t, n)
+
+        fused = fuse_scores(pairs(predicted), pairs(minmax_normalize(s_im)), guides.reshape(v * t, -1, n),
+                            self.sparse.beta)
+        return fused.view(v, t, n)
+
     def forward(
         self,
         patches: Tensor,
@@ -190,14 +300,21 @@ class SEPS(nn.Module):
     ) -> Tensor:
         """patches (B_v, N, C); captions (B_t, L, C) with caption_mask (B_t, L); dense (B_v, L_d, C), one description
         per **image**, with dense_mask (B_v, L_d) -> similarity S (B_v, B_t). S[i, j] depends only on image i, its
-        description and caption j."""
-        if patches.dim() != 3:
-            raise ValueError(f"patches must be (B_v, N, C), got {tuple(patches.shape)}")
+        description and caption j. Batched: see the module docstring."""
+        return self.align(self.slim_pairs(patches, captions, caption_mask, dense, dense_mask), captions, caption_mask)
+
+    def reference_forward(
+        self,
+        patches: Tensor,
+        captions: Tensor,
+        caption_mask: Tensor | None = None,
+        dense: Tensor | None = None,
+        dense_mask: Tensor | None = None,
+    ) -> Tensor:
+        """`forward` computed per pair: every pair's patches (B_v * B_t, N, C) copied and slimmed by `slim`, as the
+        released code does; the reference for `forward` and its cost baseline. Same arguments and result."""
+        self._check_pairs(patches, captions, caption_mask, dense, dense_mask)
         v, n, c = patches.shape
-        self._check_text("captions", captions, caption_mask, None)
-        if dense is not None:
-            # Image-side only: a description indexed by caption would be the query's ground-truth image's (leakage).
-            self._check_text("dense", dense, dense_mask, v)
         t, l = captions.shape[:2]
         pair_patches = patches.unsqueeze(1).expand(v, t, n, c).reshape(v * t, n, c)
         pair_caps = captions.unsqueeze(0).expand(v, t, l, c).reshape(v * t, l, c)
