@@ -76,6 +76,20 @@ def _merges(radius):
 
 
 @pytest.mark.parametrize("radius", [None, 1])
+def test_merge_ops_make_no_host_sync_even_inside_an_op(radius):
+    """The profiler sees the ops an ATen kernel calls itself (a dispatch mode does not), e.g. the length checks of
+    `segment_reduce`: building a merge, merging and unmerging calls none that reads a value back to the host."""
+    grid, functions = _merges(radius)
+    x, cache = torch.randn(2, grid.num_tokens, 16), torch.randn(2, grid.num_tokens, 16)
+    for phase, function in functions.items():
+        function(x, cache)  # the grid's cached tables are built once, outside the steady state
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            function(x, cache)
+        syncs = {e.name for e in profiler.events()} & {f"aten::{op}" for op in HOST_SYNC_OPS}
+        assert not syncs, (phase, syncs)
+
+
+@pytest.mark.parametrize("radius", [None, 1])
 def test_merge_ops_compile_into_one_graph(radius):
     """Building a merge, merging and unmerging with a cache blend: one graph, no break, for both SDTM phases and the
     window-local match; the compiled function equals the eager one."""
