@@ -1,0 +1,1 @@
+"""Reference models the harness measures: their procedural data, analytic checkers and training (issue 28)."""
