@@ -4,19 +4,23 @@ No block forward is copied: a sub-layer hook merges the (B, N, C) input of `attn
 unmerges the output in `post_forward`. The block's per-channel modulation and gate commute with both, so the
 block code runs unchanged.
 
-Under `torch.compile` every hook method runs eagerly (`torch.compiler.disable`): they hold the per-step Python
-state (step counter, phase, ratio, generators) that dynamo would otherwise guard on and recompile for at every
-step. The model's own code between them is compiled; the merged token count is the only shape that varies, which
-automatic dynamic shapes absorb with at most one recompile per graph.
+Under `torch.compile` the per-step Python work (the step clock, the plan, the random draws) runs eagerly in
+`StepHook.begin`, before the compiled region: `install_compiled_prelude` puts it in front of a compiled model
+(`torch.compile(model)` or `model.compile()`), and under regional compilation (`compile_repeated_blocks`) the
+transformer's own forward is eager anyway. The sub-layer hooks are traced with the model: they read only values
+of a bounded set (phase, budget, flags) and tensors, so `fullgraph=True` holds and a generation compiles one graph
+per token budget and phase. U-Nets keep an eager grid hook (their levels' grids are read at run time).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable
 
 import torch
 from diffusers.hooks import ModelHook
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .adapters import SubLayer
 from .clock import PipelineWatch
@@ -52,6 +56,7 @@ class StepHook(ModelHook):
         self._scheduler = None  # the scheduler of the running generation
         self._model = None
         self.installed_forward = None  # the model's outermost hooked forward (set by `patch`)
+        self._prelude_handles: dict[int, Any] = {}  # id(compiled wrapper) -> its pre-hook handle
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._model = weakref.ref(module)
@@ -70,9 +75,43 @@ class StepHook(ModelHook):
         self.fn_ref.forward = model.forward  # ours now calls the new wrapper, which calls the model
         model.forward = ours
 
+    def install_compiled_prelude(self, *wrappers: Any) -> None:
+        """Run `begin` eagerly in front of the compiled region of a compiled model, so that the compiled forward holds
+        no per-step Python work: a pre-hook on each `torch.compile(model)` wrapper among `wrappers`, and a wrapper of
+        the compiled call of an in-place `model.compile()`. Called when applying and whenever a generation begins
+        (a model compiled after applying is found then)."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        for wrapper in wrappers:
+            if (isinstance(wrapper, OptimizedModule) and wrapper._orig_mod is model
+                    and id(wrapper) not in self._prelude_handles):
+                self._prelude_handles[id(wrapper)] = wrapper.register_forward_pre_hook(
+                    lambda _, args, kwargs: self.prelude(model, args, kwargs), with_kwargs=True)
+        compiled = model.__dict__.get("_compiled_call_impl")
+        if compiled is not None and not hasattr(compiled, "sdtm_compiled_call"):
+            @functools.wraps(compiled)
+            def call(*args, **kwargs):
+                self.prelude(model, args, kwargs)
+                return compiled(*args, **kwargs)
+
+            call.sdtm_compiled_call = compiled
+            model._compiled_call_impl = call
+
+    def remove_compiled_prelude(self) -> None:
+        for handle in self._prelude_handles.values():
+            handle.remove()
+        self._prelude_handles = {}
+        model = self._model() if self._model is not None else None
+        compiled = model.__dict__.get("_compiled_call_impl") if model is not None else None
+        if compiled is not None and hasattr(compiled, "sdtm_compiled_call"):
+            model._compiled_call_impl = compiled.sdtm_compiled_call
+
     def _begin(self, scheduler: Any) -> None:
         """A watched scheduler set its timesteps: a generation begins."""
         self.ensure_wired()
+        self.install_compiled_prelude(*(getattr(p, attr, None) for p in self.watch.pipelines
+                                        for attr in ("transformer", "unet")))
         self._scheduler = scheduler
         self.state.begin_generation(len(scheduler.timesteps), scheduler.timesteps)
 
@@ -99,9 +138,22 @@ class StepHook(ModelHook):
         position = self.timestep_position
         return args[position] if position is not None and position < len(args) else None
 
-    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        latents = args[0] if args else kwargs[self.input_name]
+        if self.state.ready:  # `begin` ran already, outside the compiled region of a compiled model
+            self.state.ready = False
+        else:
+            self.begin(module, args, kwargs)
+        self.state.open_forward()
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        self.state.close_forward()
+        return output
+
+    @torch.compiler.disable
+    def begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Everything a forward needs decided before it runs (`MergeState.begin_forward`); never compiled."""
+        latents = args[0] if len(args) else kwargs[self.input_name]
         begun = self.watch.refresh()  # the user swapped pipe.scheduler after applying: this call's timesteps are set
         if begun is not None:
             self._begin(begun)
@@ -118,8 +170,12 @@ class StepHook(ModelHook):
             )
         timestep = self._timestep(args, kwargs)
         self.state.begin_forward(self.token_grid(module, latents), latents.shape[0],
-                                 lambda: self._start_index(timestep), timestep)
-        return args, kwargs
+                                 lambda: self._start_index(timestep), timestep, latents.device)
+
+    def prelude(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """`begin` run in front of a compiled model's compiled region; the traced `pre_forward` then skips it."""
+        self.begin(model, args, kwargs)
+        self.state.ready = True
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         # `CacheMixin` pipelines reset stateful hooks after every call: free what the call held, keep the telemetry
@@ -159,9 +215,8 @@ class SubLayerMergeHook(ModelHook):
         self.name, self.role = sublayer.name, sublayer.role
         self._merge: TokenMerge | None = None
 
-    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
-        from_kwargs = not args
+        from_kwargs = len(args) == 0
         x = kwargs["hidden_states"] if from_kwargs else args[0]
         merge = self.state.block_merge(self.layer, self.role, x)
         self._merge = merge
@@ -177,7 +232,6 @@ class SubLayerMergeHook(ModelHook):
             return args, {**kwargs, "hidden_states": merged}
         return (merged, *args[1:]), kwargs
 
-    @torch.compiler.disable
     def post_forward(self, module: torch.nn.Module, output):
         merge, self._merge = self._merge, None
         if isinstance(output, tuple):

@@ -29,6 +29,24 @@ from typing import Callable
 import torch
 
 
+def cached_tables(maxsize: int) -> Callable:
+    """`functools.lru_cache` for index tables that depend only on shapes and counts. Traced by `torch.compile`, the
+    tables are built inside the graph instead (a few index kernels, none reading data), since dynamo cannot see a
+    Python cache."""
+
+    def decorate(build: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(build)
+
+        @functools.wraps(build)
+        def tables(*args):
+            return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        tables.cache_clear = cached.cache_clear
+        return tables
+
+    return decorate
+
+
 @dataclass(frozen=True)
 class BatchTables:
     """Index tables of a `WindowGrid` for one batch size, rows of the flattened (B·N, C) tokens.
@@ -111,7 +129,7 @@ class WindowGrid:
     def window_size(self) -> int:
         return self.sx * self.sy
 
-    @functools.lru_cache(maxsize=8)
+    @cached_tables(maxsize=8)
     def batch_tables(self, batch: int) -> BatchTables:
         n, w = self.num_tokens, self.num_windows
         device = self.window_tokens.device
@@ -121,7 +139,7 @@ class WindowGrid:
         return BatchTables(offsets, window_tokens, window_tokens[:, :, 0].flatten(), self.loose_tokens + offsets,
                            torch.arange(w, device=device).repeat(batch), keys.repeat(batch))
 
-    @functools.lru_cache(maxsize=4)
+    @cached_tables(maxsize=4)
     def neighbour_windows(self, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate windows of local matching: (W, J) the windows within `radius` windows of each window (offsets in
         row-major order, clamped at the grid's border; J = (2 radius + 1)^2), and (L, J) those of each loose token's
@@ -136,12 +154,12 @@ class WindowGrid:
         nearest = (loose // w // self.sy).clamp(max=gh - 1) * gw + (loose % w // self.sx).clamp(max=gw - 1)
         return windows, windows[nearest]
 
-    @functools.lru_cache(maxsize=8)
+    @cached_tables(maxsize=8)
     def first_token_destinations(self, batch: int) -> Destinations:
         """Each window's first token as its destination, no prior (`choose_destinations` without a choice)."""
         return choose_destinations(self, batch)
 
-    @functools.lru_cache(maxsize=4)
+    @cached_tables(maxsize=4)
     def band_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(gw, sy·w) in `dtype`: 1 where a token of a band of sy token rows lies in the band's window j."""
         h, w = self.grid
@@ -217,7 +235,7 @@ class _Layout:
     row_flags: torch.Tensor | None
 
 
-@functools.lru_cache(maxsize=64)
+@cached_tables(maxsize=64)
 def _layout(batch: int, num_tokens: int, head: int, num_groups: int, group_size: int | None, dtype: torch.dtype,
             device: torch.device) -> _Layout:
     rows = num_tokens - head + num_groups

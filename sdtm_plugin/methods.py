@@ -3,7 +3,9 @@
 A method decides each step's `StepPlan`, builds a block's `TokenMerge` from the sub-layer input, and finishes a
 sub-layer output (unmerge, cache). Per-call buffers (SDTM's staleness counters and output cache) live in a
 `StreamBuffers` that the state hands in: one per transformer call of a step, so an extra call (SD3 skip-layer
-guidance, a split classifier-free-guidance batch) never overwrites the main call's cache.
+guidance, a split classifier-free-guidance batch) never overwrites the main call's cache. What the blocks of one
+forward share (the merges, values derived once for all blocks) lives in a `ForwardScratch` that dies with the
+forward.
 """
 
 from __future__ import annotations
@@ -31,15 +33,12 @@ class StreamBuffers:
     Attributes:
         num_layers: blocks of the model.
         batch: images of the call (B).
-        per_forward: values a method derives once per forward for all its blocks (keyed by the method), dropped when
-            the next forward begins.
     """
 
     num_layers: int
     batch: int
-    per_forward: dict = field(default_factory=dict)
     _cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    _staleness: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _staleness: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._cache = [{} for _ in range(self.num_layers)]
@@ -55,10 +54,9 @@ class StreamBuffers:
 
         One tensor for all blocks of a token grid, so a forward derives what it needs for all of them at once.
         """
-        key = (num_tokens, device)
-        if key not in self._staleness:
-            self._staleness[key] = torch.zeros(self.num_layers, self.batch, num_tokens, device=device)
-        return self._staleness[key][:, self._rows(batch)]
+        if num_tokens not in self._staleness:
+            self._staleness[num_tokens] = torch.zeros(self.num_layers, self.batch, num_tokens, device=device)
+        return self._staleness[num_tokens][:, self._rows(batch)]
 
     def cached_output(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
         """The last full-length output (batch, N, C) of a sub-layer (its trailing rows), if one of that shape."""
@@ -90,28 +88,53 @@ class StreamBuffers:
         tensors = [t for layer in self._cache for t in layer.values()] + list(self._staleness.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def begin_forward(self) -> None:
-        self.per_forward.clear()
-
-    def once_per_forward(self, key: tuple, derive: Callable[[], Any]) -> Any:
-        """`derive()` on the first request of `key` in this forward, the same value after."""
-        if key not in self.per_forward:
-            self.per_forward[key] = derive()
-        return self.per_forward[key]
-
     def reset_staleness(self) -> None:
         for counters in self._staleness.values():
             counters.zero_()
 
 
+class ForwardScratch:
+    """What the blocks of one forward share; made when the forward begins and dropped when it ends, so that a
+    compiled forward hands none of it back to Python (no merge object outlives its forward).
+
+    Args:
+        noise: ``(grid, batch) -> (L, B, W, K) or None``, the forward's random draws for a grid (drawn before the
+            forward, outside any compiled region).
+
+    Attributes:
+        merges: per block, its merge once built (None: it runs on all tokens).
+        ages: per block, blocks since its merge was built (a merge is shared by `plan_blocks` blocks).
+        derived: values a method derives once per forward for all blocks of a grid, keyed by (grid, batch).
+    """
+
+    def __init__(self, noise: Callable[[WindowGrid, int], torch.Tensor | None]) -> None:
+        self.noise = noise
+        self.merges: dict[int, TokenMerge | None] = {}
+        self.ages: dict[int, int] = {}
+        self.derived: dict[tuple, Any] = {}
+
+    def once(self, key: tuple, derive: Callable[[], Any]) -> Any:
+        """`derive()` on the first request of `key` in this forward, the same value after."""
+        if key not in self.derived:
+            self.derived[key] = derive()
+        return self.derived[key]
+
+
 class MergeMethod:
     """Interface of a merging algorithm.
 
+    Before each forward (eagerly, outside any compiled region) the state asks for the step's `plan`, the tokens a
+    merge removes on the model's grid (`tokens_removed`), the random draws (`noise_shape`) and which outputs the
+    merge cache keeps (`cache_roles`); inside the forward, `build`, `reuse` and `finish` read only those values and
+    the plan's phase and sub-layer flags (a bounded set: one compiled graph each), never the step.
+
     Attributes:
         needs_step_count: whether `plan` depends on the number of steps (a bare model must then be told it).
+        tracks_staleness: whether its merges age the buffers' staleness counters.
     """
 
     needs_step_count = True
+    tracks_staleness = False
 
     def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int) -> None:
         self.config = config
@@ -131,22 +154,36 @@ class MergeMethod:
         return tuple(tokens_removed(p.phase, p.ratio, n, grid, cfg.sx, cfg.sy)
                      for p in (self.plan(step, num_steps) for step in range(num_steps)))
 
+    def tokens_removed(self, plan: StepPlan, grid: tuple[int, int]) -> int:
+        """Tokens a merge of `plan`'s step removes on an ``(h, w)`` grid."""
+        cfg = self.config
+        return tokens_removed(plan.phase, plan.ratio, grid[0] * grid[1], grid, cfg.sx, cfg.sy)
+
+    def noise_shape(self, grid: WindowGrid, batch: int, plan: StepPlan) -> tuple[int, ...] | None:
+        """Shape of the uniform draws a merging forward of `plan` needs for `grid` and `batch` images (None: none)."""
+        return None
+
+    def cache_roles(self, plan: StepPlan) -> tuple[str, ...]:
+        """The sub-layer roles whose full-length outputs the merge cache keeps in this step (merged blocks only)."""
+        return ()
+
     @property
     def plan_blocks(self) -> int:
         """Consecutive merged blocks that share one plan (`reuse` is called for all but the first)."""
         return 1
 
-    def build(self, layer: int, x: torch.Tensor, grid: WindowGrid, plan: StepPlan, buffers: StreamBuffers,
-              generator: torch.Generator | None) -> TokenMerge | None:
-        """The block's merge for this step from its first merged sub-layer input `x` (B, N, C); None: none."""
+    def build(self, layer: int, x: torch.Tensor, grid: WindowGrid, plan: StepPlan, removed: int,
+              buffers: StreamBuffers, forward: ForwardScratch) -> TokenMerge | None:
+        """The block's merge removing `removed` tokens, from its first merged sub-layer input `x` (B, N, C); None:
+        none."""
         raise NotImplementedError
 
     def reuse(self, layer: int, merge: TokenMerge, buffers: StreamBuffers) -> None:
         """Block `layer` merges with the previous block's `merge`: update its per-block state."""
 
-    def finish(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor,
-               plan: StepPlan, buffers: StreamBuffers) -> torch.Tensor:
-        """A sub-layer output (B, N', C) -> (B, N, C)."""
+    def finish(self, layer: int, name: str, merge: TokenMerge | None, output: torch.Tensor, buffers: StreamBuffers,
+               store: bool) -> torch.Tensor:
+        """A sub-layer output (B, N', C) -> (B, N, C); `store`: keep it in the merge cache."""
         return output if merge is None else merge.unmerge(output)
 
 
@@ -161,12 +198,11 @@ class NoMerge(MergeMethod):
     def plan(self, step: int, num_steps: int | None) -> StepPlan:
         return StepPlan(step, num_steps or step + 1, Phase.FULL, 0.0, False, False)
 
-    def build(self, layer, x, grid, plan, buffers, generator):
+    def tokens_removed(self, plan, grid):
+        return 0
+
+    def build(self, layer, x, grid, plan, removed, buffers, forward):
         return None
-
-
-def _uniform(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=device)
 
 
 class ToMe(MergeMethod):
@@ -182,19 +218,23 @@ class ToMe(MergeMethod):
     def plan(self, step: int, num_steps: int | None) -> StepPlan:
         return step_plan(self.config, step, num_steps or step + 1)
 
-    def build(self, layer, x, grid, plan, buffers, generator):
-        b = x.shape[0]
-        removed = tokens_removed(plan.phase, plan.ratio, x.shape[1], grid.grid, grid.sx, grid.sy)  # one count
+    def noise_shape(self, grid, batch, plan):
+        if self.config.use_rand and batch % 2 == 0:
+            return (self.num_layers, 1, grid.num_windows, grid.window_size)
+        return None
+
+    def build(self, layer, x, grid, plan, removed, buffers, forward):
         if removed == 0:
             return None
+        b = x.shape[0]
         radius = self.config.match_radius
         if not (self.config.use_rand and b % 2 == 0):
             return bipartite_merge(x, grid, removed, radius=radius)
-        def draw() -> Destinations:
-            score = _uniform((self.num_layers, 1, grid.num_windows, grid.window_size), x.device, generator)
-            return choose_destinations(grid, b, score.expand(-1, b, -1, -1))
 
-        destinations = buffers.once_per_forward((self, grid, b), draw)
+        def draw() -> Destinations:
+            return choose_destinations(grid, b, forward.noise(grid, b).expand(-1, b, -1, -1))
+
+        destinations = forward.once((grid.grid, b), draw)
         return bipartite_merge(x, grid, removed, destinations[layer], radius=radius)
 
 
@@ -229,6 +269,7 @@ class SDTM(MergeMethod):
     """Structure-then-detail merging: SSM whole-window merges, then IDM on the MLP, a merge cache, protection."""
 
     config: SDTMConfig
+    tracks_staleness = True
 
     def __init__(self, config: SDTMConfig, num_layers: int) -> None:
         super().__init__(config, num_layers)
@@ -248,19 +289,41 @@ class SDTM(MergeMethod):
             self._schedules[key] = removal_schedule(self.config, num_steps, grid)
         return self._schedules[key]
 
+    def tokens_removed(self, plan, grid):
+        return self.removal_schedule(plan.num_steps, grid)[plan.step]
+
+    def noise_shape(self, grid, batch, plan):
+        cfg = self.config
+        if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
+            return None
+        if cfg.idm_destination == "random" or (cfg.idm_destination == "stalest" and cfg.use_rand):
+            return (self.num_layers, batch, grid.num_windows, grid.window_size)
+        return None
+
+    def cache_roles(self, plan):
+        cfg = self.config
+        if not cfg.uses_cache:
+            return ()
+        if plan.protected:
+            # attention is only merged again while the structure phase lasts (unless the detail phase merges it)
+            attn = cfg.detail_merge_attn or in_structure_phase(cfg.switch_step, plan.step + 1, plan.num_steps)
+            return ("attn", "mlp") if attn else ("mlp",)
+        if not cfg.cache_each_step:
+            return ()
+        return tuple(role for role in ("attn", "mlp") if plan.merges_sublayer(role))
+
     @property
     def plan_blocks(self) -> int:
         return self.config.plan_blocks
 
-    def build(self, layer, x, grid, plan, buffers, generator):
+    def build(self, layer, x, grid, plan, removed, buffers, forward):
         cfg = self.config
-        b = x.shape[0]
-        removed = self.removal_schedule(plan.num_steps, grid.grid)[plan.step]
         if removed == 0:
             return None
+        b = x.shape[0]
         staleness = buffers.staleness(b, x.shape[1], x.device)
-        terms: _StalenessTerms = buffers.once_per_forward(
-            (self, grid, b), lambda: self._staleness_terms(grid, plan, staleness, generator))
+        terms: _StalenessTerms = forward.once(
+            (grid.grid, b), lambda: self._staleness_terms(grid, plan, staleness, forward.noise(grid, b)))
         if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
             window_priority = terms.window_priority[layer] if terms.window_priority is not None else None
             merge = window_merge(x, grid, removed // (grid.window_size - 1), window_priority, cfg.a_s)
@@ -284,8 +347,8 @@ class SDTM(MergeMethod):
         return self.config.a_s if plan.phase is Phase.STRUCTURE else self.config.a_d
 
     def _staleness_terms(self, grid: WindowGrid, plan: StepPlan, staleness: torch.Tensor,
-                         generator: torch.Generator | None) -> _StalenessTerms:
-        """`_StalenessTerms` of every block from their counters `staleness` (L, B, N)."""
+                         noise: torch.Tensor | None) -> _StalenessTerms:
+        """`_StalenessTerms` of every block from their counters `staleness` (L, B, N) and the forward's draws."""
         cfg = self.config
         weight = self._prior_weight(plan)
         priority = staleness_priority(staleness, cfg.prior) if weight else None
@@ -294,44 +357,38 @@ class SDTM(MergeMethod):
                 return _StalenessTerms()
             window_priority = grid.window_reduce(priority.flatten(0, 1), mean=True)
             return _StalenessTerms(window_priority=window_priority.view(*staleness.shape[:2], -1))
-        choice = self.destination_choice(grid, staleness, generator)
+        choice = self.destination_choice(grid, staleness, noise)
         if choice is None:
             return _StalenessTerms(priority=priority)
         return _StalenessTerms(destinations=choose_destinations(grid, staleness.shape[-2], choice, priority, weight))
 
     def destination_choice(self, grid: WindowGrid, staleness: torch.Tensor,
-                           generator: torch.Generator | None) -> torch.Tensor | None:
+                           noise: torch.Tensor | None) -> torch.Tensor | None:
         """(..., B, N) counters -> (..., B, W, K) scores whose argmax over each window is its destination
-        (`SDTMConfig.idm_destination`); None for "similar", which each block derives from its input."""
+        (`SDTMConfig.idm_destination`); None for "similar", which each block derives from its input.
+
+        `noise`: (..., B, W, K) uniform draws (`noise_shape`), for "random" and for the random ties of "stalest"
+        with `use_rand`.
+        """
         rule = self.config.idm_destination
-        shape = (*staleness.shape[:-1], grid.num_windows, grid.window_size)
         if rule == "random":
-            return _uniform(shape, staleness.device, generator)
+            return noise
         if rule == "similar":
             return None
         # the stalest token, ties broken at random with use_rand
-        noise = _uniform(shape, staleness.device, generator).flatten(0, -3) if self.config.use_rand else None
-        return grid.per_window(staleness.flatten(0, -2), noise).view(shape)
+        plus = noise.flatten(0, -3) if noise is not None else None
+        return grid.per_window(staleness.flatten(0, -2), plus).view(*staleness.shape[:-1], grid.num_windows,
+                                                                    grid.window_size)
 
-    def finish(self, layer, name, role, merge, output, plan, buffers):
-        cfg = self.config
+    def finish(self, layer, name, merge, output, buffers, store):
         if merge is not None:
+            cfg = self.config
             shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
             cache = buffers.cached_output(layer, name, shape) if cfg.uses_cache else None
             output = merge.unmerge(output, cache, cfg.mcw)
-        if self._stores_cache(layer, role, plan):
+        if store:
             buffers.store_output(layer, name, output)
         return output
-
-    def _stores_cache(self, layer: int, role: str, plan: StepPlan) -> bool:
-        cfg = self.config
-        if not cfg.uses_cache or not self.merges_layer(layer):
-            return False
-        if plan.protected:
-            # attention is only merged again while the structure phase lasts (unless the detail phase merges it)
-            return (role == "mlp" or cfg.detail_merge_attn
-                    or in_structure_phase(cfg.switch_step, plan.step + 1, plan.num_steps))
-        return cfg.cache_each_step and plan.merges_sublayer(role)
 
 
 def make_method(config: SDTMConfig | ToMeConfig | None, num_layers: int) -> MergeMethod:

@@ -39,6 +39,7 @@ class _Patch:
 
     def remove(self) -> None:
         self.step_hook.watch.remove()
+        self.step_hook.remove_compiled_prelude()
         for module, name, ours in reversed(self.hooked):  # outermost first
             outer = module.__dict__.get("forward")
             registry = HookRegistry.check_if_exists_or_initialize(module)
@@ -59,6 +60,14 @@ def _drop_empty_registry(module: nn.Module) -> None:
     bound = module.__dict__.get("forward")
     if bound is not None and getattr(bound, "__func__", None) is type(module).forward:
         del module.forward
+
+
+def _compiled_wrapper(pipe_or_model: Any) -> Any:
+    """The `torch.compile` wrapper the caller holds (the pipeline's denoiser or the model passed), if any."""
+    if isinstance(pipe_or_model, nn.Module):
+        return pipe_or_model
+    denoiser = getattr(pipe_or_model, "transformer", None)
+    return denoiser if denoiser is not None else getattr(pipe_or_model, "unet", None)
 
 
 def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
@@ -123,6 +132,7 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
         remove_SDTM(model)
         raise
     step_hook.installed_forward = model.__dict__["forward"]
+    step_hook.install_compiled_prelude(_compiled_wrapper(pipe_or_model))
     logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
                 len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
     return pipe_or_model

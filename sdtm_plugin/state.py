@@ -3,6 +3,13 @@
 The step comes from the `GenerationClock` (`sdtm_plugin.clock`). Each transformer call within a step is a *stream*
 with its own buffers (`StreamBuffers`: staleness counters, merge cache), held for one generation and freed when it
 ends (`end_generation`); the telemetry of the last generation stays readable.
+
+A forward has two halves. `begin_forward` runs eagerly before it (never inside a compiled region): it moves the
+clock, plans the step, works out the tokens each merge removes, draws the forward's random numbers, resets what a
+full step resets and opens the telemetry record. The blocks (`block_merge`, `finish`) then read only values of a
+bounded set (the phase, the sub-layer flags, the token budget, which outputs to cache), tensors, and a
+`ForwardScratch` that `open_forward` / `close_forward` make and drop inside the forward: under
+`torch.compile(fullgraph=True)` the forward is one graph per budget and phase, and nothing it builds outlives it.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import torch
 from .clock import GenerationClock
 from .config import SDTMConfig, ToMeConfig
 from .merge import TokenMerge, WindowGrid
-from .methods import MergeMethod, StreamBuffers, make_method
+from .methods import ForwardScratch, MergeMethod, StreamBuffers, make_method
 from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -65,10 +72,13 @@ class MergeState:
         self.plan: StepPlan | None = None
         self.grid: tuple[int, int] | None = None
         self.layer_grids: list[tuple[int, int] | None] = [None] * num_layers
+        self.record: ForwardRecord | None = None  # the running forward's telemetry
+        self.cache_roles: tuple[str, ...] = ()  # sub-layer roles whose outputs the merge cache keeps this forward
+        self.ready = False  # `begin_forward` ran for the coming forward outside its compiled region
+        self.scratch: ForwardScratch | None = None
         self._buffers: StreamBuffers | None = None
-        self._merges: list[TokenMerge | None] = [None] * num_layers
-        self._plan_age: list[int] = [0] * num_layers
-        self._built: list[bool] = [False] * num_layers
+        self._removed: dict[tuple[int, int], int] = {}  # per token grid, what this forward's merges remove
+        self._noise: dict[tuple, torch.Tensor | None] = {}  # per (token grid, batch), this forward's random draws
         self._last_shape: tuple | None = None
         self.peak_held_bytes = 0  # the most `held_bytes` seen at the start of a forward (telemetry)
 
@@ -145,14 +155,16 @@ class MergeState:
         """Free the per-generation buffers (output caches, staleness); the telemetry stays readable."""
         self._streams = {}
         self._buffers = None
-        self._merges = [None] * self.num_layers
+        self._noise = {}
+        self.scratch = None
         self.plan = None
 
     def begin_forward(self, grid: tuple[int, int], batch_size: int, start_index=lambda: 0,
-                      timestep: Any = None) -> StepPlan:
+                      timestep: Any = None, device: torch.device | str = "cpu") -> StepPlan:
         """Start a model forward on latents whose token grid is `grid` (every block's, unless a grid source says).
 
         Args:
+            device: the latents' device.
             start_index: ``() -> int``, the scheduler position of the generation's first forward.
             timestep: the forward's timestep argument (read only where no schedule is known).
         """
@@ -172,20 +184,50 @@ class MergeState:
         self.plan = plan = self.method.plan(clock.step, clock.num_steps)
         self.grid = grid
         self.layer_grids = [grid] * self.num_layers
-        self._merges = [None] * self.num_layers
-        self._plan_age = [0] * self.num_layers  # blocks since the plan of `_merges[layer]` was built
-        self._built = [False] * self.num_layers
+        self.cache_roles = self.method.cache_roles(plan)
         key = (clock.call, batch_size, grid)
         if key not in self._streams:
             self._streams[key] = StreamBuffers(self.num_layers, batch_size)
         self._buffers = self._streams[key]
-        self._buffers.begin_forward()
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
         if clock.step == 0 or not plan.merges:  # a full step computes every token on its own
             self._buffers.reset_staleness()
-        self.records.append(ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
-                                          {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers))
+        self._removed, self._noise = {}, {}
+        if self.config is not None and plan.merges and self.removed(grid):
+            # what the blocks will ask for on the model's grid, made here: the generator and the first-use
+            # allocations stay out of the forward (other grids, U-Net levels, are served when first asked)
+            window_grid = self._window_grid(grid, device)
+            if self.method.tracks_staleness:
+                self._buffers.staleness(batch_size, grid[0] * grid[1], device)
+            self.noise(window_grid, batch_size)
+        self.record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
+                                    {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers)
+        self.records.append(self.record)
         return plan
+
+    def open_forward(self) -> None:
+        """The forward's blocks begin (inside the forward: the scratch is made and dropped within it)."""
+        self.scratch = ForwardScratch(self.noise)
+
+    def close_forward(self) -> None:
+        self.scratch = None
+
+    def removed(self, grid: tuple[int, int]) -> int:
+        """Tokens this forward's merges remove on an ``(h, w)`` grid (0 when nothing merges)."""
+        if grid not in self._removed:
+            self._removed[grid] = self.method.tokens_removed(self.plan, grid) if self.plan.merges else 0
+        return self._removed[grid]
+
+    def noise(self, grid: WindowGrid, batch: int) -> torch.Tensor | None:
+        """This forward's uniform draws for the merges of `grid` with `batch` images (`MergeMethod.noise_shape`),
+        drawn once per forward from the patch's generator."""
+        key = (grid.grid, batch)
+        if key not in self._noise:
+            shape = self.method.noise_shape(grid, batch, self.plan)
+            device = grid.window_tokens.device
+            self._noise[key] = (None if shape is None else
+                                torch.rand(shape, generator=self._generator(device), device=device))
+        return self._noise[key]
 
     def set_layer_grid(self, layers: list[int], grid: tuple[int, int]) -> None:
         for layer in layers:
@@ -208,24 +250,24 @@ class MergeState:
                 f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {grid[0]}x{grid[1]} "
                 f"token grid, got {tuple(x.shape)} (chunked feed-forward cannot be combined with merging)"
             )
-        record = self.records[-1]
+        record = self.record
         record.grid_tokens[layer] = num_tokens
         counts = record.tokens[role]
         counts[layer] = num_tokens
         if not plan.merges_sublayer(role) or not self.method.merges_layer(layer) or not self._downsample_allowed(layer):
             return None
-        if not self._built[layer]:
-            self._built[layer] = True
-            previous = self._merges[layer - 1] if layer else None
-            if (previous is not None and self._plan_age[layer - 1] + 1 < self.method.plan_blocks
+        scratch = self.scratch
+        if layer not in scratch.merges:
+            previous = scratch.merges.get(layer - 1)
+            if (previous is not None and scratch.ages[layer - 1] + 1 < self.method.plan_blocks
                     and self.layer_grids[layer - 1] == grid):
-                self._merges[layer], self._plan_age[layer] = previous, self._plan_age[layer - 1] + 1
+                scratch.merges[layer], scratch.ages[layer] = previous, scratch.ages[layer - 1] + 1
                 self.method.reuse(layer, previous, self._buffers)
             else:
-                self._merges[layer] = self.method.build(
-                    layer, x, self._window_grid(grid, x.device), plan, self._buffers, self._generator(x.device)
-                )
-        merge = self._merges[layer]
+                scratch.merges[layer] = self.method.build(layer, x, self._window_grid(grid, x.device), plan,
+                                                          self.removed(grid), self._buffers, scratch)
+                scratch.ages[layer] = 0
+        merge = scratch.merges[layer]
         if merge is not None:
             counts[layer] = merge.num_rows
         return merge
@@ -234,7 +276,8 @@ class MergeState:
         """A sub-layer output (B, N', C) -> (B, N, C): unmerged, blended with the cache, cached."""
         if merge is None and not self._downsample_allowed(layer):  # a block that never merges at its resolution
             return output
-        return self.method.finish(layer, name, role, merge, output, self.plan, self._buffers)
+        store = role in self.cache_roles and self.method.merges_layer(layer)
+        return self.method.finish(layer, name, merge, output, self._buffers, store)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _downsample_allowed(self, layer: int) -> bool:

@@ -67,53 +67,6 @@ def test_bf16_pipeline(tiny_pipe):
     assert merged.dtype == torch.bfloat16 and torch.isfinite(merged).all() and not torch.equal(merged, base)
 
 
-class GraphCounter:
-    """A torch.compile backend that runs graphs as traced (eager) and counts them: each graph is one compilation."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
-
-
-def test_torch_compile_matches_eager_without_per_step_recompiles(tiny_pipe):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    steps = 8
-    apply_SDTM(tiny_pipe)
-    eager = generate_pixart(tiny_pipe, steps=steps)
-    remove_SDTM(tiny_pipe)
-
-    torch._dynamo.reset()
-    counters.clear()
-    backend = GraphCounter()
-    tiny_pipe.transformer = torch.compile(tiny_pipe.transformer, backend=backend)
-    apply_SDTM(tiny_pipe)  # on the compiled wrapper: the hooks go on the original module
-    per_step = []
-    step = tiny_pipe.scheduler.step
-
-    def counting_step(*args, **kwargs):
-        per_step.append(backend.graphs)
-        return step(*args, **kwargs)
-
-    tiny_pipe.scheduler.step = counting_step
-    compiled = generate_pixart(tiny_pipe, steps=steps)
-    again = generate_pixart(tiny_pipe, steps=steps)
-    breaks = sum(counters["graph_break"].values())
-
-    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5) and torch.equal(again, compiled)
-    assert get_merge_state(tiny_pipe).token_counts[1]["attn"][0] < 64  # merging ran under compile
-    # token counts change every step; after the first step nothing recompiles, in this call or the next
-    assert len(per_step) == 2 * steps and set(per_step[1:]) == {backend.graphs}
-    # graph breaks only at the hooks (eager by design): 1 step hook + pre/post of 2 sub-layers, shared across blocks
-    assert 0 < breaks <= 1 + 2 * 2 * len(tiny_pipe.transformer.transformer_blocks)
-    remove_SDTM(tiny_pipe)
-    assert not hasattr(tiny_pipe.transformer._orig_mod, "_diffusers_hook")
-
-
 def test_model_cpu_offload_either_order_and_removal_keeps_offload(tiny_pipe, monkeypatch):
     """`enable_model_cpu_offload` needs an accelerator by default; device="cpu" runs accelerate's hooks on CPU.
 

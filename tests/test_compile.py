@@ -1,12 +1,15 @@
-"""What a GPU needs of the merge path, checked on the CPU: no host sync in a merged forward once a generation runs,
-and merge ops that dynamo captures in one graph (issue 25)."""
+"""What a GPU needs of the merge path, checked on the CPU: a patched model compiles with `fullgraph=True` into a few
+graphs that a second generation reuses, no host sync in a merged forward once a generation runs, and merge ops
+that dynamo captures in one graph (issue 25)."""
 
 import pytest
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.models import load_pipeline
-from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state
+from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations, window_merge
 
 # ops whose result the host must wait for (a CUDA stream sync): a scalar read, or an output shape set by the values
@@ -28,13 +31,13 @@ class HostSyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _generate(model, pipe):
-    kwargs = {"num_inference_steps": 6, "generator": torch.Generator().manual_seed(0)}
+def _generate(model, pipe, steps=6):
+    kwargs = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(0)}
     if model == "tiny-dit":
-        return pipe(class_labels=[1], output_type="pt", **kwargs)
+        return pipe(class_labels=[1], output_type="pt", **kwargs).images
     if model == "tiny":
         kwargs.update(use_resolution_binning=False, clean_caption=False)
-    return pipe("a red cat", output_type="latent", **kwargs)
+    return pipe("a red cat", output_type="latent", **kwargs).images
 
 
 @pytest.mark.parametrize("model,apply", [("tiny", apply_SDTM), ("tiny", apply_ToMe), ("tiny-sd3", apply_SDTM),
@@ -58,6 +61,70 @@ def test_merged_forwards_after_the_first_make_no_host_sync(model, apply, tiny_pi
     merged_rows = [n for step in get_merge_state(pipe).token_counts[1:] for n in step["attn"] + step["mlp"] if n]
     assert min(merged_rows) < max(merged_rows), "no step merged: the check would be vacuous"
     assert after_first["merged"] == after_first["bare"], after_first
+
+
+class GraphCounter:
+    """A torch.compile backend that runs graphs as traced (eager) and counts them: each graph is one compilation."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def _signatures(state) -> set:
+    """Distinct (phase, merged token counts per block) of the last generation's forwards."""
+    return {(r.phase, *(tuple(r.tokens[role]) for role in ("attn", "mlp"))) for r in state.records}
+
+
+APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM(pipe, SDTMConfig.fast())}
+
+
+@pytest.mark.parametrize("model,method,order", [
+    ("tiny", "sdtm", "compile, apply"), ("tiny", "tome", "compile, apply"), ("tiny", "fast", "apply, compile"),
+    ("tiny", "sdtm", "apply, compile in place"), ("tiny-sd3", "sdtm", "apply, compile"),
+    ("tiny-sd3", "tome", "compile, apply"), ("tiny-dit", "sdtm", "compile, apply"),
+])
+def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
+                                                                                   tiny_pipe_dir):
+    """`torch.compile(transformer, fullgraph=True)` of a patched transformer (either order, or `.compile()` in place):
+    no graph break (fullgraph raises on any), one graph per distinct merged layout (token budget x phase) plus the
+    first forward's, none new in a second generation, and the images of eager merging."""
+    pipe = load_pipeline(model, cache_dir=tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    APPLY[method](pipe)
+    eager = _generate(model, pipe, steps=12)
+    remove_SDTM(pipe)
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend = GraphCounter()
+    if order == "compile, apply":
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend, fullgraph=True)
+        APPLY[method](pipe)
+    elif order == "apply, compile":
+        APPLY[method](pipe)
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend, fullgraph=True)
+    else:
+        APPLY[method](pipe)
+        pipe.transformer.compile(backend=backend, fullgraph=True)
+    compiled = _generate(model, pipe, steps=12)
+    first = backend.graphs
+    state = get_merge_state(pipe)
+    layouts = _signatures(state)
+    again = _generate(model, pipe, steps=12)
+
+    assert sum(counters["graph_break"].values()) == 0
+    assert backend.graphs == first, "the second generation compiled new graphs"
+    merged_rows = [n for _, attn, mlp in layouts for n in attn + mlp if n]
+    assert min(merged_rows) < max(merged_rows), "nothing merged: the check would be vacuous"
+    assert first <= len(layouts) + 2, (first, layouts)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, compiled)
+    remove_SDTM(pipe)
+    torch._dynamo.reset()
 
 
 def _merges(radius):

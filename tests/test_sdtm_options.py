@@ -73,7 +73,8 @@ def test_destination_rules():
 
     def chosen(rule, seed=0):
         method = SDTM(SDTMConfig(idm_destination=rule, use_rand=True), 1)
-        choice = method.destination_choice(grid, staleness.float(), torch.Generator().manual_seed(seed))
+        noise = torch.rand(1, grid.num_windows, grid.window_size, generator=torch.Generator().manual_seed(seed))
+        choice = method.destination_choice(grid, staleness.float(), noise)
         return choice.argmax(-1)[0].tolist()
 
     assert chosen("stalest") == [2, 2, 2, 2]

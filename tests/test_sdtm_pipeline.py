@@ -204,8 +204,8 @@ def test_every_output_parameter_has_its_effect(tiny_pipe, monkeypatch, change, m
     rows = []
     original = SDTM.build
 
-    def build(self, layer, x, grid, plan, buffers, generator):
-        merge = original(self, layer, x, grid, plan, buffers, generator)
+    def build(self, layer, x, grid, plan, removed, buffers, forward):
+        merge = original(self, layer, x, grid, plan, removed, buffers, forward)
         rows.append(None if merge is None else merge.num_rows)
         return merge
 
@@ -310,14 +310,22 @@ def test_config_object_and_errors(tiny_pipe):
 # -- each parameter moves the result in its documented direction -------------------------------------------------
 def _build(cfg, phase, x, staleness, ratio):
     from sdtm_plugin.merge import WindowGrid
-    from sdtm_plugin.methods import StreamBuffers
-    from sdtm_plugin.schedule import StepPlan
+    from sdtm_plugin.methods import ForwardScratch, StreamBuffers
+    from sdtm_plugin.schedule import StepPlan, tokens_removed
 
     buffers = StreamBuffers(1, x.shape[0])
     buffers.staleness(x.shape[0], x.shape[1], x.device)[0] = staleness
     plan = StepPlan(5, 20, phase, ratio, phase.value == "structure", True)
     grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
-    return SDTM(cfg, 1).build(0, x, grid, plan, buffers, torch.Generator().manual_seed(0)), grid
+    method = SDTM(cfg, 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def noise(grid, batch):
+        shape = method.noise_shape(grid, batch, plan)
+        return None if shape is None else torch.rand(shape, generator=generator)
+
+    removed = tokens_removed(phase, ratio, 64, (8, 8), 2, 2)
+    return method.build(0, x, grid, plan, removed, buffers, ForwardScratch(noise)), grid
 
 
 def test_larger_a_d_makes_staler_tokens_more_likely_idm_sources():
@@ -362,17 +370,19 @@ def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
     events = []  # (step, protected, storage of the cache blended in, storage of the output returned, output)
     original = SDTM.finish
 
-    def finish(self, layer, name, role, merge, output, plan, buffers):
+    def finish(self, layer, name, merge, output, buffers, store):
         shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1])) if merge is not None else None
         used = buffers.cached_output(layer, name, shape) if merge is not None else None
-        out = original(self, layer, name, role, merge, output, plan, buffers)
+        out = original(self, layer, name, merge, output, buffers, store)
         if layer == 1 and name == "mlp":
+            plan = state.plan
             events.append((plan.step, plan.protected, used.data_ptr() if used is not None else None, out.data_ptr(),
                            out))  # the outputs stay referenced, so no storage is reused
         return out
 
     monkeypatch.setattr(SDTM, "finish", finish)
     apply_SDTM(tiny_pipe, protect_steps_frequency=4, cache_each_step=cache_each_step, switch_step=0)
+    state = get_merge_state(tiny_pipe)
     generate(tiny_pipe, steps=12)
     outputs = {step: out_id for step, _, _, out_id, _ in events}
     for step, protected, used, _, _ in events:
@@ -437,12 +447,12 @@ def test_staleness_terms_derived_once_per_forward_equal_each_blocks_own(tiny_pip
     checked = []
     original = SDTM.build
 
-    def build(self, layer, x, grid, plan, buffers, generator):
+    def build(self, layer, x, grid, plan, removed, buffers, forward):
         own = buffers.staleness(x.shape[0], x.shape[1], x.device)[layer].clone()
-        merge = original(self, layer, x, grid, plan, buffers, generator)
+        merge = original(self, layer, x, grid, plan, removed, buffers, forward)
         if merge is None:
             return merge
-        terms = buffers.per_forward[(self, grid, x.shape[0])]
+        terms = forward.derived[(grid.grid, x.shape[0])]
         weight = self._prior_weight(plan)
         priority = staleness_priority(own, self.config.prior) if weight else None
         if plan.phase is Phase.STRUCTURE and self.config.structure_merge == "window":
