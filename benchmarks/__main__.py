@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the baseline's and the methods' denoisers (backend: inductor when not given; "
                         "MODE: inductor's, e.g. inductor:reduce-overhead for CUDA graphs); "
                         "the warm-up calls absorb compilation")
+    p.add_argument("--fullgraph", action="store_true",
+                   help="with --compile: fullgraph=True, a graph break raises (merging alone has none; the step "
+                        "caches' own hooks break graphs)")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for results.csv and plots")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if args.quality_prompts is None:
             args.quality_prompts = default.get("quality_prompts")
     args.dtype = args.dtype or "float32"
+    if args.fullgraph:
+        if args.compile is None:
+            raise ValueError("--fullgraph needs --compile")
+        args.compile += "+fullgraph"
     if args.compile is not None:
         check_compile_spec(args.compile)
     args.repeats = 3 if args.repeats is None else args.repeats
@@ -205,12 +212,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 def check_compile_spec(spec: str) -> None:
-    """``BACKEND[:MODE]``: a torch.compile backend and, for inductor, one of its modes; else a ValueError."""
+    """``BACKEND[:MODE][+fullgraph]``: a torch.compile backend and, for inductor, one of its modes; else a
+    ValueError."""
     import torch._dynamo as dynamo
 
-    from .runner import COMPILE_MODES
+    from .runner import COMPILE_MODES, parse_compile_spec
 
-    backend, _, mode = spec.partition(":")
+    backend, mode, _ = parse_compile_spec(spec)
     backends = sorted(dynamo.list_backends(exclude_tags=()))
     try:
         dynamo.lookup_backend(backend)

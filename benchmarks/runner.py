@@ -542,17 +542,26 @@ def _compiled_graphs() -> int:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def parse_compile_spec(spec: str) -> tuple[str, str | None, bool]:
+    """``BACKEND[:MODE][+fullgraph]`` -> (backend, mode or None, fullgraph)."""
+    spec, plus, flag = spec.partition("+")
+    if plus and flag != "fullgraph":
+        raise ValueError(f"--compile: the only option after '+' is 'fullgraph', got {flag!r}")
+    backend, _, mode = spec.partition(":")
+    return backend, mode or None, bool(plus)
+
+
 def compile_denoiser(denoiser: torch.nn.Module, spec: str) -> torch.nn.Module:
-    """`torch.compile(denoiser, backend=..., mode=...)` from ``BACKEND[:MODE]`` (mode: inductor's, e.g.
-    ``inductor:reduce-overhead`` for CUDA graphs). Each method's hooks and each merged token count add graphs to the
-    denoiser's code: the recompile limit is raised so that a run of several methods stays compiled, and hitting it
-    raises instead of quietly running eagerly."""
+    """`torch.compile(denoiser, backend=..., mode=..., fullgraph=...)` from ``BACKEND[:MODE][+fullgraph]`` (mode:
+    inductor's, e.g. ``inductor:reduce-overhead`` for CUDA graphs; fullgraph: a graph break raises). Each method and
+    each token budget adds graphs to the denoiser's code: the recompile limit is raised so that a run of several
+    methods stays compiled, and hitting it raises instead of quietly running eagerly."""
     import torch._dynamo
 
-    backend, _, mode = spec.partition(":")
+    backend, mode, fullgraph = parse_compile_spec(spec)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(denoiser, backend=backend, mode=mode or None)
+    return torch.compile(denoiser, backend=backend, mode=mode, fullgraph=fullgraph)
 
 
 class _Captured(Exception):

@@ -217,6 +217,10 @@ def test_unknown_compile_backend_fails_before_running(tmp_path, models_dir):
     for spec in ("inductor:fastest", "eager:reduce-overhead"):
         with pytest.raises(ValueError, match=r"--compile mode must be inductor's, one of .*reduce-overhead"):
             _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", spec)
+    with pytest.raises(ValueError, match="--fullgraph needs --compile"):
+        _cli(tmp_path, models_dir, "--method", "sdtm", "--fullgraph")
+    with pytest.raises(ValueError, match="only option after '\\+' is 'fullgraph'"):
+        _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", "inductor+dynamic")
     assert not (tmp_path / "out").exists()
 
 

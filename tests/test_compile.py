@@ -127,6 +127,35 @@ def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothi
     torch._dynamo.reset()
 
 
+class SdpaRecorder(torch.overrides.TorchFunctionMode):
+    """Query lengths of every fused attention call, and every explicit softmax (an attention map built by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths, self.softmaxes = [], 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.lengths.append(args[0].shape[-2])
+        elif func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
+            self.softmaxes += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])
+def test_merged_attention_stays_fused(model, tiny_pipe_dir):
+    """The merged sequence goes through PyTorch's fused attention (SDPA, which dispatches to flash / memory-efficient /
+    cuDNN kernels on a GPU) at the merged length, never through an explicit attention map."""
+    pipe = load_pipeline(model, cache_dir=tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    apply_SDTM(pipe)
+    recorder = SdpaRecorder()
+    with recorder:
+        _generate(model, pipe)
+    merged = {n for step in get_merge_state(pipe).token_counts for n in step["attn"] if n and n < 64}
+    assert merged and merged <= set(recorder.lengths) and recorder.softmaxes == 0
+
+
 def _merges(radius):
     grid = WindowGrid.build((10, 11), 2, 2, torch.device("cpu"))  # odd grid: loose tokens in the last row / column
 
