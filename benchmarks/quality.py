@@ -27,6 +27,7 @@ The protocol (issue 24):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,28 +201,39 @@ def adherence_table(images: np.ndarray, prompts: list[Prompt]) -> dict[str, floa
 
 # -- learned features, FID and KID --------------------------------------------------------------------------------
 class AttributeNet(nn.Module, PyTorchModelHubMixin):
-    """A small CNN that recognises the caption attributes of a (B, 3, 64, 64) image in [0, 1].
+    """A small CNN that recognises the caption attributes of a (B, 3, R, R) image in [0, 1].
 
     Its `features` (B, feature_dim) are the embedding of FID / KID; trained by ``python -m benchmarks.train``.
+
+    Args:
+        heads: ``{label: classes}`` of its classification heads (default: the single-shape data's attributes).
+        resolution: R, a power of two >= 64; stride-2 stages bring it to 8 x 8 before the feature layer.
     """
 
-    def __init__(self, width: int = 32, feature_dim: int = 128) -> None:
+    def __init__(self, width: int = 32, feature_dim: int = 128, heads: dict[str, int] | None = None,
+                 resolution: int = shapes.RESOLUTION) -> None:
         super().__init__()
+        if resolution < 64 or resolution & (resolution - 1):
+            raise ValueError(f"resolution must be a power of two >= 64, got {resolution}")
+        self.resolution = resolution
 
         def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU()]
 
+        extra = [layer for _ in range(int(math.log2(resolution // 64))) for layer in block(4 * width, 4 * width, 2)]
         self.trunk = nn.Sequential(
             *block(3, width, 1), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 2),
-            *block(4 * width, 4 * width, 2), nn.Conv2d(4 * width, width, 1), nn.Flatten(),
+            *block(4 * width, 4 * width, 2), *extra, nn.Conv2d(4 * width, width, 1), nn.Flatten(),
             nn.Linear(width * 8 * 8, feature_dim),
         )
-        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(v)) for name, v in shapes.VOCABULARY.items()})
+        heads = heads or {name: len(v) for name, v in shapes.VOCABULARY.items()}
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, classes) for name, classes in heads.items()})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, feature_dim); other sizes are resized to 64 px."""
-        if images.shape[-1] != shapes.RESOLUTION or images.shape[-2] != shapes.RESOLUTION:
-            images = nn.functional.interpolate(images, size=(shapes.RESOLUTION,) * 2, mode="bilinear", antialias=True)
+        """(B, 3, H, W) in [0, 1] -> (B, feature_dim); other sizes are resized to R."""
+        r = self.resolution
+        if images.shape[-1] != r or images.shape[-2] != r:
+            images = nn.functional.interpolate(images, size=(r, r), mode="bilinear", antialias=True)
         return self.trunk(images * 2 - 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,8 +1,13 @@
-"""Train the reference pipeline: a small PixArt-alpha on the procedural shapes, offline, on a CPU in under 2 hours.
+"""Train a reference pipeline: a small PixArt-alpha on procedural captioned images, offline, on a CPU.
 
-    python -m benchmarks.train                       # all stages into outputs/train, then export
+    python -m benchmarks.train                       # pixart-shapes: all stages into outputs/train, then export
     python -m benchmarks.train --stage denoiser      # one stage (resumes from its last checkpoint)
     python -m benchmarks.train --export benchmarks/weights/pixart-shapes   # write the shipped pipeline (fp16)
+    python -m benchmarks.train --data scenes --out outputs/train-scenes    # the 1,024-token multi-object model,
+                                                     # started from the shipped pixart-shapes weights
+
+The data set (`benchmarks.reference.data`) decides the resolution, the vocabulary, the feature network's heads and
+the monitored prompts; ``TrainConfig.for_data`` holds each one's defaults.
 
 Stages, each resumable (a checkpoint every few minutes and at the end; a re-run continues where it stopped):
 1. ``vae``: a small `AutoencoderKL` (64-px RGB -> 16 x 16 x 8 latents) trained on its posterior mode with
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import shapes
+from .reference.data import data_set
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,9 @@ class TrainConfig:
     """Everything that determines the trained weights (saved beside them as ``train_config.json``)."""
 
     seed: int = 0
+    data: str = "shapes"  # `benchmarks.reference.data.DATA_SETS`
+    init_from: str = ""  # a pipeline folder whose VAE and denoiser weights start the training (its words first)
+    interpolation_scale: float = 0.0  # the denoiser's position-embedding scale (0: diffusers' default)
     # text encoder: a random, frozen T5 (word-level tokenizer over the caption vocabulary)
     text_dim: int = 128
     text_layers: int = 2
@@ -91,6 +99,23 @@ class TrainConfig:
                    lr=1e-3, eval_every=0, checkpoint_minutes=0.0)
 
     @classmethod
+    def for_data(cls, name: str) -> "TrainConfig":
+        """The defaults of a data set: ``scenes`` (128 px, 1,024 tokens, captions of up to ~35 words) starts from
+        the shipped pixart-shapes pipeline, whose VAE is convolutional (any size) and whose positions it keeps on the
+        same scale (a 32 x 32 grid spanning the 16 x 16 grid's range), so the VAE is fine-tuned briefly and the
+        denoiser continues from where it stands."""
+        if name == "shapes":
+            return cls()
+        if name == "scenes":
+            from .models import WEIGHTS
+
+            return cls(data="scenes", init_from=str(WEIGHTS / "pixart-shapes"), interpolation_scale=2.0,
+                       text_tokens=40, vae_steps=300, vae_batch=8, vae_lr=5e-4, feature_steps=800, feature_batch=32,
+                       steps=600, batch=16, lr=3e-4, warmup=50, eval_every=150, eval_prompts=24)
+        data_set(name)  # raises, naming the data sets
+        raise AssertionError("unreachable")
+
+    @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
@@ -99,23 +124,31 @@ class TrainConfig:
 
 
 # -- components ---------------------------------------------------------------------------------------------------
-def build_tokenizer(max_length: int = 120):
-    """Word-level fast tokenizer over the caption vocabulary with T5's special tokens (pad 0, eos 1, unk 2)."""
+def build_tokenizer(cfg: TrainConfig, max_length: int = 120):
+    """Word-level fast tokenizer over the data's caption vocabulary with T5's special tokens (pad 0, eos 1, unk 2)."""
     from .models import word_tokenizer
 
-    return word_tokenizer(max_length, shapes.caption_words())
+    return word_tokenizer(max_length, data_set(cfg.data).words)
 
 
 def build_text_encoder(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """The frozen random T5. It is drawn for the single-shape vocabulary and extended with rows for further words,
+    so that a data set extending it keeps the same encoder for the words they share."""
     from transformers import T5Config, T5EncoderModel
 
+    base = 3 + len(data_set("shapes").words)
     torch.manual_seed(cfg.seed)
     heads = max(1, cfg.text_dim // 64)
-    config = T5Config(vocab_size=vocab_size, d_model=cfg.text_dim, d_kv=cfg.text_dim // heads, d_ff=2 * cfg.text_dim,
-                      num_layers=cfg.text_layers, num_heads=heads, pad_token_id=0, eos_token_id=1)
+    config = T5Config(vocab_size=min(base, vocab_size), d_model=cfg.text_dim, d_kv=cfg.text_dim // heads,
+                      d_ff=2 * cfg.text_dim, num_layers=cfg.text_layers, num_heads=heads, pad_token_id=0,
+                      eos_token_id=1)
     encoder = T5EncoderModel(config).eval().requires_grad_(False)
     # entries of RMS ~1, as real text encoders produce (unit-norm word vectors leave positions unlearnt)
     encoder.get_input_embeddings().weight.data.normal_(0.0, 1.0)
+    if vocab_size > base:
+        encoder.resize_token_embeddings(vocab_size)
+        added = torch.randn(vocab_size - base, cfg.text_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+        encoder.get_input_embeddings().weight.data[base:] = added
     return encoder
 
 
@@ -127,7 +160,8 @@ def build_vae(cfg: TrainConfig) -> nn.Module:
         block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=cfg.latent_channels, layers_per_block=1,
         # 4 channels per group: a group norm over one channel would erase the per-image tone of a flat background
-        norm_num_groups=max(1, cfg.vae_channels[0] // 4), sample_size=shapes.RESOLUTION, mid_block_add_attention=False,
+        norm_num_groups=max(1, cfg.vae_channels[0] // 4), sample_size=data_set(cfg.data).resolution,
+        mid_block_add_attention=False,
     )
 
 
@@ -136,13 +170,30 @@ def build_transformer(cfg: TrainConfig) -> nn.Module:
 
     torch.manual_seed(cfg.seed)
     width = cfg.heads * cfg.head_dim
-    latent_side = shapes.RESOLUTION // 2 ** (len(cfg.vae_channels) - 1)
+    latent_side = data_set(cfg.data).resolution // 2 ** (len(cfg.vae_channels) - 1)
     return PixArtTransformer2DModel(
         num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
         num_layers=cfg.layers, cross_attention_dim=width, sample_size=latent_side, patch_size=1,
-        caption_channels=cfg.text_dim, norm_num_groups=min(32, width),
+        caption_channels=cfg.text_dim, norm_num_groups=min(32, width), interpolation_scale=cfg.interpolation_scale or None,
     )
+
+
+def load_initial(cfg: TrainConfig, model: nn.Module, part: str) -> None:
+    """Load `part` ("vae", "transformer") of the `init_from` pipeline into `model`; its position table, a buffer
+    made from the config, is left as built."""
+    if not cfg.init_from:
+        return
+    from safetensors.torch import load_file
+
+    files = sorted((Path(cfg.init_from) / part).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"init_from: no {part} weights in {cfg.init_from}")
+    state = {k: v.float() for f in files for k, v in load_file(f).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"init_from {cfg.init_from}/{part} does not fit: missing {missing}, unexpected {unexpected}")
+    logger.info("%s starts from %s", part, cfg.init_from)
 
 
 def noise_scheduler(cfg: TrainConfig):
@@ -263,12 +314,14 @@ def _edges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_vae(cfg: TrainConfig, out: Path, budget: Budget) -> nn.Module:
+    data = data_set(cfg.data)
     vae = build_vae(cfg).train()
+    load_initial(cfg, vae, "vae")
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
 
     def train_step(step: int) -> dict[str, float]:
         g = step_generator(cfg.seed, "vae", step)
-        images = shapes.render(shapes.sample_scenes(cfg.vae_batch, g), g)
+        images = data.render(data.sample(cfg.vae_batch, g), g)
         x = images * 2 - 1
         chroma = images.max(1, keepdim=True).values - images.min(1, keepdim=True).values
         weight = 1 + cfg.vae_object_weight * (chroma > 0.3).float()  # the background is grey
@@ -294,8 +347,9 @@ def train_vae(cfg: TrainConfig, out: Path, budget: Budget) -> nn.Module:
 @torch.no_grad()
 def calibrate_vae(vae: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Set `scaling_factor` so that scaled latents have unit standard deviation on the data."""
+    data = data_set(cfg.data)
     g = step_generator(cfg.seed + 1, "vae", 0)
-    x = shapes.render(shapes.sample_scenes(256, g), g) * 2 - 1
+    x = data.render(data.sample(256 * 64 // data.resolution, g), g) * 2 - 1
     std = float(vae.encode(x).latent_dist.mode().std())
     vae.register_to_config(scaling_factor=1.0 / std)
     return vae
@@ -304,20 +358,21 @@ def calibrate_vae(vae: nn.Module, cfg: TrainConfig) -> nn.Module:
 def train_features(cfg: TrainConfig, out: Path, budget: Budget) -> nn.Module:
     from .quality import AttributeNet
 
-    net = AttributeNet().train()
+    data = data_set(cfg.data)
+    net = AttributeNet(heads=data.heads, resolution=data.resolution).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.feature_lr, weight_decay=1e-4)
-    names = list(shapes.VOCABULARY)
 
     def train_step(step: int) -> dict[str, float]:
         g = step_generator(cfg.seed, "features", step)
-        scenes = shapes.sample_scenes(cfg.feature_batch, g)
-        logits = net(shapes.render(scenes, g))
+        batch = data.sample(cfg.feature_batch, g)
+        labels = data.labels(batch)
+        logits = net(data.render(batch, g))
         _set_lr(optimizer, cosine_lr(step, cfg.feature_steps, cfg.feature_lr, 50, 0.02))
-        loss = sum(F.cross_entropy(logits[name], getattr(scenes, name)) for name in names)
+        loss = sum(F.cross_entropy(logits[name], target) for name, target in labels.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        acc = torch.stack([(logits[n].argmax(-1) == getattr(scenes, n)).float().mean() for n in names]).mean()
+        acc = torch.stack([(logits[n].argmax(-1) == target).float().mean() for n, target in labels.items()]).mean()
         return {"loss": loss.item(), "acc": float(acc)}
 
     run_stage("features", cfg.feature_steps, out / "features.pt", {"net": net}, optimizer, train_step, budget,
@@ -345,9 +400,11 @@ class EMA(nn.Module):
 
 def train_denoiser(cfg: TrainConfig, out: Path, budget: Budget, vae: nn.Module,
                    evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> nn.Module:
-    tokenizer = build_tokenizer()
+    data = data_set(cfg.data)
+    tokenizer = build_tokenizer(cfg)
     text_encoder = build_text_encoder(cfg, len(tokenizer))
     transformer = build_transformer(cfg).train()
+    load_initial(cfg, transformer, "transformer")
     ema = EMA(transformer, cfg.ema_decay)
     scheduler = noise_scheduler(cfg)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -357,9 +414,9 @@ def train_denoiser(cfg: TrainConfig, out: Path, budget: Budget, vae: nn.Module,
 
     def train_step(step: int) -> dict[str, float]:
         g = step_generator(cfg.seed, "denoiser", step)
-        scenes = shapes.sample_scenes(cfg.batch, g)
-        images = shapes.render(scenes, g) * 2 - 1
-        captions = shapes.scene_captions(scenes)
+        batch = data.sample(cfg.batch, g)
+        images = data.render(batch, g) * 2 - 1
+        captions = data.captions(batch)
         drop = (torch.rand(cfg.batch, generator=g) < cfg.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
         embeds, mask = encode_captions(tokenizer, text_encoder, captions, cfg.text_tokens)
@@ -395,7 +452,7 @@ def assemble_pipeline(cfg: TrainConfig, vae: nn.Module, transformer: nn.Module):
     """The trained components as a `PixArtAlphaPipeline` (fp32, CPU)."""
     from diffusers import PixArtAlphaPipeline
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg)
     return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=build_text_encoder(cfg, len(tokenizer)), vae=vae,
                                transformer=transformer, scheduler=sampling_scheduler(cfg))
 
@@ -425,38 +482,34 @@ def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
     # in a plain `from_pretrained` and fail at the caption projection
     pipe.transformer.half(), pipe.vae.half()
     pipe.save_pretrained(target, safe_serialization=True)
-    net = AttributeNet()
+    data = data_set(cfg.data)
+    net = AttributeNet(heads=data.heads, resolution=data.resolution)
     net.load_state_dict(stages["features"].models["net"])
     net.save_pretrained(target / "features")
     (target / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     history = {s: {"steps": c.step, "done": c.done, "last": c.history[-1] if c.history else None}
                for s, c in stages.items()}
     (target / "train_log.json").write_text(json.dumps(history, indent=1))
-    write_reference_sample(target)
+    write_reference_sample(target, data.reference_prompts)
     logger.info("exported the reference pipeline to %s", target)
     return target
 
 
-REFERENCE_PROMPTS = ("a large red circle at the top left on a striped background",
-                     "a small blue triangle in the center on a dotted background")
-
-
-def reference_sample(folder: Path, steps: int = 10) -> tuple[list[str], "np.ndarray"]:
-    """Images of `REFERENCE_PROMPTS` (seed 0) from the pipeline saved in `folder`, loaded with `from_pretrained`."""
+def reference_sample(folder: Path, prompts: tuple[str, ...], steps: int = 10) -> "np.ndarray":
+    """Images of `prompts` (seed 0) from the pipeline saved in `folder`, loaded with `from_pretrained`."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(list(REFERENCE_PROMPTS), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                  output_type="np", use_resolution_binning=False, clean_caption=False).images
-    return list(REFERENCE_PROMPTS), images
+    return pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                output_type="np", use_resolution_binning=False, clean_caption=False).images
 
 
-def write_reference_sample(folder: Path) -> None:
+def write_reference_sample(folder: Path, prompts: tuple[str, ...]) -> None:
     """Store what the exported pipeline generates, so that a later load can be checked against it."""
     import numpy as np
 
-    prompts, images = reference_sample(folder)
+    images = reference_sample(folder, prompts)
     np.savez_compressed(folder / "reference_sample.npz", images=(images * 255).round().astype(np.uint8),
                         prompts=np.array(prompts))
 
@@ -473,17 +526,14 @@ def load_stage_vae(cfg: TrainConfig, out: Path) -> nn.Module:
 
 def monitor(cfg: TrainConfig, vae: nn.Module) -> Callable[[nn.Module], dict[str, float]]:
     """Prompt adherence of a fixed prompt set, measured on the EMA weights during training."""
-    from .quality import adherence_table, evaluation_prompts
-
-    prompts = evaluation_prompts(cfg.eval_prompts)
+    captions, score = data_set(cfg.data).monitor(cfg.eval_prompts)
 
     def evaluate(transformer: nn.Module) -> dict[str, float]:
         pipe = assemble_pipeline(cfg, vae, transformer)
         pipe.set_progress_bar_config(disable=True)
-        images = pipe([p.caption for p in prompts], generator=torch.Generator().manual_seed(0), output_type="np",
+        images = pipe(captions, generator=torch.Generator().manual_seed(0), output_type="np",
                       num_inference_steps=20, use_resolution_binning=False, clean_caption=False).images
-        table = adherence_table(images, prompts)
-        return {f"adh_{k}": float(v) for k, v in table.items()}
+        return {f"adh_{k}": float(v) for k, v in score(images).items()}
 
     return evaluate
 
@@ -497,13 +547,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-minutes", type=float, default=120.0, help="wall-clock cap of this command")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     parser.add_argument("--config", type=Path, default=None, help="a train_config.json to reproduce")
+    parser.add_argument("--data", default="shapes", help="the data set and its defaults (TrainConfig.for_data): shapes, "
+                                                         "scenes (default %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     parser.add_argument("--no-monitor", action="store_true", help="skip the adherence evaluations during training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
-    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig.for_data(args.data)
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in {f.name for f in fields(TrainConfig)}:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import train
+from benchmarks import shapes, train
 from benchmarks.train import Budget, TrainConfig
 
 
@@ -45,7 +45,7 @@ def test_export_loads_with_from_pretrained_and_generates(trained):
                   clean_caption=False).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
     net = AttributeNet.from_pretrained(folder / "features")
-    assert set(net(torch.rand(2, 3, 64, 64))) == set(train.shapes.ATTRIBUTES)
+    assert set(net(torch.rand(2, 3, 64, 64))) == set(shapes.ATTRIBUTES)
 
 
 def test_interrupted_stage_resumes_to_the_same_weights(tmp_path, trained, monkeypatch):
@@ -83,3 +83,29 @@ def test_training_text_encoding_equals_the_pipelines(trained):
     n = int(mask.sum())
     assert int(ref_mask.sum()) == n and ref.shape[1] == 120
     torch.testing.assert_close(embeds[0, :n], ref[0, :n].float(), rtol=1e-3, atol=1e-3)
+
+
+def test_scenes_data_trains_at_128_px_and_extends_the_shapes_text_encoder(tmp_path):
+    """The multi-object data set through every stage on a toy configuration (1,024 tokens at full size: 32 x 32 here
+    too, the VAE downsamples 4x); the text encoder of the larger vocabulary encodes the shared words as the
+    single-shape one does."""
+    from benchmarks.reference.data import DATA_SETS
+
+    cfg = TrainConfig(**{**TrainConfig.tiny().__dict__, "data": "scenes", "text_tokens": 40, "steps": 4,
+                         "vae_steps": 4, "feature_steps": 4})
+    vae = train.train_vae(cfg, tmp_path, Budget(None))
+    net = train.train_features(cfg, tmp_path, Budget(None))
+    denoiser = train.train_denoiser(cfg, tmp_path, Budget(None), vae)
+    assert denoiser.config.sample_size == 32 and set(net.heads) == set(DATA_SETS["scenes"].heads)
+    pipe = train.assemble_pipeline(cfg, vae, denoiser)
+    pipe.set_progress_bar_config(disable=True)
+    caption = DATA_SETS["scenes"].reference_prompts[1]
+    assert pipe.tokenizer.unk_token_id not in pipe.tokenizer(caption).input_ids
+    images = pipe(caption, num_inference_steps=2, output_type="np", use_resolution_binning=False,
+                  clean_caption=False).images
+    assert images.shape == (1, 128, 128, 3) and np.isfinite(images).all()
+    shapes_cfg = TrainConfig.tiny()
+    small = train.build_text_encoder(shapes_cfg, 3 + len(DATA_SETS["shapes"].words))
+    large = train.build_text_encoder(shapes_cfg, 3 + len(DATA_SETS["scenes"].words))
+    ids = train.build_tokenizer(shapes_cfg)("a large red circle at the top", return_tensors="pt").input_ids
+    torch.testing.assert_close(small(ids)[0], large(ids)[0])
