@@ -8,7 +8,9 @@ on a 16 x 16 token grid, run on the CPU with one thread, where every op takes mi
 is what the host spends on it (Python, hooks, the dispatcher). A merging method issues the same ops whatever the
 weights and token count, so its extra time per block on the twin is its host cost on the real model (on this CPU:
 a GPU server's host is usually faster). Baseline and method forwards are interleaved; medians over the repeats.
-Step caches are not measured here: what they skip depends on the values.
+Step caches are not measured here: what they skip depends on the values. With ``--compile BACKEND`` the twin runs
+under ``torch.compile(fullgraph=True)`` (the patch applied to the compiled model, as a user would): what is left is
+the per-forward work before the compiled region, the guards and the compiled code's own calls.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def host_twin(preset: ModelPreset) -> ModelPreset:
     return dataclasses.replace(preset, denoiser=twin, full_size=False, weights=None)
 
 
-def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int = 7) -> pd.DataFrame:
+def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int = 7,
+              compile_backend: str | None = None) -> pd.DataFrame:
     """Per method: host milliseconds per forward of the model's twin and the extra per block over the baseline.
 
     Args:
@@ -55,6 +58,7 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
         methods: ``NAME[:KEY=VALUE,...]`` of merging methods (``baseline`` is always measured).
         forwards: forwards per timed run, one generation of that many steps.
         repeats: timed runs per method, interleaved with the baseline's.
+        compile_backend: a torch.compile backend to run the twin under (fullgraph), or None for eager.
     """
     if model not in PRESETS:
         raise ValueError(f"model must be one of the presets {sorted(PRESETS)}, got {model!r}")
@@ -66,6 +70,11 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
             raise ValueError(f"method must be a merging method without a step cache (tome, sdtm), got {name!r}")
     twin = host_twin(PRESETS[model])
     denoiser = build_denoiser(twin, "cpu")
+    if compile_backend is not None:
+        import torch._dynamo as dynamo
+
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+        denoiser = torch.compile(denoiser, backend=compile_backend, fullgraph=True)
     inputs = denoiser_inputs(twin, 2)
     depth = twin.denoiser["num_layers"]
     configs = [(name, params, METHODS[name].make_config(params, forwards)) for name, params in settings]
@@ -95,7 +104,8 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
     rows = []
     for label, samples in times.items():
         per_forward = statistics.median(samples) / forwards
-        rows.append(dict(model=model, label=label, depth=depth, host_ms_per_forward=per_forward * 1e3,
+        rows.append(dict(model=model, label=label, compile=compile_backend or "", depth=depth,
+                         host_ms_per_forward=per_forward * 1e3,
                          host_extra_ms_per_block=(per_forward - base) * 1e3 / depth))
     return pd.DataFrame(rows)
 
@@ -107,11 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", nargs="+", default=["tome", "sdtm", "sdtm:ratio=0.35,protect_steps_frequency=-1"])
     parser.add_argument("--forwards", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="run the twins under torch.compile(backend=BACKEND, fullgraph=True), e.g. inductor")
     parser.add_argument("--csv", help="also write the table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("sdtm_plugin").setLevel(logging.WARNING)  # one "applied" line per repeat otherwise
-    table = pd.concat([host_time(m, args.method, args.forwards, args.repeats) for m in args.model], ignore_index=True)
+    table = pd.concat([host_time(m, args.method, args.forwards, args.repeats, args.compile) for m in args.model],
+                      ignore_index=True)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.csv:
         table.to_csv(args.csv, index=False)

@@ -23,7 +23,7 @@ Tokens beyond the last full window row/column belong to no window ("loose" token
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -103,6 +103,7 @@ class WindowGrid:
     sy: int
     window_tokens: torch.Tensor
     loose_tokens: torch.Tensor
+    _neighbours: dict = field(default_factory=dict, repr=False)  # radius -> `neighbour_windows`
 
     @classmethod
     def build(cls, grid: tuple[int, int], sx: int, sy: int, device: torch.device) -> "WindowGrid":
@@ -139,11 +140,18 @@ class WindowGrid:
         return BatchTables(offsets, window_tokens, window_tokens[:, :, 0].flatten(), self.loose_tokens + offsets,
                            torch.arange(w, device=device).repeat(batch), keys.repeat(batch))
 
-    @cached_tables(maxsize=4)
     def neighbour_windows(self, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate windows of local matching: (W, J) the windows within `radius` windows of each window (offsets in
         row-major order, clamped at the grid's border; J = (2 radius + 1)^2), and (L, J) those of each loose token's
-        nearest window."""
+        nearest window.
+
+        Kept on the grid and built eagerly before a compiled forward (`MergeState.begin_forward`): inductor cannot
+        bound these indices when it computes them itself inside the graph (it fails compiling their gathers)."""
+        if radius not in self._neighbours:
+            self._neighbours[radius] = self._neighbour_tables(radius)
+        return self._neighbours[radius]
+
+    def _neighbour_tables(self, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = self.grid
         gh, gw = h // self.sy, w // self.sx
         loose = self.loose_tokens

@@ -197,6 +197,8 @@ class MergeState:
             # what the blocks will ask for on the model's grid, made here: the generator and the first-use
             # allocations stay out of the forward (other grids, U-Net levels, are served when first asked)
             window_grid = self._window_grid(grid, device)
+            if self.config.match_radius is not None:
+                window_grid.neighbour_windows(self.config.match_radius)
             if self.method.tracks_staleness:
                 self._buffers.staleness(batch_size, grid[0] * grid[1], device)
             self.noise(window_grid, batch_size)

@@ -451,6 +451,12 @@ def test_host_time_rows_and_bad_input():
         host_time("tiny", ["sdtm"], forwards=0)
     with pytest.raises(ValueError, match="model must be one of the presets"):
         host_time("no-such-model", ["sdtm"])
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    compiled = host_time("tiny", ["sdtm"], forwards=3, repeats=1, compile_backend="eager")
+    assert list(compiled["label"]) == ["baseline", "sdtm"] and set(compiled["compile"]) == {"eager"}
+    dynamo.reset()
 
 
 def test_compiled_run_measures_compiled_denoisers_with_eager_numbers(tmp_path, models_dir, caplog):

@@ -127,6 +127,29 @@ def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothi
     torch._dynamo.reset()
 
 
+def test_local_matching_tables_are_built_outside_the_compiled_region(tiny_pipe_dir, monkeypatch):
+    """Window-local matching's neighbour tables are built eagerly before the forward: inductor fails to compile their
+    gathers when it computes the indices itself inside the graph ("vr must not be None")."""
+    from sdtm_plugin.merge import WindowGrid
+
+    built_while_tracing = []
+    original = WindowGrid._neighbour_tables
+
+    def record(self, radius):
+        built_while_tracing.append(torch.compiler.is_compiling())
+        return original(self, radius)
+
+    monkeypatch.setattr(WindowGrid, "_neighbour_tables", record)
+    pipe = load_pipeline("tiny", cache_dir=tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager", fullgraph=True)
+    apply_SDTM(pipe, match_radius=1)
+    _generate("tiny", pipe)
+    assert built_while_tracing and not any(built_while_tracing)
+    torch._dynamo.reset()
+
+
 class SdpaRecorder(torch.overrides.TorchFunctionMode):
     """Query lengths of every fused attention call, and every explicit softmax (an attention map built by hand)."""
 
