@@ -115,6 +115,31 @@ def shape_distance(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: t
     return torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
 
 
+def textured_background(texture: torch.Tensor, tone: torch.Tensor, slope: torch.Tensor, angle: torch.Tensor,
+                        vertical: torch.Tensor, phase: torch.Tensor, x: torch.Tensor, y: torch.Tensor, half: float,
+                        scale: float, period: float, dot_radius: float, stripe_contrast: float,
+                        dot_contrast: float) -> torch.Tensor:
+    """(B, H, W) grey background in [0, 1]: per-image tone, a linear gradient along `angle`, and the texture
+    (0 plain, 1 striped, 2 dotted), its contrast towards the far side of the tone range.
+
+    Args:
+        texture, tone, slope, angle, vertical: (B,); phase: (B, 2); x: (1, 1, W), y: (1, H, 1) pixel centres in
+        native-resolution units; half: half the native side; scale: rendered / native resolution.
+    """
+    u = (x - half) * torch.cos(angle)[:, None, None] + (y - half) * torch.sin(angle)[:, None, None]
+    background = tone[:, None, None] + slope[:, None, None] * u / half
+    sign = torch.where(tone < 0.5, 1.0, -1.0)[:, None, None]
+    along = torch.where(vertical[:, None, None], x, y) + phase[:, 0, None, None]
+    stripes = torch.tanh(4 * torch.sin(2 * math.pi * along / period)).clamp_min(0)
+    ddx = (x + phase[:, 0, None, None]) % period - period / 2
+    ddy = (y + phase[:, 1, None, None]) % period - period / 2
+    dots = ((dot_radius - torch.sqrt(ddx**2 + ddy**2)) * scale).clamp(0, 1)
+    texture = texture[:, None, None]
+    pattern = torch.where(texture == 1, stripe_contrast * stripes,
+                          torch.where(texture == 2, dot_contrast * dots, torch.zeros(())))
+    return (background + sign * pattern).clamp(0, 1)
+
+
 def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUTION, shading: bool = True,
            outline: bool = True) -> torch.Tensor:
     """Images of `scenes`, (B, 3, H, W) in [0, 1]; the nuisance factors are drawn from `generator`.
@@ -141,18 +166,8 @@ def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUT
     cy = (centres[scenes.position // 3] + jitter[:, 1])[:, None, None]
     r = torch.tensor(HALF_EXTENT)[scenes.size][:, None, None]
 
-    # background: tone, linear gradient, texture (contrast towards the far side of the tone range)
-    u = (x - 32) * torch.cos(angle)[:, None, None] + (y - 32) * torch.sin(angle)[:, None, None]
-    background = tone[:, None, None] + slope[:, None, None] * u / 32
-    sign = torch.where(tone < 0.5, 1.0, -1.0)[:, None, None]
-    along = torch.where(vertical[:, None, None], x, y) + phase[:, 0, None, None]
-    stripes = torch.tanh(4 * torch.sin(2 * math.pi * along / TEXTURE_PERIOD)).clamp_min(0)
-    ddx = (x + phase[:, 0, None, None]) % TEXTURE_PERIOD - TEXTURE_PERIOD / 2
-    ddy = (y + phase[:, 1, None, None]) % TEXTURE_PERIOD - TEXTURE_PERIOD / 2
-    dots = ((DOT_RADIUS - torch.sqrt(ddx**2 + ddy**2)) * s).clamp(0, 1)
-    texture = scenes.texture[:, None, None]
-    pattern = torch.where(texture == 1, 0.14 * stripes, torch.where(texture == 2, 0.22 * dots, torch.zeros(())))
-    background = (background + sign * pattern).clamp(0, 1)
+    background = textured_background(scenes.texture, tone, slope, angle, vertical, phase, x, y, 32.0, s,
+                                     TEXTURE_PERIOD, DOT_RADIUS, 0.14, 0.22)
     image = background[:, None].expand(n, 3, resolution, resolution)
 
     # the shape: hue, shading from the top-left, dark outline, anti-aliased coverage

@@ -29,7 +29,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ..shapes import hue_to_rgb, shape_distance
+from ..shapes import hue_to_rgb, shape_distance, textured_background
 
 RESOLUTION = 128
 MAX_OBJECTS = 3
@@ -264,20 +264,9 @@ def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUT
     coords = (torch.arange(resolution, dtype=torch.float32) + 0.5) / s  # pixel centres in 128-px units
     y, x = coords[None, :, None], coords[None, None, :]
 
-    # background: tone, linear gradient, texture (contrast towards the far side of the tone range)
-    half = RESOLUTION / 2
-    u = (x - half) * torch.cos(angle)[:, None, None] + (y - half) * torch.sin(angle)[:, None, None]
-    background = tone[:, None, None] + slope[:, None, None] * u / half
-    sign = torch.where(tone < 0.5, 1.0, -1.0)[:, None, None]
-    along = torch.where(vertical[:, None, None], x, y) + phase[:, 0, None, None]
-    stripes = torch.tanh(4 * torch.sin(2 * math.pi * along / TEXTURE_PERIOD)).clamp_min(0)
-    ddx = (x + phase[:, 0, None, None]) % TEXTURE_PERIOD - TEXTURE_PERIOD / 2
-    ddy = (y + phase[:, 1, None, None]) % TEXTURE_PERIOD - TEXTURE_PERIOD / 2
-    dots = ((DOT_RADIUS - torch.sqrt(ddx**2 + ddy**2)) * s).clamp(0, 1)
-    texture = scenes.texture[:, None, None]
-    pattern = torch.where(texture == 1, STRIPE_CONTRAST * stripes,
-                          torch.where(texture == 2, DOT_CONTRAST * dots, torch.zeros(())))
-    image = (background + sign * pattern).clamp(0, 1)[:, None].expand(n, 3, resolution, resolution)
+    background = textured_background(scenes.texture, tone, slope, angle, vertical, phase, x, y, RESOLUTION / 2, s,
+                                     TEXTURE_PERIOD, DOT_RADIUS, STRIPE_CONTRAST, DOT_CONTRAST)
+    image = background[:, None].expand(n, 3, resolution, resolution)
 
     # the objects, one slot at a time (they never overlap): hue, shading from the top-left, dark outline, anti-aliased
     # coverage; empty slots draw a placeholder with zero coverage
