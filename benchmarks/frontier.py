@@ -124,7 +124,7 @@ def _interval(row: pd.Series, name: str, digits: int = 1, signed: bool = False) 
 def report_tables(run: Path) -> dict[str, str]:
     """Markdown tables of a frontier run's report set (with the speed stage's timings when it ran): the frontier
     (speed, quality with intervals, the verdict), the per-attribute differences and a short summary (the README's)."""
-    from .quality import ATTRIBUTES
+    from .reference.quality import ATTRIBUTES
 
     report = pd.read_csv(run / "report" / "results.csv")
     speed_csv = run / "speed" / "results.csv"

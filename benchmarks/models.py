@@ -1,8 +1,8 @@
 """Offline model zoo: the trained reference pipeline, and pipelines built from configs with random weights.
 
 No weights can be downloaded on our machines. One preset carries **learned weights**: ``pixart-shapes``, a small
-PixArt-alpha pipeline the project trained on its procedural captioned shapes (`benchmarks.train`) and ships in
-``benchmarks/weights/pixart-shapes`` (loaded with `from_pretrained`); image-quality figures (prompt adherence,
+PixArt-alpha pipeline the project trained on its procedural captioned shapes (`benchmarks.reference.train`) and ships in
+``benchmarks/reference/weights/pixart-shapes`` (loaded with `from_pretrained`); image-quality figures (prompt adherence,
 FID / KID) are measured on it. Every other preset is built from a config with **random weights** (cost and token
 counts do not depend on the weights), written with `save_pretrained` and read back with `from_pretrained`, so the
 real loading path is the one exercised; on those, PSNR / SSIM against the baseline say how much a method changes
@@ -29,7 +29,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
-WEIGHTS = Path(__file__).parent / "weights"
+from .reference import WEIGHTS
 FAMILIES = ("pixart", "sd3", "dit", "sd-unet")
 
 _WORDS = (
@@ -135,7 +135,7 @@ def _unet(channels, cross_dim, head_dim, sample_size, layers_per_block=2, groups
 
 _SD_VAE = (128, 256, 512, 512)
 # learned weights: the trained reference pipeline (image quality is measured on it); written by
-# ``python -m benchmarks.train --export benchmarks/weights/<name>``
+# ``python -m benchmarks.reference.train --export benchmarks/weights/<name>``
 TRAINED_PRESETS = {
     "pixart-shapes": "trained PixArt-alpha on procedural shapes, 256 tokens, 64-px images (learned weights)",
 }
@@ -359,7 +359,7 @@ def load_pipeline(name_or_path: str = "pixart-small", seed: int = 0, cache_dir: 
     if name_or_path in TRAINED_PRESETS and name_or_path not in PRESETS:
         raise FileNotFoundError(
             f"the trained preset {name_or_path!r} is missing from {WEIGHTS / name_or_path}: reinstall the project or "
-            f"retrain it with `python -m benchmarks.train --export {WEIGHTS / name_or_path}`"
+            f"retrain it with `python -m benchmarks.reference.train --export {WEIGHTS / name_or_path}`"
         )
     if name_or_path not in PRESETS:
         return DiffusionPipeline.from_pretrained(name_or_path, **kwargs)

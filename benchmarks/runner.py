@@ -38,12 +38,13 @@ from diffusers.utils.torch_utils import unwrap_module
 from sdtm_plugin import calibrate_mag_cache, get_merge_state
 from sdtm_plugin.adapters import find_adapter
 
-from . import quality, stats
+from . import stats
 from .macs import ForwardMacs, count_call_macs, count_forward_macs
 from .measure import CallResult, ClipScorer, PipelineProbe, Timing, denoiser_attr, median_iqr, psnr, rel_l2, ssim
 from .methods import METHODS, Composed, method_label
 from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
 from .plots import sample_path, slug
+from .reference import quality
 
 logger = logging.getLogger(__name__)
 

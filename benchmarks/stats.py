@@ -36,7 +36,7 @@ class Margin:
     """How much worse than the baseline a metric may be at equal quality.
 
     Attributes:
-        metric: the metric's name (a column of `benchmarks.quality.SetScores.summary`).
+        metric: the metric's name (a column of `benchmarks.reference.quality.SetScores.summary`).
         margin: the allowed loss, in the metric's units.
         higher_is_better: adherence and detail (True) or a distance to the data (False).
     """
@@ -105,7 +105,7 @@ def paired_statistic_difference(statistic: Callable[[np.ndarray], np.ndarray], m
 
 
 # -- the equal-quality rule ------------------------------------------------------------------------------------------
-# The margins, in the units of `benchmarks.quality.QualityScorer.summary`:
+# The margins, in the units of `benchmarks.reference.quality.QualityScorer.summary`:
 # - adherence (mean over the attributes): 2 points;
 # - each attribute's accuracy: 5 points (a lost attribute cannot hide in the mean);
 # - detail: 2 points, about what a Gaussian blur of sigma 0.45 px takes from the data's renders (0.4 px: -1.4,

@@ -327,7 +327,7 @@ def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_pat
     without a speed stage the timing column is empty and the MAC ratio orders the rows."""
     from benchmarks.frontier import REFERENCES, report_tables
     from benchmarks.methods import method_label, parse_method
-    from benchmarks.quality import ATTRIBUTES
+    from benchmarks.reference.quality import ATTRIBUTES
 
     quality = ["adherence", "detail", "kid", *(f"adherence_{a}" for a in ATTRIBUTES)]
     rows = []

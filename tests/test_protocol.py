@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from benchmarks import quality, shapes, stats
+from benchmarks import stats
+from benchmarks.reference import quality, shapes
 
 ATTRIBUTES = quality.ATTRIBUTES
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import quality, shapes
+from benchmarks.reference import quality, shapes
 
 
 def _render(rows, seed=0):

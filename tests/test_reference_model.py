@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import train
+from benchmarks.reference import train
 from benchmarks.macs import count_forward_macs
 from benchmarks.models import PRESETS, WEIGHTS, build_denoiser, denoiser_inputs, load_pipeline
 
@@ -63,5 +63,5 @@ def test_missing_trained_preset_is_a_clear_error(monkeypatch):
     from benchmarks import models
 
     monkeypatch.delitem(models.PRESETS, "pixart-shapes")
-    with pytest.raises(FileNotFoundError, match="benchmarks.train"):
+    with pytest.raises(FileNotFoundError, match="benchmarks.reference.train"):
         load_pipeline("pixart-shapes")

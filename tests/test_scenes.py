@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.reference import checker, scenes
+from benchmarks.reference import scenes, scenes_checker as checker
 from benchmarks.reference.scenes import Scene, SceneObject, Scenes
 
 N = 200

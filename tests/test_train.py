@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import shapes, train
-from benchmarks.train import Budget, TrainConfig
+from benchmarks.reference import shapes, train
+from benchmarks.reference.train import Budget, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_losses_fall(trained):
 def test_export_loads_with_from_pretrained_and_generates(trained):
     from diffusers import DiffusionPipeline, PixArtAlphaPipeline
 
-    from benchmarks.quality import AttributeNet
+    from benchmarks.reference.quality import AttributeNet
 
     _, _, folder = trained
     pipe = DiffusionPipeline.from_pretrained(folder)  # no dtype: one dtype throughout all the same

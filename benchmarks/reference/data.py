@@ -1,6 +1,6 @@
 """The data sets a reference model is trained on, behind one interface for training, features and monitoring.
 
-- ``shapes`` (`benchmarks.shapes`): one shaded shape on a textured background, 64 px, 256 latent tokens
+- ``shapes`` (`benchmarks.reference.shapes`): one shaded shape on a textured background, 64 px, 256 latent tokens
   (`pixart-shapes`).
 - ``scenes`` (`benchmarks.reference.scenes`): one to three objects with a relation, finer textures, 128 px, 1,024
   latent tokens (issue 28).
@@ -19,8 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import shapes
-from . import checker, scenes
+from . import scenes, scenes_checker, shapes
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class DataSet:
 
 
 def _shapes_monitor(n: int) -> tuple[list[str], Callable[[np.ndarray], dict[str, float]]]:
-    from ..quality import adherence_table, evaluation_prompts
+    from .quality import adherence_table, evaluation_prompts
 
     prompts = evaluation_prompts(n)
     return [p.caption for p in prompts], lambda images: adherence_table(images, prompts)
@@ -86,7 +85,7 @@ def _scene_heads() -> dict[str, int]:
 
 def _scenes_monitor(n: int) -> tuple[list[str], Callable[[np.ndarray], dict[str, float]]]:
     batch = scenes.sample_scenes(n, torch.Generator().manual_seed(4242))
-    return scenes.scene_captions(batch), lambda images: checker.adherence_table(images, batch)
+    return scenes.scene_captions(batch), lambda images: scenes_checker.adherence_table(images, batch)
 
 
 DATA_SETS = {

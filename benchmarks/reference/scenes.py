@@ -29,7 +29,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ..shapes import hue_to_rgb, shape_distance, textured_background
+from .shapes import hue_to_rgb, shape_distance, textured_background
 
 RESOLUTION = 128
 MAX_OBJECTS = 3

@@ -14,7 +14,7 @@ The protocol (issue 24):
   sharpness, the shape's dark outline, its shading gradient and the background texture's energy, each compared with
   renders of the same scene (1 = as in the data).
 - **Distances to the data** (`paired_kid`, `frechet_distance`) on `FeatureSpace`: the features of `AttributeNet`
-  (a small CNN trained by ``python -m benchmarks.train`` on the data) projected on their 16 leading principal
+  (a small CNN trained by ``python -m benchmarks.reference.train`` on the data) projected on their 16 leading principal
   directions over renders of every scene and whitened, so that the dimension is far below the sample count and KID's
   kernel sees unit-scale features. KID is the unbiased MMD^2 with the data renders *of the same prompts*, pairs of
   the same prompt left out (they are not independent draws); FID is biased at finite samples and compared only
@@ -37,7 +37,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from scipy import ndimage
 from torch import nn
 
-from . import shapes, stats
+from .. import stats
+from . import shapes
 
 ATTRIBUTES = shapes.ATTRIBUTES
 
@@ -203,7 +204,7 @@ def adherence_table(images: np.ndarray, prompts: list[Prompt]) -> dict[str, floa
 class AttributeNet(nn.Module, PyTorchModelHubMixin):
     """A small CNN that recognises the caption attributes of a (B, 3, R, R) image in [0, 1].
 
-    Its `features` (B, feature_dim) are the embedding of FID / KID; trained by ``python -m benchmarks.train``.
+    Its `features` (B, feature_dim) are the embedding of FID / KID; trained by ``python -m benchmarks.reference.train``.
 
     Args:
         heads: ``{label: classes}`` of its classification heads (default: the single-shape data's attributes).
@@ -538,6 +539,6 @@ def reference_images(prompts: list[Prompt] | tuple[Prompt, ...], per_prompt: int
 
 def default_features() -> Path:
     """The attribute network shipped with the trained reference pipeline."""
-    from .models import WEIGHTS
+    from . import WEIGHTS
 
     return WEIGHTS / "pixart-shapes" / "features"

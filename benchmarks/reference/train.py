@@ -1,9 +1,9 @@
 """Train a reference pipeline: a small PixArt-alpha on procedural captioned images, offline, on a CPU.
 
-    python -m benchmarks.train                       # pixart-shapes: all stages into outputs/train, then export
-    python -m benchmarks.train --stage denoiser      # one stage (resumes from its last checkpoint)
-    python -m benchmarks.train --export benchmarks/weights/pixart-shapes   # write the shipped pipeline (fp16)
-    python -m benchmarks.train --data scenes --out outputs/train-scenes    # the 1,024-token multi-object model,
+    python -m benchmarks.reference.train                       # pixart-shapes: all stages into outputs/train, then export
+    python -m benchmarks.reference.train --stage denoiser      # one stage (resumes from its last checkpoint)
+    python -m benchmarks.reference.train --export benchmarks/reference/weights/pixart-shapes   # write the shipped pipeline (fp16)
+    python -m benchmarks.reference.train --data scenes --out outputs/train-scenes    # the 1,024-token multi-object model,
                                                      # started from the shipped pixart-shapes weights
 
 The data set (`benchmarks.reference.data`) decides the resolution, the vocabulary, the feature network's heads and
@@ -13,7 +13,7 @@ Stages, each resumable (a checkpoint every few minutes and at the end; a re-run 
 1. ``vae``: a small `AutoencoderKL` (64-px RGB -> 16 x 16 x 8 latents) trained on its posterior mode with
    reconstruction (weighted towards the shape's pixels) + edge + tiny KL loss; its `scaling_factor` is set to
    1 / std of the latents afterwards.
-2. ``features``: the attribute classifier whose penultimate features define FID / KID (`benchmarks.quality`).
+2. ``features``: the attribute classifier whose penultimate features define FID / KID (`benchmarks.reference.quality`).
 3. ``denoiser``: `PixArtTransformer2DModel` (256 tokens, patch 1) with v-prediction, so that the high-noise steps,
    where the layout is decided, carry an x0-space weight of at least 1; captions dropped 10 % of the time for
    classifier-free guidance; EMA weights are the ones exported. The text encoder is a small random T5, frozen.
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .reference.data import data_set
+from .data import data_set
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class TrainConfig:
         if name == "shapes":
             return cls()
         if name == "scenes":
-            from .models import WEIGHTS
+            from . import WEIGHTS
 
             return cls(data="scenes", init_from=str(WEIGHTS / "pixart-shapes"), interpolation_scale=2.0,
                        text_tokens=40, vae_steps=300, vae_batch=8, vae_lr=5e-4, feature_steps=800, feature_batch=32,
@@ -126,7 +126,7 @@ class TrainConfig:
 # -- components ---------------------------------------------------------------------------------------------------
 def build_tokenizer(cfg: TrainConfig, max_length: int = 120):
     """Word-level fast tokenizer over the data's caption vocabulary with T5's special tokens (pad 0, eos 1, unk 2)."""
-    from .models import word_tokenizer
+    from ..models import word_tokenizer
 
     return word_tokenizer(max_length, data_set(cfg.data).words)
 
@@ -539,7 +539,7 @@ def monitor(cfg: TrainConfig, vae: nn.Module) -> Callable[[nn.Module], dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reference.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/train"), help="checkpoints (default %(default)s)")
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     parser.add_argument("--export", type=Path, default=None, metavar="DIR",

@@ -4,7 +4,7 @@
 colour the nearest of the six hues, its shape the best-overlapping template in its bounding box, its size the side
 that its area gives for that shape, its position the 3 x 3 cell of the box's centre; the count is the number of
 regions. The background texture
-is read from the high-passed grey level outside the objects, as `benchmarks.quality` does (no energy: plain; energy
+is read from the high-passed grey level outside the objects, as `benchmarks.reference.quality` does (no energy: plain; energy
 along one axis only: striped; else dotted).
 
 `score` matches the detected objects to the caption's (a maximum-agreement assignment over colour, shape, size and
