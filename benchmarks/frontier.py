@@ -157,14 +157,15 @@ def report_tables(run: Path) -> dict[str, str]:
         summary.append(f"| {row['label']} | {row['macs_speedup']:.2f}× | {speed} | "
                        f"{_interval(row, 'adherence_diff', signed=True)} | {_interval(row, 'kid_diff', signed=True)} "
                        f"| {verdict} |")
-    attributes = ["| setting | " + " | ".join(f"Δ {a} [95 % CI]" for a in ATTRIBUTES) + " |",
-                  "| " + " | ".join(["---"] * (len(ATTRIBUTES) + 1)) + " |"]
+    scored = [a for a in ATTRIBUTES if f"adherence_{a}" in table and table[f"adherence_{a}"].notna().any()]
+    attributes = ["| setting | " + " | ".join(f"Δ {a} [95 % CI]" for a in scored) + " |",
+                  "| " + " | ".join(["---"] * (len(scored) + 1)) + " |"]
     for _, row in table[table["method"] != "baseline"].iterrows():
         attributes.append(f"| {row['label']} | " + " | ".join(
-            _interval(row, f"adherence_{a}_diff", signed=True) for a in ATTRIBUTES) + " |")
+            _interval(row, f"adherence_{a}_diff", signed=True) for a in scored) + " |")
     base = table[table["method"] == "baseline"].iloc[0]
     attributes.append("| baseline (absolute, %) | " + " | ".join(
-        _interval(base, f"adherence_{a}") for a in ATTRIBUTES) + " |")
+        _interval(base, f"adherence_{a}") for a in scored) + " |")
     return {"frontier": "\n".join(lines) + "\n", "attributes": "\n".join(attributes) + "\n",
             "summary": "\n".join(summary) + "\n"}
 

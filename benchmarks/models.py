@@ -53,6 +53,7 @@ class ModelPreset:
         text_layers / text_ff: depth and feed-forward width of the random text encoders.
         full_size: a published architecture (MAC counting builds it on the meta device).
         weights: folder of a trained pipeline shipped with the project (learned weights), else None (random).
+        data: the data set a trained preset learnt (`benchmarks.reference.data`), whose quality protocol scores it.
     """
 
     family: str
@@ -66,6 +67,7 @@ class ModelPreset:
     description: str = ""
     extra: dict = field(default_factory=dict)
     weights: Path | None = None
+    data: str = ""
 
     @property
     def trained(self) -> bool:
@@ -94,9 +96,10 @@ def _trained_pixart(name: str, description: str) -> ModelPreset:
     read = lambda part: json.loads((folder / part / "config.json").read_text())  # noqa: E731
     denoiser = {k: v for k, v in read("transformer").items() if not k.startswith("_")}
     vae, text = read("vae"), read("text_encoder")
+    data = json.loads((folder / "train_config.json").read_text()).get("data", "shapes")
     return ModelPreset(
         "pixart", denoiser, text["d_model"], 120, tuple(vae["block_out_channels"]), text_layers=text["num_layers"],
-        text_ff=text["d_ff"], description=description, weights=folder,
+        text_ff=text["d_ff"], description=description, weights=folder, data=data,
     )
 
 
@@ -135,9 +138,11 @@ def _unet(channels, cross_dim, head_dim, sample_size, layers_per_block=2, groups
 
 _SD_VAE = (128, 256, 512, 512)
 # learned weights: the trained reference pipeline (image quality is measured on it); written by
-# ``python -m benchmarks.reference.train --export benchmarks/weights/<name>``
+# ``python -m benchmarks.reference.train --export benchmarks/reference/weights/<name>``
 TRAINED_PRESETS = {
     "pixart-shapes": "trained PixArt-alpha on procedural shapes, 256 tokens, 64-px images (learned weights)",
+    "pixart-scenes": "trained PixArt-alpha on procedural scenes of 1-3 objects, 1,024 tokens, 128-px images "
+                     "(learned weights)",
 }
 PRESETS: dict[str, ModelPreset] = {
     name: _trained_pixart(name, description) for name, description in TRAINED_PRESETS.items()

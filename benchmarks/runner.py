@@ -298,7 +298,7 @@ class ModelSession:
     @property
     def eval_set(self) -> quality.EvalSet:
         """The evaluation set's prompts and seeds that quality is measured on (its first `quality_prompts`)."""
-        eval_set = quality.evaluation_set(self.settings.eval_set)
+        eval_set = quality.evaluation_set(self.settings.eval_set, self.preset.data if self.trained else "shapes")
         n = self.settings.quality_prompts
         return eval_set if not n else eval_set.head(n)
 
@@ -429,7 +429,7 @@ class ModelSession:
         scores = base_scores if job.method == "baseline" else self.scorer.scores(images)
         scores.save(scores_path(self.settings.out, self.name, self.eval_set, job.label))
         summary, differences = self.scorer.summary(scores), self.scorer.compare(scores, base_scores)
-        ok, failed = stats.equal_quality(differences, stats.margins(quality.ATTRIBUTES, self.baseline_kid))
+        ok, failed = stats.equal_quality(differences, stats.margins(self.scorer.attributes, self.baseline_kid))
         row = {"quality_set": self.eval_set.name, "quality_images": len(images), "equal_quality": ok,
                "quality_failures": " ".join(failed), **interval_columns(summary), **interval_columns(differences, "_diff")}
         if self.settings.measure_fidelity:

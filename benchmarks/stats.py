@@ -77,9 +77,15 @@ def normal_interval(estimate: float, replicates: np.ndarray, level: float = LEVE
 
 
 def mean_interval(values: np.ndarray, counts: np.ndarray, level: float = LEVEL) -> Interval:
-    """Mean of per-prompt values (N,) and its bootstrap interval."""
+    """Mean of per-prompt values (N,) and its bootstrap interval; NaN values (a metric a prompt does not have, e.g.
+    a relation in a one-object caption) are left out of the mean and of every draw's."""
     values = np.asarray(values, np.float64)
-    return percentile_interval(values.mean(), counts @ values / len(values), level)
+    present = ~np.isnan(values)
+    if not present.any():
+        raise ValueError("values: every entry is NaN, no mean to take")
+    drawn = counts @ present
+    replicates = (counts @ np.where(present, values, 0.0)) / np.where(drawn > 0, drawn, np.nan)
+    return percentile_interval(values[present].mean(), replicates[~np.isnan(replicates)], level)
 
 
 def paired_mean_difference(method: np.ndarray, baseline: np.ndarray, counts: np.ndarray,

@@ -8,9 +8,9 @@ import torch
 from scipy import ndimage
 
 from benchmarks import stats
-from benchmarks.reference import quality, shapes
+from benchmarks.reference import quality, shapes, shapes_checker
 
-ATTRIBUTES = quality.ATTRIBUTES
+ATTRIBUTES = shapes_checker.ATTRIBUTES
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,11 @@ def test_bad_evaluation_set_requests_are_clear_errors(scorer):
 
 
 def test_evaluation_prompts_leave_out_excluded_scenes():
-    first = quality.evaluation_prompts(100, seed=3)
-    second = quality.evaluation_prompts(100, seed=3, exclude=first)
+    first = shapes_checker.evaluation_prompts(100, seed=3)
+    second = shapes_checker.evaluation_prompts(100, seed=3, exclude=first)
     assert not set(first) & set(second)
     with pytest.raises(ValueError, match=r"must be in \[1, 872\]"):
-        quality.evaluation_prompts(873, exclude=first)
+        shapes_checker.evaluation_prompts(873, exclude=first)
 
 
 # -- intervals and the rule -------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_weighted_statistics_equal_the_statistics_of_the_resampled_set():
 
 def test_feature_space_is_low_dimensional_and_whitened_on_the_data():
     space = quality.feature_space(str(quality.default_features()))
-    renders = quality.reference_images(quality.evaluation_set("report").prompts, 1, seed=5)
+    renders = shapes_checker.reference_images(quality.evaluation_set("report").prompts, 1, seed=5)
     features = space(renders)
     assert features.shape == (288, quality.FEATURE_DIM) and quality.FEATURE_DIM * 8 <= 288
     assert np.abs(features.mean(0)).max() < 0.25 and 0.6 < features.std(0).mean() < 1.4
@@ -209,7 +209,7 @@ def test_detail_measure_ranks_blurred_and_unshaded_renders_below_clean_ones(scor
 
 def test_detail_statistics_of_a_blank_image():
     blank = np.full((64, 64, 3), 0.5)
-    sharpness, outline, shading, texture = quality.detail_statistics(blank)
+    sharpness, outline, shading, texture = shapes_checker.detail_statistics(blank)
     assert sharpness == outline == shading == texture == 0.0
     assert quality.detail_similarity(np.zeros((1, 4)), np.zeros((1, 4))).tolist() == [[1.0] * 4]
 

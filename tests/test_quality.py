@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.reference import quality, shapes
+from benchmarks.reference import quality, shapes, shapes_checker
 
 
 def _render(rows, seed=0):
@@ -20,14 +20,14 @@ def _all_values():
 
 def test_renders_of_every_attribute_value_score_one():
     rows = _all_values()
-    ok = quality.adherence(_render(rows), [quality.Prompt(*r) for r in rows])
+    ok = shapes_checker.adherence(_render(rows), [shapes_checker.Prompt(*r) for r in rows])
     assert ok.all(), np.argwhere(~ok)
 
 
 def test_checker_reads_the_whole_attribute_grid():
     grid = shapes.scene_grid()
     rows = torch.stack([getattr(grid, a) for a in shapes.ATTRIBUTES], 1).tolist()
-    table = quality.adherence_table(_render(rows, seed=3), [quality.Prompt(*r) for r in rows])
+    table = shapes_checker.adherence_table(_render(rows, seed=3), [shapes_checker.Prompt(*r) for r in rows])
     assert min(table[a] for a in shapes.ATTRIBUTES) >= 0.99, table
 
 
@@ -36,32 +36,32 @@ def test_a_wrong_attribute_scores_zero_for_it_only(attribute, wrong):
     right = [1, 0, 1, 0, 1]  # a large yellow circle at the top left on a striped background
     image = right.copy()
     image[shapes.ATTRIBUTES.index(attribute)] = wrong
-    ok = quality.adherence(_render([image]), [quality.Prompt(*right)])[0]
+    ok = shapes_checker.adherence(_render([image]), [shapes_checker.Prompt(*right)])[0]
     expected = [a != attribute for a in shapes.ATTRIBUTES]
     assert ok.tolist() == expected
 
 
 def test_an_empty_image_meets_no_object_attribute():
     blank = np.full((1, 64, 64, 3), 0.5)
-    found = quality.analyse(blank[0])
+    found = shapes_checker.analyse(blank[0])
     assert found["colour"] == found["shape"] == found["size"] == found["position"] == -1
     assert found["texture"] == shapes.TEXTURES.index("plain")
-    table = quality.adherence_table(blank, [quality.Prompt(0, 0, 0, 0, 0)])
+    table = shapes_checker.adherence_table(blank, [shapes_checker.Prompt(0, 0, 0, 0, 0)])
     assert table["colour"] == table["position"] == 0.0 and table["texture"] == 1.0 and table["all_correct"] == 0.0
 
 
 def test_checker_errors_name_the_bad_input():
     with pytest.raises(ValueError, match="image must be"):
-        quality.analyse(np.zeros((64, 64)))
+        shapes_checker.analyse(np.zeros((64, 64)))
     with pytest.raises(ValueError, match="same length"):
-        quality.adherence(np.zeros((2, 64, 64, 3)), [quality.Prompt(0, 0, 0, 0, 0)])
+        shapes_checker.adherence(np.zeros((2, 64, 64, 3)), [shapes_checker.Prompt(0, 0, 0, 0, 0)])
     with pytest.raises(ValueError, match="number of prompts"):
-        quality.evaluation_prompts(0)
+        shapes_checker.evaluation_prompts(0)
 
 
 def test_evaluation_prompts_are_fixed_distinct_and_balanced():
-    prompts = quality.evaluation_prompts(54)
-    assert prompts == quality.evaluation_prompts(54)
+    prompts = shapes_checker.evaluation_prompts(54)
+    assert prompts == shapes_checker.evaluation_prompts(54)
     assert len(set(prompts)) == 54
     for i, values in enumerate(shapes.VOCABULARY.values()):
         counts = np.bincount([p.expected()[shapes.ATTRIBUTES[i]] for p in prompts], minlength=len(values))
@@ -86,7 +86,7 @@ def test_shipped_feature_network_separates_data_from_degraded_images():
     blurred renders clearly farther (KID's interval above the clean one's, FID larger)."""
     eval_set = quality.evaluation_set("tune").head(32)
     scorer = quality.QualityScorer(eval_set, quality.default_features(), resamples=500)
-    renders = quality.reference_images(eval_set.prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
+    renders = shapes_checker.reference_images(eval_set.prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
     clean = scorer.summary(scorer.scores(renders))
     assert clean["adherence"].estimate == 100.0
     noisy = np.clip(renders + np.random.default_rng(0).normal(0, 0.15, renders.shape), 0, 1)

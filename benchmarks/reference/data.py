@@ -14,12 +14,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from . import scenes, scenes_checker, shapes
+from . import scenes, scenes_checker, shapes, shapes_checker
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The data-specific part of the quality protocol (`benchmarks.reference.quality`).
+
+    Attributes:
+        attributes: the adherence columns, in order.
+        prompts: ``(n, seed, exclude) -> list`` of `n` distinct prompts not in `exclude` (hashable, each with a
+            ``caption``), every prefix balanced.
+        adherence: ``(images (N, H, W, 3) in [0, 1], prompts) -> (N, A)`` per attribute, 1 right, 0 wrong (a share
+            for attributes of several objects), NaN where the prompt does not ask for it.
+        detail: ``image (H, W, 3) -> (4,)`` its `detail.DETAIL_STATISTICS`.
+        references: ``(prompts, per_prompt, seed) -> (per_prompt * N, 3, R, R)`` renders of the prompts (prompt-major
+            within each draw: the k-th draw of prompt i is row ``k * N + i``).
+        feature_renders: ``seed -> (M, 3, R, R)`` the renders a feature space is fitted on.
+    """
+
+    attributes: tuple[str, ...]
+    prompts: Callable[[int, int, Sequence[Any]], list[Any]]
+    adherence: Callable[[np.ndarray, Sequence[Any]], np.ndarray]
+    detail: Callable[[np.ndarray], np.ndarray]
+    references: Callable[[Sequence[Any], int, int], torch.Tensor]
+    feature_renders: Callable[[int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,7 @@ class DataSet:
         heads: ``{head: classes}``.
         monitor: ``n -> (captions, score)``: a fixed prompt set and ``(B, R, R, 3) images -> {attribute: adherence}``.
         reference_prompts: the captions of the stored reference sample of an exported pipeline.
+        evaluation: how generated images are scored.
     """
 
     name: str
@@ -50,13 +75,24 @@ class DataSet:
     heads: dict[str, int]
     monitor: Callable[[int], tuple[list[str], Callable[[np.ndarray], dict[str, float]]]]
     reference_prompts: tuple[str, ...]
+    evaluation: Evaluation
 
 
 def _shapes_monitor(n: int) -> tuple[list[str], Callable[[np.ndarray], dict[str, float]]]:
-    from .quality import adherence_table, evaluation_prompts
+    prompts = shapes_checker.evaluation_prompts(n)
+    return [p.caption for p in prompts], lambda images: shapes_checker.adherence_table(images, prompts)
 
-    prompts = evaluation_prompts(n)
-    return [p.caption for p in prompts], lambda images: adherence_table(images, prompts)
+
+def _shapes_feature_renders(seed: int) -> torch.Tensor:
+    """Every scene of the attribute grid, two nuisance draws each."""
+    grid = shapes.scene_grid()
+    return torch.cat([shapes.render(grid, torch.Generator().manual_seed(seed + k)) for k in range(2)])
+
+
+def _scenes_feature_renders(seed: int) -> torch.Tensor:
+    """1,024 sampled scenes (a third of each count, on average), two nuisance draws each."""
+    batch = scenes.sample_scenes(1024, torch.Generator().manual_seed(seed))
+    return torch.cat([scenes.render(batch, torch.Generator().manual_seed(seed + 1 + k)) for k in range(2)])
 
 
 CELLS = len(scenes.POSITIONS)
@@ -95,6 +131,8 @@ DATA_SETS = {
         _shapes_monitor,
         ("a large red circle at the top left on a striped background",
          "a small blue triangle in the center on a dotted background"),
+        Evaluation(shapes_checker.ATTRIBUTES, shapes_checker.evaluation_prompts, shapes_checker.adherence,
+                   shapes_checker.detail_statistics, shapes_checker.reference_images, _shapes_feature_renders),
     ),
     "scenes": DataSet(
         "scenes", scenes.RESOLUTION, tuple(dict.fromkeys([*shapes.caption_words(), *scenes.caption_words()])),
@@ -102,6 +140,8 @@ DATA_SETS = {
         ("one object on a striped background: a large red circle at the top left",
          "two objects on a dotted background: a small blue triangle at the top, above a large green square in the "
          "center"),
+        Evaluation(scenes_checker.ATTRIBUTES, scenes_checker.evaluation_prompts, scenes_checker.adherence,
+                   scenes_checker.detail_statistics, scenes_checker.reference_images, _scenes_feature_renders),
     ),
 }
 

@@ -1,21 +1,19 @@
 """Image quality without downloaded weights, measured so that it holds out of sample.
 
-The protocol (issue 24):
+The protocol (issue 24), the same for every data set of `benchmarks.reference.data` (its `Evaluation` holds what is
+specific: prompts, checker, renders):
 - **Two disjoint evaluation sets** (`evaluation_set`): *tune* (144 prompts) for ablations and for choosing
   settings, *report* (288 prompts) for the published figures only. They share no scene and no generator seed, and
   their data renders (the reference side of the distances) use other nuisance seeds again. Both are balanced over
   every attribute value, and so is every prefix of them closely (the CPU default scores a prefix).
-- **Prompt adherence** (`analyse`, `adherence`): an analytic reading of a decoded image, per caption attribute. The
-  shape is the largest saturated connected region (the background is grey); its colour is the nearest of the six
-  hues, its position the 3 x 3 cell of its centroid, its size the side of its bounding box, its shape the
-  best-overlapping template; the background texture is read from the high-passed grey level (no energy: plain;
-  energy along one axis only: striped; else dotted).
-- **Detail against the data** (`detail_statistics`): what merging loses first and adherence cannot see: edge
-  sharpness, the shape's dark outline, its shading gradient and the background texture's energy, each compared with
-  renders of the same scene (1 = as in the data).
+- **Prompt adherence**: an analytic reading of a decoded image, per caption attribute, by the data set's checker
+  (`shapes_checker`: one shape; `scenes_checker`: several objects matched to the caption's phrases, count, relation).
+- **Detail against the data** (`benchmarks.reference.detail`): what merging loses first and adherence cannot see:
+  edge sharpness, the objects' dark outline, their shading gradient and the background texture's energy, each
+  compared with renders of the same scene (1 = as in the data).
 - **Distances to the data** (`paired_kid`, `frechet_distance`) on `FeatureSpace`: the features of `AttributeNet`
   (a small CNN trained by ``python -m benchmarks.reference.train`` on the data) projected on their 16 leading principal
-  directions over renders of every scene and whitened, so that the dimension is far below the sample count and KID's
+  directions over renders of the data (every scene of the single-shape grid; 1,024 sampled scenes) and whitened, so that the dimension is far below the sample count and KID's
   kernel sees unit-scale features. KID is the unbiased MMD^2 with the data renders *of the same prompts*, pairs of
   the same prompt left out (they are not independent draws); FID is biased at finite samples and compared only
   between sets of equal size (the count is in every row).
@@ -30,174 +28,19 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from huggingface_hub import PyTorchModelHubMixin
-from scipy import ndimage
 from torch import nn
 
 from .. import stats
-from . import shapes
+from .data import data_set
+from .detail import DETAIL_STATISTICS, detail_similarity
 
-ATTRIBUTES = shapes.ATTRIBUTES
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A caption and the attribute indices it asks for."""
-
-    colour: int
-    shape: int
-    size: int
-    position: int
-    texture: int
-
-    @property
-    def caption(self) -> str:
-        return shapes.caption(self.colour, self.shape, self.size, self.position, self.texture)
-
-    def expected(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in shapes.ATTRIBUTES}
-
-
-def evaluation_prompts(n: int, seed: int = 0, exclude: list[Prompt] | tuple[Prompt, ...] = ()) -> list[Prompt]:
-    """A fixed prompt set: `n` distinct scenes of the attribute grid (less `exclude`) in a seeded order, cycling
-    through every value of each attribute as evenly as the grid allows (greedily, so prefixes are balanced too)."""
-    grid = shapes.scene_grid()
-    left = len(grid) - len(set(exclude))
-    if not 1 <= n <= left:
-        raise ValueError(f"n (number of prompts) must be in [1, {left}], got {n}")
-    order = torch.randperm(len(grid), generator=torch.Generator().manual_seed(seed))
-    picked = grid[order]
-    # greedy balance: take the next scene whose values are the least used so far
-    counts = {name: np.zeros(len(v)) for name, v in shapes.VOCABULARY.items()}
-    rows = torch.stack([getattr(picked, a) for a in shapes.ATTRIBUTES], 1).numpy()
-    chosen: list[int] = []
-    excluded = set(exclude)
-    available = np.array([Prompt(*map(int, row)) not in excluded for row in rows])
-    for _ in range(n):
-        cost = sum(counts[a][rows[:, i]] for i, a in enumerate(shapes.ATTRIBUTES))
-        cost = np.where(available, cost, np.inf)
-        best = int(np.argmin(cost))
-        chosen.append(best)
-        available[best] = False
-        for i, a in enumerate(shapes.ATTRIBUTES):
-            counts[a][rows[best, i]] += 1
-    return [Prompt(*map(int, rows[i])) for i in chosen]
-
-
-# -- analytic reading of an image ------------------------------------------------------------------------------------
-MIN_OBJECT_PIXELS = 12
-SATURATION_MIN = 0.4
-TEXTURE_ENERGY_MIN = 4e-4  # mean squared high-passed grey level of a plain background stays far below
-STRIPE_AXIS_FRACTION = 0.6  # share of that energy explained by one axis' profile: stripes ~0.9, dots ~0.2
-
-
-def _object_mask(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the largest connected region of saturated pixels."""
-    value = image.max(-1)
-    chroma = value - image.min(-1)
-    saturated = (chroma > SATURATION_MIN * np.maximum(value, 1e-6)) & (value > 0.12)
-    labels, count = ndimage.label(saturated)
-    if count == 0:
-        return saturated
-    sizes = ndimage.sum_labels(saturated, labels, index=np.arange(1, count + 1))
-    return labels == 1 + int(np.argmax(sizes))
-
-
-def _hue(image: np.ndarray, mask: np.ndarray) -> float:
-    """Chroma-weighted circular mean hue in degrees of the masked pixels."""
-    r, g, b = (image[mask][:, i] for i in range(3))
-    # hexagonal hue plane: x = r - (g + b) / 2, y = sqrt(3) / 2 (g - b)
-    x, y = np.sum(r - (g + b) / 2), np.sum(np.sqrt(3) / 2 * (g - b))
-    return float(np.degrees(np.arctan2(y, x)) % 360)
-
-
-def _shape(mask: np.ndarray) -> int:
-    """Index of the template (circle / square / triangle) filling the mask's bounding box that overlaps it most."""
-    ys, xs = np.nonzero(mask)
-    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-    r = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2
-    h, w = mask.shape
-    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    dx, dy = (xx - cx)[None], (yy - cy)[None]
-    inside = shapes.shape_distance(torch.arange(3)[:, None, None], dx, dy, torch.tensor(float(r))) > 0
-    m = torch.from_numpy(mask)[None]
-    iou = (inside & m).sum((1, 2)) / (inside | m).sum((1, 2)).clamp_min(1)
-    return int(iou.argmax())
-
-
-def _background_energy(image: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """(mean squared high-passed grey level of the background, the high-passed grey level, the background pixels
-    used); the energy is 0 when too little background is left."""
-    grey = image.mean(-1)
-    scale = image.shape[0] / shapes.RESOLUTION
-    size = int(round(shapes.TEXTURE_PERIOD / 2 * scale)) + 1  # a box filter half a period wide keeps gradients
-    residual = grey - ndimage.uniform_filter(grey, size=size, mode="nearest")
-    keep = ~ndimage.binary_dilation(mask, iterations=size // 2 + 1)
-    edge = size // 2
-    keep[:edge], keep[-edge:], keep[:, :edge], keep[:, -edge:] = False, False, False, False
-    energy = float(np.mean(residual[keep] ** 2)) if keep.sum() >= 64 else 0.0
-    return energy, residual, keep
-
-
-def _texture(image: np.ndarray, mask: np.ndarray) -> int:
-    energy, residual, keep = _background_energy(image, mask)
-    if keep.sum() < 64:
-        return 0
-    if energy < TEXTURE_ENERGY_MIN:
-        return shapes.TEXTURES.index("plain")
-    masked = np.where(keep, residual, 0.0)
-    counts_rows, counts_cols = keep.sum(1), keep.sum(0)
-    rows = masked.sum(1)[counts_rows > 8] / counts_rows[counts_rows > 8]
-    cols = masked.sum(0)[counts_cols > 8] / counts_cols[counts_cols > 8]
-    axis = max(float(np.mean(rows**2)) if rows.size else 0.0, float(np.mean(cols**2)) if cols.size else 0.0)
-    return shapes.TEXTURES.index("striped" if axis > STRIPE_AXIS_FRACTION * energy else "dotted")
-
-
-def analyse(image: np.ndarray) -> dict[str, int]:
-    """Read the captioned attributes off one (H, W, 3) image in [0, 1]; -1 where no shape was found."""
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W, 3) in [0, 1], got shape {image.shape}")
-    image = np.clip(np.asarray(image, np.float64), 0, 1)
-    h, w, _ = image.shape
-    mask = _object_mask(image)
-    found = {"texture": _texture(image, mask)}
-    if mask.sum() < MIN_OBJECT_PIXELS * (h * w) / shapes.RESOLUTION**2:
-        return {"colour": -1, "shape": -1, "size": -1, "position": -1, **found}
-    ys, xs = np.nonzero(mask)
-    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2  # shapes are placed by their box
-    col, row = min(2, int(cx * 3 // w)), min(2, int(cy * 3 // h))
-    side = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) * shapes.RESOLUTION / w
-    small, large = (2 * e for e in shapes.HALF_EXTENT)
-    return {
-        "colour": int(np.round(_hue(image, mask) / 60)) % 6,
-        "shape": _shape(mask),
-        "size": int(side > (small + large) / 2),
-        "position": row * 3 + col,
-        **found,
-    }
-
-
-def adherence(images: np.ndarray, prompts: list[Prompt]) -> np.ndarray:
-    """(B, 5) bool: is each attribute of each prompt (in `shapes.ATTRIBUTES` order) met by its image?"""
-    if len(images) != len(prompts):
-        raise ValueError(f"images and prompts must have the same length, got {len(images)} and {len(prompts)}")
-    rows = []
-    for image, prompt in zip(images, prompts):
-        found, expected = analyse(image), prompt.expected()
-        rows.append([found[a] == expected[a] for a in shapes.ATTRIBUTES])
-    return np.array(rows, dtype=bool).reshape(len(prompts), len(shapes.ATTRIBUTES))
-
-
-def adherence_table(images: np.ndarray, prompts: list[Prompt]) -> dict[str, float]:
-    """Accuracy per attribute, their mean (``adherence``) and the share of images with every attribute right."""
-    ok = adherence(images, prompts)
-    table = {a: float(ok[:, i].mean()) for i, a in enumerate(shapes.ATTRIBUTES)}
-    table["adherence"] = float(ok.mean())
-    table["all_correct"] = float(ok.all(1).mean())
-    return table
+# every adherence column a data set can have, in the order of the harness' CSV (a data set fills its own)
+ATTRIBUTES = ("colour", "shape", "size", "position", "texture", "count", "relation")
 
 
 # -- learned features, FID and KID --------------------------------------------------------------------------------
@@ -212,7 +55,7 @@ class AttributeNet(nn.Module, PyTorchModelHubMixin):
     """
 
     def __init__(self, width: int = 32, feature_dim: int = 128, heads: dict[str, int] | None = None,
-                 resolution: int = shapes.RESOLUTION) -> None:
+                 resolution: int = 64) -> None:
         super().__init__()
         if resolution < 64 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two >= 64, got {resolution}")
@@ -227,7 +70,7 @@ class AttributeNet(nn.Module, PyTorchModelHubMixin):
             *block(4 * width, 4 * width, 2), *extra, nn.Conv2d(4 * width, width, 1), nn.Flatten(),
             nn.Linear(width * 8 * 8, feature_dim),
         )
-        heads = heads or {name: len(v) for name, v in shapes.VOCABULARY.items()}
+        heads = heads or data_set("shapes").heads
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, classes) for name, classes in heads.items()})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -257,13 +100,15 @@ class EvalSet:
 
     Attributes:
         name: "tune" or "report" (a prefix keeps the name: it is a subset of the same draws).
+        data: the data set (`benchmarks.reference.data.DATA_SETS`) the prompts come from.
         prompts: the scenes, in order.
         seeds: the generator seed of each prompt's generation.
         reference_seed: nuisance seed of the first data render per prompt (the k-th uses ``reference_seed + k``).
     """
 
     name: str
-    prompts: tuple[Prompt, ...]
+    data: str
+    prompts: tuple[Any, ...]
     seeds: tuple[int, ...]
     reference_seed: int
 
@@ -274,24 +119,25 @@ class EvalSet:
         """The first `n` prompts (balanced prefixes; the CPU default's report subset)."""
         if not 2 <= n <= len(self):
             raise ValueError(f"quality prompts must be in [2, {len(self)}] for the {self.name} set, got {n}")
-        return EvalSet(self.name, self.prompts[:n], self.seeds[:n], self.reference_seed)
+        return EvalSet(self.name, self.data, self.prompts[:n], self.seeds[:n], self.reference_seed)
 
 
-# (size, scene-order seed, first generator seed, first render seed); the report set is drawn first from the whole
-# scene grid, the tune set from the scenes left
+# (size, scene-order seed, first generator seed, first render seed); the report set is drawn first, the tune set
+# from the scenes left
 EVAL_SETS = {"report": (288, 2024, 20_000, 30_000), "tune": (144, 2025, 10_000, 40_000)}
 
 
 @functools.lru_cache(maxsize=None)
-def evaluation_set(name: str) -> EvalSet:
-    """The tune or report set (see the module docstring); they share no scene and no seed."""
+def evaluation_set(name: str, data: str = "shapes") -> EvalSet:
+    """The tune or report set of a data set (see the module docstring); they share no scene and no seed."""
     if name not in EVAL_SETS:
         raise ValueError(f"evaluation set must be one of {sorted(EVAL_SETS)}, got {name!r}")
-    taken: list[Prompt] = []
+    draw_prompts = data_set(data).evaluation.prompts
+    taken: list[Any] = []
     for set_name, (size, order_seed, first_seed, render_seed) in EVAL_SETS.items():
-        prompts = evaluation_prompts(size, order_seed, exclude=taken)
+        prompts = draw_prompts(size, order_seed, taken)
         if set_name == name:
-            return EvalSet(name, tuple(prompts), tuple(range(first_seed, first_seed + size)), render_seed)
+            return EvalSet(name, data, tuple(prompts), tuple(range(first_seed, first_seed + size)), render_seed)
         taken += prompts
     raise AssertionError("unreachable")
 
@@ -302,14 +148,13 @@ KID_SCALE = 1e3  # KID is reported x 1000
 
 
 class FeatureSpace:
-    """`AttributeNet` features projected on their `dim` leading principal directions over renders of every scene
-    (two nuisance draws each) and whitened: (B, H, W, 3) images -> (B, dim), unit variance per direction on the data.
-    """
+    """`AttributeNet` features projected on their `dim` leading principal directions over the data set's feature
+    renders (`Evaluation.feature_renders`) and whitened: (B, H, W, 3) images -> (B, dim), unit variance per direction
+    on the data."""
 
-    def __init__(self, net: AttributeNet, dim: int = FEATURE_DIM, seed: int = 900) -> None:
+    def __init__(self, net: AttributeNet, data: str = "shapes", dim: int = FEATURE_DIM, seed: int = 900) -> None:
         self.net = net.eval()
-        grid = shapes.scene_grid()
-        renders = torch.cat([shapes.render(grid, torch.Generator().manual_seed(seed + k)) for k in range(2)])
+        renders = data_set(data).evaluation.feature_renders(seed)
         features = extract_features(self.net, renders)
         self.mean = features.mean(0)
         _, singular, directions = np.linalg.svd(features - self.mean, full_matrices=False)
@@ -321,9 +166,9 @@ class FeatureSpace:
 
 
 @functools.lru_cache(maxsize=2)
-def feature_space(features: str) -> FeatureSpace:
-    """The `FeatureSpace` of the `AttributeNet` saved in folder `features` (fitted once per process)."""
-    return FeatureSpace(AttributeNet.from_pretrained(features))
+def feature_space(features: str, data: str = "shapes") -> FeatureSpace:
+    """The `FeatureSpace` of the `AttributeNet` saved in folder `features` on `data` (fitted once per process)."""
+    return FeatureSpace(AttributeNet.from_pretrained(features), data)
 
 
 def _weights(weights: np.ndarray | None, n: int) -> np.ndarray:
@@ -390,61 +235,14 @@ def paired_kid(matrix: np.ndarray, weights: np.ndarray | None = None) -> np.ndar
     return float(kid[0]) if weights is None else kid
 
 
-# -- detail against the data ------------------------------------------------------------------------------------------
-DETAIL_STATISTICS = ("sharpness", "outline", "shading", "texture")
-# floors of the ratio that compares a statistic with the data's: about a twentieth of its value on the data
-# (texture: a tenth of a textured background's energy, so that two plain backgrounds compare as equal)
-_DETAIL_FLOOR = np.array([0.05, 0.05, 0.05, 2e-4])
-
-
-def detail_statistics(image: np.ndarray) -> np.ndarray:
-    """(4,) detail of one (H, W, 3) image in [0, 1], in `DETAIL_STATISTICS` order:
-
-    - sharpness: ``sqrt(mean laplacian^2 / mean |gradient|^2)`` of the grey level, an effective spatial frequency
-      that does not depend on contrast (blur lowers it);
-    - outline: ``1 - value of the shape's 2-px rim / value of its inside`` (the dark outline; 0 without);
-    - shading: the shape's brightness slope along the light's diagonal over its mean (0 when flat);
-    - texture: energy of the high-passed background (as the texture reading of `analyse` measures it).
-
-    Outline and shading are 0 where no shape is found.
-    """
-    image = np.clip(np.asarray(image, np.float64), 0, 1)
-    grey, value = image.mean(-1), image.max(-1)
-    gy, gx = np.gradient(grey)
-    gradient = np.mean(gx**2 + gy**2)
-    sharpness = np.sqrt(np.mean(ndimage.laplace(grey) ** 2) / gradient) if gradient > 0 else 0.0
-    mask = _object_mask(image)
-    inside = ndimage.binary_erosion(mask, iterations=3)
-    outline = shading = 0.0
-    if inside.sum() >= 4:
-        rim = mask & ~ndimage.binary_erosion(mask, iterations=2)
-        outline = 1 - np.median(value[rim]) / max(np.median(value[inside]), 1e-6)
-        ys, xs = np.nonzero(mask)
-        cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-        r = max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()) / 2
-        ys, xs = np.nonzero(inside)
-        along = (xs + 0.5 - cx + ys + 0.5 - cy) / (4 * r)  # the shading runs along x + y (top-left light)
-        if np.ptp(along) > 0:
-            shading = -np.polyfit(along, value[inside], 1)[0] / max(value[inside].mean(), 1e-6)
-    return np.array([sharpness, outline, shading, _background_energy(image, mask)[0]])
-
-
-def detail_similarity(generated: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """(N, 4) statistics of generated images and (N, 4) of the data for the same prompts -> (N, 4) in [0, 1]:
-    ``min(g, d) / max(g, d)`` after a floor, 1 where the image has the data's detail, lower for less (blur, a lost
-    outline) or more (noise, stray texture)."""
-    g = np.maximum(generated, 0) + _DETAIL_FLOOR
-    d = np.maximum(data, 0) + _DETAIL_FLOOR
-    return np.minimum(g, d) / np.maximum(g, d)
-
-
 # -- scoring a set, with uncertainty ----------------------------------------------------------------------------------
 @dataclass
 class SetScores:
     """Per-prompt results of one method on an evaluation set: the material of every figure and interval.
 
     Attributes:
-        correct: (N, 5) bool, each attribute read back right (`ATTRIBUTES` order).
+        correct: (N, A) each attribute of the data set's `Evaluation.attributes` read back right: 1 / 0, a share
+            for attributes of several objects, NaN where the prompt does not ask for it.
         features: (N, D) the images in `FeatureSpace`.
         detail: (N, 4) `detail_similarity` to the data, per `DETAIL_STATISTICS`.
     """
@@ -477,10 +275,13 @@ class QualityScorer:
     def __init__(self, eval_set: EvalSet, features: str | Path, per_prompt: int = 4,
                  resamples: int = stats.RESAMPLES) -> None:
         self.eval_set = eval_set
-        self.space = feature_space(str(features))
-        renders = [reference_images(eval_set.prompts, 1, eval_set.reference_seed + k) for k in range(per_prompt)]
+        self.evaluation = data_set(eval_set.data).evaluation
+        self.attributes = self.evaluation.attributes
+        self.space = feature_space(str(features), eval_set.data)
+        renders = [self.evaluation.references(eval_set.prompts, 1, eval_set.reference_seed + k)
+                   for k in range(per_prompt)]
         self.reference = np.stack([self.space(r) for r in renders], 1)  # (N, P, D)
-        self.reference_detail = np.mean([[detail_statistics(im) for im in r.permute(0, 2, 3, 1).numpy()]
+        self.reference_detail = np.mean([[self.evaluation.detail(im) for im in r.permute(0, 2, 3, 1).numpy()]
                                          for r in renders], 0)  # (N, 4)
         self._k_yy = reference_kernel(self.reference)
         self.counts = stats.bootstrap_counts(len(eval_set), resamples)
@@ -490,15 +291,17 @@ class QualityScorer:
         if len(images) != len(self.eval_set):
             raise ValueError(f"images must be one per prompt of the {self.eval_set.name} set ({len(self.eval_set)}), "
                              f"got {len(images)}")
-        statistics = np.stack([detail_statistics(im) for im in images])
-        return SetScores(adherence(images, list(self.eval_set.prompts)), self.space(images),
-                         detail_similarity(statistics, self.reference_detail))
+        statistics = np.stack([self.evaluation.detail(im) for im in images])
+        correct = np.asarray(self.evaluation.adherence(images, list(self.eval_set.prompts)), np.float64)
+        return SetScores(correct, self.space(images), detail_similarity(statistics, self.reference_detail))
 
     def _metrics(self, scores: SetScores) -> dict[str, np.ndarray]:
-        """Per-prompt values (N,) of the mean-type metrics, in percent."""
+        """Per-prompt values (N,) of the mean-type metrics, in percent; an attribute a prompt does not ask for is NaN
+        in its column and left out of the prompt's adherence."""
         correct = scores.correct.astype(np.float64) * 100
-        return {"adherence": correct.mean(1), "all_correct": scores.correct.all(1) * 100.0,
-                **{f"adherence_{a}": correct[:, i] for i, a in enumerate(ATTRIBUTES)},
+        asked = ~np.isnan(correct)
+        return {"adherence": np.nanmean(correct, 1), "all_correct": np.all(~asked | (correct == 100), 1) * 100.0,
+                **{f"adherence_{a}": correct[:, i] for i, a in enumerate(self.attributes)},
                 "detail": scores.detail.mean(1) * 100,
                 **{f"detail_{d}": scores.detail[:, i] * 100 for i, d in enumerate(DETAIL_STATISTICS)}}
 
@@ -530,15 +333,8 @@ class QualityScorer:
         return paired_kid(matrix, weights) * KID_SCALE
 
 
-def reference_images(prompts: list[Prompt] | tuple[Prompt, ...], per_prompt: int = 4, seed: int = 1) -> torch.Tensor:
-    """Renders of the prompts' scenes (`per_prompt` each, other nuisance draws): the data side of the distances."""
-    index = torch.tensor([[p.colour, p.shape, p.size, p.position, p.texture] for p in prompts]).repeat(per_prompt, 1)
-    scenes = shapes.Scenes(*index.T)
-    return shapes.render(scenes, torch.Generator().manual_seed(seed))
-
-
-def default_features() -> Path:
-    """The attribute network shipped with the trained reference pipeline."""
+def default_features(model: str = "pixart-shapes") -> Path:
+    """The attribute network shipped with a trained reference pipeline."""
     from . import WEIGHTS
 
-    return WEIGHTS / "pixart-shapes" / "features"
+    return WEIGHTS / model / "features"

@@ -32,9 +32,10 @@ import torch
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from . import detail
 from .scenes import (
-    COLOURS, HALF_EXTENT, RELATIONS, RESOLUTION, SHAPES, TEXTURE_PERIOD, TEXTURES, VOCABULARY, Scene,
-    Scenes, shape_distance,
+    COLOURS, HALF_EXTENT, MAX_OBJECTS, RELATIONS, RESOLUTION, SHAPES, TEXTURE_PERIOD, TEXTURES, VOCABULARY, Scene,
+    Scenes, render, sample_scenes, shape_distance,
 )
 
 OBJECT_ATTRIBUTES = tuple(VOCABULARY)  # colour, shape, size, position
@@ -126,8 +127,9 @@ def _shape(mask: np.ndarray) -> int:
     return int(iou.argmax())
 
 
-def _texture(image: np.ndarray, objects: np.ndarray) -> int:
-    """Texture index of the background: the grey level band-passed, away from the objects and the border.
+def _background_energy(image: np.ndarray, objects: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(energy, band-passed grey level, background pixels used) of an image: the grey level band-passed, away from
+    the objects and the border; the energy (mean square over the kept pixels) is 0 when under 64 pixels are left.
 
     The band: a 1-px Gaussian takes out pixel noise (a generated image's grain), which the texture keeps (a 12-px
     period loses an eighth of its amplitude); subtracting a box filter one period wide takes out the tone and its
@@ -139,9 +141,14 @@ def _texture(image: np.ndarray, objects: np.ndarray) -> int:
     keep = ~ndimage.binary_dilation(objects, iterations=size // 2 + 1)
     edge = size // 2
     keep[:edge], keep[-edge:], keep[:, :edge], keep[:, -edge:] = False, False, False, False
-    if keep.sum() < 64:
-        return TEXTURES.index("plain")
-    energy = float(np.mean(residual[keep] ** 2))
+    energy = float(np.mean(residual[keep] ** 2)) if keep.sum() >= 64 else 0.0
+    return energy, residual, keep
+
+
+def _texture(image: np.ndarray, objects: np.ndarray) -> int:
+    """Texture index of the background (`_background_energy`): plain without energy, striped when one axis' profile
+    holds it and the other's not, else dotted."""
+    energy, residual, keep = _background_energy(image, objects)
     if energy < TEXTURE_ENERGY_MIN:
         return TEXTURES.index("plain")
     masked = np.where(keep, residual, 0.0)
@@ -237,3 +244,34 @@ def adherence_table(images: np.ndarray, scenes: Sequence[Scene] | Scenes) -> dic
     table["adherence"] = float(np.mean(np.nanmean(scores, 1)))
     table["all_correct"] = float(np.mean(np.all(np.isnan(scores) | (scores == 1), 1)))
     return table
+
+
+def detail_statistics(image: np.ndarray) -> np.ndarray:
+    """(4,) `detail.detail_statistics` of one (H, W, 3) image in [0, 1]: outline and shading averaged over the
+    objects `analyse` finds, the texture energy of the background around them."""
+    image = np.clip(np.asarray(image, np.float64), 0, 1)
+    saturated = _saturated(image)
+    labels = _regions(saturated)
+    return detail.detail_statistics(image, labels, _background_energy(image, saturated)[0])
+
+
+def evaluation_prompts(n: int, seed: int = 0, exclude: Sequence[Scene] = ()) -> list[Scene]:
+    """A fixed prompt set: `n` distinct scenes (less `exclude`) drawn by `sample_scenes` from `seed`, ordered so that
+    the object counts take turns (1, 2, 3, 1, ...): every prefix has the counts balanced, and their other attributes
+    are uniform draws."""
+    if n < 1:
+        raise ValueError(f"n (number of prompts) must be >= 1, got {n}")
+    taken, by_count = set(exclude), {c: [] for c in range(1, MAX_OBJECTS + 1)}
+    generator = torch.Generator().manual_seed(seed)
+    while min(len(v) for v in by_count.values()) < -(-n // MAX_OBJECTS):
+        for scene in sample_scenes(4 * n, generator).to_list():
+            if scene not in taken:
+                taken.add(scene)
+                by_count[scene.count].append(scene)
+    turns = [by_count[c][i] for i in range(-(-n // MAX_OBJECTS)) for c in by_count]
+    return turns[:n]
+
+
+def reference_images(prompts: Sequence[Scene], per_prompt: int = 4, seed: int = 1) -> torch.Tensor:
+    """Renders of the prompts' scenes (`per_prompt` each, other nuisance draws): the data side of the distances."""
+    return render(Scenes.from_list(list(prompts) * per_prompt), torch.Generator().manual_seed(seed))
