@@ -50,7 +50,9 @@ class _WindowedMergeConfig:
     `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd. `match_radius`: a
     bipartite merge (IDM, ToMe) compares each source only with the destinations of the windows within this many
     windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C); None compares with
-    every destination (the paper's and tomesd's global matching).
+    every destination (the paper's and tomesd's global matching). `match_dim`: a bipartite merge compares signed
+    count sketches of the tokens with this many channels (`sdtm_plugin.merge.channel_sketch`), so its similarity
+    costs dim / C of the exact one; None compares the tokens themselves.
     """
 
     ratio: float = 0.3
@@ -63,6 +65,7 @@ class _WindowedMergeConfig:
     num_inference_steps: int | None = None
     max_downsample: int = 1
     match_radius: int | None = None
+    match_dim: int | None = None
 
     def __post_init__(self) -> None:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
@@ -83,6 +86,8 @@ class _WindowedMergeConfig:
             raise ValueError(f"max_downsample must be one of 1, 2, 4, 8, got {self.max_downsample!r}")
         if self.match_radius is not None:
             _check_int("match_radius", self.match_radius, 1, " or None (every destination)")
+        if self.match_dim is not None:
+            _check_int("match_dim", self.match_dim, 8, " or None (every channel)")
 
     @property
     def window_size(self) -> int:

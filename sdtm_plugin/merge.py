@@ -278,6 +278,29 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
     return x / norm.clamp_min_(torch.finfo(x.dtype).tiny)
 
 
+@cached_tables(maxsize=16)
+def _sketch_signs(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(C,) fixed pseudo-random +-1 per channel (a multiplicative hash of its index): no generator, the same on every
+    device and under `torch.compile`."""
+    index = torch.arange(channels, device=device, dtype=torch.int64)
+    return 1 - 2 * ((index * 2654435761) >> 16 & 1).to(dtype)
+
+
+def channel_sketch(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, N, C) -> (B, N, dim): a signed count sketch of the channels, channel i adding ``s_i x_i`` to sketch
+    channel ``i % dim`` with a fixed sign ``s_i``. Inner products are kept in expectation (the cross terms cancel over
+    the signs) with an error of order ``|x| |y| / sqrt(dim)``, small for the near-parallel tokens a merge pairs; it
+    costs one multiply-add per element (O(N C), no matmul), so a similarity over sketches costs dim / C of one over
+    the tokens. C not a multiple of `dim` is zero-padded."""
+    c = x.shape[-1]
+    if dim >= c:
+        return x
+    signed = x * _sketch_signs(c, x.device, x.dtype)
+    if c % dim:
+        signed = torch.nn.functional.pad(signed, (0, dim - c % dim))
+    return signed.unflatten(-1, (-1, dim)).sum(-2)
+
+
 class TokenMerge:
     """The merge of one block's tokens: (B, N, C) -> (B, N', C) and back.
 
@@ -520,7 +543,8 @@ def _local_best(unit: torch.Tensor, grid: WindowGrid, destination_unit: torch.Te
 
 
 def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinations: Destinations | None = None,
-                    unit: torch.Tensor | None = None, radius: int | None = None) -> TokenMerge:
+                    unit: torch.Tensor | None = None, radius: int | None = None,
+                    sketch_dim: int | None = None) -> TokenMerge:
     """IDM / ToMe: one destination per window; the `num_merged` best-scoring sources merge into their best match.
 
     Sources are the tokens that are no destination (the other window tokens and the loose tokens); a source's score
@@ -535,6 +559,8 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
         unit: ``unit_vectors(x)`` when the caller has them.
         radius: match each source only with the destinations of the windows within this many windows of its own
             (linear cost, `_local_best`); None: with every destination (the paper's and ToMe's global matching).
+        sketch_dim: compare `channel_sketch`es of this many channels instead of the tokens (`unit` is then unused);
+            None: the tokens themselves.
     """
     _check_input(x, grid)
     b, n, _ = x.shape
@@ -549,7 +575,10 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
     dst = destinations.rows
     # cosines of unit vectors (<= 1: no fp16 overflow) of every token to every destination, one matmul in the model
     # dtype (fp32 accumulation); scoring all N tokens instead of gathering the N - W sources costs W more rows
-    unit = unit_vectors(x) if unit is None else unit
+    if sketch_dim is not None:
+        unit = unit_vectors(channel_sketch(x, sketch_dim))
+    elif unit is None:
+        unit = unit_vectors(x)
     if radius is None:
         best, best_window = torch.bmm(unit, _take_rows(unit, dst).transpose(1, 2)).max(-1)  # (B, N)
     else:

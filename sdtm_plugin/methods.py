@@ -227,15 +227,15 @@ class ToMe(MergeMethod):
         if removed == 0:
             return None
         b = x.shape[0]
-        radius = self.config.match_radius
+        radius, dim = self.config.match_radius, self.config.match_dim
         if not (self.config.use_rand and b % 2 == 0):
-            return bipartite_merge(x, grid, removed, radius=radius)
+            return bipartite_merge(x, grid, removed, radius=radius, sketch_dim=dim)
 
         def draw() -> Destinations:
             return choose_destinations(grid, b, forward.noise(grid, b).expand(-1, b, -1, -1))
 
         destinations = forward.once((grid.grid, b), draw)
-        return bipartite_merge(x, grid, removed, destinations[layer], radius=radius)
+        return bipartite_merge(x, grid, removed, destinations[layer], radius=radius, sketch_dim=dim)
 
 
 def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
@@ -336,7 +336,7 @@ class SDTM(MergeMethod):
                 priority = terms.priority[layer] if terms.priority is not None else None
                 destinations = choose_destinations(grid, b, window_medoid_scores(x, grid, unit), priority,
                                                    self._prior_weight(plan))
-            merge = bipartite_merge(x, grid, removed, destinations, unit, cfg.match_radius)
+            merge = bipartite_merge(x, grid, removed, destinations, unit, cfg.match_radius, cfg.match_dim)
         _age(staleness[layer], merge)
         return merge
 

@@ -79,13 +79,14 @@ def _signatures(state) -> set:
     return {(r.phase, *(tuple(r.tokens[role]) for role in ("attn", "mlp"))) for r in state.records}
 
 
-APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM(pipe, SDTMConfig.fast())}
+APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM(pipe, SDTMConfig.fast()),
+         "sketched": lambda pipe: apply_SDTM(pipe, match_dim=8)}
 
 
 @pytest.mark.parametrize("model,method,order", [
     ("tiny", "sdtm", "compile, apply"), ("tiny", "tome", "compile, apply"), ("tiny", "fast", "apply, compile"),
     ("tiny", "sdtm", "apply, compile in place"), ("tiny-sd3", "sdtm", "apply, compile"),
-    ("tiny-sd3", "tome", "compile, apply"), ("tiny-dit", "sdtm", "compile, apply"),
+    ("tiny-sd3", "tome", "compile, apply"), ("tiny-dit", "sdtm", "compile, apply"), ("tiny", "sketched", "compile, apply"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):

@@ -362,3 +362,45 @@ def test_local_matching_merges_only_into_nearby_windows():
     frows = far.row_of_token
     fmerged = frows < grid.num_windows
     assert (((frows // 8 - own // 8).abs() > 1) | ((frows % 8 - own % 8).abs() > 1))[fmerged].any()
+
+
+def test_channel_sketch_keeps_inner_products_and_costs_no_matmul():
+    """A signed count sketch: linear, the identity when it has every channel, inner products kept in expectation
+    (near-parallel tokens' cosines within a few hundredths at 64 channels), any C (zero-padded)."""
+    from sdtm_plugin.merge import channel_sketch, unit_vectors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 96, generator=g)
+    assert channel_sketch(x, 96) is x and channel_sketch(x, 128) is x
+    a, b = channel_sketch(x, 16), channel_sketch(2 * x + 1, 16)
+    assert a.shape == (2, 300, 16)
+    assert torch.allclose(b, 2 * a + channel_sketch(torch.ones_like(x), 16), atol=1e-5)
+    assert channel_sketch(torch.randn(1, 4, 100, generator=g), 32).shape == (1, 4, 32)  # 100 = 3 * 32 + 4, padded
+    big = torch.randn(1, 2000, 1152, generator=g)
+    near = 0.9 * big + (1 - 0.81) ** 0.5 * torch.randn(1, 2000, 1152, generator=g)
+    cos = (unit_vectors(channel_sketch(big, 64)) * unit_vectors(channel_sketch(near, 64))).sum(-1)
+    assert abs(cos.mean() - 0.9) < 0.01 and cos.std() < 0.04
+    with torch.device("meta"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            channel_sketch(torch.empty(2, 4096, 1152), 64)
+        assert counter.get_total_flops() == 0
+
+
+def test_sketched_matching_merges_like_exact_matching_when_it_holds_every_channel():
+    grid = WindowGrid.build((12, 10), 2, 2, CPU)
+    x = torch.randn(2, grid.num_tokens, 24, generator=torch.Generator().manual_seed(3))
+    dests = choose_destinations(grid, 2, torch.rand(2, grid.num_windows, grid.window_size))
+    exact = bipartite_merge(x, grid, 40, dests)
+    full = bipartite_merge(x, grid, 40, dests, sketch_dim=24)
+    assert torch.equal(exact.row_of_token, full.row_of_token) and torch.equal(exact.merge(x), full.merge(x))
+    sketched = bipartite_merge(x, grid, 40, dests, sketch_dim=8)
+    assert sketched.num_rows == exact.num_rows  # the same budget
+    assert not torch.equal(sketched.row_of_token, exact.row_of_token)  # other pairs at 8 of 24 channels
+    restored, merged = sketched.unmerge(sketched.merge(x)), sketched.merged
+    assert torch.equal(restored[~merged], x[~merged])  # kept tokens pass through; groups hold their tokens' mean
+    rows = sketched.row_of_token
+    for i in range(2):
+        for row in rows[i][merged[i]].unique()[:5]:
+            assert torch.allclose(restored[i, rows[i] == row][0], x[i, rows[i] == row].mean(0), atol=1e-6)
