@@ -109,3 +109,21 @@ def test_scenes_data_trains_at_128_px_and_extends_the_shapes_text_encoder(tmp_pa
     large = train.build_text_encoder(shapes_cfg, 3 + len(DATA_SETS["scenes"].words))
     ids = train.build_tokenizer(shapes_cfg)("a large red circle at the top", return_tensors="pt").input_ids
     torch.testing.assert_close(small(ids)[0], large(ids)[0])
+
+
+def test_object_weighted_loss_counts_object_pixels_more():
+    """The scenes' denoiser loss: plain MSE at weight 0; an error on an object's latent pixels costs (1 + weight)
+    times one on the background; the weights' normalisation keeps a uniform error's loss unchanged."""
+    from benchmarks.reference import scenes
+    from benchmarks.reference.train import _object_weighted_mse
+
+    batch = scenes.Scenes.from_list([scenes.Scene(((0, 1, 1, 4),), 0)])  # one large red square in the center
+    images = scenes.render(batch, torch.Generator().manual_seed(0)) * 2 - 1
+    target = torch.zeros(1, 4, 32, 32)
+    centre, corner = target.clone(), target.clone()
+    centre[..., 16, 16], corner[..., 1, 1] = 1.0, 1.0  # an error inside the square / on the background
+    assert _object_weighted_mse(centre, target, images, 0.0) == torch.nn.functional.mse_loss(centre, target)
+    assert _object_weighted_mse(centre, target, images, 5.0) / _object_weighted_mse(corner, target, images, 5.0) == \
+        pytest.approx(6.0)
+    assert _object_weighted_mse(target + 1, target, images, 5.0) == pytest.approx(1.0)
+    assert TrainConfig.for_data("scenes").object_loss_weight > 0 and TrainConfig().object_loss_weight == 0
