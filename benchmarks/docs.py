@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -252,7 +252,6 @@ def test_unet_odd_latents_bare_model():
     grids = [(18, 14), (9, 7), (18, 14), (18, 14)]
     for i, row in enumerate(rec.steps):
         for (layer, label), tokens in row.items():
-            n = grids[layer][0] * grids[layer][1]
             assert tokens == sdtm_kept(i, 4, grids[layer], protect=-1)[label == "mlp"], (i, layer, label)
     assert all(o.shape == base.shape and torch.isfinite(o).all() for o in outs)
     remove_SDTM(model)

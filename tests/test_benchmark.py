@@ -14,7 +14,7 @@ import torch
 from benchmarks.__main__ import build_parser, default_run, main
 from benchmarks.macs import count_forward_macs
 from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
-from benchmarks.runner import COLUMNS, Job, ModelSession, Settings, append_row, process_device, read_rows
+from benchmarks.runner import COLUMNS, ModelSession, append_row, process_device, read_rows
 from sdtm_plugin import apply_SDTM
 
 TINY = PRESETS["tiny"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdtm_plugin.merge import (TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
+from sdtm_plugin.merge import (WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
                                window_merge, window_scores)
 
 CPU = torch.device("cpu")

@@ -16,6 +16,18 @@ DETAIL_STATISTICS = ("sharpness", "outline", "shading", "texture")
 _DETAIL_FLOOR = np.array([0.05, 0.05, 0.05, 2e-4])
 
 
+def background_energy(grey: np.ndarray, objects: np.ndarray, size: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """(energy, residual, kept pixels) of an (H, W) grey level's background: the grey level minus its mean over a
+    `size`-px box (the tone and its gradient out, the texture in), kept more than half a box away from the `objects`
+    mask and the border; the energy, the residual's mean square over the kept pixels, is 0 when under 64 are left."""
+    residual = grey - ndimage.uniform_filter(grey, size=size, mode="nearest")
+    keep = ~ndimage.binary_dilation(objects, iterations=size // 2 + 1)
+    edge = size // 2
+    keep[:edge], keep[-edge:], keep[:, :edge], keep[:, -edge:] = False, False, False, False
+    energy = float(np.mean(residual[keep] ** 2)) if keep.sum() >= 64 else 0.0
+    return energy, residual, keep
+
+
 def _object_detail(value: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
     """(outline, shading) of one object's (H, W) mask on the image's value channel; None when it is too small."""
     inside = ndimage.binary_erosion(mask, iterations=3)

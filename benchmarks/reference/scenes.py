@@ -22,14 +22,13 @@ the three object slots only); the same scenes and generator seed give the same p
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 
-from .shapes import hue_to_rgb, shape_distance, textured_background
+from .shapes import BackgroundDraws, hue_to_rgb, shape_distance, textured_background, uniform
 
 RESOLUTION = 128
 MAX_OBJECTS = 3
@@ -250,21 +249,13 @@ def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUT
     if resolution < 32:
         raise ValueError(f"resolution must be >= 32 px for the objects to stay apart, got {resolution}")
     n, s = len(scenes), resolution / RESOLUTION
-
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, *shape, generator=generator)
-
-    tone = torch.where(torch.rand(n, generator=generator) < 0.5, uniform(0.18, 0.38), uniform(0.62, 0.82))
-    slope = uniform(-0.12, 0.12)  # background gradient along a random direction
-    angle = uniform(0, 2 * math.pi)
-    vertical = torch.rand(n, generator=generator) < 0.5  # stripe orientation
-    phase = uniform(0, TEXTURE_PERIOD, 2)
-    jitter = uniform(-JITTER, JITTER, MAX_OBJECTS, 2)
+    draws = BackgroundDraws.draw(n, generator, TEXTURE_PERIOD)
+    jitter = uniform(n, generator, -JITTER, JITTER, MAX_OBJECTS, 2)
 
     coords = (torch.arange(resolution, dtype=torch.float32) + 0.5) / s  # pixel centres in 128-px units
     y, x = coords[None, :, None], coords[None, None, :]
 
-    background = textured_background(scenes.texture, tone, slope, angle, vertical, phase, x, y, RESOLUTION / 2, s,
+    background = textured_background(scenes.texture, draws, x, y, RESOLUTION / 2, s,
                                      TEXTURE_PERIOD, DOT_RADIUS, STRIPE_CONTRAST, DOT_CONTRAST)
     image = background[:, None].expand(n, 3, resolution, resolution)
 

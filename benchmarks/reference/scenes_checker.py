@@ -136,13 +136,7 @@ def _background_energy(image: np.ndarray, objects: np.ndarray) -> tuple[float, n
     gradient but none of the texture (the box removes its fundamental)."""
     scale = image.shape[0] / RESOLUTION
     grey = ndimage.gaussian_filter(image.mean(-1), sigma=scale)
-    size = int(round(TEXTURE_PERIOD * scale)) | 1
-    residual = grey - ndimage.uniform_filter(grey, size=size, mode="nearest")
-    keep = ~ndimage.binary_dilation(objects, iterations=size // 2 + 1)
-    edge = size // 2
-    keep[:edge], keep[-edge:], keep[:, :edge], keep[:, -edge:] = False, False, False, False
-    energy = float(np.mean(residual[keep] ** 2)) if keep.sum() >= 64 else 0.0
-    return energy, residual, keep
+    return detail.background_energy(grey, objects, int(round(TEXTURE_PERIOD * scale)) | 1)
 
 
 def _texture(image: np.ndarray, objects: np.ndarray) -> int:

@@ -115,17 +115,43 @@ def shape_distance(shape: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, r: t
     return torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
 
 
-def textured_background(texture: torch.Tensor, tone: torch.Tensor, slope: torch.Tensor, angle: torch.Tensor,
-                        vertical: torch.Tensor, phase: torch.Tensor, x: torch.Tensor, y: torch.Tensor, half: float,
+def uniform(n: int, generator: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
+    """(n, *shape) uniform draws in [low, high)."""
+    return low + (high - low) * torch.rand(n, *shape, generator=generator)
+
+
+@dataclass(frozen=True)
+class BackgroundDraws:
+    """The nuisance factors of a batch's backgrounds: tone (B,) dark or light, gradient slope (B,) along angle (B,),
+    stripe orientation vertical (B,) bool, texture phase (B, 2) in pixels."""
+
+    tone: torch.Tensor
+    slope: torch.Tensor
+    angle: torch.Tensor
+    vertical: torch.Tensor
+    phase: torch.Tensor
+
+    @classmethod
+    def draw(cls, n: int, generator: torch.Generator, period: float) -> "BackgroundDraws":
+        dark = torch.rand(n, generator=generator) < 0.5
+        tone = torch.where(dark, uniform(n, generator, 0.18, 0.38), uniform(n, generator, 0.62, 0.82))
+        slope = uniform(n, generator, -0.12, 0.12)
+        angle = uniform(n, generator, 0, 2 * math.pi)
+        vertical = torch.rand(n, generator=generator) < 0.5
+        return cls(tone, slope, angle, vertical, uniform(n, generator, 0, period, 2))
+
+
+def textured_background(texture: torch.Tensor, draws: BackgroundDraws, x: torch.Tensor, y: torch.Tensor, half: float,
                         scale: float, period: float, dot_radius: float, stripe_contrast: float,
                         dot_contrast: float) -> torch.Tensor:
-    """(B, H, W) grey background in [0, 1]: per-image tone, a linear gradient along `angle`, and the texture
-    (0 plain, 1 striped, 2 dotted), its contrast towards the far side of the tone range.
+    """(B, H, W) grey background in [0, 1]: per-image tone, a linear gradient, and the texture (0 plain, 1 striped,
+    2 dotted), its contrast towards the far side of the tone range.
 
     Args:
-        texture, tone, slope, angle, vertical: (B,); phase: (B, 2); x: (1, 1, W), y: (1, H, 1) pixel centres in
-        native-resolution units; half: half the native side; scale: rendered / native resolution.
+        texture: (B,); draws: the nuisance factors; x: (1, 1, W), y: (1, H, 1) pixel centres in native-resolution
+        units; half: half the native side; scale: rendered / native resolution.
     """
+    tone, slope, angle, vertical, phase = draws.tone, draws.slope, draws.angle, draws.vertical, draws.phase
     u = (x - half) * torch.cos(angle)[:, None, None] + (y - half) * torch.sin(angle)[:, None, None]
     background = tone[:, None, None] + slope[:, None, None] * u / half
     sign = torch.where(tone < 0.5, 1.0, -1.0)[:, None, None]
@@ -148,16 +174,8 @@ def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUT
     for testing the detail measure); the nuisance draws are the same either way.
     """
     n, s = len(scenes), resolution / RESOLUTION
-
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, *shape, generator=generator)
-
-    tone = torch.where(torch.rand(n, generator=generator) < 0.5, uniform(0.18, 0.38), uniform(0.62, 0.82))
-    slope = uniform(-0.12, 0.12)  # background gradient along a random direction
-    angle = uniform(0, 2 * math.pi)
-    vertical = torch.rand(n, generator=generator) < 0.5  # stripe orientation
-    phase = uniform(0, TEXTURE_PERIOD, 2)
-    jitter = uniform(-JITTER, JITTER, 2)
+    draws = BackgroundDraws.draw(n, generator, TEXTURE_PERIOD)
+    jitter = uniform(n, generator, -JITTER, JITTER, 2)
 
     coords = (torch.arange(resolution, dtype=torch.float32) + 0.5) / s  # pixel centres in 64-px units
     y, x = coords[None, :, None], coords[None, None, :]
@@ -166,7 +184,7 @@ def render(scenes: Scenes, generator: torch.Generator, resolution: int = RESOLUT
     cy = (centres[scenes.position // 3] + jitter[:, 1])[:, None, None]
     r = torch.tensor(HALF_EXTENT)[scenes.size][:, None, None]
 
-    background = textured_background(scenes.texture, tone, slope, angle, vertical, phase, x, y, 32.0, s,
+    background = textured_background(scenes.texture, draws, x, y, 32.0, s,
                                      TEXTURE_PERIOD, DOT_RADIUS, 0.14, 0.22)
     image = background[:, None].expand(n, 3, resolution, resolution)
 

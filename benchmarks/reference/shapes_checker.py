@@ -110,15 +110,9 @@ def _shape(mask: np.ndarray) -> int:
 def _background_energy(image: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """(mean squared high-passed grey level of the background, the high-passed grey level, the background pixels
     used); the energy is 0 when too little background is left."""
-    grey = image.mean(-1)
     scale = image.shape[0] / shapes.RESOLUTION
     size = int(round(shapes.TEXTURE_PERIOD / 2 * scale)) + 1  # a box filter half a period wide keeps gradients
-    residual = grey - ndimage.uniform_filter(grey, size=size, mode="nearest")
-    keep = ~ndimage.binary_dilation(mask, iterations=size // 2 + 1)
-    edge = size // 2
-    keep[:edge], keep[-edge:], keep[:, :edge], keep[:, -edge:] = False, False, False, False
-    energy = float(np.mean(residual[keep] ** 2)) if keep.sum() >= 64 else 0.0
-    return energy, residual, keep
+    return detail.background_energy(image.mean(-1), mask, size)
 
 
 def _texture(image: np.ndarray, mask: np.ndarray) -> int:

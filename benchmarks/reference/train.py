@@ -33,8 +33,9 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -511,7 +512,7 @@ def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
     return target
 
 
-def reference_sample(folder: Path, prompts: tuple[str, ...], steps: int = 10) -> "np.ndarray":
+def reference_sample(folder: Path, prompts: tuple[str, ...], steps: int = 10) -> np.ndarray:
     """Images of `prompts` (seed 0) from the pipeline saved in `folder`, loaded with `from_pretrained`."""
     from diffusers import DiffusionPipeline
 
@@ -523,8 +524,6 @@ def reference_sample(folder: Path, prompts: tuple[str, ...], steps: int = 10) ->
 
 def write_reference_sample(folder: Path, prompts: tuple[str, ...]) -> None:
     """Store what the exported pipeline generates, so that a later load can be checked against it."""
-    import numpy as np
-
     images = reference_sample(folder, prompts)
     np.savez_compressed(folder / "reference_sample.npz", images=(images * 255).round().astype(np.uint8),
                         prompts=np.array(prompts))
