@@ -85,17 +85,24 @@ def test_training_text_encoding_equals_the_pipelines(trained):
     torch.testing.assert_close(embeds[0, :n], ref[0, :n].float(), rtol=1e-3, atol=1e-3)
 
 
-def test_scenes_data_trains_at_128_px_and_extends_the_shapes_text_encoder(tmp_path):
+@pytest.fixture(scope="module")
+def scenes_toy(tmp_path_factory):
     """The multi-object data set through every stage on a toy configuration (1,024 tokens at full size: 32 x 32 here
-    too, the VAE downsamples 4x); the text encoder of the larger vocabulary encodes the shared words as the
-    single-shape one does."""
+    too, the VAE downsamples 4x), then the export."""
+    out = tmp_path_factory.mktemp("scenes")
+    cfg = TrainConfig(**{**TrainConfig.tiny().__dict__, "data": "scenes", "text_tokens": 40, "steps": 4,
+                         "vae_steps": 4, "feature_steps": 4, "object_loss_weight": 5.0})
+    vae = train.train_vae(cfg, out, Budget(None))
+    net = train.train_features(cfg, out, Budget(None))
+    denoiser = train.train_denoiser(cfg, out, Budget(None), vae)
+    return cfg, vae, net, denoiser, train.export(cfg, out, out / "weights" / "toy-scenes")
+
+
+def test_scenes_data_trains_at_128_px_and_extends_the_shapes_text_encoder(scenes_toy):
+    """The text encoder of the larger vocabulary encodes the shared words as the single-shape one does."""
     from benchmarks.reference.data import DATA_SETS
 
-    cfg = TrainConfig(**{**TrainConfig.tiny().__dict__, "data": "scenes", "text_tokens": 40, "steps": 4,
-                         "vae_steps": 4, "feature_steps": 4})
-    vae = train.train_vae(cfg, tmp_path, Budget(None))
-    net = train.train_features(cfg, tmp_path, Budget(None))
-    denoiser = train.train_denoiser(cfg, tmp_path, Budget(None), vae)
+    cfg, vae, net, denoiser, _ = scenes_toy
     assert denoiser.config.sample_size == 32 and set(net.heads) == set(DATA_SETS["scenes"].heads)
     pipe = train.assemble_pipeline(cfg, vae, denoiser)
     pipe.set_progress_bar_config(disable=True)
@@ -109,6 +116,47 @@ def test_scenes_data_trains_at_128_px_and_extends_the_shapes_text_encoder(tmp_pa
     large = train.build_text_encoder(shapes_cfg, 3 + len(DATA_SETS["scenes"].words))
     ids = train.build_tokenizer(shapes_cfg)("a large red circle at the top", return_tensors="pt").input_ids
     torch.testing.assert_close(small(ids)[0], large(ids)[0])
+
+
+def test_harness_scores_a_scenes_model_on_its_own_protocol(scenes_toy, tmp_path, monkeypatch):
+    """A trained preset whose train_config names the scenes data: the harness generates its scenes set's prompts and
+    fills the seven attribute columns (the relation only where a prompt asks; the single-shape data's columns stay
+    empty for none), with intervals and saved per-prompt scores."""
+    import dataclasses
+
+    import pandas as pd
+
+    from benchmarks import models
+    from benchmarks.__main__ import main
+    from benchmarks.reference import data, quality, scenes
+
+    folder = scenes_toy[-1]
+    monkeypatch.setattr(models, "WEIGHTS", folder.parent)
+    preset = models._trained_pixart("toy-scenes", "toy scenes model")
+    assert preset.data == "scenes" and preset.num_tokens == 1024
+    monkeypatch.setitem(models.PRESETS, "toy-scenes", preset)
+
+    def few_renders(seed: int) -> torch.Tensor:  # the shipped feature space fits 2,048 renders; the mechanics need few
+        return scenes.render(scenes.sample_scenes(48, torch.Generator().manual_seed(seed)),
+                             torch.Generator().manual_seed(seed + 1))
+
+    scenes_data = data.data_set("scenes")
+    monkeypatch.setitem(data.DATA_SETS, "scenes", dataclasses.replace(
+        scenes_data, evaluation=dataclasses.replace(scenes_data.evaluation, feature_renders=few_renders)))
+    quality.feature_space.cache_clear()
+    out = tmp_path / "run"
+    table = main(["--model", "toy-scenes", "--steps", "2", "--no-latency", "--eval-set", "tune", "--quality-prompts",
+                  "6", "--out", str(out), "--method", "baseline", "tome", "--log-level", "WARNING"]).set_index("method")
+    quality.feature_space.cache_clear()
+    base = table.loc["baseline"]
+    assert base["quality_set"] == "tune" and base["quality_images"] == 6
+    for name in ("adherence", "adherence_count", "adherence_relation", "adherence_shape", "detail", "kid"):
+        assert base[f"{name}_low"] <= base[name] <= base[f"{name}_high"], name
+    scores = quality.SetScores.load(out / "scores" / "toy-scenes" / "tune6" / "baseline.npz")
+    prompts = quality.evaluation_set("tune", "scenes").prompts[:6]
+    assert scores.correct.shape == (6, 7)
+    assert np.array_equal(np.isnan(scores.correct[:, -1]), [p.count != 2 for p in prompts])
+    assert pd.notna(table.loc["tome", "adherence_relation_diff"])
 
 
 def test_object_weighted_loss_counts_object_pixels_more():
