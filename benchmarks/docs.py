@@ -65,7 +65,8 @@ def mac_table() -> str:
 
 # the merge path's own MACs against what merging saves, global (the paper's) and window-local matching
 SHARE_MODELS = ["pixart-xl-2-1024", "pixart-sigma-xl-2-2k"]
-SHARE_METHODS = ["baseline", "sdtm", "sdtm:match_radius=1", "sdtm:match_radius=2", "sdtm:match_dim=64"]
+SHARE_METHODS = ["baseline", "sdtm", "sdtm:match_radius=1", "sdtm:match_radius=2", "sdtm:match_dim=64",
+                 "sdtm:match_dim=128"]
 
 
 def merge_share_table() -> str:
