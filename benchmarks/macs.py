@@ -267,8 +267,8 @@ def count_call_macs(model: nn.Module, run: Callable[[], Any]) -> ForwardMacs:
 
     # a sub-layer ran when its first linear layer did: attention-level caches (PAB, FasterCache, TaylorSeer) return
     # a cached output from the sub-layer's own forward, whose hooks would still fire
-    sublayers = [next((m for m in sub.module.modules() if isinstance(m, nn.Linear)), sub.module)
-                 for block in find_adapter(model).layout(model).blocks for sub in block]
+    sublayers = [next((m for m in module.modules() if isinstance(m, nn.Linear)), module)
+                 for module in find_adapter(model).layout(model).sublayer_modules()]
     counter = MacCounter()
     counter.enabled = False
     steps: list[MacCount] = []

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
 from .reference import WEIGHTS
-FAMILIES = ("pixart", "sd3", "dit", "sd-unet")
+FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux")
 
 _WORDS = (
     "a an the of and with in on at to from by for under over near far big small red green blue yellow black white "
@@ -45,10 +45,11 @@ class ModelPreset:
     """One pipeline of the zoo.
 
     Attributes:
-        family: "pixart", "sd3", "dit" or "sd-unet": which pipeline and denoiser class.
+        family: "pixart", "sd3", "dit", "sd-unet" or "flux": which pipeline and denoiser class.
         denoiser: the denoiser's config (constructor keywords), the published one for full-size presets.
         text_dim: width of the small random text encoder(s) (T5 d_model; CLIP hidden sizes for SD3 / SD U-Nets).
-        text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0).
+        text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0,
+            FLUX.1-dev 512 T5 tokens, schnell 256).
         vae_channels: VAE `block_out_channels`; images are ``latent side * 2^(len - 1)`` pixels.
         text_layers / text_ff: depth and feed-forward width of the random text encoders.
         full_size: a published architecture (MAC counting builds it on the meta device).
@@ -75,11 +76,17 @@ class ModelPreset:
 
     @property
     def sample_size(self) -> int:
-        return self.denoiser["sample_size"]
+        """Side of the VAE latent (FLUX's config has none: the preset's `extra` holds it)."""
+        return self.denoiser.get("sample_size", self.extra.get("sample_size"))
+
+    @property
+    def token_patch(self) -> int:
+        """Latent pixels per token side: the denoiser's patch size; FLUX packs 2 x 2 latent pixels per token."""
+        return 2 if self.family == "flux" else self.denoiser.get("patch_size", 1)
 
     @property
     def num_tokens(self) -> int:
-        return (self.sample_size // self.denoiser.get("patch_size", 1)) ** 2
+        return (self.sample_size // self.token_patch) ** 2
 
     @property
     def resolution(self) -> int:
@@ -87,6 +94,8 @@ class ModelPreset:
 
     @property
     def latent_channels(self) -> int:
+        if self.family == "flux":  # packed: 2 x 2 latent pixels of 16 channels per token
+            return self.denoiser["in_channels"] // 4
         return self.denoiser.get("in_channels", 4)
 
 
@@ -136,6 +145,14 @@ def _unet(channels, cross_dim, head_dim, sample_size, layers_per_block=2, groups
     )
 
 
+def _flux(num_layers, num_single_layers, heads, head_dim, joint_dim, pooled_dim, rope, guidance) -> dict:
+    return dict(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+        pooled_projection_dim=pooled_dim, guidance_embeds=guidance, axes_dims_rope=rope,
+    )
+
+
 _SD_VAE = (128, 256, 512, 512)
 # learned weights: the trained reference pipeline (image quality is measured on it); written by
 # ``python -m benchmarks.reference.train --export benchmarks/reference/weights/<name>``
@@ -156,6 +173,11 @@ PRESETS.update({
         description="tiny SD3.5-style (dual attention in block 0), 64 tokens",
     ),
     "tiny-dit": ModelPreset("dit", _dit(3, 2, 16, 16), 0, 0, (8, 8), description="tiny DiT, 64 tokens"),
+    "tiny-flux": ModelPreset(
+        "flux", _flux(2, 2, 2, 16, 32, 32, (4, 6, 6), guidance=True), (32, 32), 16, (8, 8),
+        description="tiny FLUX.1-dev-style (2 double- and 2 single-stream blocks, guidance), 64 tokens",
+        extra={"sample_size": 16},
+    ),
     "tiny-sd": ModelPreset(
         "sd-unet", _unet((16, 32), 32, 4, 16, layers_per_block=1, groups=8), 32, 77, (8, 8),
         description="tiny SD U-Net, 256 + 64 tokens",
@@ -186,6 +208,16 @@ PRESETS.update({
     "dit-xl-2-256": ModelPreset(
         "dit", _dit(28, 16, 72, 32), 0, 0, _SD_VAE, full_size=True,
         description="DiT-XL/2 256x256 (facebook/DiT-XL-2-256)",
+    ),
+    "flux-dev": ModelPreset(
+        "flux", _flux(19, 38, 24, 128, 4096, 768, (16, 56, 56), guidance=True), (768, 4096), 512, _SD_VAE,
+        full_size=True, extra={"sample_size": 128},
+        description="FLUX.1-dev 1024x1024, 4096 tokens (black-forest-labs/FLUX.1-dev)",
+    ),
+    "flux-schnell": ModelPreset(
+        "flux", _flux(19, 38, 24, 128, 4096, 768, (16, 56, 56), guidance=False), (768, 4096), 256, _SD_VAE,
+        full_size=True, extra={"sample_size": 128},
+        description="FLUX.1-schnell 1024x1024, 4096 tokens (black-forest-labs/FLUX.1-schnell)",
     ),
     "sd-1.5": ModelPreset(
         "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, full_size=True,
@@ -252,7 +284,7 @@ def pipeline_class(preset: ModelPreset) -> type:
 
     return getattr(diffusers, {
         "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
-        "sd-unet": "StableDiffusionPipeline",
+        "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline",
     }[preset.family])
 
 
@@ -265,11 +297,12 @@ def call_default(pipeline_cls: type, name: str) -> Any:
 
 def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> nn.Module:
     """The preset's transformer / U-Net with random weights, built directly on `device` (``"meta"``: shapes only)."""
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
+                           UNet2DConditionModel)
 
     cls = {
-        "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel,
-        "dit": DiTTransformer2DModel, "sd-unet": UNet2DConditionModel,
+        "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "dit": DiTTransformer2DModel,
+        "sd-unet": UNet2DConditionModel, "flux": FluxTransformer2DModel,
     }[preset.family]
     with torch.device(device):
         return cls(**preset.denoiser).eval()
@@ -302,16 +335,40 @@ def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torc
         )
     if preset.family == "dit":
         return dict(hidden_states=latents, timestep=timestep, class_labels=torch.arange(b, device=device) % 1000)
+    if preset.family == "flux":
+        return flux_inputs(preset, b, device, dtype)
     return dict(
         sample=latents, timestep=timestep,
         encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["cross_attention_dim"], **new),
     )
 
 
+def flux_inputs(preset: ModelPreset, batch_size: int = 1, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """FLUX forward inputs as FluxPipeline makes them: packed latents (B, N, 64), T5 tokens, the pooled CLIP vector,
+    the timestep in [0, 1], the row-major image ids [0, row, col] and zero text ids (guidance for dev)."""
+    cfg, b = preset.denoiser, batch_size
+    side = preset.sample_size // 2
+    new = dict(device=device, dtype=dtype)
+    ids = torch.zeros(side, side, 3, **new)
+    ids[..., 1] = torch.arange(side, **new)[:, None]
+    ids[..., 2] = torch.arange(side, **new)[None]
+    inputs = dict(
+        hidden_states=torch.randn(b, side * side, cfg["in_channels"], **new),
+        encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["joint_attention_dim"], **new),
+        pooled_projections=torch.randn(b, cfg["pooled_projection_dim"], **new),
+        timestep=torch.full((b,), 0.5, **new), img_ids=ids.reshape(-1, 3),
+        txt_ids=torch.zeros(preset.text_tokens, 3, **new),
+    )
+    if cfg.get("guidance_embeds"):
+        inputs["guidance"] = torch.full((b,), 3.5, **new)
+    return inputs
+
+
 def build_pipeline(preset: ModelPreset, seed: int = 0):
     """The preset's diffusers pipeline with random weights (in memory, CPU, fp32)."""
     from diffusers import (
-        DiTPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline,
+        DiTPipeline, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, PixArtAlphaPipeline,
         StableDiffusion3Pipeline, StableDiffusionPipeline,
     )
 
@@ -331,6 +388,21 @@ def build_pipeline(preset: ModelPreset, seed: int = 0):
             vae=_vae(preset, 4), text_encoder=_clip(preset, preset.text_dim, len(tokenizer), projection=False),
             tokenizer=tokenizer, unet=denoiser, scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
+        )
+    if preset.family == "flux":
+        clip_tok, t5_tok = word_tokenizer(77), word_tokenizer(preset.text_tokens)
+        clip_dim, t5_dim = preset.text_dim
+        return FluxPipeline(
+            transformer=denoiser,
+            # FLUX.1's scheduler: resolution-dependent shift of the flow-matching sigmas
+            scheduler=FlowMatchEulerDiscreteScheduler(
+                shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096,
+            ),
+            vae=_vae(preset, 16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                     use_post_quant_conv=False),
+            text_encoder=_clip(preset, clip_dim, len(clip_tok), projection=False), tokenizer=clip_tok,
+            text_encoder_2=_t5(preset, t5_dim, len(t5_tok)), tokenizer_2=t5_tok,
         )
     clip_tok, t5_tok = word_tokenizer(77), word_tokenizer(256)
     clip_l, clip_g = preset.text_dim

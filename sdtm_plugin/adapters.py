@@ -1,17 +1,21 @@
 """Per-architecture adapters: which sub-layers are merged and what token grid each block works on.
 
 An adapter lists, for one model family, every block's merged sub-layers (self-attention and feed-forward modules
-whose first input is the (B, N, C) image-token sequence) and where the (h, w) token grid comes from. The merge,
-schedule, cache and state code is shared by all families.
+whose first input is the (B, N, C) image-token sequence, or a `ParallelBlock`) and where the (h, w) token grid comes
+from. The merge, schedule, cache and state code is shared by all families. Rotary models (FLUX) share one merge plan
+across the batch and hand merged attentions a merged rotary table (`rotary.merge_rotary`).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from .rotary import RotaryArg
 
 
 @dataclass(frozen=True)
@@ -22,11 +26,32 @@ class SubLayer:
         name: key of its cache slot within the block ("attn", "attn2", "mlp").
         role: "attn" or "mlp": which of `merge_attn` / `merge_mlp` (and which phase) governs it.
         module: the module whose input is merged and whose output is unmerged.
+        rotary: where the module receives a rotary table over [text; image] tokens, which is merged with the tokens;
+            None: no rotary positions.
     """
 
     name: str
     role: str
     module: nn.Module
+    rotary: RotaryArg | None = None
+
+
+@dataclass(frozen=True)
+class ParallelBlock:
+    """A block whose attention and MLP read one normalised [text; image] sequence side by side and whose outputs one
+    projection mixes (FLUX's single-stream block): ``y = proj_out([attn(x); act_mlp(proj_mlp(x))])``.
+
+    The image suffix of x is merged once (at `proj_mlp`'s input, the first call) and the merge reused at `attn`'s
+    input; outputs are unmerged where the merged rows end: at `proj_out`'s output when both branches merge (the
+    projection, ~40 % of the block's linear MACs, then runs on the merged rows too), else at the merged branch's
+    output. Text rows are never merged.
+    """
+
+    proj_mlp: nn.Module
+    act_mlp: nn.Module
+    attn: nn.Module
+    proj_out: nn.Module
+    rotary: RotaryArg | None = None
 
 
 @dataclass
@@ -34,13 +59,19 @@ class PatchLayout:
     """What one model exposes to merging.
 
     Attributes:
-        blocks: per block, its sub-layers in call order.
+        blocks: per block, its sub-layers in call order, or its `ParallelBlock`.
         grid_sources: modules whose (B, C, H, W) input gives the token grid of the listed blocks (U-Net
             transformers, one per resolution); empty when every block works on the model input's grid.
     """
 
-    blocks: list[list[SubLayer]]
+    blocks: list[list[SubLayer] | ParallelBlock]
     grid_sources: list[tuple[nn.Module, list[int]]] = field(default_factory=list)
+
+    def sublayer_modules(self) -> list[nn.Module]:
+        """Every merged attention and MLP module (a `ParallelBlock`'s attention and MLP input projection)."""
+        return [module for block in self.blocks
+                for module in ([block.attn, block.proj_mlp] if isinstance(block, ParallelBlock)
+                               else [sub.module for sub in block])]
 
 
 @dataclass(frozen=True)
@@ -51,15 +82,21 @@ class Adapter:
         name: shown in errors and logs.
         matches: whether a model belongs to this family.
         layout: the model's `PatchLayout`.
-        token_grid: ``(model, input) -> (h, w)``, the token grid of the model's (B, C, H, W) latent input.
+        token_grid: ``(model, input, inputs) -> (h, w)``, the token grid of the model's latent input, `inputs`
+            holding the forward's arguments named in `grid_inputs`.
         input_name: keyword of that input in the model's forward ("hidden_states", or "sample" for U-Nets).
+        grid_inputs: other arguments of the forward that `token_grid` reads (FLUX: its packed tokens' "img_ids").
+        shared_plans: one merge plan for the whole batch (rotary models: their position table is shared by the
+            batch); else one per image.
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     layout: Callable[[nn.Module], PatchLayout]
-    token_grid: Callable[[nn.Module, torch.Tensor], tuple[int, int]]
+    token_grid: Callable[[nn.Module, torch.Tensor, Mapping[str, Any]], tuple[int, int]]
     input_name: str = "hidden_states"
+    grid_inputs: tuple[str, ...] = ()
+    shared_plans: bool = False
 
 
 def _check_latents(hidden_states: torch.Tensor) -> None:
@@ -67,14 +104,14 @@ def _check_latents(hidden_states: torch.Tensor) -> None:
         raise ValueError(f"expected latents (B, C, H, W), got shape {tuple(hidden_states.shape)}")
 
 
-def _patch_grid(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
+def _patch_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
     """(B, C, H, W) latents cut into p x p patches -> (H // p, W // p), row-major as PatchEmbed flattens them."""
     _check_latents(hidden_states)
     p = model.config.patch_size
     return hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
 
 
-def _pixel_grid(model: nn.Module, hidden_states: torch.Tensor) -> tuple[int, int]:
+def _pixel_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
     _check_latents(hidden_states)
     return hidden_states.shape[-2], hidden_states.shape[-1]
 
@@ -152,6 +189,62 @@ def _unet_layout(model: nn.Module) -> PatchLayout:
     return PatchLayout(blocks, sources)
 
 
+def _is_flux(model: nn.Module) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(model, FluxTransformer2DModel)
+
+
+_FLUX_ROTARY = RotaryArg("image_rotary_emb", None, seq_dim=0)  # (T + N, head_dim) cos and sin, text rows first
+_flux_grids: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}  # id(img_ids) -> (the tensor, version, grid)
+
+
+def _flux_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
+    """The (h, w) grid of FLUX's packed tokens (B, N, C), read off `img_ids` (N, 3) = [0, row, col] in row-major
+    order (FluxPipeline's); one host sync per ids tensor (the pipeline passes the same one at every step).
+
+    Raises for ids that are no such grid (FLUX Kontext and FLUX Fill append reference-image tokens: not supported).
+    """
+    ids = inputs.get("img_ids")
+    if hidden_states.dim() != 3:
+        raise ValueError(f"expected packed latents (B, N, C), got shape {tuple(hidden_states.shape)}")
+    if ids is None:
+        raise ValueError("FLUX token merging needs the forward's img_ids to know the token grid")
+    if ids.dim() == 3:  # the deprecated batched form: one grid for the batch
+        ids = ids[0]
+    known = _flux_grids.get(id(ids))
+    if known is not None and known[0]() is ids and known[1] == ids._version:
+        return known[2]
+    n = hidden_states.shape[1]
+    if ids.shape != (n, 3):
+        raise ValueError(f"img_ids must be ({n}, 3) for {n} image tokens, got {tuple(ids.shape)}")
+    h, w = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
+    rows = torch.arange(h, device=ids.device).repeat_interleave(w)
+    cols = torch.arange(w, device=ids.device).repeat(h)
+    expected = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(ids.dtype)
+    if h * w != n or not torch.equal(ids, expected):
+        raise ValueError(
+            "token merging supports FLUX image tokens on one row-major grid (img_ids = [0, row, col]); these img_ids "
+            "are not one (reference-image tokens, as in FLUX Kontext, are not supported)"
+        )
+    if len(_flux_grids) >= 64:  # ids of finished generations
+        _flux_grids.clear()
+    _flux_grids[id(ids)] = (weakref.ref(ids), ids._version, (h, w))
+    return h, w
+
+
+def _flux_layout(model: nn.Module) -> PatchLayout:
+    """Double-stream blocks: the joint attention's image input (with its rotary table) and the image MLP; single-stream
+    blocks: the image suffix of the joint sequence (`ParallelBlock`). Text tokens are never merged."""
+    blocks: list[list[SubLayer] | ParallelBlock] = [
+        [SubLayer("attn", "attn", b.attn, _FLUX_ROTARY), SubLayer("mlp", "mlp", b.ff)]
+        for b in model.transformer_blocks
+    ]
+    blocks += [ParallelBlock(b.proj_mlp, b.act_mlp, b.attn, b.proj_out, _FLUX_ROTARY)
+               for b in model.single_transformer_blocks]
+    return PatchLayout(blocks)
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel, BasicTransformerBlock with ada_norm_single)",
@@ -162,6 +255,10 @@ ADAPTERS: tuple[Adapter, ...] = (
         _is_sd3, _sd3_layout, _patch_grid,
     ),
     Adapter("DiT (DiTTransformer2DModel, BasicTransformerBlock with ada_norm_zero)", _is_dit, _transformer_layout, _patch_grid),
+    Adapter(
+        "FLUX.1 (FluxTransformer2DModel: double-stream image stream and single-stream image suffix, rotary positions)",
+        _is_flux, _flux_layout, _flux_grid, grid_inputs=("img_ids",), shared_plans=True,
+    ),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",
         _is_unet, _unet_layout, _pixel_grid, input_name="sample",

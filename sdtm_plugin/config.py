@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .rotary import POSITION_RULES
+
 # `switch_step` is given on the paper's 50-step schedule; see `SDTMConfig`.
 SWITCH_STEP_REFERENCE_STEPS = 50
 DEFAULT_DEVIATION = 0.2  # the paper's SDTM*-a
@@ -52,7 +54,9 @@ class _WindowedMergeConfig:
     windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C); None compares with
     every destination (the paper's and tomesd's global matching). `match_dim`: a bipartite merge compares signed
     count sketches of the tokens with this many channels (`sdtm_plugin.merge.channel_sketch`), so its similarity
-    costs dim / C of the exact one; None compares the tokens themselves.
+    costs dim / C of the exact one; None compares the tokens themselves. `rotary_positions`: on rotary models (FLUX),
+    the position a merged token is rotated to (`sdtm_plugin.rotary`): "destination" (its group's first token's) or
+    "mean" (the circular mean of its tokens' angles).
     """
 
     ratio: float = 0.3
@@ -66,6 +70,7 @@ class _WindowedMergeConfig:
     max_downsample: int = 1
     match_radius: int | None = None
     match_dim: int | None = None
+    rotary_positions: str = "destination"
 
     def __post_init__(self) -> None:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
@@ -88,6 +93,8 @@ class _WindowedMergeConfig:
             _check_int("match_radius", self.match_radius, 1, " or None (every destination)")
         if self.match_dim is not None:
             _check_int("match_dim", self.match_dim, 8, " or None (every channel)")
+        if self.rotary_positions not in POSITION_RULES:
+            raise ValueError(f"rotary_positions must be one of {POSITION_RULES}, got {self.rotary_positions!r}")
 
     @property
     def window_size(self) -> int:

@@ -22,9 +22,10 @@ import torch
 from diffusers.hooks import ModelHook
 from torch._dynamo.eval_frame import OptimizedModule
 
-from .adapters import SubLayer
+from .adapters import Adapter, ParallelBlock, SubLayer
 from .clock import PipelineWatch
 from .merge import TokenMerge
+from .rotary import RotaryArg
 from .state import MergeState
 
 STEP_HOOK = "sdtm_step"
@@ -38,20 +39,17 @@ class StepHook(ModelHook):
 
     Args:
         state: the shared `MergeState`.
-        token_grid: ``(model, latents) -> (h, w)``, the adapter's grid of the forward's latent input.
-        input_name: keyword of the latent input when it is not passed positionally.
-        timestep_position: positional index of the forward's ``timestep`` argument (None: keyword only).
+        adapter: the model's `Adapter` (its token grid, latent input and the other inputs the grid needs).
+        parameters: the names of the model forward's parameters, in order (to find arguments passed positionally).
     """
 
     _is_stateful = True
 
-    def __init__(self, state: MergeState, token_grid: Callable, input_name: str,
-                 timestep_position: int | None) -> None:
+    def __init__(self, state: MergeState, adapter: Adapter, parameters: list[str]) -> None:
         super().__init__()
         self.state = state
-        self.token_grid = token_grid
-        self.input_name = input_name
-        self.timestep_position = timestep_position
+        self.adapter = adapter
+        self._positions = {name: i for i, name in enumerate(parameters)}
         self.watch = PipelineWatch(state.clock.claim, self._begin, self._stepped, state.end_generation)
         self._scheduler = None  # the scheduler of the running generation
         self._model = None
@@ -132,10 +130,11 @@ class StepHook(ModelHook):
         t = torch.as_tensor(timestep).detach().flatten()[:1].cpu().double()  # on the CPU: MPS has no float64
         return int((timesteps.detach().cpu().double() - t).abs().argmin())
 
-    def _timestep(self, args: tuple, kwargs: dict) -> Any:
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        position = self.timestep_position
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """The forward's argument `name`, passed by keyword or position; None if not passed."""
+        if name in kwargs:
+            return kwargs[name]
+        position = self._positions.get(name)
         return args[position] if position is not None and position < len(args) else None
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -153,7 +152,8 @@ class StepHook(ModelHook):
     @torch.compiler.disable
     def begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Everything a forward needs decided before it runs (`MergeState.begin_forward`); never compiled."""
-        latents = args[0] if len(args) else kwargs[self.input_name]
+        adapter = self.adapter
+        latents = args[0] if len(args) else kwargs[adapter.input_name]
         begun = self.watch.refresh()  # the user swapped pipe.scheduler after applying: this call's timesteps are set
         if begun is not None:
             self._begin(begun)
@@ -168,8 +168,9 @@ class StepHook(ModelHook):
                 "the patch to that pipeline too (apply_SDTM(other_pipe): the patch then follows both); to call the "
                 "bare model, apply the patch to the model itself with num_inference_steps=..."
             )
-        timestep = self._timestep(args, kwargs)
-        self.state.begin_forward(self.token_grid(module, latents), latents.shape[0],
+        timestep = self._argument("timestep", args, kwargs)
+        inputs = {name: self._argument(name, args, kwargs) for name in adapter.grid_inputs}
+        self.state.begin_forward(adapter.token_grid(module, latents, inputs), latents.shape[0],
                                  lambda: self._start_index(timestep), timestep, latents.device)
 
     def prelude(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -201,7 +202,8 @@ class GridHook(ModelHook):
 class SubLayerMergeHook(ModelHook):
     """Merges the (B, N, C) input of one attention or feed-forward module and unmerges its output.
 
-    Tuple outputs (SD3's joint attention returns image and text streams) have their first element unmerged.
+    Tuple outputs (SD3's and FLUX's joint attentions return image and text streams) have their first element
+    unmerged. A sub-layer with a rotary table gets the table of the merged rows (`MergeState.merged_rotary`).
 
     Args:
         state: the shared `MergeState`.
@@ -213,6 +215,7 @@ class SubLayerMergeHook(ModelHook):
         super().__init__()
         self.state, self.layer = state, layer
         self.name, self.role = sublayer.name, sublayer.role
+        self.rotary = sublayer.rotary
         self._merge: TokenMerge | None = None
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -229,11 +232,120 @@ class SubLayerMergeHook(ModelHook):
             )
         merged = merge.merge(x)
         if from_kwargs:
-            return args, {**kwargs, "hidden_states": merged}
-        return (merged, *args[1:]), kwargs
+            args, kwargs = args, {**kwargs, "hidden_states": merged}
+        else:
+            args = (merged, *args[1:])
+        return _merge_rotary(self.state, self.rotary, merge, args, kwargs)
 
     def post_forward(self, module: torch.nn.Module, output):
         merge, self._merge = self._merge, None
         if isinstance(output, tuple):
             return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), *output[1:])
         return self.state.finish(self.layer, self.name, self.role, merge, output)
+
+
+def _merge_rotary(state: MergeState, rotary: RotaryArg | None, merge: TokenMerge, args: tuple,
+                  kwargs: dict) -> tuple[tuple, dict]:
+    """The call's rotary table, if any, replaced by the table of `merge`'s rows."""
+    table = rotary.find(args, kwargs) if rotary is not None else None
+    if table is None:
+        return args, kwargs
+    return rotary.replace(args, kwargs, state.merged_rotary(merge, table, rotary))
+
+
+class _CallHook(ModelHook):
+    """A hook that hands a module's inputs and output to callbacks (the parts of a `ParallelBlockMerge`)."""
+
+    def __init__(self, pre: Callable | None = None, post: Callable | None = None) -> None:
+        super().__init__()
+        self._pre, self._post = pre, post
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self._pre(args, kwargs) if self._pre is not None else (args, kwargs)
+
+    def post_forward(self, module: torch.nn.Module, output):
+        return self._post(output) if self._post is not None else output
+
+
+class ParallelBlockMerge:
+    """Merging of one `ParallelBlock` (FLUX single-stream): the image suffix of the normalised [text; image]
+    sequence is merged at `proj_mlp`'s input and the merged sequence reused at `attn`'s (the same tensor); outputs
+    are unmerged where the merged rows end: `proj_out`'s output when both branches merge (cache name "out", kept with
+    the attention's outputs), else the merged branch's own output ("attn" / "mlp").
+
+    Args:
+        state: the shared `MergeState`.
+        layer: block index.
+        block: the adapter's `ParallelBlock`.
+    """
+
+    def __init__(self, state: MergeState, layer: int, block: ParallelBlock) -> None:
+        self.state, self.layer, self.block = state, layer, block
+        self._attn: TokenMerge | None = None
+        self._mlp: TokenMerge | None = None
+        self._source: torch.Tensor | None = None  # the normalised sequence the block's branches read
+        self._merged: torch.Tensor | None = None  # ... with its image suffix merged
+
+    def hooks(self) -> list[tuple[torch.nn.Module, ModelHook]]:
+        block = self.block
+        return [(block.proj_mlp, _CallHook(pre=self._mlp_input)), (block.act_mlp, _CallHook(post=self._mlp_output)),
+                (block.attn, _CallHook(pre=self._attn_input, post=self._attn_output)),
+                (block.proj_out, _CallHook(post=self._projected))]
+
+    def _image_tokens(self) -> int:
+        h, w = self.state.layer_grids[self.layer]
+        return h * w
+
+    def _merge_suffix(self, x: torch.Tensor, merge: TokenMerge) -> torch.Tensor:
+        if x is self._source and self._merged is not None:
+            return self._merged
+        text = x.shape[1] - merge.num_tokens
+        merged = torch.cat([x[:, :text], merge.merge(x[:, text:])], dim=1)
+        self._source, self._merged = x, merged
+        return merged
+
+    def _mlp_input(self, args: tuple, kwargs: dict):
+        x = args[0] if args else kwargs["input"]
+        image = x[:, x.shape[1] - self._image_tokens():]
+        state, layer = self.state, self.layer
+        self._mlp = state.block_merge(layer, "mlp", image)
+        self._attn = state.block_merge(layer, "attn", image)
+        self._source = self._merged = None
+        if self._mlp is None:
+            return args, kwargs
+        merged = self._merge_suffix(x, self._mlp)
+        return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "input": merged})
+
+    def _mlp_output(self, output: torch.Tensor) -> torch.Tensor:
+        if self._mlp is not None and self._attn is not None:
+            return output  # stays merged: proj_out runs on the merged rows
+        return self.state.finish_suffix(self.layer, "mlp", "mlp", self._mlp, output)
+
+    def _attn_input(self, args: tuple, kwargs: dict):
+        merge = self._attn
+        if merge is None:
+            return args, kwargs
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError(
+                f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
+                "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
+            )
+        from_kwargs = "hidden_states" in kwargs
+        merged = self._merge_suffix(kwargs["hidden_states"] if from_kwargs else args[0], merge)
+        if from_kwargs:
+            args, kwargs = args, {**kwargs, "hidden_states": merged}
+        else:
+            args = (merged, *args[1:])
+        return _merge_rotary(self.state, self.block.rotary, merge, args, kwargs)
+
+    def _attn_output(self, output: torch.Tensor) -> torch.Tensor:
+        if self._mlp is not None and self._attn is not None:
+            return output
+        return self.state.finish_suffix(self.layer, "attn", "attn", self._attn, output)
+
+    def _projected(self, output: torch.Tensor) -> torch.Tensor:
+        merge = self._attn if self._mlp is not None else None
+        self._source = self._merged = None
+        if merge is None and (self._attn is not None or self._mlp is not None):
+            return output  # one branch merged: unmerged at its own output already
+        return self.state.finish_suffix(self.layer, "out", "attn", merge, output)

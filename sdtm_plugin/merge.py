@@ -315,11 +315,19 @@ class TokenMerge:
         row_flags: ``() -> (B·N',)``, 1 for the rows of groups of more than one token, 0 for the others (a group of
             one and a kept token are computed on their own), in `dtype`; called when first needed.
         dtype: the model dtype of the merged tokens.
+        group_starts: ``() -> (B, G)`` long, the head position of each group's first token (a bipartite group's
+            destination, a window's first token); called when first needed.
+
+    Attributes:
+        base: for a merge made by `expand`, the one-image merge whose plan every image follows; else None.
+        memo: values derived from this merge once per forward and shared by the blocks that use it (a merged rotary
+            table).
     """
 
     def __init__(self, order: torch.Tensor, head: int, num_groups: int,
                  reduce_head: Callable[[torch.Tensor], torch.Tensor], row_of_token: torch.Tensor,
-                 row_flags: Callable[[], torch.Tensor], dtype: torch.dtype) -> None:
+                 row_flags: Callable[[], torch.Tensor], dtype: torch.dtype,
+                 group_starts: Callable[[], torch.Tensor]) -> None:
         self.batch_size, self.num_tokens = order.shape
         self.dtype = dtype
         self.head, self.num_groups = head, num_groups
@@ -327,8 +335,11 @@ class TokenMerge:
         self._reduce_head = reduce_head
         self._row_of_token = row_of_token
         self._row_flags = row_flags
+        self._group_starts = group_starts
         self._flags: dict[torch.dtype, torch.Tensor] = {}
         self._blend_weights: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+        self.base: TokenMerge | None = None
+        self.memo: dict[str, object] = {}
 
     @property
     def device(self) -> torch.device:
@@ -360,6 +371,29 @@ class TokenMerge:
         """(B, N) bool: the tokens that share their row with others."""
         return self.merged_flags() > 0
 
+    @property
+    def plan(self) -> "TokenMerge":
+        """The merge whose plan this one follows: `base` for an expanded merge, else itself."""
+        return self.base if self.base is not None else self
+
+    def expand(self, batch: int) -> "TokenMerge":
+        """This one-image merge applied to each of `batch` images: one plan for the whole batch (what rotary models
+        need, whose position table is shared by the batch). A few (B, N) index kernels; the merge and unmerge cost
+        what a per-image merge costs."""
+        if self.batch_size != 1:
+            raise ValueError(f"expand needs a merge of one image, got a batch of {self.batch_size}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        n, rows = self.num_tokens, self.num_rows
+        starts = torch.arange(batch, device=self.device).unsqueeze(1)
+        order = self._order.view(1, n) + starts * n
+        row_of_token = (self._row_of_token.view(1, n) + starts * rows).view(-1)
+        expanded = TokenMerge(order, self.head, self.num_groups, self._reduce_head, row_of_token,
+                              lambda: self._row_flags().repeat(batch), self.dtype,
+                              lambda: self._group_starts().expand(batch, -1))
+        expanded.base = self
+        return expanded
+
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N', C): each group's mean (fp32 accumulation), then the kept tokens unchanged."""
         if x.shape[:2] != (self.batch_size, self.num_tokens):
@@ -367,6 +401,16 @@ class TokenMerge:
                              f"{tuple(x.shape)}")
         ordered = _take_rows(x, self._order)
         return torch.cat([self._reduce_head(ordered[:, : self.head]), ordered[:, self.head:]], dim=1)
+
+    def pick(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N', C) like `merge`, but each group takes its first token's values instead of the mean
+        (positions: a merged token placed at its destination)."""
+        if x.shape[:2] != (self.batch_size, self.num_tokens):
+            raise ValueError(f"pick expected {self.num_tokens} tokens in a batch of {self.batch_size}, got shape "
+                             f"{tuple(x.shape)}")
+        ordered = _take_rows(x, self._order)
+        starts = self._group_starts().unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return torch.cat([ordered[:, : self.head].gather(1, starts), ordered[:, self.head:]], dim=1)
 
     def unmerge(self, y: torch.Tensor, cache: torch.Tensor | None = None, cache_weight: float = 1.0) -> torch.Tensor:
         """(B, N', C) -> (B, N, C): each token gets its row's output.
@@ -478,7 +522,11 @@ def window_merge(x: torch.Tensor, grid: WindowGrid, num_windows: int, window_pri
     def window_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B, w·K, C) -> (B, w, C)
         return ordered_head.unflatten(1, (num_windows, k)).mean(2)
 
-    return TokenMerge(order, head, num_windows, window_means, row_of_token, lambda: layout.row_flags, x.dtype)
+    def window_starts() -> torch.Tensor:
+        return torch.arange(0, head, k, device=x.device).expand(b, -1)
+
+    return TokenMerge(order, head, num_windows, window_means, row_of_token, lambda: layout.row_flags, x.dtype,
+                      window_starts)
 
 
 def choose_destinations(grid: WindowGrid, batch: int, choice: torch.Tensor | None = None,
@@ -598,17 +646,22 @@ def bipartite_merge(x: torch.Tensor, grid: WindowGrid, num_merged: int, destinat
     row_of_token = window_of_token.add_(layout.row_offsets)
     row_of_token.scatter_(1, ordered[:, head:], layout.tail_rows)
 
-    def group_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B, H, C) -> (B, W, C)
+    def group_means(ordered_head: torch.Tensor) -> torch.Tensor:  # (B', H, C) -> (B', W, C), B' = B or (expand) more
         # a segment mean per group, deterministic (no float atomics), accumulated in fp32 (an fp16 sum of a large
         # group could overflow at 65504)
+        images = ordered_head.shape[0]
         rows = ordered_head.reshape(-1, ordered_head.shape[-1]).float()
+        lengths = sizes.view(-1) if images == b else sizes.expand(images, -1).reshape(-1)
         # unsafe: skip the length checks, whose .item() would make the host wait for the device at every merge
         # (the sizes are valid by construction: each >= 1, summing to H)
-        means = torch.segment_reduce(rows, "mean", lengths=sizes.view(-1), axis=0, unsafe=True)
-        return means.view(b, num_windows, -1).to(ordered_head.dtype)
+        means = torch.segment_reduce(rows, "mean", lengths=lengths, axis=0, unsafe=True)
+        return means.view(images, num_windows, -1).to(ordered_head.dtype)
 
     def row_flags() -> torch.Tensor:
         return torch.cat([(sizes > 1).to(x.dtype), layout.kept_flags], dim=1).view(-1)
 
+    def group_starts() -> torch.Tensor:  # each group's destination: the first of its run
+        return sizes.cumsum(1).sub_(sizes)
+
     return TokenMerge(ordered + tables.offsets, head, num_windows, group_means, row_of_token.view(-1), row_flags,
-                      x.dtype)
+                      x.dtype, group_starts)

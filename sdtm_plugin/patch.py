@@ -17,10 +17,10 @@ from diffusers.hooks import HookRegistry, MagCacheConfig
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
-from .adapters import find_adapter, supported_models
+from .adapters import ParallelBlock, find_adapter, supported_models
 from .caching import attach_step_cache
 from .config import SDTMConfig, ToMeConfig
-from .hooks import GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, StepHook, SubLayerMergeHook
+from .hooks import GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, ParallelBlockMerge, StepHook, SubLayerMergeHook
 from .state import MergeState
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,8 @@ def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
     )
 
 
-def _timestep_position(model: nn.Module) -> int | None:
-    names = [n for n in inspect.signature(type(model).forward).parameters if n != "self"]
-    return names.index("timestep") if "timestep" in names else None
+def _forward_parameters(model: nn.Module) -> list[str]:
+    return [n for n in inspect.signature(type(model).forward).parameters if n != "self"]
 
 
 def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache: Any = None) -> T:
@@ -104,8 +103,8 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
     remove_SDTM(model)  # re-applying replaces, never stacks
 
     layout = adapter.layout(model)
-    state = MergeState(config, num_layers=len(layout.blocks))
-    step_hook = StepHook(state, adapter.token_grid, adapter.input_name, _timestep_position(model))
+    state = MergeState(config, num_layers=len(layout.blocks), shared_plans=adapter.shared_plans)
+    step_hook = StepHook(state, adapter, _forward_parameters(model))
     for follow in [*pipelines, *([pipeline] if pipeline is not None else [])]:
         step_hook.watch.add(follow)
     hooked: list[tuple[nn.Module, str, Any]] = []
@@ -117,8 +116,12 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
     if config is not None:
         for module, layers in layout.grid_sources:
             register(module, GridHook(state, layers), GRID_HOOK)
-        for layer, sublayers in enumerate(layout.blocks):
-            for sub in sublayers:
+        for layer, block in enumerate(layout.blocks):
+            if isinstance(block, ParallelBlock):
+                for module, hook in ParallelBlockMerge(state, layer, block).hooks():
+                    register(module, hook, MERGE_HOOK)
+                continue
+            for sub in block:
                 register(sub.module, SubLayerMergeHook(state, layer, sub), MERGE_HOOK)
     patch = _Patch(state, step_hook, hooked)
     setattr(model, _PATCH_ATTR, patch)

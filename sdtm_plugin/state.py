@@ -23,8 +23,9 @@ import torch
 
 from .clock import GenerationClock
 from .config import SDTMConfig, ToMeConfig
-from .merge import TokenMerge, WindowGrid
+from .merge import TokenMerge, WindowGrid, unit_vectors
 from .methods import ForwardScratch, MergeMethod, StreamBuffers, make_method
+from .rotary import RotaryArg, merge_rotary
 from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,14 @@ class MergeState:
     Args:
         config: the method's configuration (None: nothing is merged, the patch only drives a step cache).
         num_layers: blocks of the model (in execution order).
+        shared_plans: one merge plan for the whole batch, made from the batch's mean token directions (rotary
+            models, whose position table the batch shares); else one plan per image.
     """
 
-    def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int) -> None:
+    def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int, shared_plans: bool = False) -> None:
         self.config = config
         self.num_layers = num_layers
+        self.shared_plans = shared_plans
         self.method: MergeMethod = make_method(config, num_layers)
         self.clock = GenerationClock(getattr(config, "num_inference_steps", None))
         self.on_generation: list = []  # step-cache resets, run when a generation begins
@@ -199,9 +203,10 @@ class MergeState:
             window_grid = self._window_grid(grid, device)
             if self.config.match_radius is not None:
                 window_grid.neighbour_windows(self.config.match_radius)
+            plan_batch = self._plan_batch(batch_size)
             if self.method.tracks_staleness:
-                self._buffers.staleness(batch_size, grid[0] * grid[1], device)
-            self.noise(window_grid, batch_size)
+                self._buffers.staleness(plan_batch, grid[0] * grid[1], device)
+            self.noise(window_grid, plan_batch)
         self.record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
                                     {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers)
         self.records.append(self.record)
@@ -264,11 +269,16 @@ class MergeState:
             if (previous is not None and scratch.ages[layer - 1] + 1 < self.method.plan_blocks
                     and self.layer_grids[layer - 1] == grid):
                 scratch.merges[layer], scratch.ages[layer] = previous, scratch.ages[layer - 1] + 1
-                self.method.reuse(layer, previous, self._buffers)
+                self.method.reuse(layer, previous.plan, self._buffers)
             else:
-                scratch.merges[layer] = self.method.build(layer, x, self._window_grid(grid, x.device), plan,
-                                                          self.removed(grid), self._buffers, scratch)
-                scratch.ages[layer] = 0
+                batch = x.shape[0]
+                if self.shared_plans and batch > 1:  # one plan from the images' mean token directions
+                    x = unit_vectors(x).mean(0, keepdim=True)
+                merge = self.method.build(layer, x, self._window_grid(grid, x.device), plan, self.removed(grid),
+                                          self._buffers, scratch)
+                if merge is not None and merge.batch_size != batch:
+                    merge = merge.expand(batch)
+                scratch.merges[layer], scratch.ages[layer] = merge, 0
         merge = scratch.merges[layer]
         if merge is not None:
             counts[layer] = merge.num_rows
@@ -278,10 +288,42 @@ class MergeState:
         """A sub-layer output (B, N', C) -> (B, N, C): unmerged, blended with the cache, cached."""
         if merge is None and not self._downsample_allowed(layer):  # a block that never merges at its resolution
             return output
-        store = role in self.cache_roles and self.method.merges_layer(layer)
-        return self.method.finish(layer, name, merge, output, self._buffers, store)
+        return self.method.finish(layer, name, merge, output, self._buffers, self._stores(layer, role))
+
+    def finish_suffix(self, layer: int, name: str, role: str, merge: TokenMerge | None,
+                      output: torch.Tensor) -> torch.Tensor:
+        """`finish` for a (B, T + N', C) output whose T leading rows are text (FLUX's joint sequence): the text rows
+        pass through, the image rows are finished."""
+        if merge is None and not self._stores(layer, role):
+            return output  # nothing to unmerge or keep
+        h, w = self.layer_grids[layer]
+        text = output.shape[1] - (merge.num_rows if merge is not None else h * w)
+        image = output[:, text:]
+        if merge is None:  # kept in the cache: laid out as an unmerged output is (one graph for both under compile;
+            # `contiguous` would keep a batch of one's leading stride, which dynamo's guards compare too)
+            image = image.clone(memory_format=torch.contiguous_format)
+        return torch.cat([output[:, :text], self.finish(layer, name, role, merge, image)], dim=1)
+
+    def merged_rotary(self, merge: TokenMerge, table: tuple[torch.Tensor, torch.Tensor],
+                      arg: RotaryArg) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) of `merge`'s merged rows (`rotary.merge_rotary` by the config's
+        `rotary_positions`), made once per merge and shared by the sub-layers that use it."""
+        if not self.shared_plans:
+            raise RuntimeError("a rotary table can only follow a merge plan shared by the batch (shared_plans)")
+        key = f"rotary:{arg.seq_dim}"
+        if key not in merge.plan.memo:
+            merge.plan.memo[key] = merge_rotary(table, merge, arg.seq_dim, self.config.rotary_positions)
+        return merge.plan.memo[key]
 
     # -- helpers --------------------------------------------------------------------------------------------------
+    def _stores(self, layer: int, role: str) -> bool:
+        """Whether a `role` output of block `layer` is kept in the merge cache this forward."""
+        return role in self.cache_roles and self.method.merges_layer(layer)
+
+    def _plan_batch(self, batch: int) -> int:
+        """Images a merge plan is made for."""
+        return 1 if self.shared_plans else batch
+
     def _downsample_allowed(self, layer: int) -> bool:
         (h, w), (gh, gw) = self.grid, self.layer_grids[layer]
         return h * w <= gh * gw * self.config.max_downsample**2

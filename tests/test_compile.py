@@ -37,11 +37,13 @@ def _generate(model, pipe, steps=6):
         return pipe(class_labels=[1], output_type="pt", **kwargs).images
     if model == "tiny":
         kwargs.update(use_resolution_binning=False, clean_caption=False)
+    if model == "tiny-flux":
+        kwargs.update(height=32, width=32, max_sequence_length=16)
     return pipe("a red cat", output_type="latent", **kwargs).images
 
 
 @pytest.mark.parametrize("model,apply", [("tiny", apply_SDTM), ("tiny", apply_ToMe), ("tiny-sd3", apply_SDTM),
-                                         ("tiny-dit", apply_SDTM)])
+                                         ("tiny-dit", apply_SDTM), ("tiny-flux", apply_SDTM)])
 def test_merged_forwards_after_the_first_make_no_host_sync(model, apply, tiny_pipe_dir):
     """Once a generation's first forward has set it up (window tables, the schedule position), a merged forward runs
     without any op that makes the host wait for the device, so CUDA graphs and an asynchronous stream stay possible.
@@ -87,6 +89,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny", "sdtm", "compile, apply"), ("tiny", "tome", "compile, apply"), ("tiny", "fast", "apply, compile"),
     ("tiny", "sdtm", "apply, compile in place"), ("tiny-sd3", "sdtm", "apply, compile"),
     ("tiny-sd3", "tome", "compile, apply"), ("tiny-dit", "sdtm", "compile, apply"), ("tiny", "sketched", "compile, apply"),
+    ("tiny-flux", "sdtm", "compile, apply"), ("tiny-flux", "tome", "apply, compile"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):
