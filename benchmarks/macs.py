@@ -80,11 +80,11 @@ class MacCount:
 
 
 def _module_label(module: nn.Module) -> str | None:
-    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention import AttentionModuleMixin, FeedForward
     from diffusers.models.attention_processor import Attention
 
-    if isinstance(module, Attention):
-        return "cross_attn" if module.is_cross_attention else "self_attn"
+    if isinstance(module, (Attention, AttentionModuleMixin)):  # the mixin: FLUX's and other newer attentions
+        return "cross_attn" if getattr(module, "is_cross_attention", False) else "self_attn"
     if isinstance(module, FeedForward):
         return "mlp"
     return None

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
 from .reference import WEIGHTS
-FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux")
+FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan")
 
 _WORDS = (
     "a an the of and with in on at to from by for under over near far big small red green blue yellow black white "
@@ -45,11 +45,11 @@ class ModelPreset:
     """One pipeline of the zoo.
 
     Attributes:
-        family: "pixart", "sd3", "dit", "sd-unet" or "flux": which pipeline and denoiser class.
+        family: "pixart", "sd3", "dit", "sd-unet", "flux" or "wan": which pipeline and denoiser class.
         denoiser: the denoiser's config (constructor keywords), the published one for full-size presets.
         text_dim: width of the small random text encoder(s) (T5 d_model; CLIP hidden sizes for SD3 / SD U-Nets).
         text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0,
-            FLUX.1-dev 512 T5 tokens, schnell 256).
+            FLUX.1-dev 512 T5 tokens, schnell 256; Wan 512 UMT5 tokens).
         vae_channels: VAE `block_out_channels`; images are ``latent side * 2^(len - 1)`` pixels.
         text_layers / text_ff: depth and feed-forward width of the random text encoders.
         full_size: a published architecture (MAC counting builds it on the meta device).
@@ -76,7 +76,9 @@ class ModelPreset:
 
     @property
     def sample_size(self) -> int:
-        """Side of the VAE latent (FLUX's config has none: the preset's `extra` holds it)."""
+        """Side (Wan: height) of the VAE latent (FLUX's and Wan's configs have none: the preset's `extra` holds it)."""
+        if self.family == "wan":
+            return self.extra["latent"][1]
         return self.denoiser.get("sample_size", self.extra.get("sample_size"))
 
     @property
@@ -86,6 +88,9 @@ class ModelPreset:
 
     @property
     def num_tokens(self) -> int:
+        if self.family == "wan":  # (frames, height, width) latents in (1, 2, 2) patches
+            frames, height, width = self.extra["latent"]
+            return frames * (height // 2) * (width // 2)
         return (self.sample_size // self.token_patch) ** 2
 
     @property
@@ -96,6 +101,8 @@ class ModelPreset:
     def latent_channels(self) -> int:
         if self.family == "flux":  # packed: 2 x 2 latent pixels of 16 channels per token
             return self.denoiser["in_channels"] // 4
+        if self.family == "wan":
+            return self.denoiser["in_channels"]
         return self.denoiser.get("in_channels", 4)
 
 
@@ -153,6 +160,14 @@ def _flux(num_layers, num_single_layers, heads, head_dim, joint_dim, pooled_dim,
     )
 
 
+def _wan(num_layers, heads, head_dim, ffn_dim, text_dim, freq_dim) -> dict:
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+        text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6,
+    )
+
+
 _SD_VAE = (128, 256, 512, 512)
 # learned weights: the trained reference pipeline (image quality is measured on it); written by
 # ``python -m benchmarks.reference.train --export benchmarks/reference/weights/<name>``
@@ -173,6 +188,10 @@ PRESETS.update({
         description="tiny SD3.5-style (dual attention in block 0), 64 tokens",
     ),
     "tiny-dit": ModelPreset("dit", _dit(3, 2, 16, 16), 0, 0, (8, 8), description="tiny DiT, 64 tokens"),
+    "tiny-wan": ModelPreset(
+        "wan", {**_wan(2, 2, 16, 64, 32, 32), "rope_max_seq_len": 64}, 32, 16, (8, 8),
+        description="tiny Wan 2.1-style video, 3 latent frames of 8 x 8 tokens", extra={"latent": (3, 16, 16)},
+    ),
     "tiny-flux": ModelPreset(
         "flux", _flux(2, 2, 2, 16, 32, 32, (4, 6, 6), guidance=True), (32, 32), 16, (8, 8),
         description="tiny FLUX.1-dev-style (2 double- and 2 single-stream blocks, guidance), 64 tokens",
@@ -218,6 +237,15 @@ PRESETS.update({
         "flux", _flux(19, 38, 24, 128, 4096, 768, (16, 56, 56), guidance=False), (768, 4096), 256, _SD_VAE,
         full_size=True, extra={"sample_size": 128},
         description="FLUX.1-schnell 1024x1024, 4096 tokens (black-forest-labs/FLUX.1-schnell)",
+    ),
+    # Wan 2.1 text-to-video, 81 frames (21 latent frames); the VAE is the 8x spatial, 4x temporal Wan VAE
+    "wan2.1-1.3b-480p": ModelPreset(
+        "wan", _wan(30, 12, 128, 8960, 4096, 256), 4096, 512, _SD_VAE, full_size=True, extra={"latent": (21, 60, 104)},
+        description="Wan2.1-T2V-1.3B 480x832, 81 frames, 32,760 tokens (Wan-AI/Wan2.1-T2V-1.3B-Diffusers; MACs only)",
+    ),
+    "wan2.1-14b-720p": ModelPreset(
+        "wan", _wan(40, 40, 128, 13824, 4096, 256), 4096, 512, _SD_VAE, full_size=True, extra={"latent": (21, 90, 160)},
+        description="Wan2.1-T2V-14B 720x1280, 81 frames, 75,600 tokens (Wan-AI/Wan2.1-T2V-14B-Diffusers; MACs only)",
     ),
     "sd-1.5": ModelPreset(
         "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, full_size=True,
@@ -284,7 +312,7 @@ def pipeline_class(preset: ModelPreset) -> type:
 
     return getattr(diffusers, {
         "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
-        "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline",
+        "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline", "wan": "WanPipeline",
     }[preset.family])
 
 
@@ -298,11 +326,11 @@ def call_default(pipeline_cls: type, name: str) -> Any:
 def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> nn.Module:
     """The preset's transformer / U-Net with random weights, built directly on `device` (``"meta"``: shapes only)."""
     from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel)
+                           UNet2DConditionModel, WanTransformer3DModel)
 
     cls = {
         "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "dit": DiTTransformer2DModel,
-        "sd-unet": UNet2DConditionModel, "flux": FluxTransformer2DModel,
+        "sd-unet": UNet2DConditionModel, "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel,
     }[preset.family]
     with torch.device(device):
         return cls(**preset.denoiser).eval()
@@ -337,6 +365,9 @@ def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torc
         return dict(hidden_states=latents, timestep=timestep, class_labels=torch.arange(b, device=device) % 1000)
     if preset.family == "flux":
         return flux_inputs(preset, b, device, dtype)
+    if preset.family == "wan":  # one call per guidance branch: the pipeline does not batch them
+        return dict(hidden_states=torch.randn(b, preset.latent_channels, *preset.extra["latent"], **new),
+                    timestep=timestep, encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["text_dim"], **new))
     return dict(
         sample=latents, timestep=timestep,
         encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["cross_attention_dim"], **new),
@@ -365,6 +396,21 @@ def flux_inputs(preset: ModelPreset, batch_size: int = 1, device: str | torch.de
     return inputs
 
 
+def wan_temporal_stages(preset: ModelPreset) -> list[bool]:
+    """Which downsampling stages of a Wan VAE halve time: all but the first (Wan's [False, True, True]: 4x), the only
+    one of a two-level VAE."""
+    stages = len(preset.vae_channels) - 1
+    return [stages == 1 or i > 0 for i in range(stages)]
+
+
+def wan_call_size(preset: ModelPreset) -> dict[str, int]:
+    """WanPipeline's height, width and num_frames that give the preset's latent (frames, height, width)."""
+    frames, height, width = preset.extra["latent"]
+    spatial = 2 ** (len(preset.vae_channels) - 1)
+    return dict(height=height * spatial, width=width * spatial,
+                num_frames=(frames - 1) * 2 ** sum(wan_temporal_stages(preset)) + 1)
+
+
 def build_pipeline(preset: ModelPreset, seed: int = 0):
     """The preset's diffusers pipeline with random weights (in memory, CPU, fp32)."""
     from diffusers import (
@@ -388,6 +434,26 @@ def build_pipeline(preset: ModelPreset, seed: int = 0):
             vae=_vae(preset, 4), text_encoder=_clip(preset, preset.text_dim, len(tokenizer), projection=False),
             tokenizer=tokenizer, unet=denoiser, scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
+        )
+    if preset.family == "wan":
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        tokenizer = word_tokenizer(preset.text_tokens)
+        d_model = preset.denoiser["text_dim"]
+        heads = max(1, d_model // 64) if d_model >= 64 else 2
+        encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=preset.text_ff,
+            num_layers=preset.text_layers, num_heads=heads, pad_token_id=0, eos_token_id=1,
+        )).eval()
+        # a causal video VAE downsampling 2^(n-1) in space and, as Wan's, in time at every stage but the first
+        temporal = wan_temporal_stages(preset)
+        vae = AutoencoderKLWan(base_dim=preset.vae_channels[0], z_dim=16, dim_mult=[1] * len(preset.vae_channels),
+                               num_res_blocks=1, temperal_downsample=temporal, scale_factor_temporal=2 ** sum(temporal),
+                               scale_factor_spatial=2 ** len(temporal)).eval()
+        return WanPipeline(  # Wan 2.1's flow-matching UniPC solver
+            tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=denoiser,
+            scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         )
     if preset.family == "flux":
         clip_tok, t5_tok = word_tokenizer(77), word_tokenizer(preset.text_tokens)

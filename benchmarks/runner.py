@@ -42,7 +42,8 @@ from . import stats
 from .macs import ForwardMacs, count_call_macs, count_forward_macs
 from .measure import CallResult, ClipScorer, PipelineProbe, Timing, denoiser_attr, median_iqr, psnr, rel_l2, ssim
 from .methods import METHODS, Composed, method_label
-from .models import PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class
+from .models import (PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class,
+                     wan_call_size)
 from .plots import sample_path, slug
 from .reference import quality
 
@@ -292,8 +293,15 @@ class ModelSession:
 
     @property
     def denoiser_batch(self) -> int:
-        """Images per timed call, doubled under classifier-free guidance (the pipelines batch both halves)."""
-        return self.settings.batch_size * (2 if self.guidance > 1 else 1)
+        """Images per denoiser forward: doubled under classifier-free guidance where the pipeline batches both halves;
+        FLUX.1's guidance is an input of one forward (distilled), Wan runs one forward per half."""
+        batched_cfg = self.guidance > 1 and self.family not in ("flux", "wan")
+        return self.settings.batch_size * (2 if batched_cfg else 1)
+
+    @property
+    def calls_per_step(self) -> int:
+        """Denoiser forwards per step: Wan calls it once per guidance half."""
+        return 2 if self.family == "wan" and self.guidance > 1 else 1
 
     @property
     def eval_set(self) -> quality.EvalSet:
@@ -330,6 +338,12 @@ class ModelSession:
             kwargs["num_images_per_prompt"] = s.batch_size
         if self.family == "pixart":
             kwargs.update(use_resolution_binning=False, clean_caption=False)
+        if self.family == "flux" and self.preset is not None:  # FluxPipeline defaults to 1024 px and 512 T5 tokens
+            kwargs.update(height=self.preset.resolution, width=self.preset.resolution,
+                          max_sequence_length=self.preset.text_tokens)
+        if self.family == "wan" and self.preset is not None:  # WanPipeline defaults to 480 x 832, 81 frames
+            kwargs.update(**wan_call_size(self.preset), max_sequence_length=self.preset.text_tokens)
+            kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt", 1)
         return {**kwargs, **s.extra_call_kwargs}
 
     def _call(self, pipe, prompts: list[str] | None = None, seed: int | None = None) -> CallResult:
@@ -495,7 +509,7 @@ class ModelSession:
         if self.family == "sd-unet" or "num_attention_heads" not in cfg:
             return None
         width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        tokens = (cfg["sample_size"] // cfg.get("patch_size", 1)) ** 2
+        tokens = self.preset.num_tokens if self.preset else (cfg["sample_size"] // cfg.get("patch_size", 1)) ** 2
         return self.denoiser_batch * tokens * width * torch.empty((), dtype=self.settings.torch_dtype).element_size()
 
     def _captured_inputs(self) -> dict[str, Any]:
@@ -585,15 +599,17 @@ def _mean_tokens(token_counts: list[dict[str, list[int | None]]]) -> dict[str, l
     return out
 
 
-def macs_columns(macs: ForwardMacs, baseline: ForwardMacs, batch_size: int) -> dict[str, Any]:
+def macs_columns(macs: ForwardMacs, baseline: ForwardMacs, batch_size: int, calls_per_step: int = 1) -> dict[str, Any]:
+    """`calls_per_step`: forwards per step that `macs` (one per step, counted shape-only) stands for (Wan's guidance
+    halves: the same shapes and merges twice)."""
     n = len(macs.steps)
     per_call = macs.per_call  # every forward of one pipeline call (batch_size images)
     labels = per_call.by_label()
     return {
         "macs_forward_linear_G": macs.mean_per_forward("linear") / 1e9,
         "macs_forward_total_G": macs.mean_per_forward("total") / 1e9,
-        "macs_image_linear_T": per_call.linear / batch_size / 1e12,
-        "macs_image_total_T": per_call.total / batch_size / 1e12,
+        "macs_image_linear_T": per_call.linear * calls_per_step / batch_size / 1e12,
+        "macs_image_total_T": per_call.total * calls_per_step / batch_size / 1e12,
         **{f"macs_{label}_G": v / n / 1e9 for label, v in labels.items()},
         "macs_speedup": baseline.per_call.total / per_call.total,
     }
@@ -690,7 +706,8 @@ def _job_row(job: Job, session: ModelSession, settings: Settings, env: dict[str,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **env,
     )
     macs = session.macs(job)
-    row.update(macs_columns(macs, session.macs(Job(job.model, "baseline")), settings.batch_size))
+    calls = 1 if METHODS[job.method].caches else session.calls_per_step  # a real call counts every forward
+    row.update(macs_columns(macs, session.macs(Job(job.model, "baseline")), settings.batch_size, calls))
     if METHODS[job.method].merges:
         row.update(traffic_columns(macs, session.block_input_bytes()))
     if macs.sublayers_run is not None:

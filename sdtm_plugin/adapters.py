@@ -8,6 +8,7 @@ across the batch and hand merged attentions a merged rotary table (`rotary.merge
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -212,10 +213,15 @@ def _flux_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[st
         raise ValueError("FLUX token merging needs the forward's img_ids to know the token grid")
     if ids.dim() == 3:  # the deprecated batched form: one grid for the batch
         ids = ids[0]
+    n = hidden_states.shape[1]
+    if ids.is_meta:  # shape-only runs (MAC counting) have no ids to read: a square grid
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"on the meta device the FLUX token grid must be square, got {n} tokens")
+        return side, side
     known = _flux_grids.get(id(ids))
     if known is not None and known[0]() is ids and known[1] == ids._version:
         return known[2]
-    n = hidden_states.shape[1]
     if ids.shape != (n, 3):
         raise ValueError(f"img_ids must be ({n}, 3) for {n} image tokens, got {tuple(ids.shape)}")
     h, w = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
@@ -245,6 +251,33 @@ def _flux_layout(model: nn.Module) -> PatchLayout:
     return PatchLayout(blocks)
 
 
+def _is_wan(model: nn.Module) -> bool:
+    from diffusers import WanTransformer3DModel
+
+    return isinstance(model, WanTransformer3DModel)
+
+
+_WAN_ROTARY = RotaryArg("rotary_emb", 3, seq_dim=1)  # (1, N, 1, head_dim) cos and sin; attn1(x, None, None, rotary)
+
+
+def _wan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
+    """Wan's video tokens (frames, rows, columns) after its (1, 2, 2) patches, flattened frame by frame: the frames
+    stacked into one (frames x rows, columns) grid, so that windows lie within a frame when the rows are a multiple
+    of `sy` (480p: 30 rows) and global matching (IDM, ToMe) pairs tokens across frames."""
+    if hidden_states.dim() != 5:
+        raise ValueError(f"expected video latents (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
+    pt, ph, pw = model.config.patch_size
+    frames, height, width = hidden_states.shape[2] // pt, hidden_states.shape[3] // ph, hidden_states.shape[4] // pw
+    return frames * height, width
+
+
+def _wan_layout(model: nn.Module) -> PatchLayout:
+    """Self-attention (with its 3-D rotary table) and feed-forward of every block; the cross-attention to the text
+    runs on all tokens, as PixArt's does."""
+    return PatchLayout([[SubLayer("attn", "attn", b.attn1, _WAN_ROTARY), SubLayer("mlp", "mlp", b.ffn)]
+                        for b in model.blocks])
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel, BasicTransformerBlock with ada_norm_single)",
@@ -258,6 +291,10 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "FLUX.1 (FluxTransformer2DModel: double-stream image stream and single-stream image suffix, rotary positions)",
         _is_flux, _flux_layout, _flux_grid, grid_inputs=("img_ids",), shared_plans=True,
+    ),
+    Adapter(
+        "Wan 2.1 / 2.2 video (WanTransformer3DModel: self-attention with 3-D rotary positions, feed-forward)",
+        _is_wan, _wan_layout, _wan_grid, shared_plans=True,
     ),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",

@@ -94,6 +94,11 @@ def _forward_parameters(model: nn.Module) -> list[str]:
 
 
 def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache: Any = None) -> T:
+    if getattr(pipe_or_model, "transformer_2", None) is not None:
+        raise ValueError(
+            f"{type(pipe_or_model).__name__} runs two denoisers (transformer for high noise, transformer_2 for low "
+            "noise, as Wan 2.2 A14B does); a patch follows one denoiser per pipeline: not supported yet"
+        )
     model, pipeline = _split(pipe_or_model)
     adapter = find_adapter(model)
     previous = model.__dict__.get(_PATCH_ATTR)

@@ -1,0 +1,92 @@
+"""Wan video (issue 27): merging through diffusers' own WanPipeline, its two guidance calls per step, the frames of a
+video stacked into one token grid, one plan shared by the batch, and the 3-D rotary table merged with the tokens."""
+
+import pytest
+import torch
+from diffusers.hooks import FirstBlockCacheConfig
+
+from benchmarks.models import PRESETS, wan_call_size
+from benchmarks.models import load_pipeline
+from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+
+TOKENS = 3 * 8 * 8  # the tiny preset: 3 latent frames of 8 x 8 tokens
+
+
+@pytest.fixture()
+def wan_pipe(tiny_pipe_dir):
+    pipe = load_pipeline("tiny-wan", cache_dir=tiny_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt="a red cat on a boat", steps=6, **kwargs):
+    return pipe(prompt, **wan_call_size(PRESETS["tiny-wan"]), num_inference_steps=steps, max_sequence_length=16,
+                generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).frames
+
+
+def test_ratio_zero_is_bit_identical_and_removal_is_exact(wan_pipe):
+    base = generate(wan_pipe)
+    assert base.shape[2] == 3
+    apply_SDTM(wan_pipe, ratio=0.0)
+    assert torch.equal(generate(wan_pipe), base)
+    apply_SDTM(wan_pipe)
+    assert not torch.equal(generate(wan_pipe), base)
+    remove_SDTM(wan_pipe)
+    assert torch.equal(generate(wan_pipe), base)
+    assert all("forward" not in m.__dict__ for m in wan_pipe.transformer.modules())
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_token_counts_per_call_seen_at_the_projections(wan_pipe, guidance):
+    """Two transformer calls per step under classifier-free guidance (one without): each merged call's self-attention
+    and feed-forward get the state's merged rows, the cross-attention's queries stay at every token."""
+    rows: list[dict[str, list[int]]] = []
+    transformer = wan_pipe.transformer
+    transformer.register_forward_pre_hook(lambda *_: rows.append({}))
+    for name, modules in {"self q": [b.attn1.to_q for b in transformer.blocks],
+                          "cross q": [b.attn2.to_q for b in transformer.blocks],
+                          "ffn": [b.ffn.net[0].proj for b in transformer.blocks]}.items():
+        for module in modules:
+            module.register_forward_pre_hook(lambda _, args, name=name: rows[-1].setdefault(name, [])
+                                             .append(args[0].shape[1]))
+    apply_ToMe(wan_pipe, ratio=0.5, merge_mlp=True)
+    generate(wan_pipe, guidance_scale=guidance)
+    records = get_merge_state(wan_pipe).records
+    calls = 2 if guidance > 1 else 1
+    assert len(rows) == len(records) == 6 * calls
+    assert [r.call for r in records] == list(range(calls)) * 6
+    for seen, record in zip(rows, records):
+        assert seen["self q"] == record.tokens["attn"] == [TOKENS // 2] * 2
+        assert seen["ffn"] == record.tokens["mlp"] == [TOKENS // 2] * 2
+        assert seen["cross q"] == [TOKENS] * 2
+
+
+def test_one_plan_for_the_batch(wan_pipe):
+    apply_SDTM(wan_pipe)
+    noise = torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1, 1)
+    twins = generate(wan_pipe, prompt=["a red cat"] * 2, latents=noise)
+    assert torch.equal(twins[0], twins[1])
+    assert min(n for step in get_merge_state(wan_pipe).token_counts for n in step["attn"]) < TOKENS
+
+
+def test_composes_with_a_step_cache_in_one_call_and_is_removed_exactly(wan_pipe):
+    base = generate(wan_pipe)
+    apply_SDTM(wan_pipe, step_cache=FirstBlockCacheConfig(threshold=0.2))
+    out = generate(wan_pipe)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    remove_SDTM(wan_pipe)
+    assert torch.equal(generate(wan_pipe), base)
+
+
+def test_two_expert_pipelines_are_refused(wan_pipe):
+    """Wan 2.2 A14B runs a second transformer for the low-noise steps: a patch of one would silently leave the other
+    unmerged, so applying refuses."""
+    wan_pipe.register_modules(transformer_2=wan_pipe.transformer)
+    with pytest.raises(ValueError, match="transformer_2"):
+        apply_SDTM(wan_pipe)
+
+
+def test_full_size_presets_have_the_published_token_counts():
+    assert PRESETS["wan2.1-1.3b-480p"].num_tokens == 32_760
+    assert PRESETS["wan2.1-14b-720p"].num_tokens == 75_600
+    assert wan_call_size(PRESETS["wan2.1-1.3b-480p"]) == {"height": 480, "width": 832, "num_frames": 81}
