@@ -106,13 +106,24 @@ class ModelPreset:
         return self.denoiser.get("in_channels", 4)
 
 
-def _trained_pixart(name: str, description: str) -> ModelPreset:
-    """A shipped trained pipeline as a preset: its denoiser config and geometry read from the saved configs."""
+def _trained(name: str, description: str) -> ModelPreset:
+    """A shipped trained pipeline (PixArt or FLUX) as a preset: its denoiser config and geometry read from the saved
+    configs."""
     folder = WEIGHTS / name
     read = lambda part: json.loads((folder / part / "config.json").read_text())  # noqa: E731
     denoiser = {k: v for k, v in read("transformer").items() if not k.startswith("_")}
-    vae, text = read("vae"), read("text_encoder")
-    data = json.loads((folder / "train_config.json").read_text()).get("data", "shapes")
+    vae = read("vae")
+    trained = json.loads((folder / "train_config.json").read_text())
+    data = trained.get("data", "shapes")
+    if trained.get("arch", "pixart") == "flux":
+        clip, t5 = read("text_encoder"), read("text_encoder_2")
+        latent = vae["sample_size"] // 2 ** (len(vae["block_out_channels"]) - 1)
+        return ModelPreset(
+            "flux", denoiser, (clip["hidden_size"], t5["d_model"]), trained["text_tokens"],
+            tuple(vae["block_out_channels"]), text_layers=t5["num_layers"], text_ff=t5["d_ff"],
+            description=description, weights=folder, data=data, extra={"sample_size": latent},
+        )
+    text = read("text_encoder")
     return ModelPreset(
         "pixart", denoiser, text["d_model"], 120, tuple(vae["block_out_channels"]), text_layers=text["num_layers"],
         text_ff=text["d_ff"], description=description, weights=folder, data=data,
@@ -175,9 +186,11 @@ TRAINED_PRESETS = {
     "pixart-shapes": "trained PixArt-alpha on procedural shapes, 256 tokens, 64-px images (learned weights)",
     "pixart-scenes": "trained PixArt-alpha on procedural scenes of 1-3 objects, 1,024 tokens, 128-px images "
                      "(learned weights)",
+    "flux-shapes": "trained FLUX-architecture model (double- and single-stream blocks, rotary positions) on "
+                   "procedural shapes, 256 tokens, 64-px images (learned weights)",
 }
 PRESETS: dict[str, ModelPreset] = {
-    name: _trained_pixart(name, description) for name, description in TRAINED_PRESETS.items()
+    name: _trained(name, description) for name, description in TRAINED_PRESETS.items()
     if (WEIGHTS / name / "model_index.json").exists()
 }
 PRESETS.update({
@@ -237,6 +250,17 @@ PRESETS.update({
         "flux", _flux(19, 38, 24, 128, 4096, 768, (16, 56, 56), guidance=False), (768, 4096), 256, _SD_VAE,
         full_size=True, extra={"sample_size": 128},
         description="FLUX.1-schnell 1024x1024, 4096 tokens (black-forest-labs/FLUX.1-schnell)",
+    ),
+    # CPU timing at the real token count of a forward, reduced depth and width: FLUX.1-dev 1024 px (4096 image + 512
+    # text tokens, 128-wide heads, its rotary axes) and Wan2.1 480p x 81 frames (32,760 tokens)
+    "flux-dev-cpu": ModelPreset(
+        "flux", _flux(1, 2, 6, 128, 64, 64, (16, 56, 56), guidance=True), (64, 64), 512, (16, 16, 16, 16),
+        extra={"sample_size": 128},
+        description="FLUX.1-dev geometry (4096 + 512 tokens) at 1 double + 2 single blocks of width 768 (CPU timing)",
+    ),
+    "wan2.1-480p-cpu": ModelPreset(
+        "wan", _wan(1, 2, 128, 1024, 64, 64), 64, 512, (8, 8, 8, 8), extra={"latent": (21, 60, 104)},
+        description="Wan2.1 480p x 81 frames geometry (32,760 tokens) at 1 block of width 256 (CPU timing)",
     ),
     # Wan 2.1 text-to-video, 81 frames (21 latent frames); the VAE is the 8x spatial, 4x temporal Wan VAE
     "wan2.1-1.3b-480p": ModelPreset(

@@ -46,6 +46,7 @@ from .models import (PRESETS, build_denoiser, call_default, denoiser_inputs, loa
                      wan_call_size)
 from .plots import sample_path, slug
 from .reference import quality
+from .reference.train import TrainConfig, pipeline_call_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -300,8 +301,17 @@ class ModelSession:
 
     @property
     def calls_per_step(self) -> int:
-        """Denoiser forwards per step: Wan calls it once per guidance half."""
-        return 2 if self.family == "wan" and self.guidance > 1 else 1
+        """Denoiser forwards per step: Wan calls it once per guidance half, and so does FLUX under true guidance (the
+        trained FLUX reference is not guidance-distilled)."""
+        if self.family == "wan" and self.guidance > 1:
+            return 2
+        true_cfg = self.call_kwargs().get("true_cfg_scale", 1.0) if self.family == "flux" else 1.0
+        return 2 if true_cfg > 1 else 1
+
+    @functools.cached_property
+    def train_config(self) -> TrainConfig:
+        """The training configuration of a trained preset."""
+        return TrainConfig.from_json(self.preset.weights / "train_config.json")
 
     @property
     def eval_set(self) -> quality.EvalSet:
@@ -336,9 +346,11 @@ class ModelSession:
         else:
             kwargs["prompt"] = s.prompt
             kwargs["num_images_per_prompt"] = s.batch_size
-        if self.family == "pixart":
+        if self.trained:  # how its training says to call it (trained size, text length, guidance)
+            kwargs.update(pipeline_call_kwargs(self.train_config))
+        elif self.family == "pixart":
             kwargs.update(use_resolution_binning=False, clean_caption=False)
-        if self.family == "flux" and self.preset is not None:  # FluxPipeline defaults to 1024 px and 512 T5 tokens
+        elif self.family == "flux" and self.preset is not None:  # FluxPipeline defaults to 1024 px, 512 T5 tokens
             kwargs.update(height=self.preset.resolution, width=self.preset.resolution,
                           max_sequence_length=self.preset.text_tokens)
         if self.family == "wan" and self.preset is not None:  # WanPipeline defaults to 480 x 832, 81 frames

@@ -175,3 +175,31 @@ def test_object_weighted_loss_counts_object_pixels_more():
         pytest.approx(6.0)
     assert _object_weighted_mse(target + 1, target, images, 5.0) == pytest.approx(1.0)
     assert TrainConfig.for_data("scenes").object_loss_weight > 0 and TrainConfig().object_loss_weight == 0
+
+
+def test_flux_architecture_trains_exports_and_merges(tmp_path):
+    """`--arch flux`: the rectified-flow loss falls on a tiny configuration, the export is a FluxPipeline that a plain
+    `from_pretrained` loads and that generates at the trained size with true guidance (two transformer calls per
+    step), and token merging patches it."""
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    from sdtm_plugin import apply_SDTM, get_merge_state
+
+    cfg = TrainConfig(**{**TrainConfig.tiny().__dict__, "arch": "flux", "single_layers": 1, "steps": 24})
+    train.train_vae(cfg, tmp_path, Budget(None))
+    train.train_features(cfg, tmp_path, Budget(None))
+    train.train_denoiser(cfg, tmp_path, Budget(None), train.load_stage_vae(cfg, tmp_path))
+    losses = _losses(tmp_path, "denoiser")
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    folder = train.export(cfg, tmp_path, tmp_path / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe, FluxPipeline) and pipe.transformer.config.guidance_embeds is False
+    assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    apply_SDTM(pipe, ratio=0.5, protect_steps_frequency=-1)
+    images = pipe("a small red circle at the top left on a plain background", num_inference_steps=3,
+                  generator=torch.Generator().manual_seed(0), output_type="np", **train.pipeline_call_kwargs(cfg)).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    records = get_merge_state(pipe).records
+    assert [r.call for r in records] == [0, 1] * 3  # conditional and unconditional calls
+    assert min(n for r in records for role in ("attn", "mlp") for n in r.tokens[role]) < 64

@@ -17,6 +17,10 @@ Stages, each resumable (a checkpoint every few minutes and at the end; a re-run 
 3. ``denoiser``: `PixArtTransformer2DModel` (256 tokens, patch 1) with v-prediction, so that the high-noise steps,
    where the layout is decided, carry an x0-space weight of at least 1; captions dropped 10 % of the time for
    classifier-free guidance; EMA weights are the ones exported. The text encoder is a small random T5, frozen.
+   ``--arch flux`` trains a `FluxTransformer2DModel` instead (double- and single-stream blocks, 3-axis rotary
+   positions; 2 x 2 latent pixels packed per token, a 2x VAE so that 64-px images give 256 tokens) with the
+   rectified-flow objective FLUX is trained with, for a `FluxPipeline` (frozen random CLIP and T5), sampled with
+   true classifier-free guidance (`true_cfg_scale`, an empty negative prompt): it is not guidance-distilled.
 
 Data are drawn from a generator seeded by (seed, step), so a resumed run sees the same batches as an uninterrupted
 one. ``--budget-minutes`` caps the wall-clock time of the whole command: a stage that runs out saves and stops, and
@@ -46,6 +50,7 @@ from .data import data_set
 logger = logging.getLogger(__name__)
 
 STAGES = ("vae", "features", "denoiser")
+ARCHES = ("pixart", "flux")
 
 
 @dataclass
@@ -54,6 +59,7 @@ class TrainConfig:
 
     seed: int = 0
     data: str = "shapes"  # `benchmarks.reference.data.DATA_SETS`
+    arch: str = "pixart"  # the denoiser and pipeline: "pixart" or "flux" (`ARCHES`)
     init_from: str = ""  # a pipeline folder whose VAE and denoiser weights start the training (its words first)
     interpolation_scale: float = 0.0  # the denoiser's position-embedding scale (0: diffusers' default)
     # text encoder: a random, frozen T5 (word-level tokenizer over the caption vocabulary)
@@ -72,8 +78,11 @@ class TrainConfig:
     feature_steps: int = 600
     feature_batch: int = 64
     feature_lr: float = 2e-3
-    # denoiser
+    # denoiser (FLUX: `layers` double-stream blocks, then `single_layers` single-stream ones)
     layers: int = 6
+    single_layers: int = 0
+    flow_shift: float = 3.0  # FLUX: the sampler's (and training's) timestep shift towards high noise
+    true_cfg_scale: float = 4.5  # FLUX: classifier-free guidance scale of the exported pipeline's calls
     heads: int = 4
     head_dim: int = 64
     steps: int = 1500
@@ -121,6 +130,20 @@ class TrainConfig:
         raise AssertionError("unreachable")
 
     @classmethod
+    def for_arch(cls, data: str, arch: str) -> "TrainConfig":
+        """`for_data`'s defaults for the denoiser `arch`: FLUX on shapes has a 2x VAE (64 px -> 32 x 32 x 8, 256
+        packed tokens), 2 double- and 4 single-stream blocks of width 256 and a 3-axis rotary table, trained from
+        scratch (its VAE differs from the shipped PixArt's)."""
+        if arch not in ARCHES:
+            raise ValueError(f"arch must be one of {ARCHES}, got {arch!r}")
+        cfg = cls.for_data(data)
+        if arch == "flux":
+            if data != "shapes":
+                raise ValueError(f"the FLUX reference is defined on the shapes data set, got data={data!r}")
+            cfg = cls(arch="flux", vae_channels=(16, 32), vae_steps=1000, layers=2, single_layers=4)
+        return cfg
+
+    @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
         data = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
@@ -157,6 +180,19 @@ def build_text_encoder(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     return encoder
 
 
+def build_clip(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """FLUX's pooled text vector: a frozen random CLIP text encoder over the same word vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed + 2)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=cfg.text_dim, intermediate_size=2 * cfg.text_dim,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=max(1, cfg.text_dim // 64), max_position_embeddings=77,
+        projection_dim=cfg.text_dim, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+    )
+    return CLIPTextModel(config).eval().requires_grad_(False)
+
+
 def build_vae(cfg: TrainConfig) -> nn.Module:
     from diffusers import AutoencoderKL
 
@@ -166,20 +202,32 @@ def build_vae(cfg: TrainConfig) -> nn.Module:
         up_block_types=("UpDecoderBlock2D",) * n, latent_channels=cfg.latent_channels, layers_per_block=1,
         # 4 channels per group: a group norm over one channel would erase the per-image tone of a flat background
         norm_num_groups=max(1, cfg.vae_channels[0] // 4), sample_size=data_set(cfg.data).resolution,
-        mid_block_add_attention=False,
+        mid_block_add_attention=False, **({"shift_factor": 0.0} if cfg.arch == "flux" else {}),
     )
 
 
+def latent_side(cfg: TrainConfig) -> int:
+    return data_set(cfg.data).resolution // 2 ** (len(cfg.vae_channels) - 1)
+
+
 def build_transformer(cfg: TrainConfig) -> nn.Module:
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 
     torch.manual_seed(cfg.seed)
     width = cfg.heads * cfg.head_dim
-    latent_side = data_set(cfg.data).resolution // 2 ** (len(cfg.vae_channels) - 1)
+    if cfg.arch == "flux":
+        # rotary: a quarter of each head for the (unused) first id axis, the rest shared by rows and columns, even
+        axis = cfg.head_dim // 8 * 2 + cfg.head_dim % 8
+        rows = (cfg.head_dim - axis) // 2
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * cfg.latent_channels, num_layers=cfg.layers, num_single_layers=cfg.single_layers,
+            attention_head_dim=cfg.head_dim, num_attention_heads=cfg.heads, joint_attention_dim=cfg.text_dim,
+            pooled_projection_dim=cfg.text_dim, guidance_embeds=False, axes_dims_rope=(axis, rows, rows),
+        )
     return PixArtTransformer2DModel(
         num_attention_heads=cfg.heads, attention_head_dim=cfg.head_dim, in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        num_layers=cfg.layers, cross_attention_dim=width, sample_size=latent_side, patch_size=1,
+        num_layers=cfg.layers, cross_attention_dim=width, sample_size=latent_side(cfg), patch_size=1,
         caption_channels=cfg.text_dim, norm_num_groups=min(32, width), interpolation_scale=cfg.interpolation_scale or None,
     )
 
@@ -209,10 +257,23 @@ def noise_scheduler(cfg: TrainConfig):
 
 
 def sampling_scheduler(cfg: TrainConfig):
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    if cfg.arch == "flux":
+        return FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
 
     return DPMSolverMultistepScheduler(num_train_timesteps=cfg.train_timesteps, beta_start=cfg.beta_start,
                                        beta_end=cfg.beta_end, beta_schedule="linear", prediction_type="v_prediction")
+
+
+def pipeline_call_kwargs(cfg: TrainConfig) -> dict:
+    """What a call of the exported pipeline needs besides prompts (PixArt: no resolution binning; FLUX: the trained
+    size, the trained text length and true classifier-free guidance)."""
+    if cfg.arch == "flux":
+        side = data_set(cfg.data).resolution
+        return dict(height=side, width=side, max_sequence_length=cfg.text_tokens, negative_prompt="",
+                    true_cfg_scale=cfg.true_cfg_scale)
+    return dict(use_resolution_binning=False, clean_caption=False)
 
 
 def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str], max_length: int):
@@ -414,11 +475,52 @@ def _object_weighted_mse(pred: torch.Tensor, target: torch.Tensor, images: torch
     return ((pred - target).square() * weights).sum() / (weights.sum() * pred.shape[1])
 
 
+class FluxObjective:
+    """FLUX's rectified flow on (B, C, h, w) latents: x_t = (1 - t) x0 + t noise, the model predicts noise - x0 from
+    the packed tokens; t uniform, shifted towards high noise as the sampler's schedule is (`flow_shift`)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg)
+        self.clip_tokenizer = build_tokenizer(cfg, max_length=77)
+        self.t5 = build_text_encoder(cfg, len(self.tokenizer))
+        self.clip = build_clip(cfg, len(self.clip_tokenizer))
+
+    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) T5 embeddings and (B, D) pooled CLIP vectors, as `FluxPipeline.encode_prompt` makes them (no
+        attention mask: FLUX attends to the padding too)."""
+        with torch.no_grad():
+            ids = self.tokenizer(captions, padding="max_length", max_length=self.cfg.text_tokens, truncation=True,
+                                 return_tensors="pt").input_ids
+            clip_ids = self.clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                           return_tensors="pt").input_ids
+            return self.t5(ids)[0], self.clip(clip_ids).pooler_output
+
+    def predict(self, transformer: nn.Module, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor,
+                captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target), both (B, C, h, w)."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = latents.shape
+        shift = self.cfg.flow_shift
+        t = shift * u / (1 + (shift - 1) * u)
+        noisy = torch.lerp(latents, noise, t.view(-1, 1, 1, 1))
+        embeds, pooled = self.text(captions)
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3)
+        out = transformer(hidden_states=packed, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
+                          img_ids=image_ids, txt_ids=text_ids, return_dict=False)[0]
+        scale = 2 ** (len(self.cfg.vae_channels) - 1)  # the pipeline's unpacking takes pixel sizes
+        return FluxPipeline._unpack_latents(out, h * scale, w * scale, scale), noise - latents
+
+
 def train_denoiser(cfg: TrainConfig, out: Path, budget: Budget, vae: nn.Module,
                    evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> nn.Module:
     data = data_set(cfg.data)
     tokenizer = build_tokenizer(cfg)
     text_encoder = build_text_encoder(cfg, len(tokenizer))
+    flux = FluxObjective(cfg) if cfg.arch == "flux" else None
     transformer = build_transformer(cfg).train()
     load_initial(cfg, transformer, "transformer")
     ema = EMA(transformer, cfg.ema_decay)
@@ -435,16 +537,19 @@ def train_denoiser(cfg: TrainConfig, out: Path, budget: Budget, vae: nn.Module,
         captions = data.captions(batch)
         drop = (torch.rand(cfg.batch, generator=g) < cfg.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
-        embeds, mask = encode_captions(tokenizer, text_encoder, captions, cfg.text_tokens)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mode() * scale
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, cfg.train_timesteps, (cfg.batch,), generator=g)
-        noisy = scheduler.add_noise(latents, noise, t)
-        target = scheduler.get_velocity(latents, noise, t)
         _set_lr(optimizer, cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_fraction))
-        pred = transformer(noisy, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-                           added_cond_kwargs=no_size).sample
+        if flux is not None:
+            pred, target = flux.predict(transformer, latents, noise, torch.rand(cfg.batch, generator=g), captions)
+        else:
+            embeds, mask = encode_captions(tokenizer, text_encoder, captions, cfg.text_tokens)
+            t = torch.randint(0, cfg.train_timesteps, (cfg.batch,), generator=g)
+            noisy = scheduler.add_noise(latents, noise, t)
+            target = scheduler.get_velocity(latents, noise, t)
+            pred = transformer(noisy, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+                               added_cond_kwargs=no_size).sample
         loss = F.mse_loss(pred, target) if not cfg.object_loss_weight else _object_weighted_mse(
             pred, target, images, cfg.object_loss_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -466,9 +571,14 @@ def train_denoiser(cfg: TrainConfig, out: Path, budget: Budget, vae: nn.Module,
 
 # -- export ---------------------------------------------------------------------------------------------------------
 def assemble_pipeline(cfg: TrainConfig, vae: nn.Module, transformer: nn.Module):
-    """The trained components as a `PixArtAlphaPipeline` (fp32, CPU)."""
-    from diffusers import PixArtAlphaPipeline
+    """The trained components as a `PixArtAlphaPipeline` or a `FluxPipeline` (fp32, CPU)."""
+    from diffusers import FluxPipeline, PixArtAlphaPipeline
 
+    if cfg.arch == "flux":
+        flux = FluxObjective(cfg)
+        return FluxPipeline(scheduler=sampling_scheduler(cfg), vae=vae, text_encoder=flux.clip,
+                            tokenizer=flux.clip_tokenizer, text_encoder_2=flux.t5, tokenizer_2=flux.tokenizer,
+                            transformer=transformer)
     tokenizer = build_tokenizer(cfg)
     return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=build_text_encoder(cfg, len(tokenizer)), vae=vae,
                                transformer=transformer, scheduler=sampling_scheduler(cfg))
@@ -518,8 +628,9 @@ def reference_sample(folder: Path, prompts: tuple[str, ...], steps: int = 10) ->
 
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    cfg = TrainConfig.from_json(folder / "train_config.json")
     return pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                output_type="np", use_resolution_binning=False, clean_caption=False).images
+                output_type="np", **pipeline_call_kwargs(cfg)).images
 
 
 def write_reference_sample(folder: Path, prompts: tuple[str, ...]) -> None:
@@ -547,7 +658,7 @@ def monitor(cfg: TrainConfig, vae: nn.Module) -> Callable[[nn.Module], dict[str,
         pipe = assemble_pipeline(cfg, vae, transformer)
         pipe.set_progress_bar_config(disable=True)
         images = pipe(captions, generator=torch.Generator().manual_seed(0), output_type="np",
-                      num_inference_steps=20, use_resolution_binning=False, clean_caption=False).images
+                      num_inference_steps=20, **pipeline_call_kwargs(cfg)).images
         return {f"adh_{k}": float(v) for k, v in score(images).items()}
 
     return evaluate
@@ -564,13 +675,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=None, help="a train_config.json to reproduce")
     parser.add_argument("--data", default="shapes", help="the data set and its defaults (TrainConfig.for_data): shapes, "
                                                          "scenes (default %(default)s)")
+    parser.add_argument("--arch", choices=ARCHES, default="pixart", help="the denoiser (default %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     parser.add_argument("--no-monitor", action="store_true", help="skip the adherence evaluations during training")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
-    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig.for_data(args.data)
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig.for_arch(args.data, args.arch)
     for item in args.set:
         key, _, value = item.partition("=")
         if key not in {f.name for f in fields(TrainConfig)}:
