@@ -99,8 +99,8 @@ class PipelineProbe:
         if self._latents is None:
             raise RuntimeError("the pipeline never called vae.decode; pass output_type='np'")
         peak = float(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else float("nan")
-        return CallResult(pipeline_s, self._denoiser_seconds(), self._latents, np.asarray(output.images, np.float64),
-                          peak)
+        images = output.frames if hasattr(output, "frames") else output.images  # video pipelines return frames
+        return CallResult(pipeline_s, self._denoiser_seconds(), self._latents, np.asarray(images, np.float64), peak)
 
 
 def median_iqr(values: list[float]) -> tuple[float, float]:
@@ -138,7 +138,8 @@ def psnr(images: np.ndarray, reference: np.ndarray) -> float:
 
 
 def ssim(images: np.ndarray, reference: np.ndarray) -> float:
-    """Mean structural similarity (scikit-image, Gaussian window) over the batch of (B, H, W, 3) images in [0, 1]."""
+    """Mean structural similarity (scikit-image, Gaussian window) over the batch of (B, H, W, 3) images in [0, 1]
+    (videos, (B, F, H, W, 3): over their frames)."""
     try:
         from skimage.metrics import structural_similarity
     except ImportError as err:  # pragma: no cover - bench extra not installed
@@ -146,7 +147,7 @@ def ssim(images: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean([
         structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
                               use_sample_covariance=False)
-        for a, b in zip(images, reference)
+        for a, b in zip(images.reshape(-1, *images.shape[-3:]), reference.reshape(-1, *reference.shape[-3:]))
     ]))
 
 

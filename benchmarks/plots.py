@@ -98,14 +98,16 @@ def sample_path(out: Path, model: str, label: str) -> Path:
 
 
 def sample_grids(table: pd.DataFrame, out: Path) -> list[Path]:
-    """Per model, one PNG: a row per method setting, the same prompts and seeds in every column."""
+    """Per model, one PNG: a row per method setting, the same prompts and seeds in every column (video models: the
+    frames of the first video)."""
     made = []
     for model, group in table.groupby("model"):
         rows, names = [], []
         for _, row in group.iterrows():
             path = sample_path(out, model, row["label"])
             if path.exists():
-                rows.append(np.load(path)[:8])
+                images = np.load(path)
+                rows.append((images[0] if images.ndim == 5 else images)[:8])  # a video: the first one's frames
                 names.append(row["label"])
         if not rows:
             continue

@@ -227,13 +227,17 @@ def test_unknown_compile_backend_fails_before_running(tmp_path, models_dir):
 def test_harness_runs_on_every_architecture(tmp_path, models_dir):
     """Whole pipelines (text encoders, VAE decode) of each family through the harness, MACs and fidelity."""
     table = main([
-        "--model", "tiny-sd3", "tiny-dit", "tiny-sd", "--method", "baseline", "sdtm", "--quick", "--no-latency",
-        "--out", str(tmp_path / "out"), "--model-cache", str(models_dir), "--log-level", "WARNING",
+        "--model", "tiny-sd3", "tiny-dit", "tiny-sd", "tiny-flux", "tiny-wan", "--method", "baseline", "sdtm",
+        "--quick", "--no-latency", "--out", str(tmp_path / "out"), "--model-cache", str(models_dir),
+        "--log-level", "WARNING",
     ])
-    assert len(table) == 6
+    assert len(table) == 10
     merged = table[table["method"] == "sdtm"]
     assert (merged["macs_speedup"] > 1).all() and (merged["rel_l2_latents"] > 0).all()
-    assert set(table["family"]) == {"sd3", "dit", "sd-unet"}
+    assert set(table["family"]) == {"sd3", "dit", "sd-unet", "flux", "wan"}
+    # Wan's guidance halves are two forwards per step: an image (video) costs both
+    wan = table[(table["family"] == "wan") & (table["method"] == "baseline")].iloc[0]
+    assert wan["macs_image_total_T"] * 1e3 == pytest.approx(2 * wan["steps"] * wan["macs_forward_total_G"], rel=1e-6)
 
 
 def test_macs_per_image_do_not_grow_with_the_batch(tmp_path, models_dir):

@@ -9,7 +9,7 @@ from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
 from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, window_merge
 
-FAMILIES = ("tiny", "tiny-sd3", "tiny-dit", "tiny-sd")
+FAMILIES = ("tiny", "tiny-sd3", "tiny-dit", "tiny-sd", "tiny-flux", "tiny-wan")
 
 
 def forward(model, inputs):
