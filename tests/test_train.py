@@ -132,7 +132,7 @@ def test_harness_scores_a_scenes_model_on_its_own_protocol(scenes_toy, tmp_path,
 
     folder = scenes_toy[-1]
     monkeypatch.setattr(models, "WEIGHTS", folder.parent)
-    preset = models._trained_pixart("toy-scenes", "toy scenes model")
+    preset = models._trained("toy-scenes", "toy scenes model")
     assert preset.data == "scenes" and preset.num_tokens == 1024
     monkeypatch.setitem(models.PRESETS, "toy-scenes", preset)
 
