@@ -15,12 +15,17 @@ def tiny_pipe_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
-@pytest.fixture()
-def tiny_pipe(tiny_pipe_dir):
-    """A fresh tiny PixArt pipeline (random weights, saved then loaded with from_pretrained), 64 tokens, 4 blocks."""
-    pipe = load_pipeline("tiny", cache_dir=tiny_pipe_dir)
+def quiet_pipeline(name, cache_dir):
+    """A fresh preset pipeline (random weights, saved then loaded with from_pretrained), progress bars off."""
+    pipe = load_pipeline(name, cache_dir=cache_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_pipe_dir):
+    """A fresh tiny PixArt pipeline, 64 tokens, 4 blocks."""
+    return quiet_pipeline("tiny", tiny_pipe_dir)
 
 
 def generate(pipe, prompt="a red cat on a boat", steps=10, seed=0, **kwargs):

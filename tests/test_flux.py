@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import quiet_pipeline
 from diffusers.hooks import FirstBlockCacheConfig
 
-from benchmarks.models import PRESETS, flux_inputs, load_pipeline
+from benchmarks.models import PRESETS, flux_inputs
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, window_merge
 from sdtm_plugin.rotary import merge_rotary
@@ -18,9 +19,7 @@ IMAGE = 64  # its 8 x 8 packed tokens
 
 @pytest.fixture()
 def flux_pipe(tiny_pipe_dir):
-    pipe = load_pipeline("tiny-flux", cache_dir=tiny_pipe_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("tiny-flux", tiny_pipe_dir)
 
 
 def generate(pipe, prompt="a red cat on a boat", steps=8, **kwargs):

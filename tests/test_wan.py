@@ -3,10 +3,10 @@ video stacked into one token grid, one plan shared by the batch, and the 3-D rot
 
 import pytest
 import torch
+from conftest import quiet_pipeline
 from diffusers.hooks import FirstBlockCacheConfig
 
 from benchmarks.models import PRESETS, wan_call_size
-from benchmarks.models import load_pipeline
 from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
 
 TOKENS = 3 * 8 * 8  # the tiny preset: 3 latent frames of 8 x 8 tokens
@@ -14,9 +14,7 @@ TOKENS = 3 * 8 * 8  # the tiny preset: 3 latent frames of 8 x 8 tokens
 
 @pytest.fixture()
 def wan_pipe(tiny_pipe_dir):
-    pipe = load_pipeline("tiny-wan", cache_dir=tiny_pipe_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet_pipeline("tiny-wan", tiny_pipe_dir)
 
 
 def generate(pipe, prompt="a red cat on a boat", steps=6, **kwargs):
