@@ -83,21 +83,23 @@ class Adapter:
         name: shown in errors and logs.
         matches: whether a model belongs to this family.
         layout: the model's `PatchLayout`.
-        token_grid: ``(model, input, inputs) -> (h, w)``, the token grid of the model's latent input, `inputs`
+        token_grid: ``(model, input, inputs) -> (h, w)`` or ``(frames, h, w)``, the token grid of the model's latent input, `inputs`
             holding the forward's arguments named in `grid_inputs`.
         input_name: keyword of that input in the model's forward ("hidden_states", or "sample" for U-Nets).
         grid_inputs: other arguments of the forward that `token_grid` reads (FLUX: its packed tokens' "img_ids").
         shared_plans: one merge plan for the whole batch (rotary models: their position table is shared by the
             batch); else one per image.
+        video: its token grid is (frames, h, w), so windows may span frames (`st` > 1).
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     layout: Callable[[nn.Module], PatchLayout]
-    token_grid: Callable[[nn.Module, torch.Tensor, Mapping[str, Any]], tuple[int, int]]
+    token_grid: Callable[[nn.Module, torch.Tensor, Mapping[str, Any]], tuple[int, ...]]
     input_name: str = "hidden_states"
     grid_inputs: tuple[str, ...] = ()
     shared_plans: bool = False
+    video: bool = False
 
 
 def _check_latents(hidden_states: torch.Tensor) -> None:
@@ -260,15 +262,14 @@ def _is_wan(model: nn.Module) -> bool:
 _WAN_ROTARY = RotaryArg("rotary_emb", 3, seq_dim=1)  # (1, N, 1, head_dim) cos and sin; attn1(x, None, None, rotary)
 
 
-def _wan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
-    """Wan's video tokens (frames, rows, columns) after its (1, 2, 2) patches, flattened frame by frame: the frames
-    stacked into one (frames x rows, columns) grid, so that windows lie within a frame when the rows are a multiple
-    of `sy` (480p: 30 rows) and global matching (IDM, ToMe) pairs tokens across frames."""
+def _wan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Wan's (frames, rows, columns) video token grid after its (1, 2, 2) patches, tokens flattened frame by frame:
+    windows span `st` frames (1: within a frame), global matching (IDM, ToMe) pairs tokens across all frames."""
     if hidden_states.dim() != 5:
         raise ValueError(f"expected video latents (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
     pt, ph, pw = model.config.patch_size
     frames, height, width = hidden_states.shape[2] // pt, hidden_states.shape[3] // ph, hidden_states.shape[4] // pw
-    return frames * height, width
+    return frames, height, width
 
 
 def _wan_layout(model: nn.Module) -> PatchLayout:
@@ -294,7 +295,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ),
     Adapter(
         "Wan 2.1 / 2.2 video (WanTransformer3DModel: self-attention with 3-D rotary positions, feed-forward)",
-        _is_wan, _wan_layout, _wan_grid, shared_plans=True,
+        _is_wan, _wan_layout, _wan_grid, shared_plans=True, video=True,
     ),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",

@@ -47,9 +47,11 @@ def _check_frequency(name: str, value) -> None:
 
 @dataclass(kw_only=True)
 class _WindowedMergeConfig:
-    """Fields shared by every merging method: the 2-D windows, randomness and which sub-layers merge.
+    """Fields shared by every merging method: the windows, randomness and which sub-layers merge.
 
-    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd. `match_radius`: a
+    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd; `st` its depth in frames
+    on video models (Wan: 1 keeps windows within a frame, 2 makes spatio-temporal ``2 x sy x sx`` windows; image
+    models need 1). `match_radius`: a
     bipartite merge (IDM, ToMe) compares each source only with the destinations of the windows within this many
     windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C); None compares with
     every destination (the paper's and tomesd's global matching). `match_dim`: a bipartite merge compares signed
@@ -62,6 +64,7 @@ class _WindowedMergeConfig:
     ratio: float = 0.3
     sx: int = 2
     sy: int = 2
+    st: int = 1
     use_rand: bool = True
     merge_attn: bool = True
     merge_mlp: bool = True
@@ -76,8 +79,10 @@ class _WindowedMergeConfig:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
         _check_int("sx", self.sx, 1)
         _check_int("sy", self.sy, 1)
-        if self.sx * self.sy < 2:
-            raise ValueError(f"sx * sy must be >= 2 (a window of one token cannot merge), got sx={self.sx}, sy={self.sy}")
+        _check_int("st", self.st, 1)
+        if self.window_size < 2:
+            raise ValueError(f"st * sy * sx must be >= 2 (a window of one token cannot merge), got st={self.st}, "
+                             f"sy={self.sy}, sx={self.sx}")
         _check_bool("use_rand", self.use_rand)
         _check_bool("merge_attn", self.merge_attn)
         _check_bool("merge_mlp", self.merge_mlp)
@@ -97,8 +102,13 @@ class _WindowedMergeConfig:
             raise ValueError(f"rotary_positions must be one of {POSITION_RULES}, got {self.rotary_positions!r}")
 
     @property
+    def window(self) -> tuple[int, int, int]:
+        """(st, sy, sx): a window's extent along frames, rows and columns."""
+        return self.st, self.sy, self.sx
+
+    @property
     def window_size(self) -> int:
-        return self.sx * self.sy
+        return self.st * self.sy * self.sx
 
 
 @dataclass(kw_only=True)

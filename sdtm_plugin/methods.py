@@ -147,17 +147,15 @@ class MergeMethod:
     def merges_layer(self, layer: int) -> bool:
         return True
 
-    def removal_schedule(self, num_steps: int, grid: tuple[int, int]) -> tuple[int, ...]:
-        """Tokens a merge removes at each step of a `num_steps` generation on an ``(h, w)`` token grid."""
-        n = grid[0] * grid[1]
-        cfg = self.config
-        return tuple(tokens_removed(p.phase, p.ratio, n, grid, cfg.sx, cfg.sy)
+    def removal_schedule(self, num_steps: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """Tokens a merge removes at each step of a `num_steps` generation on an ``(h, w)`` or ``(frames, h, w)``
+        token grid."""
+        return tuple(tokens_removed(p.phase, p.ratio, grid, self.config.window)
                      for p in (self.plan(step, num_steps) for step in range(num_steps)))
 
-    def tokens_removed(self, plan: StepPlan, grid: tuple[int, int]) -> int:
-        """Tokens a merge of `plan`'s step removes on an ``(h, w)`` grid."""
-        cfg = self.config
-        return tokens_removed(plan.phase, plan.ratio, grid[0] * grid[1], grid, cfg.sx, cfg.sy)
+    def tokens_removed(self, plan: StepPlan, grid: tuple[int, ...]) -> int:
+        """Tokens a merge of `plan`'s step removes on an ``(h, w)`` or ``(frames, h, w)`` grid."""
+        return tokens_removed(plan.phase, plan.ratio, grid, self.config.window)
 
     def noise_shape(self, grid: WindowGrid, batch: int, plan: StepPlan) -> tuple[int, ...] | None:
         """Shape of the uniform draws a merging forward of `plan` needs for `grid` and `batch` images (None: none)."""
@@ -281,7 +279,7 @@ class SDTM(MergeMethod):
     def merges_layer(self, layer: int) -> bool:
         return not layer_is_protected(self.config, layer, self.num_layers)
 
-    def removal_schedule(self, num_steps: int, grid: tuple[int, int]) -> tuple[int, ...]:
+    def removal_schedule(self, num_steps: int, grid: tuple[int, ...]) -> tuple[int, ...]:
         """Tokens removed per step on `grid` with the config's token budgets (`schedule.removal_schedule`), computed
         once per step count and grid."""
         key = (num_steps, grid)

@@ -101,6 +101,9 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
         )
     model, pipeline = _split(pipe_or_model)
     adapter = find_adapter(model)
+    if config is not None and config.st > 1 and not adapter.video:
+        raise ValueError(f"st={config.st} makes windows span frames, but {type(model).__name__} generates images; st "
+                         f"must be 1 here (st > 1 is for video models: Wan)")
     previous = model.__dict__.get(_PATCH_ATTR)
     # a patch belongs to the model: pipelines that share it (each with its own scheduler) share the patch, so
     # re-applying through one of them replaces the patch for all and keeps following the others

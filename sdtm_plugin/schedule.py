@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .config import SWITCH_STEP_REFERENCE_STEPS, SDTMConfig, ToMeConfig
+from .merge import window_counts
 
 
 class Phase(str, Enum):
@@ -81,16 +82,18 @@ def layer_is_protected(config: SDTMConfig | ToMeConfig, layer: int, num_layers: 
     return layer < first or layer >= num_layers - last
 
 
-def tokens_removed(phase: Phase, ratio: float, num_tokens: int, grid: tuple[int, int], sx: int, sy: int) -> int:
-    """How many tokens a merge removes, before the N tokens reach attention or the MLP.
+def tokens_removed(phase: Phase, ratio: float, grid: tuple[int, ...], window: tuple[int, int, int]) -> int:
+    """How many tokens a merge removes, before the N tokens of an ``(h, w)`` or ``(frames, h, w)`` grid reach
+    attention or the MLP.
 
-    SSM merges whole windows: ``floor(ratio * N / (K - 1))`` windows of K = sx * sy tokens, capped at the number
-    of full windows. IDM and ToMe merge ``floor(ratio * N)`` sources, capped at the number of sources.
+    SSM merges whole windows: ``floor(ratio * N / (K - 1))`` windows of K = st * sy * sx tokens (`window`), capped at
+    the number of full windows. IDM and ToMe merge ``floor(ratio * N)`` sources, capped at the number of sources.
     No rounding to multiples of 16 (the reference code's choice): the merged length is the GEMM's M dimension,
     which tensor cores do not need aligned, and rounding would silently change the schedule on small grids.
     """
-    windows = (grid[0] // sy) * (grid[1] // sx)
-    k = sx * sy
+    num_tokens = math.prod(grid)
+    windows = math.prod(window_counts(grid, window))
+    k = math.prod(window)
     if phase is Phase.STRUCTURE:
         return min(int(ratio * num_tokens / (k - 1)), windows) * (k - 1)
     if phase in (Phase.DETAIL, Phase.TOME):
@@ -101,23 +104,24 @@ def tokens_removed(phase: Phase, ratio: float, num_tokens: int, grid: tuple[int,
 TOKEN_ALIGNMENT = 8  # budgets remove multiples of this many tokens (and of whole windows): aligned GEMM lengths
 
 
-def removal_schedule(config: SDTMConfig, num_steps: int, grid: tuple[int, int]) -> tuple[int, ...]:
-    """Tokens a merge removes at each step of a `num_steps` generation on an ``(h, w)`` token grid.
+def removal_schedule(config: SDTMConfig, num_steps: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """Tokens a merge removes at each step of a `num_steps` generation on an ``(h, w)`` or ``(frames, h, w)``
+    token grid.
 
     With ``config.token_budgets = None``, each step's exact count (`tokens_removed`, the paper's). Otherwise the
     merged steps, sorted by their exact count, are cut into `token_budgets` groups of (nearly) equal size; each group
-    removes its mean count rounded to a multiple of ``lcm(sx * sy - 1, TOKEN_ALIGNMENT)`` (whole windows, aligned
+    removes its mean count rounded to a multiple of ``lcm(st * sy * sx - 1, TOKEN_ALIGNMENT)`` (whole windows, aligned
     lengths), at least one such granule and at most the grid's cap. The generation's mean ratio is kept to within
     half a granule per budget, and every sub-layer sees at most `token_budgets` distinct merged lengths.
     """
-    n = grid[0] * grid[1]
+    n = math.prod(grid)
     plans = [step_plan(config, step, num_steps) for step in range(num_steps)]
-    exact = [tokens_removed(p.phase, p.ratio, n, grid, config.sx, config.sy) for p in plans]
+    exact = [tokens_removed(p.phase, p.ratio, grid, config.window) for p in plans]
     if config.token_budgets is None:
         return tuple(exact)
-    k = config.sx * config.sy
+    k = config.window_size
     granule = math.lcm(k - 1, TOKEN_ALIGNMENT)
-    windows = (grid[0] // config.sy) * (grid[1] // config.sx)
+    windows = math.prod(window_counts(grid, config.window))
     cap = min(windows * (k - 1), n - windows) // granule * granule  # SSM's whole windows, IDM's sources
     merged = sorted((count, step) for step, count in enumerate(exact) if count > 0)
     if cap < granule or not merged:  # a grid too small for one granule: nothing merges at all in budget mode

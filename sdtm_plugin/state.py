@@ -15,6 +15,7 @@ bounded set (the phase, the sub-layer flags, the token budget, which outputs to 
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,14 +75,14 @@ class MergeState:
         self._streams: dict[tuple, StreamBuffers] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self.plan: StepPlan | None = None
-        self.grid: tuple[int, int] | None = None
-        self.layer_grids: list[tuple[int, int] | None] = [None] * num_layers
+        self.grid: tuple[int, ...] | None = None
+        self.layer_grids: list[tuple[int, ...] | None] = [None] * num_layers
         self.record: ForwardRecord | None = None  # the running forward's telemetry
         self.cache_roles: tuple[str, ...] = ()  # sub-layer roles whose outputs the merge cache keeps this forward
         self.ready = False  # `begin_forward` ran for the coming forward outside its compiled region
         self.scratch: ForwardScratch | None = None
         self._buffers: StreamBuffers | None = None
-        self._removed: dict[tuple[int, int], int] = {}  # per token grid, what this forward's merges remove
+        self._removed: dict[tuple[int, ...], int] = {}  # per token grid, what this forward's merges remove
         self._noise: dict[tuple, torch.Tensor | None] = {}  # per (token grid, batch), this forward's random draws
         self._last_shape: tuple | None = None
         self.peak_held_bytes = 0  # the most `held_bytes` seen at the start of a forward (telemetry)
@@ -133,7 +134,7 @@ class MergeState:
         self._streams.clear()  # nothing (staleness, output caches) carries over from the previous generation
         self.peak_held_bytes = 0
 
-    def token_budgets(self) -> dict[tuple[int, int], list[tuple[int, float]]]:
+    def token_budgets(self) -> dict[tuple[int, ...], list[tuple[int, float]]]:
         """Per token grid of the current (or last) generation, its distinct merges: (tokens removed, the ratio that
         realises), smallest first. With `SDTMConfig.token_budgets` there are at most that many per grid."""
         if self.num_steps is None or self.config is None:
@@ -141,7 +142,7 @@ class MergeState:
         grids = {key[0] for key in self._grids}
         out = {}
         for grid in sorted(grids):
-            n = grid[0] * grid[1]
+            n = math.prod(grid)
             out[grid] = sorted({(r, r / n) for r in self.method.removal_schedule(self.num_steps, grid) if r})
         return out
 
@@ -163,7 +164,7 @@ class MergeState:
         self.scratch = None
         self.plan = None
 
-    def begin_forward(self, grid: tuple[int, int], batch_size: int, start_index=lambda: 0,
+    def begin_forward(self, grid: tuple[int, ...], batch_size: int, start_index=lambda: 0,
                       timestep: Any = None, device: torch.device | str = "cpu") -> StepPlan:
         """Start a model forward on latents whose token grid is `grid` (every block's, unless a grid source says).
 
@@ -205,7 +206,7 @@ class MergeState:
                 window_grid.neighbour_windows(self.config.match_radius)
             plan_batch = self._plan_batch(batch_size)
             if self.method.tracks_staleness:
-                self._buffers.staleness(plan_batch, grid[0] * grid[1], device)
+                self._buffers.staleness(plan_batch, math.prod(grid), device)
             self.noise(window_grid, plan_batch)
         self.record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
                                     {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers)
@@ -219,8 +220,8 @@ class MergeState:
     def close_forward(self) -> None:
         self.scratch = None
 
-    def removed(self, grid: tuple[int, int]) -> int:
-        """Tokens this forward's merges remove on an ``(h, w)`` grid (0 when nothing merges)."""
+    def removed(self, grid: tuple[int, ...]) -> int:
+        """Tokens this forward's merges remove on a token grid (0 when nothing merges)."""
         if grid not in self._removed:
             self._removed[grid] = self.method.tokens_removed(self.plan, grid) if self.plan.merges else 0
         return self._removed[grid]
@@ -236,7 +237,7 @@ class MergeState:
                                 torch.rand(shape, generator=self._generator(device), device=device))
         return self._noise[key]
 
-    def set_layer_grid(self, layers: list[int], grid: tuple[int, int]) -> None:
+    def set_layer_grid(self, layers: list[int], grid: tuple[int, ...]) -> None:
         for layer in layers:
             self.layer_grids[layer] = grid
 
@@ -251,10 +252,10 @@ class MergeState:
         if plan is None:
             raise RuntimeError("a merged block ran outside a model forward; was the step hook removed?")
         grid = self.layer_grids[layer]
-        num_tokens = grid[0] * grid[1]
+        num_tokens = math.prod(grid)
         if x.dim() != 3 or x.shape[1] != num_tokens:
             raise ValueError(
-                f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {grid[0]}x{grid[1]} "
+                f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {'x'.join(map(str, grid))} "
                 f"token grid, got {tuple(x.shape)} (chunked feed-forward cannot be combined with merging)"
             )
         record = self.record
@@ -325,13 +326,12 @@ class MergeState:
         return 1 if self.shared_plans else batch
 
     def _downsample_allowed(self, layer: int) -> bool:
-        (h, w), (gh, gw) = self.grid, self.layer_grids[layer]
-        return h * w <= gh * gw * self.config.max_downsample**2
+        return math.prod(self.grid) <= math.prod(self.layer_grids[layer]) * self.config.max_downsample**2
 
-    def _window_grid(self, grid: tuple[int, int], device: torch.device) -> WindowGrid:
+    def _window_grid(self, grid: tuple[int, ...], device: torch.device) -> WindowGrid:
         key = (grid, device)
         if key not in self._grids:
-            self._grids[key] = WindowGrid.build(grid, self.config.sx, self.config.sy, device)
+            self._grids[key] = WindowGrid.build(grid, self.config.sx, self.config.sy, device, self.config.st)
         return self._grids[key]
 
     def _generator(self, device: torch.device) -> torch.Generator | None:

@@ -8,7 +8,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.models import load_pipeline
+from benchmarks.models import PRESETS, load_pipeline, wan_call_size
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations, window_merge
 
@@ -39,11 +39,15 @@ def _generate(model, pipe, steps=6):
         kwargs.update(use_resolution_binning=False, clean_caption=False)
     if model == "tiny-flux":
         kwargs.update(height=32, width=32, max_sequence_length=16)
+    if model == "tiny-wan":
+        return pipe("a red cat", output_type="latent", max_sequence_length=16, **wan_call_size(PRESETS[model]),
+                    **kwargs).frames
     return pipe("a red cat", output_type="latent", **kwargs).images
 
 
 @pytest.mark.parametrize("model,apply", [("tiny", apply_SDTM), ("tiny", apply_ToMe), ("tiny-sd3", apply_SDTM),
-                                         ("tiny-dit", apply_SDTM), ("tiny-flux", apply_SDTM)])
+                                         ("tiny-dit", apply_SDTM), ("tiny-flux", apply_SDTM),
+                                         ("tiny-wan", apply_SDTM)])
 def test_merged_forwards_after_the_first_make_no_host_sync(model, apply, tiny_pipe_dir):
     """Once a generation's first forward has set it up (window tables, the schedule position), a merged forward runs
     without any op that makes the host wait for the device, so CUDA graphs and an asynchronous stream stay possible.
@@ -82,7 +86,8 @@ def _signatures(state) -> set:
 
 
 APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM(pipe, SDTMConfig.fast()),
-         "sketched": lambda pipe: apply_SDTM(pipe, match_dim=8)}
+         "sketched": lambda pipe: apply_SDTM(pipe, match_dim=8),
+         "spatio-temporal": lambda pipe: apply_SDTM(pipe, st=2)}
 
 
 @pytest.mark.parametrize("model,method,order", [
@@ -90,6 +95,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny", "sdtm", "apply, compile in place"), ("tiny-sd3", "sdtm", "apply, compile"),
     ("tiny-sd3", "tome", "compile, apply"), ("tiny-dit", "sdtm", "compile, apply"), ("tiny", "sketched", "compile, apply"),
     ("tiny-flux", "sdtm", "compile, apply"), ("tiny-flux", "tome", "apply, compile"),
+    ("tiny-wan", "spatio-temporal", "compile, apply"), ("tiny-wan", "tome", "apply, compile"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):

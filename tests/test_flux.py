@@ -210,4 +210,4 @@ def test_full_size_presets_match_the_published_geometry():
     dev = PRESETS["flux-dev"]
     assert dev.num_tokens == 4096 and dev.resolution == 1024 and dev.denoiser["guidance_embeds"]
     assert not PRESETS["flux-schnell"].denoiser["guidance_embeds"]
-    assert math.prod(dev.denoiser["axes_dims_rope"][1:]) and sum(dev.denoiser["axes_dims_rope"]) == 128
+    assert tuple(dev.denoiser["axes_dims_rope"]) == (16, 56, 56)  # text/index axis, rows, columns: head_dim 128

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtm_plugin.merge import (WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
-                               window_merge, window_scores)
+                               window_medoid_scores, window_merge, window_scores)
 
 CPU = torch.device("cpu")
 
@@ -25,10 +25,32 @@ def test_window_grid_rejects_grid_smaller_than_window():
         WindowGrid.build((1, 8), sx=2, sy=2, device=CPU)
 
 
-@pytest.mark.parametrize("grid_hw, sx, sy", [((4, 4), 2, 2), ((5, 7), 2, 2), ((6, 9), 3, 2)])
-def test_window_views_equal_gathers(grid_hw, sx, sy):
-    grid = WindowGrid.build(grid_hw, sx, sy, CPU)
-    x = torch.randn(2, grid_hw[0] * grid_hw[1], 3)
+def test_video_windows_span_frames():
+    """(frames, h, w) = (3, 4, 5) with 2 x 2 x 2 windows: one window frame (frames 0-1), 2 x 2 windows per frame;
+    frame 2 and column 4 are loose."""
+    grid = WindowGrid.build((3, 4, 5), sx=2, sy=2, device=CPU, st=2)
+    assert grid.num_windows == 4 and grid.window_size == 8 and grid.num_tokens == 60
+    assert grid.window_tokens[0].tolist() == [0, 1, 5, 6, 20, 21, 25, 26]  # frame-, then row-major inside a window
+    assert grid.window_tokens[1].tolist() == [2, 3, 7, 8, 22, 23, 27, 28]
+    covered = set(grid.window_tokens.flatten().tolist())
+    assert len(covered) == 32 and covered.isdisjoint(grid.loose_tokens.tolist())
+    assert sorted(covered | set(grid.loose_tokens.tolist())) == list(range(60))
+    assert set(range(40, 60)) <= set(grid.loose_tokens.tolist())
+
+
+def test_window_depth_needs_frames():
+    with pytest.raises(ValueError, match=r"st=2 spans frames.*st must be 1 for image models"):
+        WindowGrid.build((4, 4), sx=2, sy=2, device=CPU, st=2)
+    with pytest.raises(ValueError, match="smaller than one 2x2x2"):
+        WindowGrid.build((1, 4, 4), sx=2, sy=2, device=CPU, st=2)
+
+
+@pytest.mark.parametrize("grid_hw, sx, sy, st", [((4, 4), 2, 2, 1), ((5, 7), 2, 2, 1), ((6, 9), 3, 2, 1),
+                                                 ((4, 4, 4), 2, 2, 2), ((5, 5, 7), 2, 2, 2), ((4, 6, 9), 3, 2, 3),
+                                                 ((3, 4, 4), 2, 2, 1)])
+def test_window_views_equal_gathers(grid_hw, sx, sy, st):
+    grid = WindowGrid.build(grid_hw, sx, sy, CPU, st)
+    x = torch.randn(2, grid.num_tokens, 3)
     gathered = x[:, grid.window_tokens]  # (B, W, K, C)
     torch.testing.assert_close(grid.window_reduce(x), gathered.sum(2))
     torch.testing.assert_close(grid.window_reduce(x, mean=True), gathered.mean(2))
@@ -36,6 +58,28 @@ def test_window_views_equal_gathers(grid_hw, sx, sy):
     torch.testing.assert_close(grid.window_unit_sums(x), F.normalize(x, dim=-1)[:, grid.window_tokens].sum(2))
     ids = torch.arange(x.shape[1]).expand(2, -1)
     assert torch.equal(grid.per_window(ids), grid.window_tokens.expand(2, -1, -1))
+    unit = F.normalize(x, dim=-1)[:, grid.window_tokens]  # (B, W, K, C)
+    torch.testing.assert_close(window_medoid_scores(x, grid), (unit * unit.sum(2, keepdim=True)).sum(-1))
+
+
+@pytest.mark.parametrize("grid_hw, st", [((6, 8), 1), ((5, 6, 8), 2), ((3, 4, 4), 1)])
+def test_neighbour_windows_are_those_within_the_radius(grid_hw, st):
+    """Local matching's candidates: every window within one window along frames (video), rows and columns, clamped at
+    the border; loose tokens take their nearest window's."""
+    grid = WindowGrid.build(grid_hw, 2, 2, CPU, st)
+    gf, gh, gw = grid.counts
+    windows, loose = grid.neighbour_windows(1)
+    assert windows.shape == (gf * gh * gw, (3 if gf > 1 else 1) * 9)
+    for index, candidates in enumerate(windows.tolist()):
+        f, y, x = index // (gh * gw), index // gw % gh, index % gw
+        expected = {(ff * gh + yy) * gw + xx for ff in range(gf) for yy in range(gh) for xx in range(gw)
+                    if abs(ff - f) <= 1 and abs(yy - y) <= 1 and abs(xx - x) <= 1}
+        assert set(candidates) == expected
+    frames, h, w = grid.dims
+    for token, candidates in zip(grid.loose_tokens.tolist(), loose.tolist()):
+        f, y, x = token // (h * w), token // w % h, token % w
+        nearest = (min(f // st, gf - 1) * gh + min(y // 2, gh - 1)) * gw + min(x // 2, gw - 1)
+        assert candidates == windows[nearest].tolist()
 
 
 def _duplicated_pairs():

@@ -40,13 +40,13 @@ def test_layer_protection():
 
 def test_tokens_removed_per_phase():
     # 8x8 grid, 2x2 windows: 16 windows; SSM removes 3 tokens per merged window
-    assert tokens_removed(Phase.STRUCTURE, 0.5, 64, (8, 8), 2, 2) == 30  # floor(32 / 3) = 10 windows
-    assert tokens_removed(Phase.STRUCTURE, 0.99, 64, (8, 8), 2, 2) == 48  # capped at the 16 windows
-    assert tokens_removed(Phase.DETAIL, 0.5, 64, (8, 8), 2, 2) == 32
-    assert tokens_removed(Phase.DETAIL, 0.9, 64, (8, 8), 2, 2) == 48  # capped at the 48 sources
-    assert tokens_removed(Phase.TOME, 0.3, 64, (8, 8), 2, 2) == 19
-    assert tokens_removed(Phase.FULL, 0.5, 64, (8, 8), 2, 2) == 0
-    assert tokens_removed(Phase.STRUCTURE, 0.5, 64, (8, 8), 4, 1) == 30  # 4x1 windows: 10 windows of 3 removed
+    assert tokens_removed(Phase.STRUCTURE, 0.5, (8, 8), (1, 2, 2)) == 30  # floor(32 / 3) = 10 windows
+    assert tokens_removed(Phase.STRUCTURE, 0.99, (8, 8), (1, 2, 2)) == 48  # capped at the 16 windows
+    assert tokens_removed(Phase.DETAIL, 0.5, (8, 8), (1, 2, 2)) == 32
+    assert tokens_removed(Phase.DETAIL, 0.9, (8, 8), (1, 2, 2)) == 48  # capped at the 48 sources
+    assert tokens_removed(Phase.TOME, 0.3, (8, 8), (1, 2, 2)) == 19
+    assert tokens_removed(Phase.FULL, 0.5, (8, 8), (1, 2, 2)) == 0
+    assert tokens_removed(Phase.STRUCTURE, 0.5, (8, 8), (1, 1, 4)) == 30  # 4x1 windows: 10 windows of 3 removed
 
 
 def test_tome_plan_is_constant():
@@ -74,7 +74,7 @@ def test_budget_schedule_properties(config, grid, steps):
     budget = removal_schedule(config, steps, grid)
     n, k = grid[0] * grid[1], config.sx * config.sy
     plans = [step_plan(config, s, steps) for s in range(steps)]
-    assert list(exact) == [tokens_removed(p.phase, p.ratio, n, grid, config.sx, config.sy) for p in plans]
+    assert list(exact) == [tokens_removed(p.phase, p.ratio, grid, config.window) for p in plans]
     granule = math.lcm(k - 1, TOKEN_ALIGNMENT)
     for role in ("attn", "mlp"):  # the lengths each sub-layer sees over the generation
         lengths = {n - budget[s] for s, p in enumerate(plans) if p.merges_sublayer(role) and budget[s]}

@@ -34,6 +34,7 @@ def test_paper_defaults_are_unchanged():
     ("plan_blocks", 0, "plan_blocks must be"), ("token_budgets", 0, r"token_budgets must be an integer >= 1 or None"),
     ("token_budgets", 2.5, "token_budgets must be"), ("match_dim", 4, r"match_dim must be an integer >= 8"),
     ("match_dim", 64.0, "match_dim must be"), ("match_radius", 0, r"match_radius must be an integer >= 1"),
+    ("st", 0, r"st must be an integer >= 1"),
 ])
 def test_option_errors_name_the_field_and_its_range(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -324,7 +324,7 @@ def _build(cfg, phase, x, staleness, ratio):
         shape = method.noise_shape(grid, batch, plan)
         return None if shape is None else torch.rand(shape, generator=generator)
 
-    removed = tokens_removed(phase, ratio, 64, (8, 8), 2, 2)
+    removed = tokens_removed(phase, ratio, (8, 8), (1, 2, 2))
     return method.build(0, x, grid, plan, removed, buffers, ForwardScratch(noise)), grid
 
 

@@ -7,7 +7,8 @@ from conftest import quiet_pipeline
 from diffusers.hooks import FirstBlockCacheConfig
 
 from benchmarks.models import PRESETS, wan_call_size
-from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+from sdtm_plugin.schedule import removal_schedule
 
 TOKENS = 3 * 8 * 8  # the tiny preset: 3 latent frames of 8 x 8 tokens
 
@@ -82,6 +83,36 @@ def test_two_expert_pipelines_are_refused(wan_pipe):
     wan_pipe.register_modules(transformer_2=wan_pipe.transformer)
     with pytest.raises(ValueError, match="transformer_2"):
         apply_SDTM(wan_pipe)
+
+
+@pytest.mark.parametrize("st", [1, 2])
+def test_spatio_temporal_windows_remove_whole_windows(wan_pipe, st):
+    """SSM windows of st x 2 x 2 tokens on the (frames, rows, columns) grid: a structure step removes whole windows,
+    K - 1 = 4 st - 1 tokens each, as the schedule of that grid says (frames 0-1 form the one window frame at st = 2,
+    frame 2 is loose)."""
+    config = SDTMConfig(st=st, ratio=0.5, protect_steps_frequency=-1, token_budgets=None)
+    apply_SDTM(wan_pipe, config)
+    generate(wan_pipe, guidance_scale=1.0)
+    state = get_merge_state(wan_pipe)
+    assert set(state.token_budgets()) == {(3, 8, 8)}
+    expected = removal_schedule(config, 6, (3, 8, 8))
+    structure = [(r, removed) for r, removed in zip(state.records, expected) if r.phase == "structure"]
+    assert structure and all(removed > 0 and removed % (4 * st - 1) == 0 for _, removed in structure)
+    for record, removed in structure:
+        assert record.tokens["attn"] == record.tokens["mlp"] == [TOKENS - removed] * 2
+    # 16 windows of 8 tokens at st = 2 (cap 112 removed), 48 windows of 4 at st = 1 (cap 144)
+    assert max(removed for _, removed in structure) == (112 if st == 2 else 132)
+
+
+def test_window_depth_is_refused_on_image_models(tiny_pipe):
+    with pytest.raises(ValueError, match=r"st=2 makes windows span frames.*st must be 1"):
+        apply_SDTM(tiny_pipe, st=2)
+
+
+def test_non_video_input_is_refused(wan_pipe):
+    model = apply_SDTM(wan_pipe.transformer, num_inference_steps=4)
+    with pytest.raises(ValueError, match=r"expected video latents \(B, C, F, H, W\)"):
+        model(torch.randn(1, 16, 16, 16), torch.tensor([500]), torch.randn(1, 16, model.config.text_dim))
 
 
 def test_full_size_presets_have_the_published_token_counts():
