@@ -326,7 +326,7 @@ class ModelSession:
 
     @functools.cached_property
     def scorer(self) -> quality.QualityScorer:
-        return quality.QualityScorer(self.eval_set, self.preset.weights / "features")
+        return quality.QualityScorer(self.eval_set, quality.judge(self.preset.data))
 
     # -- pipeline calls ----------------------------------------------------------------------------------------
     def call_kwargs(self, prompts: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:

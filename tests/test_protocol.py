@@ -16,7 +16,7 @@ ATTRIBUTES = shapes_checker.ATTRIBUTES
 @pytest.fixture(scope="module")
 def scorer():
     """A scorer on the first 48 prompts of the tune set (the shipped attribute network)."""
-    return quality.QualityScorer(quality.evaluation_set("tune").head(48), quality.default_features(), resamples=1000)
+    return quality.QualityScorer(quality.evaluation_set("tune").head(48), quality.judge(), resamples=1000)
 
 
 def _renders(eval_set, seed=7, **kwargs):
@@ -174,7 +174,7 @@ def test_weighted_statistics_equal_the_statistics_of_the_resampled_set():
 
 
 def test_feature_space_is_low_dimensional_and_whitened_on_the_data():
-    space = quality.feature_space(str(quality.default_features()))
+    space = quality.feature_space(str(quality.judge()))
     renders = shapes_checker.reference_images(quality.evaluation_set("report").prompts, 1, seed=5)
     features = space(renders)
     assert features.shape == (288, quality.FEATURE_DIM) and quality.FEATURE_DIM * 8 <= 288

@@ -85,7 +85,7 @@ def test_shipped_feature_network_separates_data_from_degraded_images():
     """Distances in the feature space of the trained attribute network: renders vs other renders near zero, noisy or
     blurred renders clearly farther (KID's interval above the clean one's, FID larger)."""
     eval_set = quality.evaluation_set("tune").head(32)
-    scorer = quality.QualityScorer(eval_set, quality.default_features(), resamples=500)
+    scorer = quality.QualityScorer(eval_set, quality.judge(), resamples=500)
     renders = shapes_checker.reference_images(eval_set.prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
     clean = scorer.summary(scorer.scores(renders))
     assert clean["adherence"].estimate == 100.0
@@ -95,3 +95,28 @@ def test_shipped_feature_network_separates_data_from_degraded_images():
     for degraded in (noisy, blurred):
         scores = scorer.summary(scorer.scores(degraded))
         assert scores["fid"].estimate > 2 * clean["fid"].estimate and scores["kid"].low > clean["kid"].high
+
+
+def test_paired_differences_between_two_saved_settings(tmp_path):
+    """`python -m benchmarks.compare`: A - B from the per-prompt scores a run saved, on the same prompts; a setting
+    against itself differs by exactly 0, a setting that gets one attribute wrong on half the prompts by that share."""
+    from benchmarks.compare import main
+    from benchmarks.runner import scores_path
+
+    eval_set = quality.evaluation_set("tune").head(16)
+    scorer = quality.QualityScorer(eval_set, quality.judge(), resamples=200)
+    renders = shapes_checker.reference_images(eval_set.prompts, per_prompt=1, seed=7).permute(0, 2, 3, 1).numpy()
+    exact = scorer.scores(renders)
+    wrong = quality.SetScores(exact.correct.copy(), exact.features, exact.detail)
+    wrong.correct[:8, 0] = 0.0  # the first attribute (colour, asked by every prompt) wrong on the first 8 prompts
+    exact.save(scores_path(tmp_path, "pixart-shapes", eval_set, "sdtm"))
+    wrong.save(scores_path(tmp_path, "pixart-shapes", eval_set, "sdtm match_dim=64"))
+    run = ["--run", str(tmp_path), "--model", "pixart-shapes", "--set", "tune", "16"]
+    same = main([*run, "sdtm", "sdtm"])
+    assert (same[["difference", "low", "high"]] == 0).all().all()
+    table = main([*run, "sdtm:match_dim=64", "sdtm"])
+    expected = (wrong.correct[:, 0] - exact.correct[:, 0]).mean() * 100
+    assert expected == -50.0 and table.loc["adherence_colour", "difference"] == pytest.approx(expected)
+    assert table.loc["adherence_colour", "high"] < 0 and table.loc["fid", "difference"] == 0
+    with pytest.raises(FileNotFoundError, match="no saved scores"):
+        main([*run, "tome", "sdtm"])

@@ -182,6 +182,7 @@ def test_flux_architecture_trains_exports_and_merges(tmp_path):
     `from_pretrained` loads and that generates at the trained size with true guidance (two transformer calls per
     step), and token merging patches it."""
     from diffusers import DiffusionPipeline, FluxPipeline
+    from safetensors import safe_open
 
     from sdtm_plugin import apply_SDTM, get_merge_state
 
@@ -191,9 +192,14 @@ def test_flux_architecture_trains_exports_and_merges(tmp_path):
     train.train_denoiser(cfg, tmp_path, Budget(None), train.load_stage_vae(cfg, tmp_path))
     losses = _losses(tmp_path, "denoiser")
     assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
-    folder = train.export(cfg, tmp_path, tmp_path / "pipeline")
+    folder = train.export(cfg, tmp_path, tmp_path / "pipeline", with_judge=False)
+    assert not (folder / "features").exists()  # the data set's shared judge scores it
+    for part in ("transformer/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
+        with safe_open(folder / f"{part}.safetensors", "pt") as stored:  # stored in half precision ...
+            assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.float16}, part
     pipe = DiffusionPipeline.from_pretrained(folder)
     assert isinstance(pipe, FluxPipeline) and pipe.transformer.config.guidance_embeds is False
+    # ... and loaded in one dtype by a plain from_pretrained
     assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
     apply_SDTM(pipe, ratio=0.5, protect_steps_frequency=-1)

@@ -333,8 +333,15 @@ class QualityScorer:
         return paired_kid(matrix, weights) * KID_SCALE
 
 
-def default_features(model: str = "pixart-shapes") -> Path:
-    """The attribute network shipped with a trained reference pipeline."""
+JUDGES = {"shapes": "pixart-shapes", "scenes": "pixart-scenes"}  # data set -> the pipeline shipping its judge
+
+
+def judge(data: str = "shapes") -> Path:
+    """The attribute network that scores images of data set `data` (adherence, FID / KID): the one shipped with the
+    data set's first reference pipeline, so that every model trained on that data (PixArt, FLUX) is judged by the
+    same network."""
     from . import WEIGHTS
 
-    return WEIGHTS / model / "features"
+    if data not in JUDGES:
+        raise ValueError(f"data must be one of {sorted(JUDGES)}, got {data!r}")
+    return WEIGHTS / JUDGES[data] / "features"

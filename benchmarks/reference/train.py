@@ -584,9 +584,10 @@ def assemble_pipeline(cfg: TrainConfig, vae: nn.Module, transformer: nn.Module):
                                transformer=transformer, scheduler=sampling_scheduler(cfg))
 
 
-def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
-    """Write the pipeline (safetensors: fp16 denoiser and VAE, fp32 text encoder) and the feature network from the
-    finished checkpoints to `target`; a plain `from_pretrained` of it gives one dtype throughout."""
+def export(cfg: TrainConfig, out: Path, target: Path, with_judge: bool = True) -> Path:
+    """Write the pipeline (safetensors, fp16 weights) and, `with_judge`, the feature network from the finished
+    checkpoints to `target`; a plain `from_pretrained` of it gives one dtype throughout (fp32). Without the judge, the
+    data set's shared one scores the pipeline (`quality.judge`)."""
     from .quality import AttributeNet
 
     stages = {s: Checkpoint.load(out / f"{s}.pt") for s in STAGES}
@@ -604,15 +605,21 @@ def export(cfg: TrainConfig, out: Path, target: Path) -> Path:
     transformer.load_state_dict({k.removeprefix("model."): v for k, v in ema_state.items() if k.startswith("model.")})
     pipe = assemble_pipeline(cfg, vae, transformer.eval())
     target.mkdir(parents=True, exist_ok=True)
-    # denoiser and VAE in fp16 (diffusers loads them in fp32 unless asked otherwise); the text encoder in fp32:
-    # transformers loads a model in the dtype its config names, so an fp16 one would sit beside an fp32 transformer
-    # in a plain `from_pretrained` and fail at the caption projection
+    # denoiser and VAE in fp16 (diffusers loads them in fp32 unless asked otherwise); the text encoders' weights in
+    # fp16 under a config that names fp32: transformers loads a model in the dtype its config names, so one saved as
+    # an fp16 model would sit beside an fp32 transformer in a plain `from_pretrained` and fail at the caption
+    # projection
     pipe.transformer.half(), pipe.vae.half()
     pipe.save_pretrained(target, safe_serialization=True)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            encoder.save_pretrained(target / name, state_dict={k: v.half() for k, v in encoder.state_dict().items()})
     data = data_set(cfg.data)
-    net = AttributeNet(heads=data.heads, resolution=data.resolution)
-    net.load_state_dict(stages["features"].models["net"])
-    net.save_pretrained(target / "features")
+    if with_judge:
+        net = AttributeNet(heads=data.heads, resolution=data.resolution)
+        net.load_state_dict(stages["features"].models["net"])
+        net.save_pretrained(target / "features")
     (target / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     history = {s: {"steps": c.step, "done": c.done, "last": c.history[-1] if c.history else None}
                for s, c in stages.items()}
@@ -678,6 +685,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=ARCHES, default="pixart", help="the denoiser (default %(default)s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     parser.add_argument("--no-monitor", action="store_true", help="skip the adherence evaluations during training")
+    parser.add_argument("--no-judge", action="store_true",
+                        help="export without the feature network: the data set's shared judge scores the pipeline "
+                             "(benchmarks.reference.quality.judge)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -703,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
         train_denoiser(cfg, args.out, budget, vae, None if args.no_monitor else monitor(cfg, vae))
     logger.info("training took %.1f min", (time.monotonic() - start) / 60)
     if args.stage == "all" or args.export is not None:
-        export(cfg, args.out, args.export or args.out / "pipeline")
+        export(cfg, args.out, args.export or args.out / "pipeline", with_judge=not args.no_judge)
 
 
 if __name__ == "__main__":
