@@ -56,9 +56,10 @@ class _WindowedMergeConfig:
     windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C); None compares with
     every destination (the paper's and tomesd's global matching). `match_dim`: a bipartite merge compares signed
     count sketches of the tokens with this many channels (`sdtm_plugin.merge.channel_sketch`), so its similarity
-    costs dim / C of the exact one; None compares the tokens themselves. `rotary_positions`: on rotary models (FLUX),
-    the position a merged token is rotated to (`sdtm_plugin.rotary`): "destination" (its group's first token's) or
-    "mean" (the circular mean of its tokens' angles).
+    costs dim / C of the exact one; None compares the tokens themselves. `rotary_positions`: on rotary models (FLUX,
+    Wan), the position a merged token is rotated to (`sdtm_plugin.rotary`): "mean" (the circular mean of its tokens'
+    angles; chosen on the trained FLUX-architecture reference, docs/compatibility.md) or "destination" (its group's
+    first token's).
     """
 
     ratio: float = 0.3
@@ -73,7 +74,7 @@ class _WindowedMergeConfig:
     max_downsample: int = 1
     match_radius: int | None = None
     match_dim: int | None = None
-    rotary_positions: str = "destination"
+    rotary_positions: str = "mean"
 
     def __post_init__(self) -> None:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)

@@ -15,7 +15,7 @@ from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM, apply_ToMe, remove_S
         ({"ratio": 0.6, "deviation": 0.4}, "ratio \\+ deviation"),
         ({"sx": 0}, "sx"),
         ({"sy": -1}, "sy"),
-        ({"sx": 1, "sy": 1}, "sx \\* sy"),
+        ({"sx": 1, "sy": 1}, "st \\* sy \\* sx must be >= 2"),
         ({"sx": 2.0}, "sx"),
         ({"switch_step": -1}, "switch_step"),
         ({"a_s": float("nan")}, "a_s"),
