@@ -326,7 +326,8 @@ class ModelSession:
 
     @functools.cached_property
     def scorer(self) -> quality.QualityScorer:
-        return quality.QualityScorer(self.eval_set, quality.judge(self.preset.data))
+        own = self.preset.weights / "features"  # a pipeline shipping its own judge; else its data set's shared one
+        return quality.QualityScorer(self.eval_set, own if own.exists() else quality.judge(self.preset.data))
 
     # -- pipeline calls ----------------------------------------------------------------------------------------
     def call_kwargs(self, prompts: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
