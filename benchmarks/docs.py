@@ -63,10 +63,11 @@ def mac_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-# the merge path's own MACs against what merging saves, global (the paper's) and window-local matching
+# the merge path's own MACs against what merging saves: the default (128-channel sketches), exact global matching
+# (the paper's), window-local matching and narrower sketches
 SHARE_MODELS = ["pixart-xl-2-1024", "pixart-sigma-xl-2-2k"]
-SHARE_METHODS = ["baseline", "sdtm", "sdtm:match_radius=1", "sdtm:match_radius=2", "sdtm:match_dim=64",
-                 "sdtm:match_dim=128"]
+SHARE_METHODS = ["baseline", "sdtm", "sdtm:match_dim=null", "sdtm:match_radius=1", "sdtm:match_radius=2",
+                 "sdtm:match_dim=64"]
 
 
 def merge_share_table() -> str:

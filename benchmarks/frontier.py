@@ -30,9 +30,9 @@ COLUMNS = ["model", "method", "label", "ranked_by", "speedup_denoiser", "speedup
            "settings_tried", "settings_within"]
 
 # settings every report carries, whatever the tune set chose: the baseline, the peers' and the paper's defaults,
-# the paper's defaults with its exact per-step token counts and with window-local matching, the presets, the paper's
-# unprotected setting
-REFERENCES = ["baseline", "tome", "sdtm", "sdtm:token_budgets=null", "sdtm:match_radius=1",
+# the paper's defaults with its exact per-step token counts, its exact (unsketched) matching and window-local matching,
+# the presets, the paper's unprotected setting
+REFERENCES = ["baseline", "tome", "sdtm", "sdtm:token_budgets=null", "sdtm:match_dim=null", "sdtm:match_radius=1",
               config_spec("sdtm", SDTMConfig.faithful()),
               config_spec("sdtm", SDTMConfig.fast()), "sdtm:ratio=0.35,protect_steps_frequency=-1"]
 # the names a reader knows the presets by, keyed by the harness's label of their spec

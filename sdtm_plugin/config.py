@@ -12,6 +12,7 @@ from .rotary import POSITION_RULES
 SWITCH_STEP_REFERENCE_STEPS = 50
 DEFAULT_DEVIATION = 0.2  # the paper's SDTM*-a
 DEFAULT_TOKEN_BUDGETS = 4  # distinct merged lengths per sub-layer and generation (static shapes for compilers)
+DEFAULT_MATCH_DIM = 128  # SDTM's sketched-matching width: equal quality to exact matching, merge path < 2 % of MACs saved
 PRIORS = ("linear", "bounded")
 IDM_DESTINATIONS = ("stalest", "random", "similar")
 STRUCTURE_MERGES = ("window", "bipartite")
@@ -49,17 +50,16 @@ def _check_frequency(name: str, value) -> None:
 class _WindowedMergeConfig:
     """Fields shared by every merging method: the windows, randomness and which sub-layers merge.
 
-    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd; `st` its depth in frames
-    on video models (Wan: 1 keeps windows within a frame, 2 makes spatio-temporal ``2 x sy x sx`` windows; image
-    models need 1). `match_radius`: a
-    bipartite merge (IDM, ToMe) compares each source only with the destinations of the windows within this many
-    windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C); None compares with
-    every destination (the paper's and tomesd's global matching). `match_dim`: a bipartite merge compares signed
-    count sketches of the tokens with this many channels (`sdtm_plugin.merge.channel_sketch`), so its similarity
-    costs dim / C of the exact one; None compares the tokens themselves. `rotary_positions`: on rotary models (FLUX,
-    Wan), the position a merged token is rotated to (`sdtm_plugin.rotary`): "mean" (the circular mean of its tokens'
-    angles; chosen on the trained FLUX-architecture reference, docs/compatibility.md) or "destination" (its group's
-    first token's).
+    `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd; `st` its depth in
+    frames on video models (Wan: 1 keeps windows within a frame, 2 makes spatio-temporal ``2 x sy x sx`` windows;
+    image models need 1). `match_radius`: a bipartite merge (IDM, ToMe) compares each source only with the
+    destinations of the windows within this many windows of its own, (2r + 1)^2 candidates, so its similarity costs
+    O(N C) instead of O(N^2 C); None compares with every destination (the paper's and tomesd's global matching).
+    `match_dim`: a bipartite merge compares signed count sketches of the tokens with this many channels
+    (`sdtm_plugin.merge.channel_sketch`), so its similarity costs dim / C of the exact one; None compares the tokens
+    themselves (ToMe's default; SDTM's is 128). `rotary_positions`: on rotary models (FLUX, Wan), the position a
+    merged token is rotated to (`sdtm_plugin.rotary`): "mean" (the circular mean of its tokens' angles; chosen on
+    the trained FLUX-architecture reference, docs/compatibility.md) or "destination" (its group's first token's).
     """
 
     ratio: float = 0.3
@@ -114,7 +114,8 @@ class _WindowedMergeConfig:
 
 @dataclass(kw_only=True)
 class SDTMConfig(_WindowedMergeConfig):
-    """Structure-then-Detail Token Merging. Defaults are the paper's SDTM*-a setting.
+    """Structure-then-Detail Token Merging. Defaults are the paper's SDTM*-a setting, with static token budgets and
+    sketched matching (`token_budgets`, `match_dim`: measured equal in image quality to the paper's exact ones).
 
     Args:
         ratio: mean fraction of tokens removed; the schedule moves it from ``ratio + deviation`` at the first step to
@@ -159,6 +160,11 @@ class SDTMConfig(_WindowedMergeConfig):
             (whole windows, GEMM-aligned lengths), so a compiled model (``torch.compile``, CUDA graphs) sees a few
             static shapes instead of a new length almost every step. None keeps the paper's exact per-step counts
             (`sdtm_plugin.schedule.removal_schedule`).
+        match_dim: IDM's (and bipartite SSM's) matching compares signed count sketches of the tokens with this many
+            channels (`sdtm_plugin.merge.channel_sketch`; a model narrower than it matches exactly). 128 by default:
+            equal in image quality to exact matching on the trained model's tune and report sets, and it keeps the
+            merge path's matmuls under 2 % of the MACs merging saves at 1024 and 2K px (docs/merge_path.md). None
+            compares every channel (the paper's matching).
         seed: seed of the random generator, re-seeded at the start of every generation (so a repeated call with
             the same inputs gives the same output); None draws a fresh seed from torch's global RNG.
         num_inference_steps: only needed for a bare transformer used without a pipeline (a pipeline's scheduler
@@ -184,6 +190,7 @@ class SDTMConfig(_WindowedMergeConfig):
     cache_each_step: bool = True
     plan_blocks: int = 1
     token_budgets: int | None = DEFAULT_TOKEN_BUDGETS
+    match_dim: int | None = DEFAULT_MATCH_DIM
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -9,7 +9,7 @@ import torch
 from conftest import generate
 from test_sdtm_pipeline import _build, expected_counts, per_step, record_counts
 
-from sdtm_plugin import SDTMConfig, apply_SDTM
+from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM
 from sdtm_plugin.merge import WindowGrid, staleness_priority, window_medoid_scores
 from sdtm_plugin.methods import SDTM
 from sdtm_plugin.schedule import Phase
@@ -24,8 +24,21 @@ def test_paper_defaults_are_unchanged():
                  protect_last_layers=0, merge_attn=True, merge_mlp=True, cache_each_step=True, seed=0, plan_blocks=1)
     assert {k: v for k, v in dataclasses.asdict(SDTMConfig()).items() if k in paper} == paper
     assert SDTMConfig().effective_deviation == 0.2  # unset: the paper's 0.2 where it fits the ratio
-    # the one default that is not the paper's: a few static token budgets (None: the paper's per-step counts)
-    assert SDTMConfig().token_budgets == 4
+    # the defaults that are not the paper's: a few static token budgets (None: the paper's per-step counts) and
+    # matching on 128-channel sketches (None: every channel); ToMe keeps tomesd's exact matching
+    assert SDTMConfig().token_budgets == 4 and SDTMConfig().match_dim == 128 and ToMeConfig().match_dim is None
+
+
+@pytest.mark.parametrize("channels", [64, 128, 256])
+def test_default_matching_is_exact_up_to_128_channels_and_sketched_beyond(channels):
+    x = torch.randn(2, 64, channels, generator=torch.Generator().manual_seed(3))
+    staleness = torch.zeros(2, 64, dtype=torch.int32)
+
+    def plan(**fields):
+        return _build(SDTMConfig(use_rand=False, **fields), Phase.DETAIL, x, staleness, 0.4)[0].merged
+
+    assert torch.equal(plan(), plan(match_dim=128))
+    assert torch.equal(plan(), plan(match_dim=None)) == (channels <= 128)
 
 @pytest.mark.parametrize("field, value, match", [
     ("prior", "log", "prior must be one of"), ("idm_destination", "first", "idm_destination must be one of"),
