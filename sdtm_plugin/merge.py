@@ -321,9 +321,10 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
 
 
 @cached_tables(maxsize=16)
+@cached_tables(maxsize=16)
 def _sketch_signs(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(C,) fixed pseudo-random +-1 per channel (a multiplicative hash of its index): no generator, the same on every
-    device and under `torch.compile`."""
+    device and under `torch.compile`; built once per width, device and dtype in eager mode."""
     index = torch.arange(channels, device=device, dtype=torch.int64)
     return 1 - 2 * ((index * 2654435761) >> 16 & 1).to(dtype)
 

@@ -286,10 +286,11 @@ def test_each_process_gets_its_own_gpu_and_the_gpu_default_is_full_size():
 
 
 def test_merge_path_traffic_per_merged_block(tmp_path, models_dir):
-    """The GPU proxies on the 1024-token pixart-small in bf16 (meta device): <= 9x the block input in bytes and <= 36
+    """The GPU proxies on the 1024-token pixart-small in bf16 (meta device): <= 9.5x the block input in bytes and <= 38
     ops per merged block in both phases, for SDTM and ToMe; with one plan per 3 blocks, bytes and ops fall with the
     planning they share. (Issue 13's targets were 8x and 30 ops; the linear group means, which replaced the quadratic
-    one-hot matmul, add an fp32 copy of the merged head and about 5 ops: docs/merge_path.md.)"""
+    one-hot matmul, add an fp32 copy of the merged head and about 5 ops; SDTM's sketched matching, the signed product
+    of the tokens and its sum, 2 ops and about 0.5x in eager mode (fused under torch.compile): docs/merge_path.md.)"""
     table = main(["--model", "pixart-small", "--macs-only", "--dtype", "bfloat16", "--method", "sdtm",
                   "sdtm:ratio=0.35,protect_steps_frequency=-1", "tome", "sdtm:plan_blocks=3", "--out",
                   str(tmp_path / "out"), "--model-cache", str(models_dir), "--log-level", "WARNING"])
@@ -299,7 +300,7 @@ def test_merge_path_traffic_per_merged_block(tmp_path, models_dir):
     for label, phases in traffic.items():
         assert set(phases) == ({"tome"} if label == "tome" else {"structure", "detail"})
         for phase, figures in phases.items():
-            assert 0 < figures["bytes_x"] <= 9 and 0 < figures["ops"] <= 36, (label, phase, figures)
+            assert 0 < figures["bytes_x"] <= 9.5 and 0 < figures["ops"] <= 38, (label, phase, figures)
     for phase in ("structure", "detail"):
         shared, own = traffic["sdtm plan_blocks=3"][phase], traffic["sdtm"][phase]
         assert shared["ops"] < own["ops"] and shared["bytes_x"] < own["bytes_x"]
