@@ -119,3 +119,39 @@ def test_full_size_presets_have_the_published_token_counts():
     assert PRESETS["wan2.1-1.3b-480p"].num_tokens == 32_760
     assert PRESETS["wan2.1-14b-720p"].num_tokens == 75_600
     assert wan_call_size(PRESETS["wan2.1-1.3b-480p"]) == {"height": 480, "width": 832, "num_frames": 81}
+
+
+def test_image_to_video_conditioning_is_merged_like_text_to_video():
+    """Wan 2.1 I2V adds image channels to the latents (same token grid) and CLIP image tokens to the cross-attention's
+    keys (`add_k_proj`): the cross-attention keeps every query, so the image conditioning needs no merge of its own.
+    Ratio 0 is bit-identical, merged self-attention sees fewer rows, removal is exact."""
+    from diffusers import WanTransformer3DModel
+
+    preset = PRESETS["tiny-wan"]
+    heads, head_dim = preset.denoiser["num_attention_heads"], preset.denoiser["attention_head_dim"]
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**preset.denoiser, "in_channels": 36, "image_dim": 24,
+                                     "added_kv_proj_dim": heads * head_dim}).eval()
+    inputs = dict(hidden_states=torch.randn(2, 36, *preset.extra["latent"]),
+                  timestep=torch.full((2,), 500, dtype=torch.long),
+                  encoder_hidden_states=torch.randn(2, preset.text_tokens, preset.denoiser["text_dim"]),
+                  encoder_hidden_states_image=torch.randn(2, 5, 24))
+    rows = {"self q": [], "cross q": []}
+    model.blocks[0].attn1.to_q.register_forward_pre_hook(lambda _, args: rows["self q"].append(args[0].shape[1]))
+    model.blocks[0].attn2.to_q.register_forward_pre_hook(lambda _, args: rows["cross q"].append(args[0].shape[1]))
+
+    def forwards():
+        with torch.no_grad():
+            return [model(**inputs).sample for _ in range(4)]
+
+    base = forwards()
+    apply_SDTM(model, ratio=0.0, num_inference_steps=4)
+    assert all(torch.equal(a, b) for a, b in zip(forwards(), base))
+    remove_SDTM(model)
+    rows["self q"].clear(), rows["cross q"].clear()
+    apply_ToMe(model, ratio=0.5, num_inference_steps=4)
+    merged = forwards()
+    assert rows["self q"] == [TOKENS // 2] * 4 and rows["cross q"] == [TOKENS] * 4
+    assert all(torch.isfinite(m).all() for m in merged) and not torch.equal(merged[0], base[0])
+    remove_SDTM(model)
+    assert all(torch.equal(a, b) for a, b in zip(forwards(), base))
