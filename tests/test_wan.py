@@ -148,7 +148,8 @@ def test_image_to_video_conditioning_is_merged_like_text_to_video():
     apply_SDTM(model, ratio=0.0, num_inference_steps=4)
     assert all(torch.equal(a, b) for a, b in zip(forwards(), base))
     remove_SDTM(model)
-    rows["self q"].clear(), rows["cross q"].clear()
+    for seen in rows.values():
+        seen.clear()
     apply_ToMe(model, ratio=0.5, num_inference_steps=4)
     merged = forwards()
     assert rows["self q"] == [TOKENS // 2] * 4 and rows["cross q"] == [TOKENS] * 4
