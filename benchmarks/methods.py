@@ -4,11 +4,12 @@ A job names a method and its parameters, written on the command line as ``NAME[:
 ``sdtm:ratio=0.35,protect_steps_frequency=-1``. Parameters not given keep the method's defaults.
 
 - ``baseline``, ``tome``, ``sdtm``: this project's merging (`ToMeConfig`, `SDTMConfig` fields);
+- ``tokencache``: this project's token caching (`TokenCacheConfig` fields);
 - ``fbcache``, ``taylorseer``, ``pab``, ``fastercache``, ``magcache``: diffusers' step caches (their config
   fields), driven through `sdtm_plugin.apply_step_cache` (diffusers' own `apply_*` functions plus the cache context
   and timestep callbacks PixArt lacks); MagCache's `mag_ratios` are calibrated on the model by the harness;
-- ``sdtm+<cache>``, ``tome+<cache>``: merging composed with a step cache in one patch; parameters prefixed
-  ``cache.`` go to the cache, e.g. ``sdtm+fbcache:ratio=0.35,cache.threshold=0.1``;
+- ``sdtm+<cache>``, ``tome+<cache>``, ``tokencache+<cache>``: merging or token caching composed with a step cache in
+  one patch; parameters prefixed ``cache.`` go to the cache, e.g. ``sdtm+fbcache:ratio=0.35,cache.threshold=0.1``;
 - ``dbcache``: cache-dit's DBCache (`cache_dit.DBCacheConfig` fields), when cache-dit is installed.
 """
 
@@ -24,7 +25,8 @@ from diffusers.hooks import (
     FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
 )
 
-from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM, apply_step_cache, apply_ToMe, remove_SDTM
+from sdtm_plugin import (SDTMConfig, TokenCacheConfig, ToMeConfig, apply_SDTM, apply_step_cache, apply_token_cache,
+                         apply_ToMe, remove_SDTM)
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,12 @@ class Composed:
     cache: Any
 
 
-def _composed_config(merge_cls: type, cache_cls: type) -> Callable[[dict[str, Any], int | None], Any]:
+def _composed_config(merge_cls: type, make_cache: Callable[[dict[str, Any], int | None], Any]
+                     ) -> Callable[[dict[str, Any], int | None], Any]:
     def make(params: dict[str, Any], num_steps: int | None) -> Composed:
         cache = {k.removeprefix("cache."): v for k, v in params.items() if k.startswith("cache.")}
         merge = {k: v for k, v in params.items() if not k.startswith("cache.")}
-        return Composed(_merge_config(merge_cls)(merge, num_steps), _cache_config(cache_cls, cache, num_steps))
+        return Composed(_merge_config(merge_cls)(merge, num_steps), make_cache(cache, num_steps))
 
     return make
 
@@ -135,6 +138,21 @@ def _dbcache_remove(pipe: Any) -> None:
     cache_dit.disable_cache(pipe)
 
 
+def _with_dbcache(apply: Callable) -> Callable[[Any, Composed], None]:
+    """Merging (or token caching) applied first, then cache-dit's DBCache around the patched denoiser: cache-dit wraps
+    the denoiser's forward (ours) and runs its blocks, whose sub-layer hooks stay in place."""
+    def apply_both(pipe: Any, config: Composed) -> None:
+        apply(pipe, config.merge)
+        _dbcache_apply(pipe, config.cache)
+
+    return apply_both
+
+
+def _remove_dbcache_then_patch(pipe: Any) -> None:
+    _dbcache_remove(pipe)
+    remove_SDTM(pipe)
+
+
 def _specs() -> list[MethodSpec]:
     specs = [
         MethodSpec("baseline", "the unpatched pipeline", lambda params, steps: None, _nothing, _nothing),
@@ -142,17 +160,25 @@ def _specs() -> list[MethodSpec]:
                    apply_ToMe, remove_SDTM, sweep_param="ratio", merges=True),
         MethodSpec("sdtm", "SDTM (paper defaults = SDTM*-a), `SDTMConfig` fields", _merge_config(SDTMConfig),
                    apply_SDTM, remove_SDTM, sweep_param="ratio", merges=True),
+        MethodSpec("tokencache", "token caching, `TokenCacheConfig` fields", _merge_config(TokenCacheConfig),
+                   apply_token_cache, remove_SDTM, sweep_param="ratio", merges=True),
     ]
+    mergers = (("sdtm", SDTMConfig, apply_SDTM), ("tome", ToMeConfig, apply_ToMe),
+               ("tokencache", TokenCacheConfig, apply_token_cache))
     for name, cls in CACHES.items():
         specs.append(MethodSpec(name, f"diffusers {cls.__name__} fields",
                                 lambda params, steps, cls=cls: _cache_config(cls, params, steps),
                                 apply_step_cache, remove_SDTM, caches=True))
-        for merge, merge_cls, apply in (("sdtm", SDTMConfig, apply_SDTM), ("tome", ToMeConfig, apply_ToMe)):
+        for merge, merge_cls, apply in mergers:
             specs.append(MethodSpec(f"{merge}+{name}", f"{merge} composed with {name} (cache.* fields)",
-                                    _composed_config(merge_cls, cls), _apply_composed(apply), remove_SDTM,
-                                    sweep_param="ratio", merges=True, caches=True))
+                                    _composed_config(merge_cls, lambda p, s, cls=cls: _cache_config(cls, p, s)),
+                                    _apply_composed(apply), remove_SDTM, sweep_param="ratio", merges=True, caches=True))
     specs.append(MethodSpec("dbcache", "cache-dit DBCacheConfig fields (optional: pip install cache-dit)",
                             _dbcache_config, _dbcache_apply, _dbcache_remove, caches=True))
+    for merge, merge_cls, apply in mergers:
+        specs.append(MethodSpec(f"{merge}+dbcache", f"{merge} composed with cache-dit's DBCache (cache.* fields)",
+                                _composed_config(merge_cls, _dbcache_config), _with_dbcache(apply),
+                                _remove_dbcache_then_patch, sweep_param="ratio", merges=True, caches=True))
     return specs
 
 

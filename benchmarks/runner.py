@@ -78,7 +78,11 @@ COLUMNS = [
     # image quality on an evaluation set (trained presets only): the set, its size, every figure with its 95 % interval
     # (paired bootstrap over prompts), the differences to the baseline's images of the same prompts and seeds with
     # their intervals, and the equal-quality verdict (non-inferiority on every metric; the failing ones listed)
-    "quality_set", "quality_images", *QUALITY_COLUMNS, "equal_quality", "quality_failures",
+    # verdict: "equal" (non-inferiority shown), "worse" (a loss past a margin shown: the metrics in quality_worse),
+    # "inconclusive" (neither; prompts_to_resolve: about how many prompts would show equality if the estimates held,
+    # inf where an estimate lies past its margin)
+    "quality_set", "quality_images", *QUALITY_COLUMNS, "equal_quality", "verdict", "quality_failures", "quality_worse",
+    "prompts_to_resolve",
     # fidelity against the baseline output of the same seeds
     "psnr_db", "ssim", "rel_l2_latents", "clip_score", "tokens_per_step",
     "device", "device_name", "dtype", "compile", "threads", "warmup", "repeats", "torch", "diffusers",
@@ -456,9 +460,12 @@ class ModelSession:
         scores = base_scores if job.method == "baseline" else self.scorer.scores(images)
         scores.save(scores_path(self.settings.out, self.name, self.eval_set, job.label))
         summary, differences = self.scorer.summary(scores), self.scorer.compare(scores, base_scores)
-        ok, failed = stats.equal_quality(differences, stats.margins(self.scorer.attributes, self.baseline_kid))
-        row = {"quality_set": self.eval_set.name, "quality_images": len(images), "equal_quality": ok,
-               "quality_failures": " ".join(failed), **interval_columns(summary), **interval_columns(differences, "_diff")}
+        verdict = stats.verdict(differences, stats.margins(self.scorer.attributes, self.baseline_kid), len(images))
+        row = {"quality_set": self.eval_set.name, "quality_images": len(images),
+               "equal_quality": verdict.verdict == "equal", "verdict": verdict.verdict,
+               "quality_failures": " ".join(verdict.failed), "quality_worse": " ".join(verdict.worse),
+               "prompts_to_resolve": verdict.prompts_needed,
+               **interval_columns(summary), **interval_columns(differences, "_diff")}
         if self.settings.measure_fidelity:
             row.update(psnr_db=psnr(images, base_images), ssim=ssim(images, base_images),
                        rel_l2_latents=rel_l2(latents, base_latents))
@@ -739,7 +746,7 @@ def _summary(row: dict) -> str:
         parts.append(f"adherence {row['adherence']:.1f}% ({row['adherence_diff']:+.1f} "
                      f"[{row['adherence_diff_low']:+.1f}, {row['adherence_diff_high']:+.1f}]), "
                      f"KID {row['kid']:.1f} ({row['kid_diff']:+.1f}), detail {row['detail']:.1f}%, "
-                     f"equal quality: {row['equal_quality']}")
+                     f"verdict: {row['verdict']}")
     if row.get("psnr_db") is not None:
         parts.append(f"PSNR {row['psnr_db']:.1f} dB")
     return ", ".join(parts)

@@ -51,6 +51,23 @@ class Margin:
             return difference.low >= -self.margin
         return difference.high <= self.margin
 
+    def worse(self, difference: Interval) -> bool:
+        """Whether the whole interval of (method - baseline) lies past the margin: a loss larger than it is shown."""
+        if self.higher_is_better:
+            return difference.high < -self.margin
+        return difference.low > self.margin
+
+    def prompts_to_pass(self, difference: Interval, prompts: int) -> float:
+        """About how many prompts would make a failing interval pass if its estimate held and its width shrank as
+        ``1 / sqrt(prompts)``; inf when the estimate itself lies past the margin."""
+        if self.higher_is_better:
+            room, half = difference.estimate + self.margin, difference.estimate - difference.low
+        else:
+            room, half = self.margin - difference.estimate, difference.high - difference.estimate
+        if room <= 0:
+            return float("inf")
+        return float(np.ceil(prompts * (half / room) ** 2)) if half > room else float(prompts)
+
 
 def bootstrap_counts(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
     """(R, N) float64 multiplicities of N prompts in R bootstrap draws (each row sums to N); fixed by `seed`."""
@@ -129,6 +146,40 @@ def margins(attributes: tuple[str, ...], baseline_kid: float) -> list[Margin]:
         Margin("detail", DETAIL_MARGIN),
         Margin("kid", KID_RELATIVE_MARGIN * max(baseline_kid, 0.0), higher_is_better=False),
     ]
+
+
+VERDICTS = ("equal", "worse", "inconclusive")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The three-way verdict of a comparison with the baseline.
+
+    Attributes:
+        verdict: "equal" (every metric's interval within its margin: non-inferiority shown), "worse" (some metric's
+            interval wholly past its margin: a loss shown), "inconclusive" (neither: the prompts cannot tell).
+        failed: the metrics whose interval is not within its margin.
+        worse: the metrics whose interval lies wholly past it.
+        prompts_needed: for "inconclusive", about how many prompts would show equality if the estimates held (inf:
+            an estimate lies past its margin, so more prompts would more likely show a loss); else NaN.
+    """
+
+    verdict: str
+    failed: tuple[str, ...]
+    worse: tuple[str, ...]
+    prompts_needed: float
+
+
+def verdict(differences: dict[str, Interval], rules: list[Margin], prompts: int) -> Verdict:
+    """The `Verdict` of the intervals of method - baseline measured on `prompts` prompts."""
+    equal, failed = equal_quality(differences, rules)
+    worse = tuple(m.metric for m in rules if m.worse(differences[m.metric]))
+    if equal:
+        return Verdict("equal", (), (), float("nan"))
+    if worse:
+        return Verdict("worse", tuple(failed), worse, float("nan"))
+    needed = max(m.prompts_to_pass(differences[m.metric], prompts) for m in rules if m.metric in failed)
+    return Verdict("inconclusive", tuple(failed), (), needed)
 
 
 def equal_quality(differences: dict[str, Interval], rules: list[Margin]) -> tuple[bool, list[str]]:

@@ -8,20 +8,23 @@
 
 from .adapters import supported_models
 from .caching import supported_step_caches
-from .config import SDTMConfig, ToMeConfig
+from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
 from .patch import (
-    apply_SDTM, apply_step_cache, apply_ToMe, calibrate_mag_cache, get_merge_state, remove_SDTM, remove_step_cache,
-    remove_ToMe,
+    apply_SDTM, apply_step_cache, apply_token_cache, apply_ToMe, calibrate_mag_cache, get_merge_state, remove_SDTM,
+    remove_step_cache, remove_token_cache, remove_ToMe,
 )
 from .schedule import Phase, StepPlan, cosine_ratio, step_plan
 
 __all__ = [
     "SDTMConfig",
     "ToMeConfig",
+    "TokenCacheConfig",
     "apply_SDTM",
     "apply_ToMe",
+    "apply_token_cache",
     "remove_SDTM",
     "remove_ToMe",
+    "remove_token_cache",
     "apply_step_cache",
     "remove_step_cache",
     "calibrate_mag_cache",

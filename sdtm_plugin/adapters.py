@@ -20,21 +20,44 @@ from .rotary import RotaryArg
 
 
 @dataclass(frozen=True)
+class RotarySite:
+    """A module of an attention whose output is the query or key that its processor then rotates (FLUX: the
+    per-head RMS norms; Wan: the norms across heads). Methods that reduce only the query rows (token caching) rotate
+    there, each row by its own position, and withhold the table from the processor.
+
+    Attributes:
+        module: the norm (its output is (B, S, H, D), or (B, S, H·D) with heads flattened).
+        side: "query" or "key".
+        rows: what its rows are: "image" tokens, "text" tokens, or "joint" [text; image].
+    """
+
+    module: nn.Module
+    side: str
+    rows: str
+
+
+@dataclass(frozen=True)
 class SubLayer:
     """One merged module of a block.
 
     Attributes:
         name: key of its cache slot within the block ("attn", "attn2", "mlp").
-        role: "attn" or "mlp": which of `merge_attn` / `merge_mlp` (and which phase) governs it.
+        role: "attn" (self-attention), "cross" (cross-attention to the text) or "mlp": which of the method's flags
+            (and which phase) governs it.
         module: the module whose input is merged and whose output is unmerged.
         rotary: where the module receives a rotary table over [text; image] tokens, which is merged with the tokens;
             None: no rotary positions.
+        query: a self-attention's query projection: where a method that keeps every key (token caching) reduces the
+            rows, the keys and values being projected from the whole input; None: not supported there.
+        sites: where its queries and keys are rotated (rotary models).
     """
 
     name: str
     role: str
     module: nn.Module
     rotary: RotaryArg | None = None
+    query: nn.Module | None = None
+    sites: tuple[RotarySite, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,8 @@ class ParallelBlock:
     attn: nn.Module
     proj_out: nn.Module
     rotary: RotaryArg | None = None
+    query: nn.Module | None = None
+    sites: tuple[RotarySite, ...] = ()
 
 
 @dataclass
@@ -68,11 +93,12 @@ class PatchLayout:
     blocks: list[list[SubLayer] | ParallelBlock]
     grid_sources: list[tuple[nn.Module, list[int]]] = field(default_factory=list)
 
-    def sublayer_modules(self) -> list[nn.Module]:
-        """Every merged attention and MLP module (a `ParallelBlock`'s attention and MLP input projection)."""
+    def sublayer_modules(self, roles: tuple[str, ...] = ("attn", "mlp")) -> list[nn.Module]:
+        """Every self-attention and MLP module (a `ParallelBlock`'s attention and MLP input projection), and the
+        modules of other `roles` asked for ("cross")."""
         return [module for block in self.blocks
                 for module in ([block.attn, block.proj_mlp] if isinstance(block, ParallelBlock)
-                               else [sub.module for sub in block])]
+                               else [sub.module for sub in block if sub.role in roles])]
 
 
 @dataclass(frozen=True)
@@ -120,7 +146,11 @@ def _pixel_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[s
 
 
 def _basic_block(block: nn.Module) -> list[SubLayer]:
-    return [SubLayer("attn", "attn", block.attn1), SubLayer("mlp", "mlp", block.ff)]
+    """Self-attention, cross-attention (when the block has one) and MLP of a `BasicTransformerBlock`."""
+    subs = [SubLayer("attn", "attn", block.attn1, query=block.attn1.to_q)]
+    if block.attn2 is not None:
+        subs.append(SubLayer("attn2", "cross", block.attn2))
+    return [*subs, SubLayer("mlp", "mlp", block.ff)]
 
 
 def _is_pixart(model: nn.Module) -> bool:
@@ -245,12 +275,23 @@ def _flux_layout(model: nn.Module) -> PatchLayout:
     """Double-stream blocks: the joint attention's image input (with its rotary table) and the image MLP; single-stream
     blocks: the image suffix of the joint sequence (`ParallelBlock`). Text tokens are never merged."""
     blocks: list[list[SubLayer] | ParallelBlock] = [
-        [SubLayer("attn", "attn", b.attn, _FLUX_ROTARY), SubLayer("mlp", "mlp", b.ff)]
+        [SubLayer("attn", "attn", b.attn, _FLUX_ROTARY, b.attn.to_q, _flux_sites(b.attn, "image")),
+         SubLayer("mlp", "mlp", b.ff)]
         for b in model.transformer_blocks
     ]
-    blocks += [ParallelBlock(b.proj_mlp, b.act_mlp, b.attn, b.proj_out, _FLUX_ROTARY)
+    blocks += [ParallelBlock(b.proj_mlp, b.act_mlp, b.attn, b.proj_out, _FLUX_ROTARY, b.attn.to_q,
+                             _flux_sites(b.attn, "joint"))
                for b in model.single_transformer_blocks]
     return PatchLayout(blocks)
+
+
+def _flux_sites(attn: nn.Module, rows: str) -> tuple[RotarySite, ...]:
+    """FLUX rotates queries and keys after its per-head RMS norms: the image (double-stream) or joint (single-stream)
+    stream's, and the double-stream text stream's (`norm_added_q` / `norm_added_k`)."""
+    sites = (RotarySite(attn.norm_q, "query", rows), RotarySite(attn.norm_k, "key", rows))
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        sites += (RotarySite(attn.norm_added_q, "query", "text"), RotarySite(attn.norm_added_k, "key", "text"))
+    return sites
 
 
 def _is_wan(model: nn.Module) -> bool:
@@ -273,9 +314,11 @@ def _wan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str
 
 
 def _wan_layout(model: nn.Module) -> PatchLayout:
-    """Self-attention (with its 3-D rotary table) and feed-forward of every block; the cross-attention to the text
-    runs on all tokens, as PixArt's does."""
-    return PatchLayout([[SubLayer("attn", "attn", b.attn1, _WAN_ROTARY), SubLayer("mlp", "mlp", b.ffn)]
+    """Self-attention (with its 3-D rotary table), cross-attention to the text and feed-forward of every block (the
+    merging methods leave the cross-attention on all tokens, as PixArt's)."""
+    return PatchLayout([[SubLayer("attn", "attn", b.attn1, _WAN_ROTARY, b.attn1.to_q,
+                                  (RotarySite(b.attn1.norm_q, "query", "image"), RotarySite(b.attn1.norm_k, "key", "image"))),
+                         SubLayer("attn2", "cross", b.attn2), SubLayer("mlp", "mlp", b.ffn)]
                         for b in model.blocks])
 
 

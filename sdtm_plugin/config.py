@@ -16,6 +16,7 @@ DEFAULT_MATCH_DIM = 128  # SDTM's sketched-matching width: equal quality to exac
 PRIORS = ("linear", "bounded")
 IDM_DESTINATIONS = ("stalest", "random", "similar")
 STRUCTURE_MERGES = ("window", "bipartite")
+SELECTIONS = ("change", "random", "similarity")
 
 
 def _check_int(name: str, value, low: int, extra: str = "") -> None:
@@ -47,34 +48,22 @@ def _check_frequency(name: str, value) -> None:
 
 
 @dataclass(kw_only=True)
-class _WindowedMergeConfig:
-    """Fields shared by every merging method: the windows, randomness and which sub-layers merge.
+class _PatchConfig:
+    """Fields every token-level method has: how much it reduces, its windows on the token grid, randomness and the
+    step count of a bare model.
 
     `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd; `st` its depth in
     frames on video models (Wan: 1 keeps windows within a frame, 2 makes spatio-temporal ``2 x sy x sx`` windows;
-    image models need 1). `match_radius`: a bipartite merge (IDM, ToMe) compares each source only with the
-    destinations of the windows within this many windows of its own, (2r + 1)^2 candidates, so its similarity costs
-    O(N C) instead of O(N^2 C); None compares with every destination (the paper's and tomesd's global matching).
-    `match_dim`: a bipartite merge compares signed count sketches of the tokens with this many channels
-    (`sdtm_plugin.merge.channel_sketch`), so its similarity costs dim / C of the exact one; None compares the tokens
-    themselves (ToMe's default; SDTM's is 128). `rotary_positions`: on rotary models (FLUX, Wan), the position a
-    merged token is rotated to (`sdtm_plugin.rotary`): "mean" (the circular mean of its tokens' angles; chosen on
-    the trained FLUX-architecture reference, docs/compatibility.md) or "destination" (its group's first token's).
+    image models need 1).
     """
 
     ratio: float = 0.3
     sx: int = 2
     sy: int = 2
     st: int = 1
-    use_rand: bool = True
-    merge_attn: bool = True
-    merge_mlp: bool = True
     seed: int | None = 0
     num_inference_steps: int | None = None
     max_downsample: int = 1
-    match_radius: int | None = None
-    match_dim: int | None = None
-    rotary_positions: str = "mean"
 
     def __post_init__(self) -> None:
         _check_float("ratio", self.ratio, 0.0, 1.0, high_inclusive=False)
@@ -84,23 +73,12 @@ class _WindowedMergeConfig:
         if self.window_size < 2:
             raise ValueError(f"st * sy * sx must be >= 2 (a window of one token cannot merge), got st={self.st}, "
                              f"sy={self.sy}, sx={self.sx}")
-        _check_bool("use_rand", self.use_rand)
-        _check_bool("merge_attn", self.merge_attn)
-        _check_bool("merge_mlp", self.merge_mlp)
-        if not (self.merge_attn or self.merge_mlp):
-            raise ValueError("merge_attn and merge_mlp are both False: nothing would be merged; enable at least one")
         if self.seed is not None:
             _check_int("seed", self.seed, 0, " or None")
         if self.num_inference_steps is not None:
             _check_int("num_inference_steps", self.num_inference_steps, 1, " or None")
         if self.max_downsample not in (1, 2, 4, 8):
             raise ValueError(f"max_downsample must be one of 1, 2, 4, 8, got {self.max_downsample!r}")
-        if self.match_radius is not None:
-            _check_int("match_radius", self.match_radius, 1, " or None (every destination)")
-        if self.match_dim is not None:
-            _check_int("match_dim", self.match_dim, 8, " or None (every channel)")
-        if self.rotary_positions not in POSITION_RULES:
-            raise ValueError(f"rotary_positions must be one of {POSITION_RULES}, got {self.rotary_positions!r}")
 
     @property
     def window(self) -> tuple[int, int, int]:
@@ -110,6 +88,42 @@ class _WindowedMergeConfig:
     @property
     def window_size(self) -> int:
         return self.st * self.sy * self.sx
+
+
+@dataclass(kw_only=True)
+class _WindowedMergeConfig(_PatchConfig):
+    """Fields shared by the merging methods (SDTM, ToMe): which sub-layers merge and how tokens are matched.
+
+    `match_radius`: a bipartite merge (IDM, ToMe) compares each source only with the destinations of the windows
+    within this many windows of its own, (2r + 1)^2 candidates, so its similarity costs O(N C) instead of O(N^2 C);
+    None compares with every destination (the paper's and tomesd's global matching). `match_dim`: a bipartite merge
+    compares signed count sketches of the tokens with this many channels (`sdtm_plugin.merge.channel_sketch`), so its
+    similarity costs dim / C of the exact one; None compares the tokens themselves (ToMe's default; SDTM's is 128).
+    `rotary_positions`: on rotary models (FLUX, Wan), the position a merged token is rotated to
+    (`sdtm_plugin.rotary`): "mean" (the circular mean of its tokens' angles; chosen on the trained FLUX-architecture
+    reference, docs/compatibility.md) or "destination" (its group's first token's).
+    """
+
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_mlp: bool = True
+    match_radius: int | None = None
+    match_dim: int | None = None
+    rotary_positions: str = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_bool("use_rand", self.use_rand)
+        _check_bool("merge_attn", self.merge_attn)
+        _check_bool("merge_mlp", self.merge_mlp)
+        if not (self.merge_attn or self.merge_mlp):
+            raise ValueError("merge_attn and merge_mlp are both False: nothing would be merged; enable at least one")
+        if self.match_radius is not None:
+            _check_int("match_radius", self.match_radius, 1, " or None (every destination)")
+        if self.match_dim is not None:
+            _check_int("match_dim", self.match_dim, 8, " or None (every channel)")
+        if self.rotary_positions not in POSITION_RULES:
+            raise ValueError(f"rotary_positions must be one of {POSITION_RULES}, got {self.rotary_positions!r}")
 
 
 @dataclass(kw_only=True)
@@ -268,3 +282,69 @@ class ToMeConfig(_WindowedMergeConfig):
 
     ratio: float = 0.5
     merge_mlp: bool = False
+
+
+@dataclass(kw_only=True)
+class TokenCacheConfig(_PatchConfig):
+    """Token caching: on a *cached* step each block recomputes only a share of the image tokens, chosen per image and
+    block; the others keep their own sub-layer outputs from when they were last computed (re-modulated by the current
+    step's gates, which the block applies after the sub-layer). The recomputed tokens' queries attend to the keys and
+    values of *every* token (projected from the current input), so attention keeps its full context. Dense steps
+    (every token computed) fill and refresh the cache: the first `warmup_steps` and then every `dense_every`-th.
+
+    The pattern of ToCa, RAS and CAT pruning (docs/merge_path.md#token-caching); nothing is merged.
+
+    Args:
+        ratio: share of the image tokens served from the cache on a cached step, in [0, 1); the recomputed share
+            ``1 - ratio`` is rounded to whole multiples of 8 tokens (one static length per token grid). 0 computes
+            every token (bit-identical to the unpatched model).
+        warmup_steps: the first steps run dense (at least 1: a cached step needs a filled cache).
+        dense_every: after the warm-up, every k-th step runs dense (steps ``warmup + k - 1``, ``warmup + 2k - 1``,
+            ...); -1: none (only the warm-up and the final steps refresh every token).
+        final_dense_steps: the last steps run dense: the fine detail of an image forms there (texture, on the trained
+            reference), and a cached token's output goes straight into it. Needs the step count (a pipeline's
+            scheduler gives it; a bare model must be told `num_inference_steps`).
+        selection: which tokens a cached step recomputes: ``"change"`` (the largest relative change of the block's
+            input since the token was last computed, measured on a `sketch_dim`-channel sketch), ``"random"`` (a
+            uniform draw), ``"similarity"`` (the tokens least similar to their ``sy x sx`` window, as SDTM ranks
+            them). Each plus `staleness_weight` times the steps since the token was last computed.
+        staleness_weight: the score added per step a token went without being computed, so that none starves.
+        cache_attn, cache_cross, cache_mlp: which sub-layers are token-cached: self-attention (its queries; keys and
+            values always cover every token), cross-attention to the text (PixArt, Wan) and the MLP. FLUX's
+            single-stream blocks are cached as one (attention and MLP side by side, then the output projection).
+        sketch_dim: channels of the sketch a token's change is measured on (`sdtm_plugin.merge.channel_sketch`); None:
+            every channel.
+        seed: seed of the random draws of ``selection="random"``, re-seeded at every generation.
+
+    Memory: one full-length output per cached sub-layer and block is kept between forwards (docs/usage.md gives the
+    figure per model); `sdtm_plugin.get_merge_state(pipe).held_bytes()` counts it.
+    """
+
+    ratio: float = 0.7
+    warmup_steps: int = 3
+    dense_every: int = 3
+    final_dense_steps: int = 2
+    selection: str = "change"
+    staleness_weight: float = 0.05
+    cache_attn: bool = True
+    cache_cross: bool = True
+    cache_mlp: bool = True
+    sketch_dim: int | None = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("warmup_steps", self.warmup_steps, 1, " (a cached step needs a filled cache)")
+        if isinstance(self.dense_every, bool) or not isinstance(self.dense_every, int) or not (
+                self.dense_every == -1 or self.dense_every >= 2):
+            raise ValueError(f"dense_every must be -1 (no dense steps after the warm-up) or an integer >= 2 (1 would "
+                             f"run every step dense and cache nothing), got {self.dense_every!r}")
+        _check_int("final_dense_steps", self.final_dense_steps, 0)
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_float("staleness_weight", self.staleness_weight, 0.0, math.inf, high_inclusive=False)
+        for name in ("cache_attn", "cache_cross", "cache_mlp"):
+            _check_bool(name, getattr(self, name))
+        if not (self.cache_attn or self.cache_cross or self.cache_mlp):
+            raise ValueError("cache_attn, cache_cross and cache_mlp are all False: nothing would be cached; enable at "
+                             "least one")
+        if self.sketch_dim is not None:
+            _check_int("sketch_dim", self.sketch_dim, 8, " or None (every channel)")

@@ -22,10 +22,10 @@ import torch
 from diffusers.hooks import ModelHook
 from torch._dynamo.eval_frame import OptimizedModule
 
-from .adapters import Adapter, ParallelBlock, SubLayer
+from .adapters import Adapter, ParallelBlock, RotarySite, SubLayer
 from .clock import PipelineWatch
 from .merge import TokenMerge
-from .rotary import RotaryArg
+from .rotary import RotaryArg, RowRotary
 from .state import MergeState
 
 STEP_HOOK = "sdtm_step"
@@ -64,11 +64,13 @@ class StepHook(ModelHook):
         """Put the patch's hooks back in front of the model's forward if a wrapper outside them reset that forward.
 
         accelerate's `enable_model_cpu_offload` re-creates its hooks after every pipeline call, restoring the
-        forward it had wrapped (the unpatched one when offloading was enabled before patching).
+        forward it had wrapped (the unpatched one when offloading was enabled before patching). A wrapper that calls
+        ours (accelerate's `_old_forward`, cache-dit's `_original_forward`) is left in place.
         """
         model = self._model() if self._model is not None else None
         ours = self.installed_forward
-        if model is None or ours is None or model.forward is ours or model.__dict__.get("_old_forward") is ours:
+        if model is None or ours is None or model.forward is ours or any(
+                model.__dict__.get(name) is ours for name in ("_old_forward", "_original_forward")):
             return
         self.fn_ref.forward = model.forward  # ours now calls the new wrapper, which calls the model
         model.forward = ours
@@ -205,6 +207,11 @@ class SubLayerMergeHook(ModelHook):
     Tuple outputs (SD3's and FLUX's joint attentions return image and text streams) have their first element
     unmerged. A sub-layer with a rotary table gets the table of the merged rows (`MergeState.merged_rotary`).
 
+    A self-attention under a method that keeps every key (`MergeMethod.queries_only`: token caching) gets its whole
+    input, so its keys and values cover every token; its query projection takes only the kept rows (`QueryRowsHook`)
+    and, on rotary models, its queries and keys are rotated per row at their norms (`RotarySiteHook`) while the table
+    is withheld from the processor.
+
     Args:
         state: the shared `MergeState`.
         layer: block index.
@@ -216,7 +223,9 @@ class SubLayerMergeHook(ModelHook):
         self.state, self.layer = state, layer
         self.name, self.role = sublayer.name, sublayer.role
         self.rotary = sublayer.rotary
+        self.queries_only = sublayer.role == "attn" and state.method.queries_only
         self._merge: TokenMerge | None = None
+        self.rows: RowCall | None = None  # the running call's kept query rows, under `queries_only`
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = len(args) == 0
@@ -230,6 +239,9 @@ class SubLayerMergeHook(ModelHook):
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
             )
+        if self.queries_only:
+            self.rows, args, kwargs = RowCall.begin(merge, self.rotary, args, kwargs)
+            return args, kwargs
         merged = merge.merge(x)
         if from_kwargs:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
@@ -238,10 +250,90 @@ class SubLayerMergeHook(ModelHook):
         return _merge_rotary(self.state, self.rotary, merge, args, kwargs)
 
     def post_forward(self, module: torch.nn.Module, output):
-        merge, self._merge = self._merge, None
+        merge, self._merge, self.rows = self._merge, None, None
         if isinstance(output, tuple):
             return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), *output[1:])
         return self.state.finish(self.layer, self.name, self.role, merge, output)
+
+
+class RowCall:
+    """One self-attention call whose query rows are a selection of its tokens (`SubLayerMergeHook.queries_only`): the
+    selection, and the per-row rotary tables when the model rotates (`rotary.RowRotary`).
+
+    Attributes:
+        selection: the kept rows (`selection.RowSelection`) of the N image tokens.
+        rotary: the call's tables, or None (no rotary positions).
+    """
+
+    def __init__(self, selection: Any, rotary: RowRotary | None) -> None:
+        self.selection, self.rotary = selection, rotary
+
+    @classmethod
+    def begin(cls, selection: Any, arg: RotaryArg | None, args: tuple,
+              kwargs: dict) -> tuple["RowCall", tuple, dict]:
+        """The call's `RowCall`, and its arguments with the rotary table withheld from the processor."""
+        table = arg.find(args, kwargs) if arg is not None else None
+        if table is None:
+            return cls(selection, None), args, kwargs
+        args, kwargs = arg.replace(args, kwargs, None)
+        return cls(selection, RowRotary(table, arg, selection)), args, kwargs
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T + N, C) query-projection input (T >= 0 leading text rows) -> (B, T + A, C): the kept rows."""
+        selection = self.selection
+        text = x.shape[1] - selection.num_tokens
+        if text == 0:
+            return selection.merge(x)
+        return torch.cat([x[:, :text], selection.merge(x[:, text:])], dim=1)
+
+
+class QueryRowsHook(ModelHook):
+    """On a self-attention's query projection: its input reduced to the kept rows of the running `RowCall`.
+
+    Args:
+        owner: ``() -> RowCall | None``, the running call of the attention (None: every row).
+    """
+
+    def __init__(self, owner: Callable[[], "RowCall | None"]) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        call = self.owner()
+        if call is None:
+            return args, kwargs
+        if args:
+            return (call.queries(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "input": call.queries(kwargs["input"])}
+
+
+class RotarySiteHook(ModelHook):
+    """On a norm whose output the attention would rotate: the running `RowCall`'s per-row rotation applied.
+
+    Args:
+        owner: ``() -> RowCall | None``.
+        site: the adapter's `RotarySite`.
+    """
+
+    def __init__(self, owner: Callable[[], "RowCall | None"], site: RotarySite) -> None:
+        super().__init__()
+        self.owner, self.side, self.rows = owner, site.side, site.rows
+
+    def post_forward(self, module: torch.nn.Module, output):
+        call = self.owner()
+        if call is None or call.rotary is None:
+            return output
+        return call.rotary.rotate(output, self.side, self.rows)
+
+
+def row_hooks(owner: Callable[[], "RowCall | None"], query: torch.nn.Module | None,
+              sites: tuple[RotarySite, ...]) -> list[tuple[torch.nn.Module, ModelHook]]:
+    """The hooks a self-attention needs under a method that keeps every key: its query projection's and its rotary
+    sites'."""
+    if query is None:
+        raise TypeError("this attention has no separate query projection, so it cannot keep its keys whole while "
+                        "computing fewer queries")
+    return [(query, QueryRowsHook(owner)), *((site.module, RotarySiteHook(owner, site)) for site in sites)]
 
 
 def _merge_rotary(state: MergeState, rotary: RotaryArg | None, merge: TokenMerge, args: tuple,
@@ -271,7 +363,9 @@ class ParallelBlockMerge:
     """Merging of one `ParallelBlock` (FLUX single-stream): the image suffix of the normalised [text; image]
     sequence is merged at `proj_mlp`'s input and the merged sequence reused at `attn`'s (the same tensor); outputs
     are unmerged where the merged rows end: `proj_out`'s output when both branches merge (cache name "out", kept with
-    the attention's outputs), else the merged branch's own output ("attn" / "mlp").
+    the attention's outputs), else the merged branch's own output ("attn" / "mlp"). Under a method that keeps every
+    key (token caching) the attention gets the whole sequence and its query projection the kept rows, as in
+    `SubLayerMergeHook`.
 
     Args:
         state: the shared `MergeState`.
@@ -281,16 +375,26 @@ class ParallelBlockMerge:
 
     def __init__(self, state: MergeState, layer: int, block: ParallelBlock) -> None:
         self.state, self.layer, self.block = state, layer, block
+        self.queries_only = state.method.queries_only
         self._attn: TokenMerge | None = None
         self._mlp: TokenMerge | None = None
         self._source: torch.Tensor | None = None  # the normalised sequence the block's branches read
         self._merged: torch.Tensor | None = None  # ... with its image suffix merged
+        self.rows: RowCall | None = None  # the running attention call's kept query rows, under `queries_only`
 
     def hooks(self) -> list[tuple[torch.nn.Module, ModelHook]]:
         block = self.block
-        return [(block.proj_mlp, _CallHook(pre=self._mlp_input)), (block.act_mlp, _CallHook(post=self._mlp_output)),
-                (block.attn, _CallHook(pre=self._attn_input, post=self._attn_output)),
-                (block.proj_out, _CallHook(post=self._projected))]
+        hooks = [(block.proj_mlp, _CallHook(pre=self._mlp_input)), (block.act_mlp, _CallHook(post=self._mlp_output)),
+                 (block.attn, _CallHook(pre=self._attn_input, post=self._attn_output)),
+                 (block.proj_out, _CallHook(post=self._projected))]
+        if self.queries_only:
+            hooks += row_hooks(lambda: self.rows, block.query, block.sites)
+        return hooks
+
+    def _cached_at_output(self) -> bool:
+        """Both branches are kept at `proj_out`'s output only (token caching of the attention and the MLP)."""
+        roles = self.state.cache_roles
+        return self.queries_only and "attn" in roles and "mlp" in roles
 
     def _image_tokens(self) -> int:
         h, w = self.state.layer_grids[self.layer]
@@ -317,7 +421,7 @@ class ParallelBlockMerge:
         return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "input": merged})
 
     def _mlp_output(self, output: torch.Tensor) -> torch.Tensor:
-        if self._mlp is not None and self._attn is not None:
+        if (self._mlp is not None and self._attn is not None) or self._cached_at_output():
             return output  # stays merged: proj_out runs on the merged rows
         return self.state.finish_suffix(self.layer, "mlp", "mlp", self._mlp, output)
 
@@ -330,6 +434,9 @@ class ParallelBlockMerge:
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
             )
+        if self.queries_only:
+            self.rows, args, kwargs = RowCall.begin(merge, self.block.rotary, args, kwargs)
+            return args, kwargs
         from_kwargs = "hidden_states" in kwargs
         merged = self._merge_suffix(kwargs["hidden_states"] if from_kwargs else args[0], merge)
         if from_kwargs:
@@ -339,7 +446,8 @@ class ParallelBlockMerge:
         return _merge_rotary(self.state, self.block.rotary, merge, args, kwargs)
 
     def _attn_output(self, output: torch.Tensor) -> torch.Tensor:
-        if self._mlp is not None and self._attn is not None:
+        self.rows = None
+        if (self._mlp is not None and self._attn is not None) or self._cached_at_output():
             return output
         return self.state.finish_suffix(self.layer, "attn", "attn", self._attn, output)
 

@@ -10,16 +10,18 @@ forward.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from .config import SDTMConfig, ToMeConfig
+from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
 from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
                     unit_vectors, window_medoid_scores, window_merge)
-from .schedule import (Phase, StepPlan, in_structure_phase, layer_is_protected, removal_schedule, step_plan,
-                       tokens_removed)
+from .schedule import (Phase, StepPlan, cached_tokens, in_structure_phase, layer_is_protected, removal_schedule,
+                       step_plan, token_cache_plan, tokens_removed)
+from .selection import RowSelection, change_scores, choose_rows, token_sketch, update_after_selection
 
 
 @dataclass
@@ -39,6 +41,8 @@ class StreamBuffers:
     batch: int
     _cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _staleness: dict[int, torch.Tensor] = field(default_factory=dict)
+    _references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    filled: bool = False  # a step computed every token of this call (token caching may serve tokens from then on)
 
     def __post_init__(self) -> None:
         self._cache = [{} for _ in range(self.num_layers)]
@@ -57,6 +61,16 @@ class StreamBuffers:
         if num_tokens not in self._staleness:
             self._staleness[num_tokens] = torch.zeros(self.num_layers, self.batch, num_tokens, device=device)
         return self._staleness[num_tokens][:, self._rows(batch)]
+
+    def references(self, batch: int, num_tokens: int, dim: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """(L, batch, N, D): per block, the sketch of each token's input when it was last computed (token caching's
+        change measure; a view of the call's trailing `batch` rows)."""
+        key = (num_tokens, dim)
+        if key not in self._references:
+            self._references[key] = torch.zeros(self.num_layers, self.batch, num_tokens, dim, device=device,
+                                                dtype=dtype)
+        return self._references[key][:, self._rows(batch)]
 
     def cached_output(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
         """The last full-length output (batch, N, C) of a sub-layer (its trailing rows), if one of that shape."""
@@ -84,8 +98,9 @@ class StreamBuffers:
         return sum(len(layer) for layer in self._cache)
 
     def held_bytes(self) -> int:
-        """Bytes of the tensors these buffers hold (merge cache and staleness counters)."""
+        """Bytes of the tensors these buffers hold (output caches, staleness counters, reference sketches)."""
         tensors = [t for layer in self._cache for t in layer.values()] + list(self._staleness.values())
+        tensors += list(self._references.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset_staleness(self) -> None:
@@ -110,6 +125,7 @@ class ForwardScratch:
     def __init__(self, noise: Callable[[WindowGrid, int], torch.Tensor | None]) -> None:
         self.noise = noise
         self.merges: dict[int, TokenMerge | None] = {}
+        self.observed: set[int] = set()  # blocks whose input a full step showed the method (`MergeMethod.observe`)
         self.ages: dict[int, int] = {}
         self.derived: dict[tuple, Any] = {}
 
@@ -131,10 +147,15 @@ class MergeMethod:
     Attributes:
         needs_step_count: whether `plan` depends on the number of steps (a bare model must then be told it).
         tracks_staleness: whether its merges age the buffers' staleness counters.
+        roles: the sub-layer roles it may reduce ("attn", "cross", "mlp"); sub-layers of other roles are not hooked.
+        queries_only: self-attention keeps every token's key and value: only its query rows are reduced (the rows
+            that `merge` keeps), and rotary positions are applied per row by the patch (`rotary.RowRotary`).
     """
 
     needs_step_count = True
     tracks_staleness = False
+    roles: tuple[str, ...] = ("attn", "mlp")
+    queries_only = False
 
     def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int) -> None:
         self.config = config
@@ -160,6 +181,20 @@ class MergeMethod:
     def noise_shape(self, grid: WindowGrid, batch: int, plan: StepPlan) -> tuple[int, ...] | None:
         """Shape of the uniform draws a merging forward of `plan` needs for `grid` and `batch` images (None: none)."""
         return None
+
+    def stream_plan(self, plan: StepPlan, buffers: StreamBuffers) -> StepPlan:
+        """The plan a call runs given what its buffers hold (eagerly, before the forward); by default `plan`."""
+        return plan
+
+    def prepare(self, buffers: StreamBuffers, plan: StepPlan, num_tokens: int, batch: int,
+                device: torch.device) -> None:
+        """Allocate the buffers the forward will update, eagerly (so that a compiled forward creates no state)."""
+        if self.tracks_staleness and plan.merges:
+            buffers.staleness(batch, num_tokens, device)
+
+    def observe(self, layer: int, x: torch.Tensor, buffers: StreamBuffers) -> None:
+        """A block computes every token in this step: `x` (B, N, C) is the input its first reduced sub-layer would
+        have built its merge from."""
 
     def cache_roles(self, plan: StepPlan) -> tuple[str, ...]:
         """The sub-layer roles whose full-length outputs the merge cache keeps in this step (merged blocks only)."""
@@ -389,11 +424,96 @@ class SDTM(MergeMethod):
         return output
 
 
-def make_method(config: SDTMConfig | ToMeConfig | None, num_layers: int) -> MergeMethod:
+class TokenCache(MergeMethod):
+    """Token caching (`TokenCacheConfig`): dense steps compute and cache every token's sub-layer outputs; a cached
+    step computes, per image and block, the tokens whose input changed most since they were last computed (or a
+    random / least-redundant share), the others keep their own cached outputs. Self-attention keeps every key.
+    """
+
+    config: TokenCacheConfig
+    tracks_staleness = True
+    roles = ("attn", "cross", "mlp")
+    queries_only = True
+
+    @property
+    def needs_step_count(self) -> bool:
+        return self.config.final_dense_steps > 0 and self.config.ratio > 0
+
+    def plan(self, step: int, num_steps: int | None) -> StepPlan:
+        return token_cache_plan(self.config, step, num_steps if num_steps is not None else step + 1)
+
+    def removal_schedule(self, num_steps: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.tokens_removed(self.plan(step, num_steps), grid) for step in range(num_steps))
+
+    def tokens_removed(self, plan, grid):
+        return cached_tokens(plan.ratio, math.prod(grid)) if plan.phase is Phase.CACHED else 0
+
+    def stream_plan(self, plan, buffers):
+        if plan.phase is Phase.CACHED and not buffers.filled:  # nothing cached yet (img2img starts mid-schedule)
+            return StepPlan(plan.step, plan.num_steps, Phase.FULL, 0.0, False, False)
+        return plan
+
+    def prepare(self, buffers, plan, num_tokens, batch, device):
+        buffers.staleness(batch, num_tokens, device)
+
+    def noise_shape(self, grid, batch, plan):
+        if plan.phase is Phase.CACHED and self.config.selection == "random":
+            return (self.num_layers, batch, grid.num_tokens)
+        return None
+
+    def cache_roles(self, plan):
+        cfg = self.config
+        if cfg.ratio <= 0:
+            return ()
+        return tuple(role for role, cached in (("attn", cfg.cache_attn), ("cross", cfg.cache_cross),
+                                               ("mlp", cfg.cache_mlp)) if cached)
+
+    def observe(self, layer, x, buffers):
+        if self.config.selection == "change":
+            b, n, _ = x.shape
+            sketch = token_sketch(x, self.config.sketch_dim)
+            buffers.references(b, n, sketch.shape[-1], x.device, torch.float32)[layer].copy_(sketch)
+
+    def build(self, layer, x, grid, plan, removed, buffers, forward):
+        if removed == 0:
+            return None
+        cfg = self.config
+        b, n, _ = x.shape
+        staleness = buffers.staleness(b, n, x.device)[layer]
+        sketch = reference = None
+        if cfg.selection == "change":
+            sketch = token_sketch(x, cfg.sketch_dim)
+            reference = buffers.references(b, n, sketch.shape[-1], x.device, torch.float32)[layer]
+            score = change_scores(sketch, reference)
+        elif cfg.selection == "random":
+            score = forward.noise(grid, b)[layer]
+        else:  # the tokens least similar to their window computed first (loose tokens: neutral)
+            similarity = torch.zeros(b * n, device=x.device)
+            windows = grid.batch_tables(b).window_tokens.flatten()
+            similarity.index_copy_(0, windows, window_medoid_scores(x, grid).flatten())
+            score = similarity.view(b, n).neg_()
+        if cfg.staleness_weight:
+            score = score.add(staleness, alpha=cfg.staleness_weight)
+        selection = RowSelection(choose_rows(score, n - removed), n)
+        update_after_selection(staleness, reference, sketch, selection)
+        return selection
+
+    def finish(self, layer, name, merge, output, buffers, store):
+        if merge is not None:
+            shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
+            output = merge.unmerge(output, buffers.cached_output(layer, name, shape))
+        if store:
+            buffers.store_output(layer, name, output)
+        return output
+
+
+def make_method(config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, num_layers: int) -> MergeMethod:
     if config is None:
         return NoMerge(num_layers)
     if isinstance(config, SDTMConfig):
         return SDTM(config, num_layers)
     if isinstance(config, ToMeConfig):
         return ToMe(config, num_layers)
-    raise TypeError(f"config must be an SDTMConfig or a ToMeConfig, got {type(config).__name__}")
+    if isinstance(config, TokenCacheConfig):
+        return TokenCache(config, num_layers)
+    raise TypeError(f"config must be an SDTMConfig, a ToMeConfig or a TokenCacheConfig, got {type(config).__name__}")

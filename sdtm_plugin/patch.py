@@ -19,8 +19,9 @@ from torch import nn
 
 from .adapters import ParallelBlock, find_adapter, supported_models
 from .caching import attach_step_cache
-from .config import SDTMConfig, ToMeConfig
-from .hooks import GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, ParallelBlockMerge, StepHook, SubLayerMergeHook
+from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
+from .hooks import (GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, ParallelBlockMerge, StepHook, SubLayerMergeHook,
+                    row_hooks)
 from .state import MergeState
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _forward_parameters(model: nn.Module) -> list[str]:
     return [n for n in inspect.signature(type(model).forward).parameters if n != "self"]
 
 
-def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache: Any = None) -> T:
+def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, step_cache: Any = None) -> T:
     if getattr(pipe_or_model, "transformer_2", None) is not None:
         raise ValueError(
             f"{type(pipe_or_model).__name__} runs two denoisers (transformer for high noise, transformer_2 for low "
@@ -121,19 +122,11 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         hooked.append((module, name, module.__dict__["forward"]))
 
-    if config is not None:
-        for module, layers in layout.grid_sources:
-            register(module, GridHook(state, layers), GRID_HOOK)
-        for layer, block in enumerate(layout.blocks):
-            if isinstance(block, ParallelBlock):
-                for module, hook in ParallelBlockMerge(state, layer, block).hooks():
-                    register(module, hook, MERGE_HOOK)
-                continue
-            for sub in block:
-                register(sub.module, SubLayerMergeHook(state, layer, sub), MERGE_HOOK)
     patch = _Patch(state, step_hook, hooked)
     setattr(model, _PATCH_ATTR, patch)
     try:
+        if config is not None:
+            _register_merge_hooks(model, layout, state, register)
         if step_cache is not None:  # registered after the merge hooks: outside them
             hooked.extend((m, name, m.__dict__["forward"]) for m, name in attach_step_cache(model, step_cache, state))
         # the step hook is the model's outermost hook: every other hook of a forward (a step cache's denoiser-level
@@ -147,6 +140,34 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | None, step_cache:
     logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
                 len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
     return pipe_or_model
+
+
+def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register) -> None:
+    """The merge hooks of every block: one per sub-layer whose role the method reduces (and, for a method that
+    keeps every key, its query projection's and rotary sites'), or a `ParallelBlock`'s set."""
+    method = state.method
+    for module, layers in layout.grid_sources:
+        register(module, GridHook(state, layers), GRID_HOOK)
+    for layer, block in enumerate(layout.blocks):
+        attentions = [block.attn] if isinstance(block, ParallelBlock) else [s.module for s in block if s.role == "attn"]
+        if method.queries_only and any(getattr(a, "fused_projections", False) for a in attentions):
+            raise ValueError(f"block {layer} of {type(model).__name__} has fused QKV projections, which cannot compute "
+                             "queries for fewer rows than keys; call unfuse_qkv_projections() before applying")
+        try:
+            if isinstance(block, ParallelBlock):
+                for module, hook in ParallelBlockMerge(state, layer, block).hooks():
+                    register(module, hook, MERGE_HOOK)
+                continue
+            for sub in block:
+                if sub.role not in method.roles:
+                    continue
+                hook = SubLayerMergeHook(state, layer, sub)
+                register(sub.module, hook, MERGE_HOOK)
+                if hook.queries_only:
+                    for module, row_hook in row_hooks(lambda hook=hook: hook.rows, sub.query, sub.sites):
+                        register(module, row_hook, MERGE_HOOK)
+        except TypeError as err:
+            raise TypeError(f"{type(state.config).__name__} does not support {type(model).__name__}: {err}") from None
 
 
 def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache: Any = None, **params: Any) -> T:
@@ -174,6 +195,21 @@ def apply_ToMe(pipe_or_model: T, config: ToMeConfig | None = None, *, step_cache
     if config is not None and params:
         raise TypeError("pass either a ToMeConfig or keyword parameters, not both")
     return _apply(pipe_or_model, config if config is not None else ToMeConfig(**params), step_cache)
+
+
+def apply_token_cache(pipe_or_model: T, config: TokenCacheConfig | None = None, *, step_cache: Any = None,
+                      **params: Any) -> T:
+    """Patch with token caching (`TokenCacheConfig`): on cached steps each block recomputes a share of the image
+    tokens, chosen by how much their input changed, attending to every token; the others keep their own cached
+    outputs. `step_cache` composes a diffusers step cache as in `apply_SDTM`. Removed by `remove_SDTM` (alias
+    `remove_token_cache`).
+
+    Supported: PixArt, DiT, FLUX.1, Wan 2.1 and SD U-Nets; SD3's joint attention splits its output by the query count
+    and raises a `TypeError`.
+    """
+    if config is not None and params:
+        raise TypeError("pass either a TokenCacheConfig or keyword parameters, not both")
+    return _apply(pipe_or_model, config if config is not None else TokenCacheConfig(**params), step_cache)
 
 
 def apply_step_cache(pipe_or_model: T, config: Any) -> T:
@@ -233,7 +269,7 @@ def remove_SDTM(pipe_or_model: T) -> T:
     return pipe_or_model
 
 
-remove_ToMe = remove_step_cache = remove_SDTM
+remove_ToMe = remove_step_cache = remove_token_cache = remove_SDTM
 
 
 def get_merge_state(pipe_or_model: Any) -> MergeState | None:

@@ -82,3 +82,62 @@ def merge_rotary(table: tuple[torch.Tensor, torch.Tensor], merge: TokenMerge, se
         scale = torch.rsqrt((cos.square() + sin.square()).clamp_min_(torch.finfo(cos.dtype).tiny))
         cos, sin = cos * scale, sin * scale
     return cos.movedim(0, seq_dim), sin.movedim(0, seq_dim)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions applied to queries or keys `x` (B, S, H, D), or (B, S, H·D) with heads flattened (Wan's
+    norms), by per-row tables `cos`, `sin` (B or 1, S, D) in the interleaved-pair convention of FLUX and Wan
+    (consecutive channels 2i, 2i + 1 rotate together; the tables repeat each angle twice). Computed in fp32."""
+    flat = x.dim() == 3
+    heads = x.unflatten(-1, (-1, cos.shape[-1])) if flat else x
+    pairs = heads.float().unflatten(-1, (-1, 2))
+    turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    out = (heads.float() * cos.unsqueeze(2) + turned * sin.unsqueeze(2)).to(x.dtype)
+    return out.flatten(-2) if flat else out
+
+
+class RowRotary:
+    """The rotary tables of one attention call whose query rows are a selection of its tokens while its keys are all
+    of them (token caching): the model's table is withheld from the attention processor and the patch rotates each
+    query and key at the output of the module that makes it (`RotarySite`), with each row's own position.
+
+    Args:
+        table: the call's (cos, sin) over S = T + N rows (T text rows first), laid out as `arg` says.
+        arg: where and how the table is passed.
+        selection: the computed rows (`selection.RowSelection`) of the N image tokens.
+    """
+
+    def __init__(self, table: tuple[torch.Tensor, torch.Tensor], arg: RotaryArg, selection) -> None:
+        cos, sin = table
+        if cos.shape != sin.shape:
+            raise ValueError(f"rotary cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        rows = cos.shape[arg.seq_dim]
+        self._cos, self._sin = (t.movedim(arg.seq_dim, 0).reshape(rows, -1) for t in (cos, sin))  # (S, D)
+        self.text = rows - selection.num_tokens
+        if self.text < 0:
+            raise ValueError(f"the rotary table has {rows} rows, fewer than the {selection.num_tokens} image tokens")
+        self.selection = selection
+        self._tables: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, side: str, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B or 1, S', D), of the `side` ("query" / "key") rows of a `rows` sequence ("image",
+        "text", or "joint" = [text; image])."""
+        key = (side, rows)
+        if key not in self._tables:
+            self._tables[key] = tuple(self._part(t, side, rows) for t in (self._cos, self._sin))
+        return self._tables[key]
+
+    def _part(self, table: torch.Tensor, side: str, rows: str) -> torch.Tensor:
+        text, image = table[: self.text], table[self.text:]
+        if rows == "text":
+            return text[None]
+        if side == "key":
+            return (image if rows == "image" else table)[None]
+        chosen = self.selection.take(image)  # (B, A, D): each image's computed rows
+        if rows == "image":
+            return chosen
+        return torch.cat([text.expand(chosen.shape[0], -1, -1), chosen], dim=1)
+
+    def rotate(self, x: torch.Tensor, side: str, rows: str) -> torch.Tensor:
+        cos, sin = self.tables(side, rows)
+        return rotate(x, cos, sin)

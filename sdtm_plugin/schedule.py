@@ -9,14 +9,18 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from .config import SWITCH_STEP_REFERENCE_STEPS, SDTMConfig, ToMeConfig
+from .config import SWITCH_STEP_REFERENCE_STEPS, SDTMConfig, TokenCacheConfig, ToMeConfig
 from .merge import window_counts
+
+
+TOKEN_ALIGNMENT = 8  # budgets remove multiples of this many tokens (and of whole windows): aligned GEMM lengths
 
 
 class Phase(str, Enum):
     STRUCTURE = "structure"  # SSM: whole windows merged, attention and MLP
     DETAIL = "detail"  # IDM: bipartite merging, MLP only
     TOME = "tome"  # fixed-ratio bipartite merging
+    CACHED = "cached"  # token caching: a share of the tokens recomputed, the others served from the token cache
     FULL = "full"  # nothing merged (protected step or zero ratio)
 
 
@@ -31,13 +35,15 @@ class StepPlan:
     merge_attn: bool
     merge_mlp: bool
     protected: bool = False
+    merge_cross: bool = False
 
     @property
     def merges(self) -> bool:
         return self.phase is not Phase.FULL
 
-    def merges_sublayer(self, kind: str) -> bool:
-        return self.merge_attn if kind == "attn" else self.merge_mlp
+    def merges_sublayer(self, role: str) -> bool:
+        """Whether a sub-layer of `role` ("attn", "cross", "mlp") runs on fewer rows than tokens in this step."""
+        return {"attn": self.merge_attn, "cross": self.merge_cross, "mlp": self.merge_mlp}[role]
 
 
 def cosine_ratio(ratio: float, deviation: float, step: int, num_steps: int) -> float:
@@ -72,6 +78,29 @@ def step_plan(config: SDTMConfig | ToMeConfig, step: int, num_steps: int) -> Ste
     return StepPlan(step, num_steps, Phase.DETAIL, ratio, merge_attn, config.merge_mlp)
 
 
+def is_dense_step(config: TokenCacheConfig, step: int, num_steps: int) -> bool:
+    """Token caching computes every token at the first `warmup_steps` steps, at the last `final_dense_steps` and, in
+    between, at every `dense_every`-th step after the warm-up."""
+    if step < config.warmup_steps or step >= num_steps - config.final_dense_steps:
+        return True
+    return config.dense_every >= 2 and (step - config.warmup_steps + 1) % config.dense_every == 0
+
+
+def token_cache_plan(config: TokenCacheConfig, step: int, num_steps: int) -> StepPlan:
+    """A dense step (`Phase.FULL`, every token computed and cached) or a cached one (`Phase.CACHED`)."""
+    if config.ratio <= 0 or is_dense_step(config, step, num_steps):
+        return StepPlan(step, num_steps, Phase.FULL, 0.0, False, False)
+    return StepPlan(step, num_steps, Phase.CACHED, config.ratio, config.cache_attn, config.cache_mlp,
+                    merge_cross=config.cache_cross)
+
+
+def cached_tokens(ratio: float, num_tokens: int) -> int:
+    """Tokens a cached step serves from the cache: ``ratio * N`` rounded down so that the recomputed tokens are a
+    multiple of `TOKEN_ALIGNMENT` (one static length per grid, GEMM-aligned), at least that many recomputed."""
+    computed = math.ceil((num_tokens - ratio * num_tokens) / TOKEN_ALIGNMENT) * TOKEN_ALIGNMENT
+    return max(num_tokens - max(computed, TOKEN_ALIGNMENT), 0)
+
+
 def layer_is_protected(config: SDTMConfig | ToMeConfig, layer: int, num_layers: int) -> bool:
     """SDTM's layer protection: ``layer % k == 0`` and the last block (k = -1: none), and the first / last blocks
     `protect_first_layers` / `protect_last_layers`, run unmerged."""
@@ -99,9 +128,6 @@ def tokens_removed(phase: Phase, ratio: float, grid: tuple[int, ...], window: tu
     if phase in (Phase.DETAIL, Phase.TOME):
         return min(int(ratio * num_tokens), num_tokens - windows)
     return 0
-
-
-TOKEN_ALIGNMENT = 8  # budgets remove multiples of this many tokens (and of whole windows): aligned GEMM lengths
 
 
 def removal_schedule(config: SDTMConfig, num_steps: int, grid: tuple[int, ...]) -> tuple[int, ...]:

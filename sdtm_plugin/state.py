@@ -31,7 +31,7 @@ from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("attn", "mlp")
+ROLES = ("attn", "cross", "mlp")
 MAX_RECORDS = 4096  # telemetry kept for the current generation (a bare model without a step count never wraps)
 
 
@@ -186,28 +186,29 @@ class MergeState:
             self._new_generation()
             self.reset_step_caches()
         self._last_shape = (grid, batch_size)
-        self.plan = plan = self.method.plan(clock.step, clock.num_steps)
-        self.grid = grid
-        self.layer_grids = [grid] * self.num_layers
-        self.cache_roles = self.method.cache_roles(plan)
         key = (clock.call, batch_size, grid)
         if key not in self._streams:
             self._streams[key] = StreamBuffers(self.num_layers, batch_size)
-        self._buffers = self._streams[key]
+        self._buffers = buffers = self._streams[key]
+        self.plan = plan = self.method.stream_plan(self.method.plan(clock.step, clock.num_steps), buffers)
+        self.grid = grid
+        self.layer_grids = [grid] * self.num_layers
+        self.cache_roles = self.method.cache_roles(plan)
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
         if clock.step == 0 or not plan.merges:  # a full step computes every token on its own
-            self._buffers.reset_staleness()
+            buffers.reset_staleness()
+        buffers.filled = buffers.filled or not plan.merges
         self._removed, self._noise = {}, {}
-        if self.config is not None and plan.merges and self.removed(grid):
+        if self.config is not None:
             # what the blocks will ask for on the model's grid, made here: the generator and the first-use
             # allocations stay out of the forward (other grids, U-Net levels, are served when first asked)
-            window_grid = self._window_grid(grid, device)
-            if self.config.match_radius is not None:
-                window_grid.neighbour_windows(self.config.match_radius)
             plan_batch = self._plan_batch(batch_size)
-            if self.method.tracks_staleness:
-                self._buffers.staleness(plan_batch, math.prod(grid), device)
-            self.noise(window_grid, plan_batch)
+            self.method.prepare(buffers, plan, math.prod(grid), plan_batch, device)
+            if plan.merges and self.removed(grid):
+                window_grid = self._window_grid(grid, device)
+                if getattr(self.config, "match_radius", None) is not None:
+                    window_grid.neighbour_windows(self.config.match_radius)
+                self.noise(window_grid, plan_batch)
         self.record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
                                     {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers)
         self.records.append(self.record)
@@ -262,9 +263,14 @@ class MergeState:
         record.grid_tokens[layer] = num_tokens
         counts = record.tokens[role]
         counts[layer] = num_tokens
+        scratch = self.scratch
+        if not plan.merges:
+            if role in self.cache_roles and layer not in scratch.observed:  # the input a cached step would select on
+                scratch.observed.add(layer)
+                self.method.observe(layer, x, self._buffers)
+            return None
         if not plan.merges_sublayer(role) or not self.method.merges_layer(layer) or not self._downsample_allowed(layer):
             return None
-        scratch = self.scratch
         if layer not in scratch.merges:
             previous = scratch.merges.get(layer - 1)
             if (previous is not None and scratch.ages[layer - 1] + 1 < self.method.plan_blocks
@@ -273,7 +279,8 @@ class MergeState:
                 self.method.reuse(layer, previous.plan, self._buffers)
             else:
                 batch = x.shape[0]
-                if self.shared_plans and batch > 1:  # one plan from the images' mean token directions
+                if self.shared_plans and batch > 1 and not self.method.queries_only:  # one plan from the images' mean
+                    # token directions (a method that rotates per row needs no shared rotary table)
                     x = unit_vectors(x).mean(0, keepdim=True)
                 merge = self.method.build(layer, x, self._window_grid(grid, x.device), plan, self.removed(grid),
                                           self._buffers, scratch)
