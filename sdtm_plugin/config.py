@@ -314,10 +314,14 @@ class TokenCacheConfig(_PatchConfig):
             single-stream blocks are cached as one (attention and MLP side by side, then the output projection).
         sketch_dim: channels of the sketch a token's change is measured on (`sdtm_plugin.merge.channel_sketch`); None:
             every channel.
+        extrapolation: a token not computed in a cached step takes its last output plus this weight times the change
+            per step of that output between its last two computations, times the steps since (1: a first-order
+            Taylor step as TaylorSeer takes for whole steps; 0: its last output unchanged). Non-zero doubles the
+            memory the cache holds.
         seed: seed of the random draws of ``selection="random"``, re-seeded at every generation.
 
-    Memory: one full-length output per cached sub-layer and block is kept between forwards (docs/usage.md gives the
-    figure per model); `sdtm_plugin.get_merge_state(pipe).held_bytes()` counts it.
+    Memory: per cached sub-layer and block, one full-length output (two with `extrapolation`) is kept between
+    forwards (docs/usage.md gives the figure per model); `sdtm_plugin.get_merge_state(pipe).held_bytes()` counts it.
     """
 
     ratio: float = 0.7
@@ -330,6 +334,7 @@ class TokenCacheConfig(_PatchConfig):
     cache_cross: bool = True
     cache_mlp: bool = True
     sketch_dim: int | None = 64
+    extrapolation: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -348,3 +353,4 @@ class TokenCacheConfig(_PatchConfig):
                              "least one")
         if self.sketch_dim is not None:
             _check_int("sketch_dim", self.sketch_dim, 8, " or None (every channel)")
+        _check_float("extrapolation", self.extrapolation, 0.0, 1.0, high_inclusive=True)

@@ -21,7 +21,10 @@ from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choos
                     unit_vectors, window_medoid_scores, window_merge)
 from .schedule import (Phase, StepPlan, cached_tokens, in_structure_phase, layer_is_protected, removal_schedule,
                        step_plan, token_cache_plan, tokens_removed)
-from .selection import RowSelection, change_scores, choose_rows, token_sketch, update_after_selection
+from .selection import RowSelection, change_scores, choose_rows, token_sketch
+
+
+NEVER = -1e6  # `StreamBuffers.computed_at` of a token never computed: its output changes at no measurable rate
 
 
 @dataclass
@@ -40,12 +43,16 @@ class StreamBuffers:
     num_layers: int
     batch: int
     _cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    _slopes: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _staleness: dict[int, torch.Tensor] = field(default_factory=dict)
+    _computed_at: dict[int, torch.Tensor] = field(default_factory=dict)
     _references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _now: torch.Tensor | None = None
     filled: bool = False  # a step computed every token of this call (token caching may serve tokens from then on)
 
     def __post_init__(self) -> None:
         self._cache = [{} for _ in range(self.num_layers)]
+        self._slopes = [{} for _ in range(self.num_layers)]
 
     def _rows(self, batch: int) -> slice:
         if batch > self.batch:
@@ -62,6 +69,20 @@ class StreamBuffers:
             self._staleness[num_tokens] = torch.zeros(self.num_layers, self.batch, num_tokens, device=device)
         return self._staleness[num_tokens][:, self._rows(batch)]
 
+    def now(self, device: torch.device) -> torch.Tensor:
+        """() float32: the current step, a tensor set before each forward (a compiled forward reads its value without
+        a guard on it)."""
+        if self._now is None:
+            self._now = torch.zeros((), device=device)
+        return self._now
+
+    def computed_at(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(L, batch, N) float32: per block, the step at which each token was last computed (far in the past before
+        its first computation)."""
+        if num_tokens not in self._computed_at:
+            self._computed_at[num_tokens] = torch.full((self.num_layers, self.batch, num_tokens), NEVER, device=device)
+        return self._computed_at[num_tokens][:, self._rows(batch)]
+
     def references(self, batch: int, num_tokens: int, dim: int, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
         """(L, batch, N, D): per block, the sketch of each token's input when it was last computed (token caching's
@@ -74,19 +95,33 @@ class StreamBuffers:
 
     def cached_output(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
         """The last full-length output (batch, N, C) of a sub-layer (its trailing rows), if one of that shape."""
-        cache = self._cache[layer].get(name)
-        if cache is None or cache.shape[1:] != shape[1:]:
-            return None
-        return cache[self._rows(shape[0])]
+        return self._read(self._cache, layer, name, shape)
 
     def store_output(self, layer: int, name: str, output: torch.Tensor) -> None:
         """Keep a sub-layer's full-length output (a reference: outputs are never mutated); a partial batch replaces
         the trailing rows only."""
-        output = output.detach()
-        cache = self._cache[layer].get(name)
-        if output.shape[0] < self.batch and cache is not None and cache.shape[1:] == output.shape[1:]:
-            output = torch.cat([cache[: self.batch - output.shape[0]], output])
-        self._cache[layer][name] = output
+        self._write(self._cache, layer, name, output)
+
+    def cached_slope(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
+        """The change per step (batch, N, C) of a sub-layer's output between each token's last two computations."""
+        return self._read(self._slopes, layer, name, shape)
+
+    def store_slope(self, layer: int, name: str, slope: torch.Tensor) -> None:
+        self._write(self._slopes, layer, name, slope)
+
+    def _read(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str,
+              shape: torch.Size) -> torch.Tensor | None:
+        cache = slots[layer].get(name)
+        if cache is None or cache.shape[1:] != shape[1:]:
+            return None
+        return cache[self._rows(shape[0])]
+
+    def _write(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        cache = slots[layer].get(name)
+        if value.shape[0] < self.batch and cache is not None and cache.shape[1:] == value.shape[1:]:
+            value = torch.cat([cache[: self.batch - value.shape[0]], value])
+        slots[layer][name] = value
 
     def cached_layers(self) -> set[int]:
         """The blocks with an output in the merge cache."""
@@ -98,9 +133,10 @@ class StreamBuffers:
         return sum(len(layer) for layer in self._cache)
 
     def held_bytes(self) -> int:
-        """Bytes of the tensors these buffers hold (output caches, staleness counters, reference sketches)."""
-        tensors = [t for layer in self._cache for t in layer.values()] + list(self._staleness.values())
-        tensors += list(self._references.values())
+        """Bytes of the tensors these buffers hold (output caches and slopes, counters, reference sketches)."""
+        tensors = [t for slots in (self._cache, self._slopes) for layer in slots for t in layer.values()]
+        tensors += [*self._staleness.values(), *self._computed_at.values(), *self._references.values()]
+        tensors += [self._now] if self._now is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset_staleness(self) -> None:
@@ -192,7 +228,7 @@ class MergeMethod:
         if self.tracks_staleness and plan.merges:
             buffers.staleness(batch, num_tokens, device)
 
-    def observe(self, layer: int, x: torch.Tensor, buffers: StreamBuffers) -> None:
+    def observe(self, layer: int, x: torch.Tensor, buffers: StreamBuffers, forward: ForwardScratch) -> None:
         """A block computes every token in this step: `x` (B, N, C) is the input its first reduced sub-layer would
         have built its merge from."""
 
@@ -215,7 +251,7 @@ class MergeMethod:
         """Block `layer` merges with the previous block's `merge`: update its per-block state."""
 
     def finish(self, layer: int, name: str, merge: TokenMerge | None, output: torch.Tensor, buffers: StreamBuffers,
-               store: bool) -> torch.Tensor:
+               store: bool, forward: ForwardScratch) -> torch.Tensor:
         """A sub-layer output (B, N', C) -> (B, N, C); `store`: keep it in the merge cache."""
         return output if merge is None else merge.unmerge(output)
 
@@ -413,7 +449,7 @@ class SDTM(MergeMethod):
         return grid.per_window(staleness.flatten(0, -2), plus).view(*staleness.shape[:-1], grid.num_windows,
                                                                     grid.window_size)
 
-    def finish(self, layer, name, merge, output, buffers, store):
+    def finish(self, layer, name, merge, output, buffers, store, forward):
         if merge is not None:
             cfg = self.config
             shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
@@ -427,11 +463,15 @@ class SDTM(MergeMethod):
 class TokenCache(MergeMethod):
     """Token caching (`TokenCacheConfig`): dense steps compute and cache every token's sub-layer outputs; a cached
     step computes, per image and block, the tokens whose input changed most since they were last computed (or a
-    random / least-redundant share), the others keep their own cached outputs. Self-attention keeps every key.
+    random / least-redundant share), the others keep their own cached outputs, moved along their last change per
+    step (`TokenCacheConfig.extrapolation`). Self-attention keeps every key.
+
+    Per block the buffers hold the step each token was last computed at and the sketch of its input then; per cached
+    sub-layer its last output of every token and, with extrapolation, that output's change per step between the
+    token's last two computations.
     """
 
     config: TokenCacheConfig
-    tracks_staleness = True
     roles = ("attn", "cross", "mlp")
     queries_only = True
 
@@ -454,7 +494,8 @@ class TokenCache(MergeMethod):
         return plan
 
     def prepare(self, buffers, plan, num_tokens, batch, device):
-        buffers.staleness(batch, num_tokens, device)
+        buffers.now(device).fill_(plan.step)
+        buffers.computed_at(batch, num_tokens, device)
 
     def noise_shape(self, grid, batch, plan):
         if plan.phase is Phase.CACHED and self.config.selection == "random":
@@ -468,22 +509,32 @@ class TokenCache(MergeMethod):
         return tuple(role for role, cached in (("attn", cfg.cache_attn), ("cross", cfg.cache_cross),
                                                ("mlp", cfg.cache_mlp)) if cached)
 
-    def observe(self, layer, x, buffers):
+    def _references(self, buffers: StreamBuffers, layer: int, sketch: torch.Tensor) -> torch.Tensor:
+        b, n, d = sketch.shape
+        return buffers.references(b, n, d, sketch.device, torch.float32)[layer]
+
+    def observe(self, layer, x, buffers, forward):
+        b, n, _ = x.shape
+        now = buffers.now(x.device)
+        computed_at = buffers.computed_at(b, n, x.device)[layer]
+        forward.derived[("gap", layer)] = (now - computed_at).unsqueeze(-1)  # (B, N, 1) steps since last computed
+        computed_at.copy_(now.expand_as(computed_at))
         if self.config.selection == "change":
-            b, n, _ = x.shape
             sketch = token_sketch(x, self.config.sketch_dim)
-            buffers.references(b, n, sketch.shape[-1], x.device, torch.float32)[layer].copy_(sketch)
+            self._references(buffers, layer, sketch).copy_(sketch)
 
     def build(self, layer, x, grid, plan, removed, buffers, forward):
         if removed == 0:
             return None
         cfg = self.config
         b, n, _ = x.shape
-        staleness = buffers.staleness(b, n, x.device)[layer]
+        now = buffers.now(x.device)
+        computed_at = buffers.computed_at(b, n, x.device)[layer]
+        age = now - computed_at  # (B, N) steps since each token was last computed
         sketch = reference = None
         if cfg.selection == "change":
             sketch = token_sketch(x, cfg.sketch_dim)
-            reference = buffers.references(b, n, sketch.shape[-1], x.device, torch.float32)[layer]
+            reference = self._references(buffers, layer, sketch)
             score = change_scores(sketch, reference)
         elif cfg.selection == "random":
             score = forward.noise(grid, b)[layer]
@@ -493,18 +544,45 @@ class TokenCache(MergeMethod):
             similarity.index_copy_(0, windows, window_medoid_scores(x, grid).flatten())
             score = similarity.view(b, n).neg_()
         if cfg.staleness_weight:
-            score = score.add(staleness, alpha=cfg.staleness_weight)
+            score = score.add(age, alpha=cfg.staleness_weight)
         selection = RowSelection(choose_rows(score, n - removed), n)
-        update_after_selection(staleness, reference, sketch, selection)
+        flat = selection.flat_rows
+        selection.gap = age.view(-1).index_select(0, flat).unsqueeze(-1)  # (B·A, 1)
+        computed_at.view(-1).index_fill_(0, flat, now)
+        selection.age = (now - computed_at).unsqueeze(-1)  # (B, N, 1): 0 where computed now
+        if reference is not None:
+            d = reference.shape[-1]
+            reference.view(-1, d).index_copy_(0, flat, sketch.reshape(-1, d).index_select(0, flat))
         return selection
 
-    def finish(self, layer, name, merge, output, buffers, store):
-        if merge is not None:
-            shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
-            output = merge.unmerge(output, buffers.cached_output(layer, name, shape))
+    def finish(self, layer, name, merge, output, buffers, store, forward):
+        weight = self.config.extrapolation
+        shape = torch.Size((output.shape[0], merge.num_tokens if merge is not None else output.shape[1],
+                            output.shape[-1]))
+        last = buffers.cached_output(layer, name, shape)
+        if merge is None:  # dense: every token computed
+            if store and weight:
+                gap = forward.derived[("gap", layer)][-output.shape[0]:]
+                buffers.store_slope(layer, name, torch.zeros_like(output) if last is None else
+                                    (output - last.to(output.dtype)) / gap.to(output.dtype))
+            if store:
+                buffers.store_output(layer, name, output)
+            return output
+        filled = merge.unmerge(output, last)  # each token's last computed output
         if store:
-            buffers.store_output(layer, name, output)
-        return output
+            buffers.store_output(layer, name, filled)
+        if not weight:
+            return filled
+        slope = buffers.cached_slope(layer, name, shape)
+        b, n, c = filled.shape
+        flat = merge.flat_rows
+        change = (output.reshape(-1, c) - last.to(output.dtype).reshape(b * n, c).index_select(0, flat))
+        slope = slope.to(output.dtype).reshape(b * n, c).index_copy(0, flat, change / merge.gap.to(output.dtype))
+        slope = slope.view(b, n, c)
+        if store:
+            buffers.store_slope(layer, name, slope)
+        # computed tokens have age 0: their exact outputs; the others move along their last change per step
+        return torch.addcmul(filled, slope, merge.age.to(output.dtype), value=weight)
 
 
 def make_method(config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, num_layers: int) -> MergeMethod:

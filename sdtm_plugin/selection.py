@@ -22,7 +22,9 @@ class RowSelection:
         num_tokens: N.
 
     Attributes:
-        memo: values derived once per selection and shared by the sub-layers that use it (rotary tables).
+        flat_rows: (B·A,) the computed tokens' rows of the flattened (B·N, C) tokens.
+        age: (B, N, 1) steps since each token was last computed (0 for the computed ones), set by the method.
+        gap: (B·A, 1) steps between the computed tokens' previous computation and this one, set by the method.
     """
 
     def __init__(self, rows: torch.Tensor, num_tokens: int) -> None:
@@ -30,23 +32,20 @@ class RowSelection:
         self.num_tokens = num_tokens
         self.rows = rows
         offsets = torch.arange(0, self.batch_size * num_tokens, num_tokens, device=rows.device).unsqueeze(1)
-        self._flat = (rows + offsets).view(-1)
-        self.memo: dict[str, object] = {}
+        self.flat_rows = (rows + offsets).view(-1)
+        self.age: torch.Tensor | None = None
+        self.gap: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
         return self.rows.device
-
-    @property
-    def plan(self) -> "RowSelection":
-        return self
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, A, C): the computed tokens' rows."""
         if x.shape[:2] != (self.batch_size, self.num_tokens):
             raise ValueError(f"expected {self.num_tokens} tokens in a batch of {self.batch_size}, got shape "
                              f"{tuple(x.shape)}")
-        return _take_rows(x, self._flat)
+        return _take_rows(x, self.flat_rows)
 
     def unmerge(self, y: torch.Tensor, cache: torch.Tensor | None = None, cache_weight: float = 1.0) -> torch.Tensor:
         """(B, A, C) outputs of the computed rows -> (B, N, C): `cache` (B, N, C) with those rows replaced (a new
@@ -59,12 +58,12 @@ class RowSelection:
             raise RuntimeError("a token-cached sub-layer has no cached output to complete its rows; the block must run "
                                "dense first")
         b, n, c = cache.shape
-        return cache.to(y.dtype).reshape(b * n, c).index_copy(0, self._flat, y.reshape(-1, c)).view(b, n, c)
+        return cache.to(y.dtype).reshape(b * n, c).index_copy(0, self.flat_rows, y.reshape(-1, c)).view(b, n, c)
 
     def merged_flags(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, N) 1 for the tokens served from the cache, 0 for the computed ones."""
         flags = torch.ones(self.batch_size * self.num_tokens, dtype=dtype or torch.float32, device=self.device)
-        return flags.index_fill_(0, self._flat, 0).view(self.batch_size, self.num_tokens)
+        return flags.index_fill_(0, self.flat_rows, 0).view(self.batch_size, self.num_tokens)
 
     def take(self, table: torch.Tensor) -> torch.Tensor:
         """(N, *F) values per token (a rotary table) -> (B, A, *F): each image's computed tokens' values."""
@@ -88,18 +87,3 @@ def choose_rows(score: torch.Tensor, num_rows: int) -> torch.Tensor:
     """(B, N) scores -> (B, num_rows) long: each image's highest-scoring tokens, in ascending token order."""
     top = score.topk(num_rows, dim=1, sorted=False).indices
     return top.sort(dim=1).values
-
-
-def update_after_selection(staleness: torch.Tensor, reference: torch.Tensor | None, sketch: torch.Tensor | None,
-                           selection: RowSelection) -> None:
-    """In place: steps since computed +1 for the cached tokens, 0 for the computed ones; the computed tokens' reference
-    sketches are their current ones.
-
-    Args:
-        staleness: (B, N) float32; reference, sketch: (B, N, D) or None (no change measured).
-    """
-    flat = selection._flat
-    staleness.add_(1.0).view(-1).index_fill_(0, flat, 0.0)
-    if reference is not None:
-        d = reference.shape[-1]
-        reference.view(-1, d).index_copy_(0, flat, sketch.reshape(-1, d).index_select(0, flat).to(reference.dtype))

@@ -267,7 +267,7 @@ class MergeState:
         if not plan.merges:
             if role in self.cache_roles and layer not in scratch.observed:  # the input a cached step would select on
                 scratch.observed.add(layer)
-                self.method.observe(layer, x, self._buffers)
+                self.method.observe(layer, x, self._buffers, scratch)
             return None
         if not plan.merges_sublayer(role) or not self.method.merges_layer(layer) or not self._downsample_allowed(layer):
             return None
@@ -296,7 +296,7 @@ class MergeState:
         """A sub-layer output (B, N', C) -> (B, N, C): unmerged, blended with the cache, cached."""
         if merge is None and not self._downsample_allowed(layer):  # a block that never merges at its resolution
             return output
-        return self.method.finish(layer, name, merge, output, self._buffers, self._stores(layer, role))
+        return self.method.finish(layer, name, merge, output, self._buffers, self._stores(layer, role), self.scratch)
 
     def finish_suffix(self, layer: int, name: str, role: str, merge: TokenMerge | None,
                       output: torch.Tensor) -> torch.Tensor:

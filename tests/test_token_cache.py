@@ -131,20 +131,28 @@ def test_rows_on_flux_text_always_computed(tiny_pipe_dir):
                         "single q": [text + n] * 2, "single k": [text + image] * 2, "single out": [text + n] * 2}, step
 
 
-def test_uncomputed_tokens_keep_their_own_cached_outputs(tiny_pipe):
-    """On a cached step, each MLP output row of a token that was not computed is bit-identical to that token's row at
-    the step it was last computed; no token takes another's output."""
+@pytest.mark.parametrize("extrapolation", [0.0, 0.5])
+def test_uncomputed_tokens_keep_their_own_cached_outputs(tiny_pipe, extrapolation):
+    """On a cached step, each MLP output row of a token that was not computed is its own row at the step it was last
+    computed, moved by `extrapolation` times its change per step between its last two computations; no token takes
+    another's output. Computed rows are the sub-layer's exact outputs."""
     ff = tiny_pipe.transformer.transformer_blocks[1].ff
     outputs = []
     ff.register_forward_hook(lambda _, args, out: outputs.append(out.detach().clone()))
-    apply_token_cache(tiny_pipe, ratio=0.6, dense_every=-1, final_dense_steps=0)
+    apply_token_cache(tiny_pipe, ratio=0.6, dense_every=-1, final_dense_steps=0, extrapolation=extrapolation)
     generate(tiny_pipe, steps=6)
-    dense, cached = outputs[2], outputs[3]  # step 2 is the last of the warm-up, step 3 the first cached step
-    same = (cached == dense).all(-1)  # (B, N): rows carried over whole
+    # steps 0-2 are the warm-up; step 3 the first cached step (the hook sees the full-length output it returns)
+    served = outputs[1] * -extrapolation + outputs[2] * (1 + extrapolation)  # last + w * (last - previous) * 1 step
+    kept = torch.isclose(outputs[3], served, rtol=1e-5, atol=1e-6).all(-1)  # (B, N)
     computed = 64 - cached_tokens(0.6, 64)
-    assert (same.sum(1) >= 64 - computed).all() and (same.sum(1) < 64).all()
-    later = (outputs[4] == cached).all(-1)
-    assert (later.sum(1) >= 64 - computed).all()
+    assert (kept.sum(1) == 64 - computed).all()  # computed rows differ: their inputs changed since step 2
+    if extrapolation == 0:
+        assert torch.equal(outputs[3][kept], outputs[2][kept])
+    # step 4: a token computed at step 3 and not at step 4 moves along its step-2-to-3 change
+    computed_3, kept_4 = ~kept, torch.zeros_like(kept)
+    served_4 = outputs[3] * (1 + extrapolation) - outputs[2] * extrapolation
+    kept_4 = torch.isclose(outputs[4], served_4, rtol=1e-5, atol=1e-6).all(-1) & computed_3
+    assert kept_4.any()
 
 
 def test_selection_follows_the_change_of_the_input():
@@ -166,6 +174,7 @@ def test_selection_follows_the_change_of_the_input():
     full = selection.unmerge(y, x)
     assert torch.equal(full[0, rows[0]], y[0]) and torch.equal(full[1, rows[1]], y[1])
     assert torch.equal(selection.merged_flags().sum(1), torch.tensor([28.0, 28.0]))
+    assert torch.equal(selection.flat_rows, torch.cat([rows[0], rows[1] + 32]))
     with pytest.raises(RuntimeError, match="cached output"):
         selection.unmerge(y)
 
@@ -184,9 +193,9 @@ def test_change_selection_picks_the_perturbed_tokens(tiny_pipe):
         perturbed[0, :, 4:6, 10:12] += 3.0  # token (2, 5)
         transformer(**{**inputs, "hidden_states": perturbed})
     state = get_merge_state(transformer)
-    staleness = next(iter(state._streams.values())).staleness(1, 64, "cpu")[0, 0]
-    assert staleness[17] == 0 and staleness[21] == 0  # computed at the cached step
-    assert int((staleness == 0).sum()) == 64 - cached_tokens(0.75, 64)
+    computed_at = next(iter(state._streams.values())).computed_at(1, 64, "cpu")[0, 0]
+    assert computed_at[17] == 3 and computed_at[21] == 3  # computed at the cached step 3
+    assert int((computed_at == 3).sum()) == 64 - cached_tokens(0.75, 64)
 
 
 def test_no_token_starves():
@@ -199,8 +208,8 @@ def test_no_token_starves():
     with torch.no_grad():
         for _ in range(40):
             transformer(**inputs)
-    staleness = next(iter(get_merge_state(transformer)._streams.values())).staleness(2, 64, "cpu")
-    assert staleness.max() <= 8  # 16 computed of 64 per step: each token within a few steps
+    computed_at = next(iter(get_merge_state(transformer)._streams.values())).computed_at(2, 64, "cpu")
+    assert 39 - computed_at.min() <= 8  # 16 computed of 64 per step: each token within a few steps
 
 
 def test_random_selection_is_seeded(tiny_pipe):
@@ -245,18 +254,20 @@ def test_img2img_starting_on_a_cached_step_runs_dense_first(tiny_pipe_dir):
     assert [r.phase for r in records] == ["full", *expected] and "cached" in expected
 
 
-def test_held_memory_is_one_output_per_cached_sub_layer_and_is_freed(tiny_pipe):
+@pytest.mark.parametrize("extrapolation", [0.0, 0.5])
+def test_held_memory_is_counted_and_freed(tiny_pipe, extrapolation):
     """What a generation keeps: per block, one (B, N, C) output per cached sub-layer (self-attention, cross-attention,
-    MLP), the staleness counters and the change sketches; freed when the call ends."""
-    apply_token_cache(tiny_pipe)
+    MLP) and as many slopes with extrapolation, the step each token was computed at, the change sketches and the
+    step; freed when the call ends."""
+    apply_token_cache(tiny_pipe, extrapolation=extrapolation)
     generate(tiny_pipe, steps=STEPS)
     state = get_merge_state(tiny_pipe)
     width = tiny_pipe.transformer.config.num_attention_heads * tiny_pipe.transformer.config.attention_head_dim
     batch, tokens, blocks = 2, 64, 4
-    outputs = 3 * blocks * batch * tokens * width * 4
-    counters = blocks * batch * tokens * 4
+    outputs = 3 * blocks * batch * tokens * width * 4 * (2 if extrapolation else 1)
+    computed_at = blocks * batch * tokens * 4
     sketches = blocks * batch * tokens * min(width, 64) * 4
-    assert state.peak_held_bytes == outputs + counters + sketches
+    assert state.peak_held_bytes == outputs + computed_at + sketches + 4
     assert state.held_bytes() == 0
 
 
