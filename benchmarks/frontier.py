@@ -5,9 +5,11 @@
 
 Stage ``tune`` runs the baseline and every candidate setting of `CANDIDATES` on the *tune* prompt set (quality
 only; the fixed references are left to the report set, where they are published), then the compositions of
-`COMPOSED` whose merge setting alone passed; for each method the fastest candidate by MACs that is at equal quality
-there (the non-inferiority rule of `benchmarks.stats`) is chosen. Stage ``report`` runs the chosen settings and the fixed reference settings (`REFERENCES`) on the disjoint
-*report* set, which alone produces the published figures and verdicts. Stage ``speed`` times them (no quality
+`COMPOSED` whose merge setting alone was not shown worse (equal or inconclusive: a step cache adds its own error,
+so a composition is worth measuring only where its merge part may be equal); for each method the fastest candidate
+by MACs that is at equal quality there (the non-inferiority rule of `benchmarks.stats`) is chosen. Stage ``report``
+runs the chosen settings and the fixed reference settings (`REFERENCES`) on the disjoint *report* set, which alone
+produces the published figures and verdicts (equal / worse / inconclusive). Stage ``speed`` times them (no quality
 measurement), best on an otherwise idle machine; `speed_table` joins speed and report-set quality by setting.
 Extra arguments go to ``python -m benchmarks`` (e.g. ``--threads 2``).
 """
@@ -25,32 +27,46 @@ from sdtm_plugin import SDTMConfig
 from . import stats
 from .methods import config_spec, method_label, parse_method
 
-COLUMNS = ["model", "method", "label", "ranked_by", "speedup_denoiser", "speedup_pipeline", "macs_speedup",
-           "adherence", "adherence_diff_low", "detail_diff_low", "kid", "kid_diff_high", "psnr_db", "ssim",
-           "settings_tried", "settings_within"]
+COLUMNS = ["model", "method", "label", "verdict", "prompts_to_resolve", "ranked_by", "speedup_denoiser",
+           "speedup_pipeline", "macs_speedup", "adherence", "adherence_diff_low", "detail_diff_low", "kid",
+           "kid_diff_high", "psnr_db", "ssim", "settings_tried", "settings_within"]
 
 # settings every report carries, whatever the tune set chose: the baseline, the peers' and the paper's defaults,
 # the paper's defaults with its exact per-step token counts, its exact (unsketched) matching and window-local matching,
 # the presets, the paper's unprotected setting
-REFERENCES = ["baseline", "tome", "sdtm", "sdtm:token_budgets=null", "sdtm:match_dim=null", "sdtm:match_radius=1",
-              config_spec("sdtm", SDTMConfig.faithful()),
+REFERENCES = ["baseline", "tome", "sdtm", "tokencache", "sdtm:token_budgets=null", "sdtm:match_dim=null",
+              "sdtm:match_radius=1", config_spec("sdtm", SDTMConfig.faithful()),
               config_spec("sdtm", SDTMConfig.fast()), "sdtm:ratio=0.35,protect_steps_frequency=-1"]
 # the names a reader knows the presets by, keyed by the harness's label of their spec
 PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
     ("sdtm", "SDTM*-a (default)"), (config_spec("sdtm", SDTMConfig.faithful()), "SDTMConfig.faithful()"),
-    (config_spec("sdtm", SDTMConfig.fast()), "SDTMConfig.fast()"), ("tome", "ToMe 0.5 (default)"))}
-# the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores)
+    (config_spec("sdtm", SDTMConfig.fast()), "SDTMConfig.fast()"), ("tome", "ToMe 0.5 (default)"),
+    ("tokencache", "TokenCacheConfig() (default)"))}
+# token caching: the share served from the cache (its default 0.8), the dense interval, the selection rules the
+# issue asks to compare (by change, at random, by similarity) and the extrapolation of cached outputs
+TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.7", "tokencache:ratio=0.9", "tokencache:dense_every=4",
+               "tokencache:selection=random", "tokencache:selection=similarity", "tokencache:extrapolation=0",
+               "tokencache:extrapolation=1"]
+# the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores); the default
+# token cache is a reference, so tuned too
 CANDIDATES = [
     "tome:ratio=0.2", "sdtm:ratio=0.2", "sdtm:ratio=0.3,mcw=1.0", "sdtm:ratio=0.4,mcw=1.0",
-    "sdtm:ratio=0.2,protect_steps_frequency=-1,mcw=1.0",
+    "sdtm:ratio=0.2,protect_steps_frequency=-1,mcw=1.0", "tokencache", *TOKEN_CACHE,
     *(f"fbcache:threshold={t}" for t in (0.1, 0.2, 0.3)),
     *(f"magcache:threshold={t}" for t in (0.04, 0.06, 0.1)), "magcache:threshold=0.06,retention_ratio=0.1",
     "taylorseer:cache_interval=2", "pab", "fastercache", "dbcache:residual_diff_threshold=0.2",
+    "dbcache:residual_diff_threshold=0.3",
 ]
-# merging composed with a step cache: tuned only where the merge setting alone (a candidate above) is at equal
-# quality on the tune set, since a step cache adds its own error to the merge's
-COMPOSED = [f"sdtm+{cache}:{merge},cache.threshold={t}" for cache, t in (("fbcache", 0.2), ("magcache", 0.06))
-            for merge in ("ratio=0.2", "mcw=1.0,ratio=0.3")]
+# merging or token caching composed with a step cache: tuned only where the merge setting alone (a candidate above)
+# was not shown worse on the tune set, since a step cache adds its own error to the merge's
+COMPOSED = [
+    *(f"sdtm+{cache}:{merge},cache.threshold={t}" for cache, t in (("fbcache", 0.2), ("magcache", 0.06))
+      for merge in ("ratio=0.2", "mcw=1.0,ratio=0.3")),
+    *(f"tokencache+{cache}:{merge}cache.{field}={t}" for merge in ("", "ratio=0.9,")
+      for cache, field, t in (("fbcache", "threshold", 0.1), ("fbcache", "threshold", 0.2),
+                              ("dbcache", "residual_diff_threshold", 0.2), ("magcache", "threshold", 0.06),
+                              ("taylorseer", "cache_interval", 2))),
+]
 
 
 def merge_part(spec: str) -> str:
@@ -61,9 +77,10 @@ def merge_part(spec: str) -> str:
 
 
 def composed_to_tune(tune: pd.DataFrame) -> list[str]:
-    """The `COMPOSED` specs whose merge setting alone is at equal quality in the tune table."""
-    passing = set(tune.loc[_passes(tune), "label"])
-    return [spec for spec in COMPOSED if merge_part(spec) in passing]
+    """The `COMPOSED` specs whose merge setting alone was not shown worse (equal or inconclusive) in the tune table."""
+    worse = set(tune.loc[verdicts(tune) == "worse", "label"])
+    measured = set(tune["label"])
+    return [spec for spec in COMPOSED if merge_part(spec) in measured and merge_part(spec) not in worse]
 
 
 def equal_quality_rule() -> str:
@@ -73,37 +90,51 @@ def equal_quality_rule() -> str:
             f"and below +{stats.KID_RELATIVE_MARGIN:.0%} of the baseline's KID")
 
 
+def verdicts(table: pd.DataFrame) -> pd.Series:
+    """Each row's verdict: "equal", "worse" or "inconclusive" (`benchmarks.stats.verdict`); rows of a table written
+    before the three-way verdict have only `equal_quality` (True / False, read back as bools or strings), where a
+    failure is not told apart: "inconclusive"."""
+    equal = table["equal_quality"].astype(str) == "True"
+    given = table["verdict"] if "verdict" in table else pd.Series(index=table.index, dtype=object)
+    return given.where(given.notna(), equal.map({True: "equal", False: "inconclusive"}))
+
+
 def _passes(table: pd.DataFrame) -> pd.Series:
-    """The equal-quality verdict of each row (written as True / False, read back as bools or strings)."""
-    return table["equal_quality"].astype(str) == "True"
+    return verdicts(table) == "equal"
 
 
 def best_at_equal_quality(table: pd.DataFrame) -> pd.DataFrame:
     """Per model and method (e.g. ``fbcache``, ``sdtm+magcache``), its fastest setting at equal quality to the
-    baseline by the non-inferiority rule (`benchmarks.stats`); a method with no such setting gets a row with NaN
-    figures. Speed is the measured denoiser speed-up where the table has one, else the MAC ratio. Fastest first."""
-    data = table.dropna(subset=["equal_quality"])
+    baseline by the non-inferiority rule (`benchmarks.stats`); a method with none gets its fastest inconclusive
+    setting (the verdict column says so, with the prompts that would resolve it), else a row saying every setting
+    was worse. Speed is the measured denoiser speed-up where the table has one, else the MAC ratio. Equal settings
+    first, fastest first."""
+    data = table.dropna(subset=["equal_quality"]).assign(verdict=lambda t: verdicts(t))
     rows = []
     for model, group in data.groupby("model"):
         speed = "speedup_denoiser" if group["speedup_denoiser"].notna().any() else "macs_speedup"
-        within_all = group[_passes(group)]
         for method, settings in group[group["method"] != "baseline"].groupby("method"):
-            within = within_all[within_all["method"] == method]
-            if within.empty:
-                row = {"model": model, "method": method, "label": "(none at equal quality)"}
-            else:
+            within = settings[settings["verdict"] == "equal"]
+            open_ = settings[settings["verdict"] == "inconclusive"]
+            if not within.empty:
                 row = within.loc[within[speed].idxmax()].to_dict()
+            elif not open_.empty:
+                row = open_.loc[open_[speed].idxmax()].to_dict()
+            else:
+                row = {"model": model, "method": method, "label": "(every setting worse)", "verdict": "worse"}
             row.update(ranked_by=speed, settings_tried=len(settings), settings_within=len(within))
             rows.append(row)
     out = pd.DataFrame(rows, columns=COLUMNS)
     order = "speedup_denoiser" if out["speedup_denoiser"].notna().any() else "macs_speedup"
-    return out.sort_values(order, ascending=False, na_position="last").reset_index(drop=True)
+    rank = out["verdict"].map({"equal": 0, "inconclusive": 1, "worse": 2})
+    return (out.assign(_rank=rank).sort_values(["_rank", order], ascending=[True, False], na_position="last")
+            .drop(columns="_rank").reset_index(drop=True))
 
 
 def chosen_settings(tune: pd.DataFrame) -> list[str]:
     """The method specs of the tune set's fastest settings at equal quality (by MACs), one per method."""
     best = best_at_equal_quality(tune.assign(speedup_denoiser=float("nan")))
-    labels = set(best["label"].dropna())
+    labels = set(best.loc[best["verdict"] == "equal", "label"].dropna())
     return [spec for spec in [*CANDIDATES, *COMPOSED] if method_label(*parse_method(spec)) in labels]
 
 
@@ -113,6 +144,25 @@ def speed_table(report: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
     timing = ["pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "speedup_denoiser_paired",
               "speedup_denoiser_paired_iqr", "repeats", "threads"]
     return report.drop(columns=timing).merge(speed[["model", "label", *timing]], on=["model", "label"], how="left")
+
+
+def verdict_text(row: pd.Series, bold: bool = True) -> str:
+    """A row's verdict in words: equal; worse, with the metrics shown past their margin; inconclusive, with the
+    metrics not shown within it and about how many prompts would show equality if the estimates held."""
+    verdict = verdicts(pd.DataFrame([row])).iloc[0]
+    if verdict == "equal":
+        return "**equal**" if bold else "equal"
+    if verdict == "worse":
+        worse = row.get("quality_worse")
+        return f"worse ({worse if isinstance(worse, str) and worse else row['quality_failures']})"
+    needed = row.get("prompts_to_resolve")
+    if needed is None or pd.isna(needed):
+        more = ""
+    elif needed == float("inf"):
+        more = "; an estimate lies past its margin"
+    else:
+        more = f"; ~{int(needed)} prompts would resolve it"
+    return f"inconclusive ({row['quality_failures']}{more})"
 
 
 def _interval(row: pd.Series, name: str, digits: int = 1, signed: bool = False) -> str:
@@ -133,10 +183,10 @@ def report_tables(run: Path) -> dict[str, str]:
     table["label"] = table["label"].replace(PRESET_NAMES)
     n = int(table["quality_images"].iloc[0])
     head = ("| setting | MACs speed-up | denoiser speed-up (paired, IQR) | adherence % [95 % CI] | Δ adherence | "
-            "Δ detail | KID ×10³ | Δ KID | PSNR dB | equal quality |")
+            "Δ detail | KID ×10³ | Δ KID | PSNR dB | verdict |")
     lines = [head, "| " + " | ".join(["---"] * 10) + " |"]
     for _, row in table.iterrows():
-        verdict = "yes" if str(row["equal_quality"]) == "True" else f"no: {row['quality_failures']}"
+        verdict = verdict_text(row, bold=False)
         paired = (f"{row['speedup_denoiser_paired']:.2f}× ({row['speedup_denoiser_paired_iqr']:.2f})"
                   if pd.notna(row.get("speedup_denoiser_paired")) else "—")
         baseline = row["method"] == "baseline"
@@ -147,13 +197,13 @@ def report_tables(run: Path) -> dict[str, str]:
             "—" if baseline else _interval(row, "kid_diff", signed=True),
             "—" if baseline else f"{row['psnr_db']:.1f}", verdict]) + " |")
     lines.append(f"\n{n} report prompts and seeds; intervals: paired bootstrap over prompts (2000 draws).")
-    summary = ["| setting | MACs speed-up | denoiser speed-up (CPU) | Δ adherence (points) | Δ KID ×10³ | equal quality |",
+    summary = ["| setting | MACs speed-up | denoiser speed-up (CPU) | Δ adherence (points) | Δ KID ×10³ | verdict |",
                "| --- | --- | --- | --- | --- | --- |"]
     merged = table[table["method"] != "baseline"]
     timed = merged.get("speedup_denoiser_paired", pd.Series(float("nan"), index=merged.index))
     for _, row in merged.loc[timed.fillna(merged["macs_speedup"]).sort_values(ascending=False).index].iterrows():
         speed = f"{row['speedup_denoiser_paired']:.2f}×" if pd.notna(row.get("speedup_denoiser_paired")) else "—"
-        verdict = "**yes**" if str(row["equal_quality"]) == "True" else f"no ({row['quality_failures']})"
+        verdict = verdict_text(row)
         summary.append(f"| {row['label']} | {row['macs_speedup']:.2f}× | {speed} | "
                        f"{_interval(row, 'adherence_diff', signed=True)} | {_interval(row, 'kid_diff', signed=True)} "
                        f"| {verdict} |")
@@ -173,9 +223,9 @@ def report_tables(run: Path) -> dict[str, str]:
 def tune_table(run: Path) -> str:
     """Markdown: every setting a frontier run tried on the tune set, its verdict, and what went on to the report."""
     tune = pd.read_csv(run / "tune" / "results.csv").sort_values(["method", "macs_speedup"])
-    rows = ["| setting | MACs speed-up | Δ adherence | Δ KID ×10³ | equal quality |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| setting | MACs speed-up | Δ adherence | Δ KID ×10³ | verdict |", "| --- | --- | --- | --- | --- |"]
     for _, row in tune[tune["method"] != "baseline"].iterrows():
-        verdict = "**yes**" if str(row["equal_quality"]) == "True" else f"no ({row['quality_failures']})"
+        verdict = verdict_text(row)
         rows.append(f"| {row['label']} | {row['macs_speedup']:.2f}× | {_interval(row, 'adherence_diff', signed=True)} "
                     f"| {_interval(row, 'kid_diff', signed=True)} | {verdict} |")
     rows.append(f"\n{int(tune['quality_images'].iloc[0])} tune prompts and seeds. Chosen for the report set: "

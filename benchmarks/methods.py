@@ -139,18 +139,20 @@ def _dbcache_remove(pipe: Any) -> None:
 
 
 def _with_dbcache(apply: Callable) -> Callable[[Any, Composed], None]:
-    """Merging (or token caching) applied first, then cache-dit's DBCache around the patched denoiser: cache-dit wraps
-    the denoiser's forward (ours) and runs its blocks, whose sub-layer hooks stay in place."""
+    """cache-dit's DBCache applied first, then merging (or token caching) around it: the patch's step hook is the
+    denoiser's outermost (it sees every call), cache-dit's forward runs the blocks, whose sub-layer hooks merge. In
+    the other order cache-dit cannot restore the denoiser's forward (it rebinds a function, and a hooked forward is
+    none)."""
     def apply_both(pipe: Any, config: Composed) -> None:
-        apply(pipe, config.merge)
         _dbcache_apply(pipe, config.cache)
+        apply(pipe, config.merge)
 
     return apply_both
 
 
-def _remove_dbcache_then_patch(pipe: Any) -> None:
-    _dbcache_remove(pipe)
+def _remove_patch_then_dbcache(pipe: Any) -> None:
     remove_SDTM(pipe)
+    _dbcache_remove(pipe)
 
 
 def _specs() -> list[MethodSpec]:
@@ -178,7 +180,7 @@ def _specs() -> list[MethodSpec]:
     for merge, merge_cls, apply in mergers:
         specs.append(MethodSpec(f"{merge}+dbcache", f"{merge} composed with cache-dit's DBCache (cache.* fields)",
                                 _composed_config(merge_cls, _dbcache_config), _with_dbcache(apply),
-                                _remove_dbcache_then_patch, sweep_param="ratio", merges=True, caches=True))
+                                _remove_patch_then_dbcache, sweep_param="ratio", merges=True, caches=True))
     return specs
 
 

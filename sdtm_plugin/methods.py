@@ -557,32 +557,29 @@ class TokenCache(MergeMethod):
 
     def finish(self, layer, name, merge, output, buffers, store, forward):
         weight = self.config.extrapolation
-        shape = torch.Size((output.shape[0], merge.num_tokens if merge is not None else output.shape[1],
-                            output.shape[-1]))
-        last = buffers.cached_output(layer, name, shape)
-        if merge is None:  # dense: every token computed
+        if merge is None:  # dense: every token computed, kept as it is (updated in place at the cached steps)
             if store and weight:
-                gap = forward.derived[("gap", layer)][-output.shape[0]:]
-                buffers.store_slope(layer, name, torch.zeros_like(output) if last is None else
-                                    (output - last.to(output.dtype)) / gap.to(output.dtype))
+                last = buffers.cached_output(layer, name, output.shape)
+                gap = forward.derived[("gap", layer)][-output.shape[0]:].to(output.dtype)
+                buffers.store_slope(layer, name, torch.zeros_like(output) if last is None else (output - last) / gap)
             if store:
                 buffers.store_output(layer, name, output)
             return output
-        filled = merge.unmerge(output, last)  # each token's last computed output
-        if store:
-            buffers.store_output(layer, name, filled)
+        shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
+        last = buffers.cached_output(layer, name, shape)
+        if last is None:
+            raise RuntimeError(f"block {layer} {name}: no cached output to complete a cached step (the block did not "
+                               "run at any dense step of this call)")
+        c = last.shape[-1]
+        rows, flat = output.reshape(-1, c), merge.flat_rows
+        if weight:  # the computed tokens' change per step since their previous computation
+            change = rows - last.reshape(-1, c).index_select(0, flat)
+            buffers.cached_slope(layer, name, shape).view(-1, c).index_copy_(0, flat, change / merge.gap.to(rows.dtype))
+        last.view(-1, c).index_copy_(0, flat, rows)  # each token's last computed output
         if not weight:
-            return filled
-        slope = buffers.cached_slope(layer, name, shape)
-        b, n, c = filled.shape
-        flat = merge.flat_rows
-        change = (output.reshape(-1, c) - last.to(output.dtype).reshape(b * n, c).index_select(0, flat))
-        slope = slope.to(output.dtype).reshape(b * n, c).index_copy(0, flat, change / merge.gap.to(output.dtype))
-        slope = slope.view(b, n, c)
-        if store:
-            buffers.store_slope(layer, name, slope)
+            return last
         # computed tokens have age 0: their exact outputs; the others move along their last change per step
-        return torch.addcmul(filled, slope, merge.age.to(output.dtype), value=weight)
+        return torch.addcmul(last, buffers.cached_slope(layer, name, shape), merge.age.to(rows.dtype), value=weight)
 
 
 def make_method(config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, num_layers: int) -> MergeMethod:

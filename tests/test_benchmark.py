@@ -317,9 +317,13 @@ def test_best_setting_per_method_at_equal_quality():
             ("tome", "tome", 1.3, 1.2, "False")]
     table = pd.DataFrame(rows, columns=["method", "label", "speedup_denoiser", "macs_speedup", "equal_quality"])
     best = best_at_equal_quality(table.assign(model="m")).set_index("method")
-    assert list(best.index) == ["sdtm+fbcache", "fbcache", "tome"]  # fastest first, methods without a setting last
+    assert list(best.index) == ["sdtm+fbcache", "fbcache", "tome"]  # equal settings fastest first, the others last
     assert best.loc["sdtm+fbcache", "label"] == "a" and best.loc["fbcache", "label"] == "fbcache threshold=0.1"
-    assert best.loc["tome", "settings_within"] == 0 and pd.isna(best.loc["tome", "speedup_denoiser"])
+    assert best.loc["tome", "settings_within"] == 0 and best.loc["tome", "verdict"] == "inconclusive"
+    assert best.loc["tome", "label"] == "tome"  # its fastest inconclusive setting, named as such
+    worse = best_at_equal_quality(table.assign(model="m", verdict=["equal", "equal", "worse", "equal", "equal",
+                                                                    "worse"])).set_index("method")
+    assert worse.loc["tome", "label"] == "(every setting worse)" and pd.isna(worse.loc["tome", "speedup_denoiser"])
     assert (best["ranked_by"] == "speedup_denoiser").all()
     # without timings (a quality-only run) the MAC ratio ranks
     by_macs = best_at_equal_quality(table.assign(model="m", speedup_denoiser=float("nan"))).set_index("method")
@@ -339,10 +343,15 @@ def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_pat
     rows = []
     fast = config_spec("sdtm", SDTMConfig.fast())
     assert fast in REFERENCES
-    for spec, macs, equal in (("baseline", 1.0, True), (fast, 1.35, False), ("fbcache:threshold=0.1", 1.14, True)):
+    cases = (("baseline", 1.0, "equal", None), (fast, 1.35, "inconclusive", 900.0),
+             ("fbcache:threshold=0.1", 1.14, "equal", None), ("tome", 1.22, "worse", None),
+             ("tokencache", 1.5, "inconclusive", float("inf")))
+    for spec, macs, verdict, needed in cases:
+        equal = verdict == "equal"
         row = {"method": parse_method(spec)[0], "label": method_label(*parse_method(spec)), "macs_speedup": macs,
-               "quality_images": 288, "equal_quality": equal, "quality_failures": "" if equal else "kid detail",
-               "psnr_db": 20.0}
+               "quality_images": 288, "equal_quality": equal, "verdict": verdict,
+               "quality_failures": "" if equal else "kid detail", "quality_worse": "kid" if verdict == "worse" else "",
+               "prompts_to_resolve": needed, "psnr_db": 20.0}
         for name in quality:
             row |= {name: 80.0, f"{name}_low": 78.0, f"{name}_high": 82.0,
                     f"{name}_diff": -1.5, f"{name}_diff_low": -2.5, f"{name}_diff_high": -0.5}
@@ -351,24 +360,35 @@ def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_pat
     pd.DataFrame(rows).to_csv(tmp_path / "report" / "results.csv", index=False)
     tables = report_tables(tmp_path)
     summary = tables["summary"].splitlines()[2:]
-    assert [line.split(" | ")[0] for line in summary] == ["| SDTMConfig.fast()", "| fbcache threshold=0.1"]
-    assert summary[0].endswith("| 1.35× | — | -1.5 [-2.5, -0.5] | -1.5 [-2.5, -0.5] | no (kid detail) |")
-    assert summary[1].endswith("| **yes** |")
+    assert [line.split(" | ")[0] for line in summary] == ["| TokenCacheConfig() (default)", "| SDTMConfig.fast()",
+                                                          "| ToMe 0.5 (default)", "| fbcache threshold=0.1"]
+    assert summary[1].endswith("| 1.35× | — | -1.5 [-2.5, -0.5] | -1.5 [-2.5, -0.5] | "
+                               "inconclusive (kid detail; ~900 prompts would resolve it) |")
+    assert summary[0].endswith("| inconclusive (kid detail; an estimate lies past its margin) |")
+    assert summary[2].endswith("| worse (kid) |") and summary[3].endswith("| **equal** |")
     assert "| baseline | 1.00× |" in tables["frontier"] and "288 report prompts" in tables["frontier"]
     assert tables["attributes"].count("SDTMConfig.fast()") == 1 and "baseline (absolute, %)" in tables["attributes"]
 
 
-def test_compositions_are_tuned_only_where_their_merge_setting_passes_alone():
+def test_compositions_are_tuned_only_where_their_merge_setting_is_not_worse_alone():
     from benchmarks.frontier import CANDIDATES, COMPOSED, composed_to_tune, merge_part
     from benchmarks.methods import method_label, parse_method
 
     assert merge_part("sdtm+fbcache:mcw=1.0,ratio=0.3,cache.threshold=0.2") == "sdtm mcw=1.0 ratio=0.3"
     candidates = {method_label(*parse_method(spec)) for spec in CANDIDATES}
     assert {merge_part(spec) for spec in COMPOSED} <= candidates  # each gate is a setting the tune set measures
-    tune = pd.DataFrame({"label": ["baseline", "sdtm ratio=0.2", "sdtm mcw=1.0 ratio=0.3"],
-                         "equal_quality": [True, "True", False]})
-    assert composed_to_tune(tune) == [spec for spec in COMPOSED if merge_part(spec) == "sdtm ratio=0.2"]
-    assert composed_to_tune(tune.assign(equal_quality=False)) == []
+    tune = pd.DataFrame({"label": ["baseline", "sdtm ratio=0.2", "sdtm mcw=1.0 ratio=0.3", "tokencache",
+                                   "tokencache ratio=0.9"],
+                         "equal_quality": [True, "True", False, False, False],
+                         "verdict": ["equal", "equal", "worse", "inconclusive", "worse"]})
+    chosen = composed_to_tune(tune)
+    assert {merge_part(spec) for spec in chosen} == {"sdtm ratio=0.2", "tokencache"}  # inconclusive is tuned too
+    assert len(chosen) == 2 + 5
+    assert composed_to_tune(tune.assign(verdict="worse")) == []
+    # a table from before the three-way verdict: a failure counts as inconclusive
+    old = tune.drop(columns="verdict")
+    assert {merge_part(spec) for spec in composed_to_tune(old)} == {"sdtm ratio=0.2", "sdtm mcw=1.0 ratio=0.3",
+                                                                    "tokencache", "tokencache ratio=0.9"}
 
 
 def test_cpu_default_measures_the_presets_and_the_tuned_settings_on_report_prompts():

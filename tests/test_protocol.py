@@ -105,6 +105,26 @@ def test_non_inferiority_rule_on_intervals():
         stats.bootstrap_counts(1)
 
 
+def test_three_way_verdicts_and_the_prompts_that_would_resolve_them():
+    rules = stats.margins(ATTRIBUTES, baseline_kid=10.0)  # KID margin +2
+    same = {r.metric: stats.Interval(0.0, 0.0, 0.0) for r in rules}
+    assert stats.verdict(same, rules, 288) == stats.Verdict("equal", (), (), pytest.approx(float("nan"), nan_ok=True))
+    # a loss shown: the whole interval past the margin
+    worse = stats.verdict({**same, "kid": stats.Interval(4.0, 2.5, 5.5), "detail": stats.Interval(-1, -2.5, 0.5)},
+                          rules, 288)
+    assert worse.verdict == "worse" and worse.worse == ("kid",) and worse.failed == ("detail", "kid")
+    # neither: a KID estimate of +1 whose interval reaches +3; the half-width 2 must shrink to the room 1: 4x prompts
+    open_ = stats.verdict({**same, "kid": stats.Interval(1.0, -1.0, 3.0)}, rules, 100)
+    assert open_.verdict == "inconclusive" and open_.failed == ("kid",) and open_.prompts_needed == 400
+    # an estimate already past its margin: more prompts would not show equality
+    past = stats.verdict({**same, "adherence": stats.Interval(-2.5, -4.0, -1.0)}, rules, 100)
+    assert past.verdict == "inconclusive" and past.prompts_needed == float("inf")
+    # the most demanding failing metric decides
+    two = stats.verdict({**same, "kid": stats.Interval(1.0, -1.0, 3.0), "adherence": stats.Interval(-1.0, -4.0, 2.0)},
+                        rules, 100)
+    assert two.prompts_needed == 900
+
+
 def test_non_inferiority_accepts_an_identical_method_and_rejects_constructed_losses(scorer):
     clean = _renders(scorer.eval_set)
     base = scorer.scores(clean)
