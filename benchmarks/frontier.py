@@ -64,8 +64,8 @@ COMPOSED = [
       for merge in ("ratio=0.2", "mcw=1.0,ratio=0.3")),
     *(f"tokencache+{cache}:{merge}cache.{field}={t}" for merge in ("", "ratio=0.9,")
       for cache, field, t in (("fbcache", "threshold", 0.1), ("fbcache", "threshold", 0.2),
-                              ("dbcache", "residual_diff_threshold", 0.2), ("magcache", "threshold", 0.06),
-                              ("taylorseer", "cache_interval", 2))),
+                              ("dbcache", "residual_diff_threshold", 0.2))),
+    "tokencache+magcache:cache.threshold=0.06", "tokencache+taylorseer:cache.cache_interval=2",
 ]
 
 
@@ -132,9 +132,12 @@ def best_at_equal_quality(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def chosen_settings(tune: pd.DataFrame) -> list[str]:
-    """The method specs of the tune set's fastest settings at equal quality (by MACs), one per method."""
+    """The method specs that go on to the report set, one per method: its fastest setting at equal quality on the
+    tune set (by MACs), else its fastest inconclusive one whose estimates all lie within their margins (so that the
+    report set's larger sample may resolve it; a method whose every setting is worse, or past a margin, has none)."""
     best = best_at_equal_quality(tune.assign(speedup_denoiser=float("nan")))
-    labels = set(best.loc[best["verdict"] == "equal", "label"].dropna())
+    resolvable = (best["verdict"] == "inconclusive") & (best["prompts_to_resolve"].astype(float) < float("inf"))
+    labels = set(best.loc[(best["verdict"] == "equal") | resolvable, "label"].dropna())
     return [spec for spec in [*CANDIDATES, *COMPOSED] if method_label(*parse_method(spec)) in labels]
 
 
