@@ -11,12 +11,14 @@ by MACs that is at equal quality there (the non-inferiority rule of `benchmarks.
 runs the chosen settings and the fixed reference settings (`REFERENCES`) on the disjoint *report* set, which alone
 produces the published figures and verdicts (equal / worse / inconclusive). Stage ``speed`` times them (no quality
 measurement), best on an otherwise idle machine; `speed_table` joins speed and report-set quality by setting.
+``--only PATTERN...`` runs a partial frontier (e.g. one method family and the step caches it composes with).
 Extra arguments go to ``python -m benchmarks`` (e.g. ``--threads 2``).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 from pathlib import Path
 
@@ -47,6 +49,8 @@ PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
 TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.7", "tokencache:ratio=0.9", "tokencache:dense_every=4",
                "tokencache:selection=random", "tokencache:selection=similarity", "tokencache:extrapolation=0",
                "tokencache:extrapolation=1"]
+# SDTM with whole queries: keys and values merged in the structure phase, at the default and a larger share
+KEYS_ONLY = ["sdtm:merge_queries=false", "sdtm:merge_queries=false,ratio=0.5"]
 # the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores); the default
 # token cache is a reference, so tuned too
 CANDIDATES = [
@@ -55,7 +59,7 @@ CANDIDATES = [
     *(f"fbcache:threshold={t}" for t in (0.1, 0.2, 0.3)),
     *(f"magcache:threshold={t}" for t in (0.04, 0.06, 0.1)), "magcache:threshold=0.06,retention_ratio=0.1",
     "taylorseer:cache_interval=2", "pab", "fastercache", "dbcache:residual_diff_threshold=0.2",
-    "dbcache:residual_diff_threshold=0.3",
+    "dbcache:residual_diff_threshold=0.3", *KEYS_ONLY,
 ]
 # merging or token caching composed with a step cache: tuned only where the merge setting alone (a candidate above)
 # was not shown worse on the tune set, since a step cache adds its own error to the merge's
@@ -69,6 +73,13 @@ COMPOSED = [
 ]
 
 
+def restrict(specs: list[str], only: list[str] | None) -> list[str]:
+    """The specs matching one of the shell-style patterns `only` (all of them when None); the baseline always."""
+    if only is None:
+        return list(specs)
+    return [spec for spec in specs if spec == "baseline" or any(fnmatch.fnmatchcase(spec, p) for p in only)]
+
+
 def merge_part(spec: str) -> str:
     """The merge setting of a composed spec: ``sdtm+fbcache:mcw=1.0,cache.threshold=0.2`` -> ``sdtm mcw=1.0``
     (a label)."""
@@ -76,11 +87,11 @@ def merge_part(spec: str) -> str:
     return method_label(name.split("+")[0], {k: v for k, v in params.items() if not k.startswith("cache.")})
 
 
-def composed_to_tune(tune: pd.DataFrame) -> list[str]:
-    """The `COMPOSED` specs whose merge setting alone was not shown worse (equal or inconclusive) in the tune table."""
+def composed_to_tune(tune: pd.DataFrame, composed: list[str] = COMPOSED) -> list[str]:
+    """The `composed` specs whose merge setting alone was not shown worse (equal or inconclusive) in the tune table."""
     worse = set(tune.loc[verdicts(tune) == "worse", "label"])
     measured = set(tune["label"])
-    return [spec for spec in COMPOSED if merge_part(spec) in measured and merge_part(spec) not in worse]
+    return [spec for spec in composed if merge_part(spec) in measured and merge_part(spec) not in worse]
 
 
 def equal_quality_rule() -> str:
@@ -244,17 +255,20 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--model", default="pixart-shapes", help="a trained preset (default %(default)s)")
     parser.add_argument("--stage", nargs="+", default=["tune", "report"], choices=["tune", "report", "speed"])
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per setting in the speed stage")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="a partial frontier: only the candidate, composed and reference specs matching one of "
+                             "these shell-style patterns (e.g. 'tokencache*' 'dbcache:*'); the baseline always runs")
     args, extra = parser.parse_known_args(argv)
     common = ["--model", args.model, *extra]
     if "tune" in args.stage:
         tune = [*common, "--out", str(args.out / "tune"), "--eval-set", "tune", "--no-latency", "--method",
-                "baseline", *CANDIDATES]
-        composed = composed_to_tune(benchmark(tune))
+                "baseline", *restrict(CANDIDATES, args.only)]
+        composed = composed_to_tune(benchmark(tune), restrict(COMPOSED, args.only))
         if composed:  # the settings above resume from the CSV
             benchmark([*tune, *composed])
     chosen = chosen_settings(pd.read_csv(args.out / "tune" / "results.csv"))
     (args.out / "chosen.json").write_text(json.dumps(chosen, indent=1))
-    specs = list(dict.fromkeys([*REFERENCES, *chosen]))
+    specs = list(dict.fromkeys([*restrict(REFERENCES, args.only), *chosen]))
     table = pd.DataFrame()
     if "report" in args.stage:
         table = benchmark([*common, "--out", str(args.out / "report"), "--eval-set", "report", "--no-latency",

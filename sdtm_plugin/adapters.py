@@ -49,6 +49,7 @@ class SubLayer:
             None: no rotary positions.
         query: a self-attention's query projection: where a method that keeps every key (token caching) reduces the
             rows, the keys and values being projected from the whole input; None: not supported there.
+        keys: its key and value projections: where a method that keeps every query merges the rows.
         sites: where its queries and keys are rotated (rotary models).
     """
 
@@ -57,6 +58,7 @@ class SubLayer:
     module: nn.Module
     rotary: RotaryArg | None = None
     query: nn.Module | None = None
+    keys: tuple[nn.Module, ...] = ()
     sites: tuple[RotarySite, ...] = ()
 
 
@@ -77,6 +79,7 @@ class ParallelBlock:
     proj_out: nn.Module
     rotary: RotaryArg | None = None
     query: nn.Module | None = None
+    keys: tuple[nn.Module, ...] = ()
     sites: tuple[RotarySite, ...] = ()
 
 
@@ -147,7 +150,8 @@ def _pixel_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[s
 
 def _basic_block(block: nn.Module) -> list[SubLayer]:
     """Self-attention, cross-attention (when the block has one) and MLP of a `BasicTransformerBlock`."""
-    subs = [SubLayer("attn", "attn", block.attn1, query=block.attn1.to_q)]
+    attn = block.attn1
+    subs = [SubLayer("attn", "attn", attn, query=attn.to_q, keys=(attn.to_k, attn.to_v))]
     if block.attn2 is not None:
         subs.append(SubLayer("attn2", "cross", block.attn2))
     return [*subs, SubLayer("mlp", "mlp", block.ff)]
@@ -275,12 +279,12 @@ def _flux_layout(model: nn.Module) -> PatchLayout:
     """Double-stream blocks: the joint attention's image input (with its rotary table) and the image MLP; single-stream
     blocks: the image suffix of the joint sequence (`ParallelBlock`). Text tokens are never merged."""
     blocks: list[list[SubLayer] | ParallelBlock] = [
-        [SubLayer("attn", "attn", b.attn, _FLUX_ROTARY, b.attn.to_q, _flux_sites(b.attn, "image")),
-         SubLayer("mlp", "mlp", b.ff)]
+        [SubLayer("attn", "attn", b.attn, _FLUX_ROTARY, b.attn.to_q, (b.attn.to_k, b.attn.to_v),
+                  _flux_sites(b.attn, "image")), SubLayer("mlp", "mlp", b.ff)]
         for b in model.transformer_blocks
     ]
     blocks += [ParallelBlock(b.proj_mlp, b.act_mlp, b.attn, b.proj_out, _FLUX_ROTARY, b.attn.to_q,
-                             _flux_sites(b.attn, "joint"))
+                             (b.attn.to_k, b.attn.to_v), _flux_sites(b.attn, "joint"))
                for b in model.single_transformer_blocks]
     return PatchLayout(blocks)
 
@@ -316,7 +320,7 @@ def _wan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str
 def _wan_layout(model: nn.Module) -> PatchLayout:
     """Self-attention (with its 3-D rotary table), cross-attention to the text and feed-forward of every block (the
     merging methods leave the cross-attention on all tokens, as PixArt's)."""
-    return PatchLayout([[SubLayer("attn", "attn", b.attn1, _WAN_ROTARY, b.attn1.to_q,
+    return PatchLayout([[SubLayer("attn", "attn", b.attn1, _WAN_ROTARY, b.attn1.to_q, (b.attn1.to_k, b.attn1.to_v),
                                   (RotarySite(b.attn1.norm_q, "query", "image"), RotarySite(b.attn1.norm_k, "key", "image"))),
                          SubLayer("attn2", "cross", b.attn2), SubLayer("mlp", "mlp", b.ffn)]
                         for b in model.blocks])

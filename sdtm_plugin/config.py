@@ -162,6 +162,9 @@ class SDTMConfig(_WindowedMergeConfig):
         protect_layers_frequency: blocks with ``index % k == 0`` and the last block never merge; -1 = off.
         protect_first_layers, protect_last_layers: that many blocks at the start / end never merge.
         merge_attn: merge the input of self-attention in the structure phase.
+        merge_queries: with `merge_attn`, merge the attention's queries too (the paper's); False merges only its keys
+            and values: every token keeps its own query and its own attention output (nothing to unmerge or blend
+            there), attending to the merged groups (AsymRnR: queries are far more sensitive than keys and values).
         detail_merge_attn: also merge self-attention in the detail phase (the paper merges only the MLP there).
         merge_mlp: merge the input of the MLP in both phases.
         cache_each_step: refresh the cache from every step's unmerged outputs, not only on protected steps.
@@ -202,6 +205,7 @@ class SDTMConfig(_WindowedMergeConfig):
     protect_first_layers: int = 0
     protect_last_layers: int = 0
     cache_each_step: bool = True
+    merge_queries: bool = True
     plan_blocks: int = 1
     token_budgets: int | None = DEFAULT_TOKEN_BUDGETS
     match_dim: int | None = DEFAULT_MATCH_DIM
@@ -227,6 +231,10 @@ class SDTMConfig(_WindowedMergeConfig):
         _check_frequency("protect_steps_frequency", self.protect_steps_frequency)
         _check_frequency("protect_layers_frequency", self.protect_layers_frequency)
         _check_bool("cache_each_step", self.cache_each_step)
+        _check_bool("merge_queries", self.merge_queries)
+        if not self.merge_queries and not self.merge_attn:
+            raise ValueError("merge_queries=False merges only the attention's keys and values, but merge_attn=False "
+                             "merges no attention; set merge_attn=True or leave merge_queries at True")
         _check_int("plan_blocks", self.plan_blocks, 1)
         if self.token_budgets is not None:
             _check_int("token_budgets", self.token_budgets, 1, " or None (the paper's exact per-step counts)")

@@ -207,10 +207,11 @@ class SubLayerMergeHook(ModelHook):
     Tuple outputs (SD3's and FLUX's joint attentions return image and text streams) have their first element
     unmerged. A sub-layer with a rotary table gets the table of the merged rows (`MergeState.merged_rotary`).
 
-    A self-attention under a method that keeps every key (`MergeMethod.queries_only`: token caching) gets its whole
-    input, so its keys and values cover every token; its query projection takes only the kept rows (`QueryRowsHook`)
-    and, on rotary models, its queries and keys are rotated per row at their norms (`RotarySiteHook`) while the table
-    is withheld from the processor.
+    A self-attention whose method reduces only one side of it (`MergeMethod.attention_rows`) gets its whole input:
+    token caching reduces its query rows (`SideRowsHook` on the query projection; its keys and values cover every
+    token), SDTM with ``merge_queries=False`` merges its keys and values (hooks on their projections; every token
+    keeps its own query, so the output is whole). On rotary models the queries and keys are then rotated per row at
+    their norms (`RotarySiteHook`) and the table is withheld from the processor.
 
     Args:
         state: the shared `MergeState`.
@@ -223,9 +224,9 @@ class SubLayerMergeHook(ModelHook):
         self.state, self.layer = state, layer
         self.name, self.role = sublayer.name, sublayer.role
         self.rotary = sublayer.rotary
-        self.queries_only = sublayer.role == "attn" and state.method.queries_only
+        self.side = state.method.attention_rows if sublayer.role == "attn" else None
         self._merge: TokenMerge | None = None
-        self.rows: RowCall | None = None  # the running call's kept query rows, under `queries_only`
+        self.rows: RowCall | None = None  # the running call's reduced side, when `side` is set
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = len(args) == 0
@@ -239,8 +240,8 @@ class SubLayerMergeHook(ModelHook):
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
             )
-        if self.queries_only:
-            self.rows, args, kwargs = RowCall.begin(merge, self.rotary, args, kwargs)
+        if self.side is not None:
+            self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs)
             return args, kwargs
         merged = merge.merge(x)
         if from_kwargs:
@@ -251,60 +252,66 @@ class SubLayerMergeHook(ModelHook):
 
     def post_forward(self, module: torch.nn.Module, output):
         merge, self._merge, self.rows = self._merge, None, None
+        if self.side == "key":  # every query computed: the output is whole
+            merge = None
         if isinstance(output, tuple):
             return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), *output[1:])
         return self.state.finish(self.layer, self.name, self.role, merge, output)
 
 
 class RowCall:
-    """One self-attention call whose query rows are a selection of its tokens (`SubLayerMergeHook.queries_only`): the
-    selection, and the per-row rotary tables when the model rotates (`rotary.RowRotary`).
+    """One self-attention call whose queries and keys are different rows of its tokens: its query rows a selection
+    (token caching, side "query") or its key and value rows merged groups (side "key"); and the per-row rotary tables
+    when the model rotates (`rotary.RowRotary`).
 
     Attributes:
-        selection: the kept rows (`selection.RowSelection`) of the N image tokens.
+        merge: the selection or merge of the N image tokens (`selection.RowSelection` / `merge.TokenMerge`).
+        side: "query" or "key", the side whose rows it reduces.
         rotary: the call's tables, or None (no rotary positions).
     """
 
-    def __init__(self, selection: Any, rotary: RowRotary | None) -> None:
-        self.selection, self.rotary = selection, rotary
+    def __init__(self, merge: Any, side: str, rotary: RowRotary | None) -> None:
+        self.merge, self.side, self.rotary = merge, side, rotary
 
     @classmethod
-    def begin(cls, selection: Any, arg: RotaryArg | None, args: tuple,
+    def begin(cls, merge: Any, side: str, arg: RotaryArg | None, state: MergeState, args: tuple,
               kwargs: dict) -> tuple["RowCall", tuple, dict]:
         """The call's `RowCall`, and its arguments with the rotary table withheld from the processor."""
         table = arg.find(args, kwargs) if arg is not None else None
         if table is None:
-            return cls(selection, None), args, kwargs
+            return cls(merge, side, None), args, kwargs
         args, kwargs = arg.replace(args, kwargs, None)
-        return cls(selection, RowRotary(table, arg, selection)), args, kwargs
+        rule = getattr(state.config, "rotary_positions", None)
+        return cls(merge, side, RowRotary(table, arg, merge, side, rule)), args, kwargs
 
-    def queries(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T + N, C) query-projection input (T >= 0 leading text rows) -> (B, T + A, C): the kept rows."""
-        selection = self.selection
-        text = x.shape[1] - selection.num_tokens
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T + N, C) projection input (T >= 0 leading text rows) -> (B, T + N', C): its reduced image rows."""
+        text = x.shape[1] - self.merge.num_tokens
         if text == 0:
-            return selection.merge(x)
-        return torch.cat([x[:, :text], selection.merge(x[:, text:])], dim=1)
+            return self.merge.merge(x)
+        return torch.cat([x[:, :text], self.merge.merge(x[:, text:])], dim=1)
 
 
-class QueryRowsHook(ModelHook):
-    """On a self-attention's query projection: its input reduced to the kept rows of the running `RowCall`.
+class SideRowsHook(ModelHook):
+    """On a self-attention's query projection (side "query") or key or value projection (side "key"): its input
+    reduced by the running `RowCall` when the call reduces that side.
 
     Args:
         owner: ``() -> RowCall | None``, the running call of the attention (None: every row).
+        side: the side of this projection.
     """
 
-    def __init__(self, owner: Callable[[], "RowCall | None"]) -> None:
+    def __init__(self, owner: Callable[[], "RowCall | None"], side: str) -> None:
         super().__init__()
-        self.owner = owner
+        self.owner, self.side = owner, side
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         call = self.owner()
-        if call is None:
+        if call is None or call.side != self.side:
             return args, kwargs
         if args:
-            return (call.queries(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "input": call.queries(kwargs["input"])}
+            return (call.reduce(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "input": call.reduce(kwargs["input"])}
 
 
 class RotarySiteHook(ModelHook):
@@ -326,14 +333,17 @@ class RotarySiteHook(ModelHook):
         return call.rotary.rotate(output, self.side, self.rows)
 
 
-def row_hooks(owner: Callable[[], "RowCall | None"], query: torch.nn.Module | None,
-              sites: tuple[RotarySite, ...]) -> list[tuple[torch.nn.Module, ModelHook]]:
-    """The hooks a self-attention needs under a method that keeps every key: its query projection's and its rotary
-    sites'."""
-    if query is None:
-        raise TypeError("this attention has no separate query projection, so it cannot keep its keys whole while "
-                        "computing fewer queries")
-    return [(query, QueryRowsHook(owner)), *((site.module, RotarySiteHook(owner, site)) for site in sites)]
+def row_hooks(owner: Callable[[], "RowCall | None"], side: str, query: torch.nn.Module | None,
+              keys: tuple[torch.nn.Module, ...], sites: tuple[RotarySite, ...]
+              ) -> list[tuple[torch.nn.Module, ModelHook]]:
+    """The hooks a self-attention needs when its method reduces one `side` ("query" / "key"): that side's
+    projections' and the rotary sites'."""
+    projections = [query] if side == "query" and query is not None else list(keys) if side == "key" else []
+    if not projections:
+        raise TypeError(f"this attention has no separate {side} projection, so its queries and keys cannot be "
+                        "different rows of its tokens")
+    return [*((module, SideRowsHook(owner, side)) for module in projections),
+            *((site.module, RotarySiteHook(owner, site)) for site in sites)]
 
 
 def _merge_rotary(state: MergeState, rotary: RotaryArg | None, merge: TokenMerge, args: tuple,
@@ -363,9 +373,10 @@ class ParallelBlockMerge:
     """Merging of one `ParallelBlock` (FLUX single-stream): the image suffix of the normalised [text; image]
     sequence is merged at `proj_mlp`'s input and the merged sequence reused at `attn`'s (the same tensor); outputs
     are unmerged where the merged rows end: `proj_out`'s output when both branches merge (cache name "out", kept with
-    the attention's outputs), else the merged branch's own output ("attn" / "mlp"). Under a method that keeps every
-    key (token caching) the attention gets the whole sequence and its query projection the kept rows, as in
-    `SubLayerMergeHook`.
+    the attention's outputs), else the merged branch's own output ("attn" / "mlp"). Under a method that reduces one
+    side of the attention (`MergeMethod.attention_rows`) the attention gets the whole sequence, as in
+    `SubLayerMergeHook`: token caching's attention output has the MLP's rows (unmerged at `proj_out`), SDTM's with
+    ``merge_queries=False`` is whole (the MLP is unmerged at its own output).
 
     Args:
         state: the shared `MergeState`.
@@ -375,26 +386,30 @@ class ParallelBlockMerge:
 
     def __init__(self, state: MergeState, layer: int, block: ParallelBlock) -> None:
         self.state, self.layer, self.block = state, layer, block
-        self.queries_only = state.method.queries_only
+        self.side = state.method.attention_rows
         self._attn: TokenMerge | None = None
         self._mlp: TokenMerge | None = None
         self._source: torch.Tensor | None = None  # the normalised sequence the block's branches read
         self._merged: torch.Tensor | None = None  # ... with its image suffix merged
-        self.rows: RowCall | None = None  # the running attention call's kept query rows, under `queries_only`
+        self.rows: RowCall | None = None  # the running attention call's reduced side, when `side` is set
 
     def hooks(self) -> list[tuple[torch.nn.Module, ModelHook]]:
         block = self.block
         hooks = [(block.proj_mlp, _CallHook(pre=self._mlp_input)), (block.act_mlp, _CallHook(post=self._mlp_output)),
                  (block.attn, _CallHook(pre=self._attn_input, post=self._attn_output)),
                  (block.proj_out, _CallHook(post=self._projected))]
-        if self.queries_only:
-            hooks += row_hooks(lambda: self.rows, block.query, block.sites)
+        if self.side is not None:
+            hooks += row_hooks(lambda: self.rows, self.side, block.query, block.keys, block.sites)
         return hooks
 
     def _cached_at_output(self) -> bool:
         """Both branches are kept at `proj_out`'s output only (token caching of the attention and the MLP)."""
         roles = self.state.cache_roles
-        return self.queries_only and "attn" in roles and "mlp" in roles
+        return self.side == "query" and "attn" in roles and "mlp" in roles
+
+    def _rows_meet(self) -> bool:
+        """Both branches' outputs have the merged rows (so `proj_out` runs on them and unmerges)."""
+        return self._mlp is not None and self._attn is not None and self.side != "key"
 
     def _image_tokens(self) -> int:
         h, w = self.state.layer_grids[self.layer]
@@ -421,7 +436,7 @@ class ParallelBlockMerge:
         return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "input": merged})
 
     def _mlp_output(self, output: torch.Tensor) -> torch.Tensor:
-        if (self._mlp is not None and self._attn is not None) or self._cached_at_output():
+        if self._rows_meet() or self._cached_at_output():
             return output  # stays merged: proj_out runs on the merged rows
         return self.state.finish_suffix(self.layer, "mlp", "mlp", self._mlp, output)
 
@@ -434,8 +449,8 @@ class ParallelBlockMerge:
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
             )
-        if self.queries_only:
-            self.rows, args, kwargs = RowCall.begin(merge, self.block.rotary, args, kwargs)
+        if self.side is not None:
+            self.rows, args, kwargs = RowCall.begin(merge, self.side, self.block.rotary, self.state, args, kwargs)
             return args, kwargs
         from_kwargs = "hidden_states" in kwargs
         merged = self._merge_suffix(kwargs["hidden_states"] if from_kwargs else args[0], merge)
@@ -447,12 +462,12 @@ class ParallelBlockMerge:
 
     def _attn_output(self, output: torch.Tensor) -> torch.Tensor:
         self.rows = None
-        if (self._mlp is not None and self._attn is not None) or self._cached_at_output():
+        if self._rows_meet() or self._cached_at_output():
             return output
-        return self.state.finish_suffix(self.layer, "attn", "attn", self._attn, output)
+        return self.state.finish_suffix(self.layer, "attn", "attn", None if self.side == "key" else self._attn, output)
 
     def _projected(self, output: torch.Tensor) -> torch.Tensor:
-        merge = self._attn if self._mlp is not None else None
+        merge = self._attn if self._rows_meet() else None
         self._source = self._merged = None
         if merge is None and (self._attn is not None or self._mlp is not None):
             return output  # one branch merged: unmerged at its own output already

@@ -184,14 +184,16 @@ class MergeMethod:
         needs_step_count: whether `plan` depends on the number of steps (a bare model must then be told it).
         tracks_staleness: whether its merges age the buffers' staleness counters.
         roles: the sub-layer roles it may reduce ("attn", "cross", "mlp"); sub-layers of other roles are not hooked.
-        queries_only: self-attention keeps every token's key and value: only its query rows are reduced (the rows
-            that `merge` keeps), and rotary positions are applied per row by the patch (`rotary.RowRotary`).
+        attention_rows: None: a self-attention's whole input is merged (its queries, keys and values alike); "query":
+            only its query rows are reduced (token caching: every token's key and value is kept); "key": only its key
+            and value rows are merged (every token keeps its query). With one side reduced, rotary positions are
+            applied per row by the patch (`rotary.RowRotary`) and merges are made per image.
     """
 
     needs_step_count = True
     tracks_staleness = False
     roles: tuple[str, ...] = ("attn", "mlp")
-    queries_only = False
+    attention_rows: str | None = None
 
     def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int) -> None:
         self.config = config
@@ -347,6 +349,10 @@ class SDTM(MergeMethod):
     def plan(self, step: int, num_steps: int | None) -> StepPlan:
         return step_plan(self.config, step, num_steps)
 
+    @property
+    def attention_rows(self) -> str | None:
+        return None if self.config.merge_queries else "key"
+
     def merges_layer(self, layer: int) -> bool:
         return not layer_is_protected(self.config, layer, self.num_layers)
 
@@ -376,10 +382,13 @@ class SDTM(MergeMethod):
         if plan.protected:
             # attention is only merged again while the structure phase lasts (unless the detail phase merges it)
             attn = cfg.detail_merge_attn or in_structure_phase(cfg.switch_step, plan.step + 1, plan.num_steps)
-            return ("attn", "mlp") if attn else ("mlp",)
-        if not cfg.cache_each_step:
+            roles = ("attn", "mlp") if attn else ("mlp",)
+        elif not cfg.cache_each_step:
             return ()
-        return tuple(role for role in ("attn", "mlp") if plan.merges_sublayer(role))
+        else:
+            roles = tuple(role for role in ("attn", "mlp") if plan.merges_sublayer(role))
+        # an attention that keeps every query has whole outputs: nothing to blend
+        return roles if cfg.merge_queries else tuple(role for role in roles if role != "attn")
 
     @property
     def plan_blocks(self) -> int:
@@ -473,7 +482,7 @@ class TokenCache(MergeMethod):
 
     config: TokenCacheConfig
     roles = ("attn", "cross", "mlp")
-    queries_only = True
+    attention_rows = "query"
 
     @property
     def needs_step_count(self) -> bool:

@@ -144,13 +144,13 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig 
 
 def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register) -> None:
     """The merge hooks of every block: one per sub-layer whose role the method reduces (and, for a method that
-    keeps every key, its query projection's and rotary sites'), or a `ParallelBlock`'s set."""
+    reduces one side of the attention, that side's projections' and the rotary sites'), or a `ParallelBlock`'s set."""
     method = state.method
     for module, layers in layout.grid_sources:
         register(module, GridHook(state, layers), GRID_HOOK)
     for layer, block in enumerate(layout.blocks):
         attentions = [block.attn] if isinstance(block, ParallelBlock) else [s.module for s in block if s.role == "attn"]
-        if method.queries_only and any(getattr(a, "fused_projections", False) for a in attentions):
+        if method.attention_rows is not None and any(getattr(a, "fused_projections", False) for a in attentions):
             raise ValueError(f"block {layer} of {type(model).__name__} has fused QKV projections, which cannot compute "
                              "queries for fewer rows than keys; call unfuse_qkv_projections() before applying")
         try:
@@ -163,8 +163,9 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                     continue
                 hook = SubLayerMergeHook(state, layer, sub)
                 register(sub.module, hook, MERGE_HOOK)
-                if hook.queries_only:
-                    for module, row_hook in row_hooks(lambda hook=hook: hook.rows, sub.query, sub.sites):
+                if hook.side is not None:
+                    for module, row_hook in row_hooks(lambda hook=hook: hook.rows, hook.side, sub.query, sub.keys,
+                                                      sub.sites):
                         register(module, row_hook, MERGE_HOOK)
         except TypeError as err:
             raise TypeError(f"{type(state.config).__name__} does not support {type(model).__name__}: {err}") from None

@@ -78,10 +78,15 @@ def merge_rotary(table: tuple[torch.Tensor, torch.Tensor], merge: TokenMerge, se
         merged = plan.merge(image)
     merged = torch.cat([moved[:text], merged.view(-1, *rest)])
     cos, sin = merged.chunk(2, dim=-1)
-    if rule == "mean":  # back to rotations: (cos, sin) pairs of unit length (the mean of a full turn stays 0)
-        scale = torch.rsqrt((cos.square() + sin.square()).clamp_min_(torch.finfo(cos.dtype).tiny))
-        cos, sin = cos * scale, sin * scale
+    if rule == "mean":
+        cos, sin = _unit_pairs(cos, sin)
     return cos.movedim(0, seq_dim), sin.movedim(0, seq_dim)
+
+
+def _unit_pairs(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (cos, sin) pairs back to rotations: unit length (the mean of a full turn stays 0)."""
+    scale = torch.rsqrt((cos.square() + sin.square()).clamp_min_(torch.finfo(cos.dtype).tiny))
+    return cos * scale, sin * scale
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,26 +102,33 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class RowRotary:
-    """The rotary tables of one attention call whose query rows are a selection of its tokens while its keys are all
-    of them (token caching): the model's table is withheld from the attention processor and the patch rotates each
-    query and key at the output of the module that makes it (`RotarySite`), with each row's own position.
+    """The rotary tables of one attention call whose queries and keys are different rows of its tokens: its query
+    rows a selection of them (token caching, `side` "query") or its key rows merged groups (SDTM with
+    ``merge_queries=False``, `side` "key"). The model's table is withheld from the attention processor and the patch
+    rotates each query and key at the output of the module that makes it (`RotarySite`), each row by its own
+    position: a selected token's, or a merged group's by `rule` (as `merge_rotary`).
 
     Args:
         table: the call's (cos, sin) over S = T + N rows (T text rows first), laid out as `arg` says.
         arg: where and how the table is passed.
-        selection: the computed rows (`selection.RowSelection`) of the N image tokens.
+        merge: the selection (`selection.RowSelection`) or merge (`merge.TokenMerge`) of the N image tokens.
+        side: the side it reduces.
+        rule: a merged group's position (`POSITION_RULES`), for side "key".
     """
 
-    def __init__(self, table: tuple[torch.Tensor, torch.Tensor], arg: RotaryArg, selection) -> None:
+    def __init__(self, table: tuple[torch.Tensor, torch.Tensor], arg: RotaryArg, merge, side: str,
+                 rule: str | None = None) -> None:
         cos, sin = table
         if cos.shape != sin.shape:
             raise ValueError(f"rotary cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        if side not in ("query", "key") or (side == "key" and rule not in POSITION_RULES):
+            raise ValueError(f"side must be 'query' or 'key' (with a rule of {POSITION_RULES}), got {side!r}, {rule!r}")
         rows = cos.shape[arg.seq_dim]
         self._cos, self._sin = (t.movedim(arg.seq_dim, 0).reshape(rows, -1) for t in (cos, sin))  # (S, D)
-        self.text = rows - selection.num_tokens
+        self.text = rows - merge.num_tokens
         if self.text < 0:
-            raise ValueError(f"the rotary table has {rows} rows, fewer than the {selection.num_tokens} image tokens")
-        self.selection = selection
+            raise ValueError(f"the rotary table has {rows} rows, fewer than the {merge.num_tokens} image tokens")
+        self.merge, self.side, self.rule = merge, side, rule
         self._tables: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, side: str, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,19 +136,29 @@ class RowRotary:
         "text", or "joint" = [text; image])."""
         key = (side, rows)
         if key not in self._tables:
-            self._tables[key] = tuple(self._part(t, side, rows) for t in (self._cos, self._sin))
+            text = (self._cos[: self.text][None], self._sin[: self.text][None])
+            if rows == "text":
+                self._tables[key] = text
+            elif side != self.side:  # the whole side: every token at its own position
+                start = self.text if rows == "image" else 0
+                self._tables[key] = (self._cos[start:][None], self._sin[start:][None])
+            else:
+                image = self._reduced_image()
+                if rows == "joint":
+                    batch = image[0].shape[0]
+                    image = tuple(torch.cat([t.expand(batch, -1, -1), i], dim=1) for t, i in zip(text, image))
+                self._tables[key] = image
         return self._tables[key]
 
-    def _part(self, table: torch.Tensor, side: str, rows: str) -> torch.Tensor:
-        text, image = table[: self.text], table[self.text:]
-        if rows == "text":
-            return text[None]
-        if side == "key":
-            return (image if rows == "image" else table)[None]
-        chosen = self.selection.take(image)  # (B, A, D): each image's computed rows
-        if rows == "image":
-            return chosen
-        return torch.cat([text.expand(chosen.shape[0], -1, -1), chosen], dim=1)
+    def _reduced_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, N', D), of the reduced side's image rows."""
+        cos, sin = self._cos[self.text:], self._sin[self.text:]
+        if self.side == "query":  # each image's computed tokens
+            return self.merge.take(cos), self.merge.take(sin)
+        both = torch.cat([cos, sin], dim=-1).expand(self.merge.batch_size, -1, -1)
+        merged = self.merge.pick(both) if self.rule == "destination" else self.merge.merge(both)
+        cos, sin = merged.chunk(2, dim=-1)
+        return _unit_pairs(cos, sin) if self.rule == "mean" else (cos, sin)
 
     def rotate(self, x: torch.Tensor, side: str, rows: str) -> torch.Tensor:
         cos, sin = self.tables(side, rows)

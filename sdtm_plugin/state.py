@@ -279,8 +279,8 @@ class MergeState:
                 self.method.reuse(layer, previous.plan, self._buffers)
             else:
                 batch = x.shape[0]
-                if self.shared_plans and batch > 1 and not self.method.queries_only:  # one plan from the images' mean
-                    # token directions (a method that rotates per row needs no shared rotary table)
+                if self.shared_plans and batch > 1 and self.method.attention_rows is None:  # one plan from the
+                    # images' mean token directions (a method that rotates per row needs no shared rotary table)
                     x = unit_vectors(x).mean(0, keepdim=True)
                 merge = self.method.build(layer, x, self._window_grid(grid, x.device), plan, self.removed(grid),
                                           self._buffers, scratch)

@@ -391,6 +391,17 @@ def test_compositions_are_tuned_only_where_their_merge_setting_is_not_worse_alon
                                                                     "tokencache", "tokencache ratio=0.9"}
 
 
+def test_a_partial_frontier_keeps_the_matching_specs_and_the_baseline():
+    from benchmarks.frontier import CANDIDATES, COMPOSED, REFERENCES, restrict
+
+    assert restrict(CANDIDATES, None) == CANDIDATES
+    only = ["tokencache:ratio=0.[79]", "sdtm:merge_queries=*", "tokencache+dbcache:*"]
+    assert restrict(CANDIDATES, only) == ["tokencache:ratio=0.7", "tokencache:ratio=0.9", "sdtm:merge_queries=false",
+                                          "sdtm:merge_queries=false,ratio=0.5"]
+    assert restrict(REFERENCES, only) == ["baseline"]  # matched exactly, never by prefix: "sdtm" is not kept
+    assert restrict(COMPOSED, only) and all(spec.startswith("tokencache+dbcache:") for spec in restrict(COMPOSED, only))
+
+
 def test_cpu_default_measures_the_presets_and_the_tuned_settings_on_report_prompts():
     from benchmarks.__main__ import CPU_DEFAULT, FAST, TUNED
     from benchmarks.frontier import CANDIDATES

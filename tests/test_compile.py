@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.models import PRESETS, load_pipeline, wan_call_size
-from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
+from sdtm_plugin import SDTMConfig, apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations, window_merge
 
 # ops whose result the host must wait for (a CUDA stream sync): a scalar read, or an output shape set by the values
@@ -47,7 +47,8 @@ def _generate(model, pipe, steps=6):
 
 @pytest.mark.parametrize("model,apply", [("tiny", apply_SDTM), ("tiny", apply_ToMe), ("tiny-sd3", apply_SDTM),
                                          ("tiny-dit", apply_SDTM), ("tiny-flux", apply_SDTM),
-                                         ("tiny-wan", apply_SDTM)])
+                                         ("tiny-wan", apply_SDTM), ("tiny", apply_token_cache),
+                                         ("tiny-flux", apply_token_cache)])
 def test_merged_forwards_after_the_first_make_no_host_sync(model, apply, tiny_pipe_dir):
     """Once a generation's first forward has set it up (window tables, the schedule position), a merged forward runs
     without any op that makes the host wait for the device, so CUDA graphs and an asynchronous stream stay possible.
@@ -87,7 +88,8 @@ def _signatures(state) -> set:
 
 APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM(pipe, SDTMConfig.fast()),
          "sketched": lambda pipe: apply_SDTM(pipe, match_dim=8),
-         "spatio-temporal": lambda pipe: apply_SDTM(pipe, st=2)}
+         "spatio-temporal": lambda pipe: apply_SDTM(pipe, st=2), "tokencache": apply_token_cache,
+         "keys-only": lambda pipe: apply_SDTM(pipe, merge_queries=False)}
 
 
 @pytest.mark.parametrize("model,method,order", [
@@ -96,6 +98,8 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny-sd3", "tome", "compile, apply"), ("tiny-dit", "sdtm", "compile, apply"), ("tiny", "sketched", "compile, apply"),
     ("tiny-flux", "sdtm", "compile, apply"), ("tiny-flux", "tome", "apply, compile"),
     ("tiny-wan", "spatio-temporal", "compile, apply"), ("tiny-wan", "tome", "apply, compile"),
+    ("tiny", "tokencache", "compile, apply"), ("tiny-flux", "tokencache", "apply, compile"),
+    ("tiny-wan", "tokencache", "compile, apply"), ("tiny-flux", "keys-only", "compile, apply"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):

@@ -3,6 +3,7 @@ the detail phase, protected first / last blocks, plans shared over blocks): each
 direction."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -179,3 +180,45 @@ def test_plan_blocks_share_one_plan_over_consecutive_merged_blocks(tiny_pipe):
             assert len({id(forward[b][0]) for b in (1, 2, 3)}) == 3
     assert merged_forwards > 0 and len(builds) == 2 * merged_forwards + 3 * merged_forwards
     assert not torch.equal(latents, reference)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux", "tiny-wan"])
+def test_keys_only_merging_keeps_every_query(model):
+    """merge_queries=False: in the structure phase the attention's key and value projections see the merged rows,
+    its query projection every token, and its output is whole (nothing unmerged or blended there); the MLP still
+    merges. Removal is exact."""
+    from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
+    from sdtm_plugin import get_merge_state, remove_SDTM
+
+    torch.manual_seed(0)
+    transformer = build_denoiser(PRESETS[model]).eval()
+    inputs = denoiser_inputs(PRESETS[model], batch_size=2)
+    rows: dict[str, list[int]] = {}
+    attn = next(m for m in transformer.modules() if hasattr(m, "to_q") and hasattr(m, "to_k"))
+    for name in ("to_q", "to_k", "to_v"):
+        getattr(attn, name).register_forward_hook(lambda _, a, out, name=name: rows.setdefault(name, []).append(
+            out.shape[1]))
+    outputs = []
+    attn.register_forward_hook(lambda _, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).shape[1]))
+    with torch.no_grad():
+        base = transformer(**inputs, return_dict=False)[0]
+        apply_SDTM(transformer, merge_queries=False, num_inference_steps=10)
+        for _ in range(3):
+            transformer(**inputs)
+    tokens = math.prod(get_merge_state(transformer).grid)
+    phases = [r.phase for r in get_merge_state(transformer).records]
+    assert phases == ["full", "structure", "structure"]
+    assert rows["to_q"][1:] == [tokens] * 3 and rows["to_k"][1] == tokens and rows["to_k"][2] < tokens
+    assert rows["to_v"] == rows["to_k"] and set(outputs[1:]) == {tokens}
+    assert get_merge_state(transformer).method.cache_roles(
+        dataclasses.replace(get_merge_state(transformer).plan, protected=True)) == ("mlp",)
+    remove_SDTM(transformer)
+    with torch.no_grad():
+        assert torch.equal(transformer(**inputs, return_dict=False)[0], base)
+
+
+def test_keys_only_merging_needs_attention_merging():
+    with pytest.raises(ValueError, match="merge_queries"):
+        SDTMConfig(merge_queries=False, merge_attn=False)
+    with pytest.raises(ValueError, match="merge_queries"):
+        SDTMConfig(merge_queries=0)

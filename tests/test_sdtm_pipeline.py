@@ -370,10 +370,10 @@ def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
     events = []  # (step, protected, storage of the cache blended in, storage of the output returned, output)
     original = SDTM.finish
 
-    def finish(self, layer, name, merge, output, buffers, store):
+    def finish(self, layer, name, merge, output, buffers, store, forward):
         shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1])) if merge is not None else None
         used = buffers.cached_output(layer, name, shape) if merge is not None else None
-        out = original(self, layer, name, merge, output, buffers, store)
+        out = original(self, layer, name, merge, output, buffers, store, forward)
         if layer == 1 and name == "mlp":
             plan = state.plan
             events.append((plan.step, plan.protected, used.data_ptr() if used is not None else None, out.data_ptr(),
