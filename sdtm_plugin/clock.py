@@ -10,7 +10,8 @@ pass) all see the real step. A bare model without a pipeline counts forwards, on
 `PipelineWatch` is the one place that wraps pipeline methods (and removes the wrappers): the scheduler's
 `set_timesteps` and `step`, and the denoising loop's progress bar, whose end (the loop's end, an early stop through
 `callback_on_step_end`, an exception inside the loop) ends the generation, so that everything held for the call is
-freed when the call ends. Several pipelines may share one patched model (their own schedulers): each is watched.
+freed when the call ends. Several pipelines may share one patched model, with their own schedulers or one (`from_pipe`): each pipeline is
+watched, each scheduler instrumented once.
 
 Not thread-safe: a patched model has one clock and one merge state. A forward from a second thread while another
 thread's generation is running raises (`GenerationClock.claim`); run one patched model per thread.
@@ -137,7 +138,8 @@ class PipelineWatch:
     def __init__(self, claim: Callable[[], None], on_begin: Callable[[Any], None], on_step: Callable[[], None],
                  on_end: Callable[[], None]) -> None:
         self.claim, self.on_begin, self.on_step, self.on_end = claim, on_begin, on_step, on_end
-        self._watched: list[dict[str, Any]] = []  # per pipeline: its weak reference, scheduler, our wrappers
+        self._watched: list[dict[str, Any]] = []  # per pipeline: its weak reference, scheduler, progress bar wrapper
+        self._schedulers: dict[int, dict[str, Callable]] = {}  # our wrappers, by the id of the scheduler they wrap
 
     @property
     def pipelines(self) -> list[Any]:
@@ -147,13 +149,15 @@ class PipelineWatch:
     def add(self, pipeline: Any) -> None:
         if any(w["pipeline"]() is pipeline for w in self._watched):
             return
-        entry = {"pipeline": weakref.ref(pipeline), "scheduler": None, "wrapped": {}}
+        entry = {"pipeline": weakref.ref(pipeline), "scheduler": None, "live": True}
         original = pipeline.progress_bar
         ends = self.on_end
 
         @functools.wraps(original)
         def progress_bar(*args, **kwargs):
-            return _LoopEnd(original(*args, **kwargs), ends)
+            bar = original(*args, **kwargs)
+            # a wrapper another patch put on top of ours keeps calling it after our removal: then it passes through
+            return _LoopEnd(bar, ends) if entry["live"] else bar
 
         pipeline.progress_bar = entry["progress_bar"] = progress_bar
         self._watched.append(entry)
@@ -172,43 +176,53 @@ class PipelineWatch:
         return begun
 
     def _instrument(self, entry: dict[str, Any]) -> Any:
-        self._restore_scheduler(entry)
+        """Point `entry` at its pipeline's scheduler, instrumenting that scheduler unless another watched pipeline
+        shares it (`from_pipe` shares the scheduler object): one instrumentation per scheduler, so a step counts
+        once."""
+        self._release_scheduler(entry)
         scheduler = getattr(entry["pipeline"](), "scheduler", None)
         entry["scheduler"] = scheduler
-        if scheduler is None:
-            return None
+        if scheduler is None or id(scheduler) in self._schedulers:
+            return scheduler
         set_timesteps, step = scheduler.set_timesteps, scheduler.step
+        key = id(scheduler)
 
         @functools.wraps(set_timesteps)
         def watched_set_timesteps(*args, **kwargs):
-            self.claim()
+            live = key in self._schedulers  # False once released under another patch's wrapper: pass through
+            if live:
+                self.claim()
             result = set_timesteps(*args, **kwargs)
-            self.on_begin(scheduler)
+            if live:
+                self.on_begin(scheduler)
             return result
 
         @functools.wraps(step)
         def watched_step(*args, **kwargs):
             result = step(*args, **kwargs)
-            self.on_step()
+            if key in self._schedulers:
+                self.on_step()
             return result
 
-        entry["wrapped"] = {"set_timesteps": watched_set_timesteps, "step": watched_step}
-        for name, fn in entry["wrapped"].items():
+        self._schedulers[key] = wrapped = {"set_timesteps": watched_set_timesteps, "step": watched_step}
+        for name, fn in wrapped.items():
             setattr(scheduler, name, fn)
         return scheduler
 
-    @staticmethod
-    def _restore_scheduler(entry: dict[str, Any]) -> None:
-        scheduler = entry["scheduler"]
-        for name, fn in entry["wrapped"].items():
-            if scheduler is not None and scheduler.__dict__.get(name) is fn:
+    def _release_scheduler(self, entry: dict[str, Any]) -> None:
+        """Detach `entry` from its scheduler; restore the scheduler's methods when no other entry uses it."""
+        scheduler, entry["scheduler"] = entry["scheduler"], None
+        if scheduler is None or any(w["scheduler"] is scheduler for w in self._watched):
+            return
+        for name, fn in self._schedulers.pop(id(scheduler), {}).items():
+            if scheduler.__dict__.get(name) is fn:  # else another patch wrapped ours, which now passes through
                 delattr(scheduler, name)
-        entry["scheduler"], entry["wrapped"] = None, {}
 
     def remove(self) -> None:
         """Restore every wrapped method of every watched pipeline."""
         for entry in self._watched:
-            self._restore_scheduler(entry)
+            self._release_scheduler(entry)
+            entry["live"] = False
             pipeline = entry["pipeline"]()
             if pipeline is not None and pipeline.__dict__.get("progress_bar") is entry["progress_bar"]:
                 del pipeline.progress_bar

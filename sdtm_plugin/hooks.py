@@ -121,7 +121,9 @@ class StepHook(ModelHook):
 
     def _start_index(self, timestep: Any) -> int:
         """The schedule position of a generation's first forward: the scheduler's `begin_index` (img2img sets it),
-        else the position of the forward's timestep in `scheduler.timesteps` (one host sync per generation)."""
+        else the entry of `scheduler.timesteps` that the forward's timestep equals (up to its dtype's rounding; one
+        host sync per generation), else 0: pipelines that pass other units (FLUX Control: t / 1000) or per-token
+        timesteps (Wan 2.2 TI2V) start at the first step, never at the nearest value."""
         scheduler = self._scheduler
         begin = getattr(scheduler, "begin_index", None)
         if isinstance(begin, int):
@@ -129,8 +131,13 @@ class StepHook(ModelHook):
         timesteps = getattr(scheduler, "timesteps", None)
         if timestep is None or timesteps is None or len(timesteps) == 0:
             return 0
-        t = torch.as_tensor(timestep).detach().flatten()[:1].cpu().double()  # on the CPU: MPS has no float64
-        return int((timesteps.detach().cpu().double() - t).abs().argmin())
+        timestep = torch.as_tensor(timestep).detach()
+        # the largest entry: per-token timesteps (Wan 2.2 TI2V) hold 0 for the conditioning frame's tokens
+        t = timestep.flatten().max().cpu().double()  # on the CPU: MPS has no float64
+        rounding = torch.finfo(timestep.dtype).eps if timestep.is_floating_point() else 0.0
+        distance = (timesteps.detach().cpu().double() - t).abs()
+        nearest = int(distance.argmin())
+        return nearest if float(distance[nearest]) <= rounding * max(float(t.abs()), 1.0) else 0
 
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         """The forward's argument `name`, passed by keyword or position; None if not passed."""
@@ -205,7 +212,7 @@ class SubLayerMergeHook(ModelHook):
     """Merges the (B, N, C) input of one attention or feed-forward module and unmerges its output.
 
     Tuple outputs (SD3's and FLUX's joint attentions return image and text streams) have their first element
-    unmerged. A sub-layer with a rotary table gets the table of the merged rows (`MergeState.merged_rotary`).
+    unmerged, and further elements on the image rows (FLUX's IP-Adapter output) too, each token taking its row's. A sub-layer with a rotary table gets the table of the merged rows (`MergeState.merged_rotary`).
 
     A self-attention whose method reduces only one side of it (`MergeMethod.attention_rows`) gets its whole input:
     token caching reduces its query rows (`SideRowsHook` on the query projection; its keys and values cover every
@@ -255,8 +262,19 @@ class SubLayerMergeHook(ModelHook):
         if self.side == "key":  # every query computed: the output is whole
             merge = None
         if isinstance(output, tuple):
-            return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), *output[1:])
+            extra = tuple(self._unmerge_extra(merge, y) for y in output[2:])
+            return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), output[1], *extra)
         return self.state.finish(self.layer, self.name, self.role, merge, output)
+
+    def _unmerge_extra(self, merge: Any, y: Any) -> Any:
+        """A further output on the image rows (FLUX's IP-Adapter attention: (B, N', C)): each token gets its row's."""
+        if merge is None or not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[1] != merge.num_rows:
+            return y
+        if self.side == "query":
+            raise TypeError(f"block {self.layer}: the attention processor returns a further output on the image rows "
+                            "(an IP-Adapter's), which token caching has no cached value for; use apply_SDTM or "
+                            "apply_ToMe with IP-Adapters")
+        return merge.unmerge(y)
 
 
 class RowCall:

@@ -105,14 +105,21 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig 
     if config is not None and config.st > 1 and not adapter.video:
         raise ValueError(f"st={config.st} makes windows span frames, but {type(model).__name__} generates images; st "
                          f"must be 1 here (st > 1 is for video models: Wan)")
+    layout = adapter.layout(model)
+    num_layers = len(layout.blocks)
+    state = MergeState(config, num_layers=num_layers, shared_plans=adapter.shared_plans)
+    if config is not None and config.ratio > 0 and not any(state.method.merges_layer(i) for i in range(num_layers)):
+        fields = ", ".join(f"{name}={getattr(config, name)}" for name in
+                           ("protect_layers_frequency", "protect_first_layers", "protect_last_layers"))
+        raise ValueError(f"{fields} protect all {num_layers} blocks of {type(model).__name__}: nothing would merge; "
+                         f"keep protect_first_layers + protect_last_layers < {num_layers} and "
+                         "protect_layers_frequency -1 or >= 2")
     previous = model.__dict__.get(_PATCH_ATTR)
     # a patch belongs to the model: pipelines that share it (each with its own scheduler) share the patch, so
     # re-applying through one of them replaces the patch for all and keeps following the others
     pipelines = previous.step_hook.watch.pipelines if previous is not None else []
     remove_SDTM(model)  # re-applying replaces, never stacks
 
-    layout = adapter.layout(model)
-    state = MergeState(config, num_layers=len(layout.blocks), shared_plans=adapter.shared_plans)
     step_hook = StepHook(state, adapter, _forward_parameters(model))
     for follow in [*pipelines, *([pipeline] if pipeline is not None else [])]:
         step_hook.watch.add(follow)
