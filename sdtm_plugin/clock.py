@@ -5,7 +5,8 @@ scheduler's schedule, not a count of forwards: a generation begins when `set_tim
 scheduler's `begin_index` (img2img and inpainting start part-way) or, without one, the position of the first
 forward's timestep, and every `scheduler.step` moves to the next step. So custom `timesteps` / `sigmas`, `strength`,
 early stops and several transformer calls per step (SD3 skip-layer guidance, a separately batched unconditional
-pass) all see the real step. A bare model without a pipeline counts forwards, one step each.
+pass) all see the real step. A bare model in the user's own loop follows its timesteps: forwards at one timestep are
+one step, a timestep going back up begins a new generation; without a timestep, each forward is a step.
 
 `PipelineWatch` is the one place that wraps pipeline methods (and removes the wrappers): the scheduler's
 `set_timesteps` and `step`, and the denoising loop's progress bar, whose end (the loop's end, an early stop through
@@ -34,11 +35,13 @@ class GenerationClock:
         num_steps: steps of the schedule (None for a bare model that was not told).
         step: index of the current step on the schedule (-1 before the first forward).
         call: index of the current forward within its step.
-        scheduled: a watched scheduler drives the steps (else forwards are counted).
+        scheduled: a watched scheduler drives the steps (else forwards are counted, `calls_per_step` per step, or
+            grouped by timestep when it is None).
         active: a scheduled generation has begun and not ended.
     """
 
-    def __init__(self, num_steps: int | None) -> None:
+    def __init__(self, num_steps: int | None, calls_per_step: int | None = 1) -> None:
+        self.calls_per_step = calls_per_step
         self.owner: int | None = None
         self.begin(num_steps)
         self.active = False
@@ -51,6 +54,7 @@ class GenerationClock:
         self.start: int | None = None  # first step index, resolved at the first forward
         self.completed = 0  # scheduler steps taken since the generation began
         self._last = (-1, -1)
+        self._last_timestep: float | None = None  # a bare model's previous forward's timestep
         self.owner = threading.get_ident()
 
     def scheduler_stepped(self) -> bool:
@@ -71,21 +75,35 @@ class GenerationClock:
                 "or serialise the calls with a lock"
             )
 
-    def advance(self, start_index: Callable[[], int]) -> bool:
+    def advance(self, start_index: Callable[[], int], timestep: Callable[[], float | None] = lambda: None) -> bool:
         """Move to the current forward's (step, call); True when a new generation began (bare model wrap-around).
 
         Args:
             start_index: ``() -> int``, the first step of a scheduled generation (asked once per generation).
+            timestep: ``() -> float | None``, the forward's timestep, asked only for a bare model (a host sync where it
+                lies on the device): a timestep above the previous forward's begins a new generation (a new loop,
+                whether or not the last one ran to its end); with ``calls_per_step=None``, forwards at the previous
+                forward's timestep are calls of its step (guidance run as separate forwards).
         """
         if self.scheduled:
             if self.start is None:
                 self.start = start_index()
             step = self.start + self.completed
         else:
-            step = self._last[0] + 1
+            t, previous = timestep(), self._last_timestep
+            if t is not None and previous is not None and t > previous:  # the timestep went back up: a new loop
+                self.begin(self.num_steps)
+            last_step, last_call = self._last
+            if last_step < 0:
+                step = 0
+            elif self.calls_per_step is None:
+                step = last_step if t is not None and t == previous else last_step + 1
+            else:
+                step = last_step + (last_call + 1 >= self.calls_per_step)
             if self.num_steps is not None and step >= self.num_steps:  # past the last step: a new generation
                 self.begin(self.num_steps)
                 step = 0
+            self._last_timestep = t
         self.call = self._last[1] + 1 if step == self._last[0] else 0
         if self.call >= MAX_CALLS_PER_STEP:
             raise RuntimeError(

@@ -50,7 +50,7 @@ def _check_frequency(name: str, value) -> None:
 @dataclass(kw_only=True)
 class _PatchConfig:
     """Fields every token-level method has: how much it reduces, its windows on the token grid, randomness and the
-    step count of a bare model.
+    step count of a bare model and its calls per step.
 
     `sx` is the window width (along the token grid's columns), `sy` its height, as in tomesd; `st` its depth in
     frames on video models (Wan: 1 keeps windows within a frame, 2 makes spatio-temporal ``2 x sy x sx`` windows;
@@ -63,6 +63,7 @@ class _PatchConfig:
     st: int = 1
     seed: int | None = 0
     num_inference_steps: int | None = None
+    calls_per_step: int | None = 1
     max_downsample: int = 1
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ class _PatchConfig:
             _check_int("seed", self.seed, 0, " or None")
         if self.num_inference_steps is not None:
             _check_int("num_inference_steps", self.num_inference_steps, 1, " or None")
+        if self.calls_per_step is not None:
+            _check_int("calls_per_step", self.calls_per_step, 1, " or None (one step per timestep)")
         if self.max_downsample not in (1, 2, 4, 8):
             raise ValueError(f"max_downsample must be one of 1, 2, 4, 8, got {self.max_downsample!r}")
 
@@ -186,6 +189,10 @@ class SDTMConfig(_WindowedMergeConfig):
             the same inputs gives the same output); None draws a fresh seed from torch's global RNG.
         num_inference_steps: only needed for a bare transformer used without a pipeline (a pipeline's scheduler
             tells the step count).
+        calls_per_step: a bare transformer's forwards per denoising step (2 for guidance run as two forwards); None:
+            forwards at the previous forward's timestep belong to its step (one host sync per forward). Either way a
+            timestep above the previous forward's begins a new generation (a new loop). Pipelines ignore it (their
+            scheduler's steps count).
         max_downsample: U-Nets only (tomesd's option): merge the transformer blocks whose token grid is at most this
             factor below the latent grid (1: the highest resolution only). Diffusion transformers have a single
             resolution, where every block qualifies.

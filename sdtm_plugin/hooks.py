@@ -486,7 +486,9 @@ class ParallelBlockMerge:
 
     def _projected(self, output: torch.Tensor) -> torch.Tensor:
         merge = self._attn if self._rows_meet() else None
-        self._source = self._merged = None
-        if merge is None and (self._attn is not None or self._mlp is not None):
+        one_branch = merge is None and (self._attn is not None or self._mlp is not None)
+        # nothing of the call outlives it (the last block's merges and rotary tables were kept until the next call)
+        self._source = self._merged = self._attn = self._mlp = None
+        if one_branch:
             return output  # one branch merged: unmerged at its own output already
         return self.state.finish_suffix(self.layer, "out", "attn", merge, output)

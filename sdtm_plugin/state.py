@@ -66,7 +66,7 @@ class MergeState:
         self.num_layers = num_layers
         self.shared_plans = shared_plans
         self.method: MergeMethod = make_method(config, num_layers)
-        self.clock = GenerationClock(getattr(config, "num_inference_steps", None))
+        self.clock = GenerationClock(getattr(config, "num_inference_steps", None), getattr(config, "calls_per_step", 1))
         self.on_generation: list = []  # step-cache resets, run when a generation begins
         self._timesteps: torch.Tensor | None = None  # the schedule, on the CPU
         self._last_timestep: Any = None
@@ -125,8 +125,8 @@ class MergeState:
         step = self.clock.step
         if self._timesteps is not None and 0 <= step < len(self._timesteps):
             return float(self._timesteps[step])
-        t = self._last_timestep
-        return float(torch.as_tensor(t).flatten()[0]) if t is not None else 0.0
+        t = _timestep_value(self._last_timestep)
+        return t if t is not None else 0.0
 
     def _new_generation(self) -> None:
         self.records.clear()
@@ -182,7 +182,7 @@ class MergeState:
             )
         if not clock.scheduled and clock.step >= 0 and (grid, batch_size) != self._last_shape:
             clock.begin(clock.num_steps)  # another resolution or batch: a new generation of a bare model
-        if clock.advance(start_index):  # a bare model's new generation (no scheduler announced it)
+        if clock.advance(start_index, lambda: _timestep_value(timestep)):  # a bare model's new generation
             self._new_generation()
             self.reset_step_caches()
         self._last_shape = (grid, batch_size)
@@ -350,3 +350,11 @@ class MergeState:
                 seed = int(torch.randint(0, 2**62, ()).item())
             self._generators[device] = torch.Generator(device).manual_seed(seed)
         return self._generators[device]
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    """A forward's timestep as a number (the largest entry: per-token timesteps hold 0 for conditioning frames)."""
+    if timestep is None:
+        return None
+    timestep = torch.as_tensor(timestep).detach()
+    return None if timestep.device.type == "meta" else float(timestep.flatten().max())

@@ -126,3 +126,41 @@ def test_flux_ip_adapter_output_is_unmerged_on_the_image_rows(flux_pipe):
     apply_token_cache(flux_pipe)
     with pytest.raises(TypeError, match="IP-Adapter"):
         generate_flux(flux_pipe, **call)
+
+
+def _bare_loop(transformer, timesteps, calls=1):
+    """A user's own loop on the bare tiny PixArt transformer: per timestep `calls` forwards (guidance as separate
+    forwards); returns every forward's output."""
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 120, 32, generator=generator)
+    kw = dict(encoder_hidden_states=text, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    outs = []
+    for t in timesteps:
+        for _ in range(calls):
+            outs.append(transformer(latents, timestep=torch.tensor([t]), **kw).sample)
+            latents = latents - 0.1 * outs[-1][:, :4]
+    return outs
+
+
+@pytest.mark.parametrize("calls_per_step", [2, None])
+def test_a_bare_loop_with_two_forwards_per_step_steps_once_per_timestep(tiny_pipe, calls_per_step):
+    transformer = tiny_pipe.transformer
+    apply_SDTM(transformer, num_inference_steps=6, calls_per_step=calls_per_step)
+    _bare_loop(transformer, [999, 833, 666, 500, 333, 166], calls=2)
+    records = get_merge_state(transformer).records
+    assert [(r.step, r.call) for r in records] == [(s, c) for s in range(6) for c in range(2)]
+
+
+def test_a_new_bare_loop_starts_a_new_generation_when_the_timestep_goes_back_up(tiny_pipe):
+    transformer = tiny_pipe.transformer
+    schedule = [999, 833, 666, 500, 333, 166]
+    apply_SDTM(transformer, num_inference_steps=6)
+    fresh = _bare_loop(transformer, schedule)
+    _bare_loop(transformer, schedule[:3])  # a loop stopped early
+    assert all(torch.equal(a, b) for a, b in zip(_bare_loop(transformer, schedule), fresh))
+    assert [r.step for r in get_merge_state(transformer).records] == list(range(6))
+
+
+def test_calls_per_step_is_checked():
+    with pytest.raises(ValueError, match="calls_per_step"):
+        SDTMConfig(calls_per_step=0)
