@@ -2,14 +2,14 @@
 
 An adapter lists, for one model family, every block's merged sub-layers (self-attention and feed-forward modules
 whose first input is the (B, N, C) image-token sequence, or a `ParallelBlock`) and where the (h, w) token grid comes
-from. The merge, schedule, cache and state code is shared by all families. Rotary models (FLUX) share one merge plan
-across the batch and hand merged attentions a merged rotary table (`rotary.merge_rotary`).
+from. The merge, schedule, cache and state code is shared by all families. Rotary models (FLUX, Wan) name where their
+queries and keys are made (`RotarySite`), so that rows merged or selected per image are rotated per row
+(`rotary.RowRotary`).
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -116,8 +116,6 @@ class Adapter:
             holding the forward's arguments named in `grid_inputs`.
         input_name: keyword of that input in the model's forward ("hidden_states", or "sample" for U-Nets).
         grid_inputs: other arguments of the forward that `token_grid` reads (FLUX: its packed tokens' "img_ids").
-        shared_plans: one merge plan for the whole batch (rotary models: their position table is shared by the
-            batch); else one per image.
         video: its token grid is (frames, h, w), so windows may span frames (`st` > 1).
     """
 
@@ -127,7 +125,6 @@ class Adapter:
     token_grid: Callable[[nn.Module, torch.Tensor, Mapping[str, Any]], tuple[int, ...]]
     input_name: str = "hidden_states"
     grid_inputs: tuple[str, ...] = ()
-    shared_plans: bool = False
     video: bool = False
 
 
@@ -233,12 +230,12 @@ def _is_flux(model: nn.Module) -> bool:
 
 
 _FLUX_ROTARY = RotaryArg("image_rotary_emb", None, seq_dim=0)  # (T + N, head_dim) cos and sin, text rows first
-_flux_grids: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}  # id(img_ids) -> (the tensor, version, grid)
 
 
 def _flux_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
     """The (h, w) grid of FLUX's packed tokens (B, N, C), read off `img_ids` (N, 3) = [0, row, col] in row-major
-    order (FluxPipeline's); one host sync per ids tensor (the pipeline passes the same one at every step).
+    order (FluxPipeline's); one host sync per ids tensor (the pipeline passes the same one at every step: the grid
+    is kept on the tensor, with the version it was read at, and goes with it).
 
     Raises for ids that are no such grid (FLUX Kontext and FLUX Fill append reference-image tokens: not supported).
     """
@@ -255,9 +252,9 @@ def _flux_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[st
         if side * side != n:
             raise ValueError(f"on the meta device the FLUX token grid must be square, got {n} tokens")
         return side, side
-    known = _flux_grids.get(id(ids))
-    if known is not None and known[0]() is ids and known[1] == ids._version:
-        return known[2]
+    known = getattr(ids, "_sdtm_grid", None)
+    if known is not None and known[0] == ids._version:
+        return known[1]
     if ids.shape != (n, 3):
         raise ValueError(f"img_ids must be ({n}, 3) for {n} image tokens, got {tuple(ids.shape)}")
     h, w = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
@@ -269,9 +266,7 @@ def _flux_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[st
             "token merging supports FLUX image tokens on one row-major grid (img_ids = [0, row, col]); these img_ids "
             "are not one (reference-image tokens, as in FLUX Kontext, are not supported)"
         )
-    if len(_flux_grids) >= 64:  # ids of finished generations
-        _flux_grids.clear()
-    _flux_grids[id(ids)] = (weakref.ref(ids), ids._version, (h, w))
+    ids._sdtm_grid = (ids._version, (h, w))
     return h, w
 
 
@@ -338,11 +333,11 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("DiT (DiTTransformer2DModel, BasicTransformerBlock with ada_norm_zero)", _is_dit, _transformer_layout, _patch_grid),
     Adapter(
         "FLUX.1 (FluxTransformer2DModel: double-stream image stream and single-stream image suffix, rotary positions)",
-        _is_flux, _flux_layout, _flux_grid, grid_inputs=("img_ids",), shared_plans=True,
+        _is_flux, _flux_layout, _flux_grid, grid_inputs=("img_ids",),
     ),
     Adapter(
         "Wan 2.1 / 2.2 video (WanTransformer3DModel: self-attention with 3-D rotary positions, feed-forward)",
-        _is_wan, _wan_layout, _wan_grid, shared_plans=True, video=True,
+        _is_wan, _wan_layout, _wan_grid, video=True,
     ),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",

@@ -212,13 +212,14 @@ class SubLayerMergeHook(ModelHook):
     """Merges the (B, N, C) input of one attention or feed-forward module and unmerges its output.
 
     Tuple outputs (SD3's and FLUX's joint attentions return image and text streams) have their first element
-    unmerged, and further elements on the image rows (FLUX's IP-Adapter output) too, each token taking its row's. A sub-layer with a rotary table gets the table of the merged rows (`MergeState.merged_rotary`).
+    unmerged, and further elements on the image rows (FLUX's IP-Adapter output) too, each token taking its row's.
 
     A self-attention whose method reduces only one side of it (`MergeMethod.attention_rows`) gets its whole input:
     token caching reduces its query rows (`SideRowsHook` on the query projection; its keys and values cover every
     token), SDTM with ``merge_queries=False`` merges its keys and values (hooks on their projections; every token
-    keeps its own query, so the output is whole). On rotary models the queries and keys are then rotated per row at
-    their norms (`RotarySiteHook`) and the table is withheld from the processor.
+    keeps its own query, so the output is whole). On rotary models the queries and keys of a reduced call are rotated
+    per row at their norms (`RotarySiteHook`) and the table is withheld from the processor (merges are per image,
+    the processor's table is one for the batch).
 
     Args:
         state: the shared `MergeState`.
@@ -255,7 +256,9 @@ class SubLayerMergeHook(ModelHook):
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
             args = (merged, *args[1:])
-        return _merge_rotary(self.state, self.rotary, merge, args, kwargs)
+        if self.rotary is not None:  # merged queries and keys rotated per image and row at the q/k norms
+            self.rows, args, kwargs = RowCall.begin(merge, "both", self.rotary, self.state, args, kwargs)
+        return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
         merge, self._merge, self.rows = self._merge, None, None
@@ -278,13 +281,14 @@ class SubLayerMergeHook(ModelHook):
 
 
 class RowCall:
-    """One self-attention call whose queries and keys are different rows of its tokens: its query rows a selection
-    (token caching, side "query") or its key and value rows merged groups (side "key"); and the per-row rotary tables
-    when the model rotates (`rotary.RowRotary`).
+    """One self-attention call whose rows are not its tokens' own: its query rows a selection (token caching, side
+    "query"), its key and value rows merged groups (side "key"), or its whole input merged (side "both", on rotary
+    models only: per-image merges need per-row positions); and the per-row rotary tables when the model rotates
+    (`rotary.RowRotary`).
 
     Attributes:
         merge: the selection or merge of the N image tokens (`selection.RowSelection` / `merge.TokenMerge`).
-        side: "query" or "key", the side whose rows it reduces.
+        side: "query", "key" or "both", the side whose rows it reduces.
         rotary: the call's tables, or None (no rotary positions).
     """
 
@@ -351,26 +355,17 @@ class RotarySiteHook(ModelHook):
         return call.rotary.rotate(output, self.side, self.rows)
 
 
-def row_hooks(owner: Callable[[], "RowCall | None"], side: str, query: torch.nn.Module | None,
+def row_hooks(owner: Callable[[], "RowCall | None"], side: str | None, query: torch.nn.Module | None,
               keys: tuple[torch.nn.Module, ...], sites: tuple[RotarySite, ...]
               ) -> list[tuple[torch.nn.Module, ModelHook]]:
-    """The hooks a self-attention needs when its method reduces one `side` ("query" / "key"): that side's
-    projections' and the rotary sites'."""
+    """The hooks a self-attention needs when its rows are not the tokens' own (`side` "query" / "key": one side
+    reduced, "both" or None: its whole input merged): the reduced side's projections' and the rotary sites'."""
     projections = [query] if side == "query" and query is not None else list(keys) if side == "key" else []
-    if not projections:
+    if side in ("query", "key") and not projections:
         raise TypeError(f"this attention has no separate {side} projection, so its queries and keys cannot be "
                         "different rows of its tokens")
     return [*((module, SideRowsHook(owner, side)) for module in projections),
             *((site.module, RotarySiteHook(owner, site)) for site in sites)]
-
-
-def _merge_rotary(state: MergeState, rotary: RotaryArg | None, merge: TokenMerge, args: tuple,
-                  kwargs: dict) -> tuple[tuple, dict]:
-    """The call's rotary table, if any, replaced by the table of `merge`'s rows."""
-    table = rotary.find(args, kwargs) if rotary is not None else None
-    if table is None:
-        return args, kwargs
-    return rotary.replace(args, kwargs, state.merged_rotary(merge, table, rotary))
 
 
 class _CallHook(ModelHook):
@@ -416,7 +411,7 @@ class ParallelBlockMerge:
         hooks = [(block.proj_mlp, _CallHook(pre=self._mlp_input)), (block.act_mlp, _CallHook(post=self._mlp_output)),
                  (block.attn, _CallHook(pre=self._attn_input, post=self._attn_output)),
                  (block.proj_out, _CallHook(post=self._projected))]
-        if self.side is not None:
+        if self.side is not None or block.sites:
             hooks += row_hooks(lambda: self.rows, self.side, block.query, block.keys, block.sites)
         return hooks
 
@@ -476,7 +471,9 @@ class ParallelBlockMerge:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
             args = (merged, *args[1:])
-        return _merge_rotary(self.state, self.block.rotary, merge, args, kwargs)
+        if self.block.rotary is not None:
+            self.rows, args, kwargs = RowCall.begin(merge, "both", self.block.rotary, self.state, args, kwargs)
+        return args, kwargs
 
     def _attn_output(self, output: torch.Tensor) -> torch.Tensor:
         self.rows = None

@@ -321,7 +321,6 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
 
 
 @cached_tables(maxsize=16)
-@cached_tables(maxsize=16)
 def _sketch_signs(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(C,) fixed pseudo-random +-1 per channel (a multiplicative hash of its index): no generator, the same on every
     device and under `torch.compile`; built once per width, device and dtype in eager mode."""
@@ -360,11 +359,6 @@ class TokenMerge:
         dtype: the model dtype of the merged tokens.
         group_starts: ``() -> (B, G)`` long, the head position of each group's first token (a bipartite group's
             destination, a window's first token); called when first needed.
-
-    Attributes:
-        base: for a merge made by `expand`, the one-image merge whose plan every image follows; else None.
-        memo: values derived from this merge once per forward and shared by the blocks that use it (a merged rotary
-            table).
     """
 
     def __init__(self, order: torch.Tensor, head: int, num_groups: int,
@@ -381,8 +375,6 @@ class TokenMerge:
         self._group_starts = group_starts
         self._flags: dict[torch.dtype, torch.Tensor] = {}
         self._blend_weights: dict[tuple[float, torch.dtype], torch.Tensor] = {}
-        self.base: TokenMerge | None = None
-        self.memo: dict[str, object] = {}
 
     @property
     def device(self) -> torch.device:
@@ -413,29 +405,6 @@ class TokenMerge:
     def merged(self) -> torch.Tensor:
         """(B, N) bool: the tokens that share their row with others."""
         return self.merged_flags() > 0
-
-    @property
-    def plan(self) -> "TokenMerge":
-        """The merge whose plan this one follows: `base` for an expanded merge, else itself."""
-        return self.base if self.base is not None else self
-
-    def expand(self, batch: int) -> "TokenMerge":
-        """This one-image merge applied to each of `batch` images: one plan for the whole batch (what rotary models
-        need, whose position table is shared by the batch). A few (B, N) index kernels; the merge and unmerge cost
-        what a per-image merge costs."""
-        if self.batch_size != 1:
-            raise ValueError(f"expand needs a merge of one image, got a batch of {self.batch_size}")
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        n, rows = self.num_tokens, self.num_rows
-        starts = torch.arange(batch, device=self.device).unsqueeze(1)
-        order = self._order.view(1, n) + starts * n
-        row_of_token = (self._row_of_token.view(1, n) + starts * rows).view(-1)
-        expanded = TokenMerge(order, self.head, self.num_groups, self._reduce_head, row_of_token,
-                              lambda: self._row_flags().repeat(batch), self.dtype,
-                              lambda: self._group_starts().expand(batch, -1))
-        expanded.base = self
-        return expanded
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N', C): each group's mean (fp32 accumulation), then the kept tokens unchanged."""

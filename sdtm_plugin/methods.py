@@ -290,16 +290,16 @@ class ToMe(MergeMethod):
         return step_plan(self.config, step, num_steps or step + 1)
 
     def noise_shape(self, grid, batch, plan):
-        if self.config.use_rand and batch % 2 == 0:
-            return (self.num_layers, 1, grid.num_windows, grid.window_size)
-        return None
+        # one draw for every image, whatever the batch size (tomesd draws for even batches only, so an image
+        # depended on how many others it was batched with)
+        return (self.num_layers, 1, grid.num_windows, grid.window_size) if self.config.use_rand else None
 
     def build(self, layer, x, grid, plan, removed, buffers, forward):
         if removed == 0:
             return None
         b = x.shape[0]
         radius, dim = self.config.match_radius, self.config.match_dim
-        if not (self.config.use_rand and b % 2 == 0):
+        if not self.config.use_rand:
             return bipartite_merge(x, grid, removed, radius=radius, sketch_dim=dim)
 
         def draw() -> Destinations:

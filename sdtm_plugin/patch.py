@@ -107,7 +107,7 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig 
                          f"must be 1 here (st > 1 is for video models: Wan)")
     layout = adapter.layout(model)
     num_layers = len(layout.blocks)
-    state = MergeState(config, num_layers=num_layers, shared_plans=adapter.shared_plans)
+    state = MergeState(config, num_layers=num_layers)
     if config is not None and config.ratio > 0 and not any(state.method.merges_layer(i) for i in range(num_layers)):
         fields = ", ".join(f"{name}={getattr(config, name)}" for name in
                            ("protect_layers_frequency", "protect_first_layers", "protect_last_layers"))
@@ -170,7 +170,7 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                     continue
                 hook = SubLayerMergeHook(state, layer, sub)
                 register(sub.module, hook, MERGE_HOOK)
-                if hook.side is not None:
+                if hook.side is not None or sub.sites:
                     for module, row_hook in row_hooks(lambda hook=hook: hook.rows, hook.side, sub.query, sub.keys,
                                                       sub.sites):
                         register(module, row_hook, MERGE_HOOK)

@@ -1,8 +1,8 @@
-"""Rotary position tables of merged sequences: what position a merged token's query and key are rotated to.
+"""Rotary positions of merged and selected rows: what position a token's query and key are rotated to.
 
 Rotary models (FLUX, Wan) rotate each token's query and key by angles of its position, from one (cos, sin) table
 that the model computes once per forward and hands to every block. A merged row stands for a group of tokens, so
-the table handed to a merged attention has one row per merged row. Two rules:
+it needs a position of its own. Two rules:
 
 - ``"destination"``: the row takes the angles of its group's first token (a bipartite merge's destination, an SSM
   window's first token): an exact position of the image, the merged token placed where it is kept.
@@ -11,9 +11,10 @@ the table handed to a merged attention has one row per merged row. Two rules:
   per frequency). The default: on the trained FLUX-architecture reference it matched "destination" with SDTM*-a
   and made ToMe's images much closer to the data (KID, FID) at the same adherence (docs/compatibility.md).
 
-Text rows (FLUX's joint sequence puts the text first) are never merged. The plan is shared by the batch (rotary
-models merge with `TokenMerge.expand`d plans), so the merged table is one table, as the attention processors
-expect.
+Merges are planned per image, so the tables of merged rows differ per image: the model's table is withheld from the
+attention processor (which takes one table for the batch) and the patch rotates each query and key per row where
+the attention makes them (`RowRotary`, at the q/k norms). Text rows (FLUX's joint sequence puts the text first) are
+never merged.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from .merge import TokenMerge
 
 POSITION_RULES = ("destination", "mean")
 
@@ -55,34 +54,6 @@ class RotaryArg:
         return (*args[: self.position], table, *args[self.position + 1:]), kwargs
 
 
-def merge_rotary(table: tuple[torch.Tensor, torch.Tensor], merge: TokenMerge, seq_dim: int,
-                 rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each with S = T + N rows along `seq_dim` (T text rows first, then the N tokens of `merge`'s
-    plan) -> the same with T + N' rows, by `rule` ("destination" or "mean")."""
-    if rule not in POSITION_RULES:
-        raise ValueError(f"rule must be one of {POSITION_RULES}, got {rule!r}")
-    cos, sin = table
-    if cos.shape != sin.shape:
-        raise ValueError(f"rotary cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    plan = merge.plan
-    moved = torch.cat([cos.movedim(seq_dim, 0), sin.movedim(seq_dim, 0)], dim=-1)  # (S, ..., 2D)
-    rows, rest = moved.shape[0], moved.shape[1:]
-    text = rows - plan.num_tokens
-    if text < 0:
-        raise ValueError(f"the rotary table has {rows} rows along dim {seq_dim}, fewer than the {plan.num_tokens} "
-                         f"merged tokens")
-    image = moved[text:].reshape(1, plan.num_tokens, -1)
-    if rule == "destination":
-        merged = plan.pick(image)
-    else:
-        merged = plan.merge(image)
-    merged = torch.cat([moved[:text], merged.view(-1, *rest)])
-    cos, sin = merged.chunk(2, dim=-1)
-    if rule == "mean":
-        cos, sin = _unit_pairs(cos, sin)
-    return cos.movedim(0, seq_dim), sin.movedim(0, seq_dim)
-
-
 def _unit_pairs(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (cos, sin) pairs back to rotations: unit length (the mean of a full turn stays 0)."""
     scale = torch.rsqrt((cos.square() + sin.square()).clamp_min_(torch.finfo(cos.dtype).tiny))
@@ -102,18 +73,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class RowRotary:
-    """The rotary tables of one attention call whose queries and keys are different rows of its tokens: its query
-    rows a selection of them (token caching, `side` "query") or its key rows merged groups (SDTM with
-    ``merge_queries=False``, `side` "key"). The model's table is withheld from the attention processor and the patch
-    rotates each query and key at the output of the module that makes it (`RotarySite`), each row by its own
-    position: a selected token's, or a merged group's by `rule` (as `merge_rotary`).
+    """The rotary tables of one attention call whose rows are not the tokens' own: its query rows a selection of them
+    (token caching, `side` "query"), its key rows merged groups (SDTM with ``merge_queries=False``, `side` "key"), or
+    both merged groups (SDTM, ToMe: `side` "both"). The model's table is withheld from the attention processor and
+    the patch rotates each query and key at the output of the module that makes it (`RotarySite`), each row by its
+    own position: a selected token's, or a merged group's by `rule`; per image, as the merges are.
 
     Args:
         table: the call's (cos, sin) over S = T + N rows (T text rows first), laid out as `arg` says.
         arg: where and how the table is passed.
         merge: the selection (`selection.RowSelection`) or merge (`merge.TokenMerge`) of the N image tokens.
         side: the side it reduces.
-        rule: a merged group's position (`POSITION_RULES`), for side "key".
+        rule: a merged group's position (`POSITION_RULES`), for sides "key" and "both".
     """
 
     def __init__(self, table: tuple[torch.Tensor, torch.Tensor], arg: RotaryArg, merge, side: str,
@@ -121,8 +92,9 @@ class RowRotary:
         cos, sin = table
         if cos.shape != sin.shape:
             raise ValueError(f"rotary cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-        if side not in ("query", "key") or (side == "key" and rule not in POSITION_RULES):
-            raise ValueError(f"side must be 'query' or 'key' (with a rule of {POSITION_RULES}), got {side!r}, {rule!r}")
+        if side not in ("query", "key", "both") or (side != "query" and rule not in POSITION_RULES):
+            raise ValueError(f"side must be 'query', 'key' or 'both' (the last two with a rule of {POSITION_RULES}), "
+                             f"got {side!r}, {rule!r}")
         rows = cos.shape[arg.seq_dim]
         self._cos, self._sin = (t.movedim(arg.seq_dim, 0).reshape(rows, -1) for t in (cos, sin))  # (S, D)
         self.text = rows - merge.num_tokens
@@ -139,7 +111,7 @@ class RowRotary:
             text = (self._cos[: self.text][None], self._sin[: self.text][None])
             if rows == "text":
                 self._tables[key] = text
-            elif side != self.side:  # the whole side: every token at its own position
+            elif side != self.side and self.side != "both":  # the whole side: every token at its own position
                 start = self.text if rows == "image" else 0
                 self._tables[key] = (self._cos[start:][None], self._sin[start:][None])
             else:
@@ -151,7 +123,7 @@ class RowRotary:
         return self._tables[key]
 
     def _reduced_image(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (B, N', D), of the reduced side's image rows."""
+        """(cos, sin), each (B, N', D), of the reduced side's image rows (made once per call)."""
         cos, sin = self._cos[self.text:], self._sin[self.text:]
         if self.side == "query":  # each image's computed tokens
             return self.merge.take(cos), self.merge.take(sin)

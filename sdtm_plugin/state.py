@@ -24,9 +24,8 @@ import torch
 
 from .clock import GenerationClock
 from .config import SDTMConfig, ToMeConfig
-from .merge import TokenMerge, WindowGrid, unit_vectors
+from .merge import TokenMerge, WindowGrid
 from .methods import ForwardScratch, MergeMethod, StreamBuffers, make_method
-from .rotary import RotaryArg, merge_rotary
 from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -57,14 +56,13 @@ class MergeState:
     Args:
         config: the method's configuration (None: nothing is merged, the patch only drives a step cache).
         num_layers: blocks of the model (in execution order).
-        shared_plans: one merge plan for the whole batch, made from the batch's mean token directions (rotary
-            models, whose position table the batch shares); else one plan per image.
+
+    Merge plans are made per image, so an image never depends on its batch mates.
     """
 
-    def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int, shared_plans: bool = False) -> None:
+    def __init__(self, config: SDTMConfig | ToMeConfig | None, num_layers: int) -> None:
         self.config = config
         self.num_layers = num_layers
-        self.shared_plans = shared_plans
         self.method: MergeMethod = make_method(config, num_layers)
         self.clock = GenerationClock(getattr(config, "num_inference_steps", None), getattr(config, "calls_per_step", 1))
         self.on_generation: list = []  # step-cache resets, run when a generation begins
@@ -202,13 +200,12 @@ class MergeState:
         if self.config is not None:
             # what the blocks will ask for on the model's grid, made here: the generator and the first-use
             # allocations stay out of the forward (other grids, U-Net levels, are served when first asked)
-            plan_batch = self._plan_batch(batch_size)
-            self.method.prepare(buffers, plan, math.prod(grid), plan_batch, device)
+            self.method.prepare(buffers, plan, math.prod(grid), batch_size, device)
             if plan.merges and self.removed(grid):
                 window_grid = self._window_grid(grid, device)
                 if getattr(self.config, "match_radius", None) is not None:
                     window_grid.neighbour_windows(self.config.match_radius)
-                self.noise(window_grid, plan_batch)
+                self.noise(window_grid, batch_size)
         self.record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
                                     {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers)
         self.records.append(self.record)
@@ -276,16 +273,10 @@ class MergeState:
             if (previous is not None and scratch.ages[layer - 1] + 1 < self.method.plan_blocks
                     and self.layer_grids[layer - 1] == grid):
                 scratch.merges[layer], scratch.ages[layer] = previous, scratch.ages[layer - 1] + 1
-                self.method.reuse(layer, previous.plan, self._buffers)
+                self.method.reuse(layer, previous, self._buffers)
             else:
-                batch = x.shape[0]
-                if self.shared_plans and batch > 1 and self.method.attention_rows is None:  # one plan from the
-                    # images' mean token directions (a method that rotates per row needs no shared rotary table)
-                    x = unit_vectors(x).mean(0, keepdim=True)
                 merge = self.method.build(layer, x, self._window_grid(grid, x.device), plan, self.removed(grid),
                                           self._buffers, scratch)
-                if merge is not None and merge.batch_size != batch:
-                    merge = merge.expand(batch)
                 scratch.merges[layer], scratch.ages[layer] = merge, 0
         merge = scratch.merges[layer]
         if merge is not None:
@@ -312,25 +303,10 @@ class MergeState:
             image = image.clone(memory_format=torch.contiguous_format)
         return torch.cat([output[:, :text], self.finish(layer, name, role, merge, image)], dim=1)
 
-    def merged_rotary(self, merge: TokenMerge, table: tuple[torch.Tensor, torch.Tensor],
-                      arg: RotaryArg) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary (cos, sin) of `merge`'s merged rows (`rotary.merge_rotary` by the config's
-        `rotary_positions`), made once per merge and shared by the sub-layers that use it."""
-        if not self.shared_plans:
-            raise RuntimeError("a rotary table can only follow a merge plan shared by the batch (shared_plans)")
-        key = f"rotary:{arg.seq_dim}"
-        if key not in merge.plan.memo:
-            merge.plan.memo[key] = merge_rotary(table, merge, arg.seq_dim, self.config.rotary_positions)
-        return merge.plan.memo[key]
-
     # -- helpers --------------------------------------------------------------------------------------------------
     def _stores(self, layer: int, role: str) -> bool:
         """Whether a `role` output of block `layer` is kept in the merge cache this forward."""
         return role in self.cache_roles and self.method.merges_layer(layer)
-
-    def _plan_batch(self, batch: int) -> int:
-        """Images a merge plan is made for."""
-        return 1 if self.shared_plans else batch
 
     def _downsample_allowed(self, layer: int) -> bool:
         return math.prod(self.grid) <= math.prod(self.layer_grids[layer]) * self.config.max_downsample**2

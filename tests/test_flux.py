@@ -1,5 +1,5 @@
-"""FLUX.1 (issue 27): merging through diffusers' own FluxPipeline, the joint sequence's text rows never merged, one
-plan shared by the batch, and the rotary table of merged rows built by the configured position rule."""
+"""FLUX.1 (issue 27): merging through diffusers' own FluxPipeline, the joint sequence's text rows never merged, plans
+per image (an image never depends on its batch mates), and merged rows rotated by the configured position rule."""
 
 import math
 
@@ -11,7 +11,7 @@ from diffusers.hooks import FirstBlockCacheConfig
 from benchmarks.models import PRESETS, flux_inputs
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, window_merge
-from sdtm_plugin.rotary import merge_rotary
+from sdtm_plugin.rotary import RotaryArg, RowRotary
 
 TEXT = 16  # the tiny preset's T5 tokens
 IMAGE = 64  # its 8 x 8 packed tokens
@@ -90,16 +90,22 @@ def test_token_counts_seen_at_the_projections_and_text_never_merged(flux_pipe, m
     assert merged_steps >= 2
 
 
-def test_one_plan_for_the_batch(flux_pipe):
-    """Rotary models share one merge plan over the batch: two copies of one image in a batch stay identical, and a
-    batch of different prompts merges (and runs) with one token count per block."""
-    apply_SDTM(flux_pipe)
-    noise = torch.randn(1, IMAGE, 64, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1)
-    twins = generate(flux_pipe, prompt=["a red cat"] * 2, latents=noise)
-    assert torch.equal(twins[0], twins[1])
-    mixed = generate(flux_pipe, prompt=["a red cat", "a blue boat"])
-    assert mixed.shape[0] == 2 and not torch.equal(mixed[0], mixed[1])
+@pytest.mark.parametrize("apply", [apply_SDTM, apply_ToMe])
+def test_an_image_never_depends_on_its_batch_mates(flux_pipe, apply):
+    """Plans per image, each merged row rotated by its own image's positions: with the same prompt, seed and noise,
+    image 0 is the same whatever prompt image 1 has (one plan from the batch's mean changed it by half the merge's
+    own effect on the trained model). ToMe's one draw serves every image, so an image batched is the image alone;
+    SDTM draws its random ties per image from one generator, so its draws (not its plans) follow the batch size."""
+    apply(flux_pipe)
+    noise = torch.randn(2, IMAGE, 64, generator=torch.Generator().manual_seed(1))
+    one = generate(flux_pipe, prompt=["a red cat", "a blue boat"], latents=noise)
+    other = generate(flux_pipe, prompt=["a red cat", "a green tree"], latents=noise)
+    torch.testing.assert_close(one[0], other[0], rtol=0, atol=1e-5)  # float batching noise only
+    assert not torch.equal(one[1], other[1])
     assert min(n for step in get_merge_state(flux_pipe).token_counts for n in step["attn"]) < IMAGE
+    if apply is apply_ToMe:
+        alone = generate(flux_pipe, prompt=["a red cat"], latents=noise[:1])
+        torch.testing.assert_close(one[:1], alone, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["destination", "mean"])
@@ -123,31 +129,39 @@ def _table(text: int, grid: tuple[int, int], dim: int = 8) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
+def _merged_table(table, merge, rule, seq_dim=0):
+    """(cos, sin) of the merged image rows, (B, N', D), as the patch rotates them."""
+    return RowRotary(table, RotaryArg("rotary", None, seq_dim), merge, "both", rule).tables("query", "image")
+
+
 @pytest.mark.parametrize("kind", ["window", "bipartite"])
 def test_rotary_rules_on_a_merge(kind):
     torch.manual_seed(0)
     grid = WindowGrid.build((6, 6), 2, 2, torch.device("cpu"))
-    x = torch.randn(1, 36, 16)
+    x = torch.randn(2, 36, 16)
     merge = window_merge(x, grid, 3) if kind == "window" else bipartite_merge(x, grid, 12)
     cos, sin = _table(5, (6, 6))
-    picked = merge_rotary((cos, sin), merge, 0, "destination")
-    assert picked[0].shape == (5 + merge.num_rows, 8)
-    assert torch.equal(picked[0][:5], cos[:5]) and torch.equal(picked[1][:5], sin[:5])  # text rows untouched
-    # each merged row takes the angles of one token of its group (its first: the destination); kept rows their own
-    rows = merge.row_of_token[0]
-    for row in range(merge.num_rows):
-        members = (rows == row).nonzero().flatten()
-        first = members[0] if kind == "window" else members[(picked[0][5 + row] == cos[5 + members]).all(1)][0]
-        assert torch.equal(picked[0][5 + row], cos[5 + first]) and torch.equal(picked[1][5 + row], sin[5 + first])
-    mean_cos, mean_sin = merge_rotary((cos, sin), merge, 0, "mean")
+    rotary = RowRotary((cos, sin), RotaryArg("rotary", None, 0), merge, "both", "destination")
+    text = rotary.tables("key", "text")
+    assert torch.equal(text[0][0], cos[:5]) and torch.equal(text[1][0], sin[:5])  # text rows untouched
+    joint = rotary.tables("query", "joint")
+    assert joint[0].shape == (2, 5 + merge.num_rows, 8) and torch.equal(joint[0][:, :5], cos[:5].expand(2, -1, -1))
+    picked = rotary.tables("key", "image")
+    for image in range(2):  # each image's merged rows take the angles of one token of their group (the first)
+        rows = merge.row_of_token[image]
+        for row in range(merge.num_rows):
+            members = (rows == row).nonzero().flatten()
+            first = members[0] if kind == "window" else members[(picked[0][image, row] == cos[5 + members]).all(1)][0]
+            assert torch.equal(picked[0][image, row], cos[5 + first]) and torch.equal(picked[1][image, row], sin[5 + first])
+    mean_cos, mean_sin = _merged_table((cos, sin), merge, "mean")
     torch.testing.assert_close(mean_cos.square() + mean_sin.square(), torch.ones_like(mean_cos))  # rotations
-    angle = torch.atan2(mean_sin[5:], mean_cos[5:])
-    for row in range(merge.num_rows):  # the circular mean of the group's angles
-        members = (rows == row).nonzero().flatten()
-        expected = torch.atan2(sin[5 + members].mean(0), cos[5 + members].mean(0))
-        torch.testing.assert_close(angle[row], expected, atol=1e-5, rtol=0)
-        if len(members) == 1:
-            torch.testing.assert_close(mean_cos[5 + row], cos[5 + members[0]])
+    angle = torch.atan2(mean_sin, mean_cos)
+    for image in range(2):  # the circular mean of the group's angles
+        rows = merge.row_of_token[image]
+        for row in range(merge.num_rows):
+            members = (rows == row).nonzero().flatten()
+            expected = torch.atan2(sin[5 + members].mean(0), cos[5 + members].mean(0))
+            torch.testing.assert_close(angle[image, row], expected, atol=1e-5, rtol=0)
 
 
 def test_wan_layout_rotary_table_is_merged_along_its_sequence_axis():
@@ -155,24 +169,15 @@ def test_wan_layout_rotary_table_is_merged_along_its_sequence_axis():
     grid = WindowGrid.build((4, 4), 2, 2, torch.device("cpu"))
     merge = window_merge(torch.randn(1, 16, 8), grid, 2)
     cos, sin = _table(0, (4, 4))
-    flat = merge_rotary((cos, sin), merge, 0, "mean")
-    wan = merge_rotary((cos[None, :, None], sin[None, :, None]), merge, 1, "mean")
-    assert wan[0].shape == (1, merge.num_rows, 1, 8)
-    torch.testing.assert_close(wan[0][0, :, 0], flat[0])
+    flat = _merged_table((cos, sin), merge, "mean")
+    wan = _merged_table((cos[None, :, None], sin[None, :, None]), merge, "mean", seq_dim=1)
+    torch.testing.assert_close(wan[0], flat[0])
 
 
-def test_expanded_merge_applies_one_plan_to_every_image():
-    grid = WindowGrid.build((4, 4), 2, 2, torch.device("cpu"))
-    plan = bipartite_merge(torch.randn(1, 16, 8), grid, 5)
-    expanded = plan.expand(3)
-    x = torch.randn(3, 16, 8)
-    merged = expanded.merge(x)
-    for i in range(3):
-        torch.testing.assert_close(merged[i: i + 1], plan.merge(x[i: i + 1]))
-        torch.testing.assert_close(expanded.unmerge(merged)[i: i + 1], plan.unmerge(merged[i: i + 1]))
-    assert expanded.plan is plan and torch.equal(expanded.merged_flags()[2], plan.merged_flags()[0])
-    with pytest.raises(ValueError, match="one image"):
-        expanded.expand(2)
+def test_a_bad_side_or_rule_is_refused():
+    merge = window_merge(torch.randn(1, 16, 8), WindowGrid.build((4, 4), 2, 2, torch.device("cpu")), 2)
+    with pytest.raises(ValueError, match="side"):
+        RowRotary(_table(0, (4, 4)), RotaryArg("rotary", None, 0), merge, "both", None)
 
 
 def test_composes_with_a_step_cache_in_one_call_and_is_removed_exactly(flux_pipe):

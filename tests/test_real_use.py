@@ -22,8 +22,8 @@ def test_a_pipeline_without_begin_index_starts_at_the_first_step_whatever_its_ti
     reference = generate_flux(flux_pipe)
     state = get_merge_state(flux_pipe)
     steps_seen = []
-    monkeypatch.setattr(state.clock, "advance", lambda start, advance=state.clock.advance: (
-        advance(start), steps_seen.append(state.clock.step))[0])
+    monkeypatch.setattr(state.clock, "advance", lambda *args, advance=state.clock.advance: (
+        advance(*args), steps_seen.append(state.clock.step))[0])
     monkeypatch.setattr(type(flux_pipe.scheduler), "set_begin_index", lambda self, begin_index=0: None)
     assert torch.equal(generate_flux(flux_pipe), reference)
     assert steps_seen == list(range(8))
