@@ -76,6 +76,40 @@ def test_a_call_leaves_no_merge_buffers_alive(pipes, name):
     assert live_tensor_bytes(pipe) - unpatched <= held  # bounded: the next calls reuse the tables
 
 
+@pytest.mark.parametrize("name, config", [("tiny", {}), ("tiny-flux", {}), ("tiny-sd3", {}),
+                                          ("tiny", {"method": "tokencache"})])
+def test_held_bytes_count_what_a_call_keeps_between_forwards(pipes, name, config):
+    """Mid-call, between two forwards, the floating-point tensors alive beyond the unpatched call's are what
+    `held_bytes()` reports (merge caches, slopes, staleness, sketches), within one block input of index tables."""
+    from sdtm_plugin import apply_token_cache
+
+    pipe = pipes(name)
+    seen = {}
+
+    def census(key):
+        def look(i):
+            if i == 4:
+                seen[key] = live_tensor_bytes(pipe, floating=True)
+                seen[key + " held"] = get_merge_state(pipe).held_bytes() if get_merge_state(pipe) else 0
+
+        def on_step_end(pipe, i, t, tensors):
+            look(i)
+            return tensors
+
+        # PixArt's pipeline has the older per-step callback
+        return {"callback": lambda i, t, latents: look(i)} if name == "tiny" else {"callback_on_step_end": on_step_end}
+
+    _call(pipe, name, guidance_scale=4.5, num_inference_steps=8, **census("unpatched"))
+    if config.get("method") == "tokencache":
+        apply_token_cache(pipe)
+    else:
+        apply_SDTM(pipe)
+    _call(pipe, name, guidance_scale=4.5, num_inference_steps=8, **census("patched"))
+    extra, held = seen["patched"] - seen["unpatched"], seen["patched held"]
+    assert held > 2 * _block_input_bytes(pipe, name)
+    assert abs(extra - held) <= 0.05 * held, (extra, held)
+
+
 def _clear_index_caches():
     """Drop the merge path's cached index tables (per grid, batch and merged counts; reused across calls)."""
     from sdtm_plugin import merge
