@@ -30,6 +30,15 @@ from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
 
+MEMORY_WARNING_SHARE = 0.2  # of the device's memory, kept by the patch between forwards: beyond it, a warning
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory of a CUDA device (None for others: CPU memory is the host's, shared with everything)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
 ROLES = ("attn", "cross", "mlp")
 MAX_RECORDS = 4096  # telemetry kept for the current generation (a bare model without a step count never wraps)
 
@@ -84,6 +93,7 @@ class MergeState:
         self._noise: dict[tuple, torch.Tensor | None] = {}  # per (token grid, batch), this forward's random draws
         self._last_shape: tuple | None = None
         self.peak_held_bytes = 0  # the most `held_bytes` seen at the start of a forward (telemetry)
+        self._memory_warned = False
 
     # -- generations and forwards -----------------------------------------------------------------------------
     @property
@@ -192,7 +202,10 @@ class MergeState:
         self.grid = grid
         self.layer_grids = [grid] * self.num_layers
         self.cache_roles = self.method.cache_roles(plan)
-        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
+        held = self.held_bytes()
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
+        if clock.step == 1 and clock.call == 0:  # the first step filled what each call keeps
+            self._check_memory(held, device)
         if clock.step == 0 or not plan.merges:  # a full step computes every token on its own
             buffers.reset_staleness()
         buffers.filled = buffers.filled or not plan.merges
@@ -302,6 +315,18 @@ class MergeState:
             # `contiguous` would keep a batch of one's leading stride, which dynamo's guards compare too)
             image = image.clone(memory_format=torch.contiguous_format)
         return torch.cat([output[:, :text], self.finish(layer, name, role, merge, image)], dim=1)
+
+    def _check_memory(self, held: int, device: torch.device | str) -> None:
+        """Warn once per patch when what the calls of a step keep between forwards exceeds `MEMORY_WARNING_SHARE` of
+        the device's memory (the buffers live until the generation ends)."""
+        total = device_memory(torch.device(device))
+        if self._memory_warned or total is None or held <= MEMORY_WARNING_SHARE * total:
+            return
+        self._memory_warned = True
+        logger.warning(
+            "%s keeps %.2f GiB between forwards (%.0f %% of the device's %.1f GiB) until the generation ends: "
+            "lower the resolution or batch, use fewer guidance calls, or a method that keeps less (docs/usage.md)",
+            type(self.config).__name__, held / 2**30, 100 * held / total, total / 2**30)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _stores(self, layer: int, role: str) -> bool:

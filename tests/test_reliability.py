@@ -355,3 +355,25 @@ def test_step_cache_alone_frees_its_merge_state_too(tiny_pipe):
     _call(tiny_pipe, "tiny")
     state = get_merge_state(tiny_pipe)
     assert state.held_bytes() == 0 and not state.clock.active
+
+
+def test_a_patch_that_keeps_much_of_the_device_memory_warns_once(tiny_pipe, monkeypatch, caplog):
+    from sdtm_plugin import state as state_module
+
+    apply_SDTM(tiny_pipe)
+    monkeypatch.setattr(state_module, "device_memory", lambda device: None)
+    with caplog.at_level("WARNING", logger="sdtm_plugin.state"):
+        _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4)
+    assert not caplog.records  # no device memory known (CPU): nothing to compare with
+    monkeypatch.setattr(state_module, "device_memory", lambda device: 1 << 16)  # 64 KiB: the tiny cache is more
+    with caplog.at_level("WARNING", logger="sdtm_plugin.state"):
+        _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4)
+        _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4)
+    warnings = [r for r in caplog.records if "between forwards" in r.getMessage()]
+    assert len(warnings) == 1 and "SDTMConfig keeps" in warnings[0].getMessage()
+    monkeypatch.setattr(state_module, "device_memory", lambda device: 1 << 40)
+    apply_SDTM(tiny_pipe)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdtm_plugin.state"):
+        _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4)
+    assert not caplog.records  # well within a large device
