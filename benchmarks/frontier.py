@@ -44,9 +44,9 @@ PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
     ("sdtm", "SDTM*-a (default)"), (config_spec("sdtm", SDTMConfig.faithful()), "SDTMConfig.faithful()"),
     (config_spec("sdtm", SDTMConfig.fast()), "SDTMConfig.fast()"), ("tome", "ToMe 0.5 (default)"),
     ("tokencache", "TokenCacheConfig() (default)"))}
-# token caching: the share served from the cache (its default 0.8), the dense interval, the selection rules the
+# token caching: the share served from the cache (its default 0.7), the dense interval, the selection rules the
 # issue asks to compare (by change, at random, by similarity) and the extrapolation of cached outputs
-TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.7", "tokencache:ratio=0.9", "tokencache:dense_every=4",
+TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.8", "tokencache:ratio=0.9", "tokencache:dense_every=4",
                "tokencache:selection=random", "tokencache:selection=similarity", "tokencache:extrapolation=0",
                "tokencache:extrapolation=1"]
 # SDTM with whole queries: keys and values merged in the structure phase, at the default and a larger share
