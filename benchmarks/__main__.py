@@ -28,12 +28,12 @@ import torch
 
 from sdtm_plugin import SDTMConfig
 
-from .frontier import best_at_equal_quality, equal_quality_rule
 from .macs import PAPER_TMACS
 from .methods import METHODS, config_spec, parse_method
 from .models import PRESETS
 from .plots import plot_all
 from .runner import Settings, make_jobs, run_jobs
+from .verdicts import best_at_equal_quality, equal_quality_rule
 
 logger = logging.getLogger("benchmarks")
 

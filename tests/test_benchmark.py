@@ -307,7 +307,7 @@ def test_merge_path_traffic_per_merged_block(tmp_path, models_dir):
 
 
 def test_best_setting_per_method_at_equal_quality():
-    from benchmarks.frontier import best_at_equal_quality
+    from benchmarks.verdicts import best_at_equal_quality
 
     rows = [("baseline", "baseline", 1.0, 1.0, True),
             ("fbcache", "fbcache threshold=0.1", 1.5, 1.6, True),
