@@ -41,10 +41,11 @@ PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
     (config_spec("sdtm", SDTMConfig.fast()), "SDTMConfig.fast()"), ("tome", "ToMe 0.5 (default)"),
     ("tokencache", "TokenCacheConfig() (default)"))}
 # token caching: the share served from the cache (its default 0.7), the dense interval, the selection rules the
-# issue asks to compare (by change, at random, by similarity) and the extrapolation of cached outputs
+# issue asks to compare (by change, at random, by similarity) and the extrapolation of cached outputs (1, TaylorSeer's
+# first order, was the only one at equal quality on the tune set of the 86f9818 run; so also at larger shares)
 TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.8", "tokencache:ratio=0.9", "tokencache:dense_every=4",
                "tokencache:selection=random", "tokencache:selection=similarity", "tokencache:extrapolation=0",
-               "tokencache:extrapolation=1"]
+               "tokencache:extrapolation=1", "tokencache:extrapolation=1,ratio=0.8", "tokencache:extrapolation=1,ratio=0.9"]
 # SDTM with whole queries: keys and values merged in the structure phase, at the default and a larger share
 KEYS_ONLY = ["sdtm:merge_queries=false", "sdtm:merge_queries=false,ratio=0.5"]
 # the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores); the default
@@ -62,7 +63,7 @@ CANDIDATES = [
 COMPOSED = [
     *(f"sdtm+{cache}:{merge},cache.threshold={t}" for cache, t in (("fbcache", 0.2), ("magcache", 0.06))
       for merge in ("ratio=0.2", "mcw=1.0,ratio=0.3")),
-    *(f"tokencache+{cache}:{merge}cache.{field}={t}" for merge in ("", "ratio=0.9,")
+    *(f"tokencache+{cache}:{merge}cache.{field}={t}" for merge in ("", "ratio=0.9,", "extrapolation=1,")
       for cache, field, t in (("fbcache", "threshold", 0.1), ("fbcache", "threshold", 0.2),
                               ("dbcache", "residual_diff_threshold", 0.2))),
     "tokencache+magcache:cache.threshold=0.06", "tokencache+taylorseer:cache.cache_interval=2",
