@@ -45,25 +45,6 @@ def test_a_timestep_is_placed_only_on_an_entry_it_equals(tiny_pipe):
     assert hook._start_index(timesteps[4:5].float() + 0.5) == 0
 
 
-def test_two_pipelines_sharing_a_scheduler_count_each_step_once(tiny_pipe):
-    from diffusers import PixArtAlphaPipeline
-
-    other = PixArtAlphaPipeline(**tiny_pipe.components)  # shares the scheduler object, as `from_pipe` does
-    other.set_progress_bar_config(disable=True)
-    apply_SDTM(tiny_pipe)
-    apply_SDTM(other)
-    seen, handles = record_counts(tiny_pipe)
-    generate(tiny_pipe, steps=10)
-    first = per_step(seen)
-    seen.clear()
-    generate(other, steps=6)
-    for h in handles:
-        h.remove()
-    assert first == expected_counts(10) and per_step(seen) == expected_counts(6)
-    remove_SDTM(other)
-    assert "step" not in tiny_pipe.scheduler.__dict__ and "set_timesteps" not in tiny_pipe.scheduler.__dict__
-
-
 def test_a_scheduler_wrapped_again_by_another_patch_passes_through_once_ours_is_removed(tiny_pipe, tiny_pipe_dir):
     """Two patched models on one scheduler (Wan 2.2's two experts): removing the first patch, whose wrapper lies
     under the second's, leaves the first's wrapper calling nothing of its removed state."""

@@ -157,8 +157,12 @@ def _second_pipeline(pipe):
     return other
 
 
-def test_a_shared_model_follows_each_pipeline_it_was_applied_through(tiny_pipe):
-    other = _second_pipeline(tiny_pipe)
+@pytest.mark.parametrize("shared_scheduler", [False, True])  # True: one scheduler object, as `from_pipe` shares it
+def test_a_shared_model_follows_each_pipeline_it_was_applied_through(tiny_pipe, shared_scheduler):
+    from diffusers import PixArtAlphaPipeline
+
+    other = PixArtAlphaPipeline(**tiny_pipe.components) if shared_scheduler else _second_pipeline(tiny_pipe)
+    other.set_progress_bar_config(disable=True)
     apply_SDTM(tiny_pipe)
     apply_SDTM(other)  # the same model: the patch now follows both pipelines' schedulers
     seen, handles = record_counts(tiny_pipe)
@@ -177,6 +181,7 @@ def test_a_shared_model_follows_each_pipeline_it_was_applied_through(tiny_pipe):
     assert get_merge_state(tiny_pipe) is None
     assert "progress_bar" not in tiny_pipe.__dict__ and "progress_bar" not in other.__dict__
     assert "step" not in tiny_pipe.scheduler.__dict__ and "step" not in other.scheduler.__dict__
+    assert "set_timesteps" not in tiny_pipe.scheduler.__dict__
 
 
 def test_a_pipeline_the_patch_does_not_follow_gets_a_clear_error(tiny_pipe):
