@@ -32,9 +32,16 @@ def _check_float(name: str, value, low: float, high: float, high_inclusive: bool
         raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
 
 
-def _check_bool(name: str, value) -> None:
+def _check_offload(value: Any, caches: bool, why_not: str) -> None:
+    if value is not None:
+        _check_bool("cache_offload", value, " or None (decided per call)")
+    if value and not caches:
+        raise ValueError(f"cache_offload=True would have no effect: {why_not}; leave cache_offload at None")
+
+
+def _check_bool(name: str, value, also: str = "") -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise ValueError(f"{name} must be True or False{also}, got {value!r}")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -171,6 +178,10 @@ class SDTMConfig(_WindowedMergeConfig):
         detail_merge_attn: also merge self-attention in the detail phase (the paper merges only the MLP there).
         merge_mlp: merge the input of the MLP in both phases.
         cache_each_step: refresh the cache from every step's unmerged outputs, not only on protected steps.
+        cache_offload: where the merge cache lives between forwards: False on the model's device, True in host
+            memory (pinned; copied out when stored and back when read, on the current stream), None decides per call:
+            host memory when the cache would exceed `sdtm_plugin.state.DEVICE_SHARE` of a GPU's memory (Wan2.1-14B
+            at 720p: 57.7 GiB per call), else the device (`MergeState.cache_estimate`; docs/usage.md#memory).
         plan_blocks: consecutive merged blocks (same token grid) that share one merge plan: the first builds it from
             its own input, the next ``plan_blocks - 1`` reuse its choices (which tokens merge where) with group means
             of their own inputs. 1 (the paper's) plans every block; larger values cut the planning cost by that
@@ -213,6 +224,7 @@ class SDTMConfig(_WindowedMergeConfig):
     protect_last_layers: int = 0
     cache_each_step: bool = True
     merge_queries: bool = True
+    cache_offload: bool | None = None
     plan_blocks: int = 1
     token_budgets: int | None = DEFAULT_TOKEN_BUDGETS
     match_dim: int | None = DEFAULT_MATCH_DIM
@@ -250,6 +262,7 @@ class SDTMConfig(_WindowedMergeConfig):
                 f"mcw={self.mcw} would have no effect: with cache_each_step=False and protect_steps_frequency=-1 the "
                 "cache is never filled; set mcw=1.0, cache_each_step=True or protect_steps_frequency >= 1"
             )
+        _check_offload(self.cache_offload, self.uses_cache, "this setting keeps no merge cache (mcw=1.0 or ratio=0)")
 
     @classmethod
     def fast(cls, **overrides: Any) -> "SDTMConfig":
@@ -333,6 +346,8 @@ class TokenCacheConfig(_PatchConfig):
             per step of that output between its last two computations, times the steps since (1: a first-order
             Taylor step as TaylorSeer takes for whole steps; 0: its last output unchanged). Non-zero doubles the
             memory the cache holds.
+        cache_offload: where the cached outputs live between forwards, as `SDTMConfig.cache_offload` (None: host
+            memory when they would exceed `sdtm_plugin.state.DEVICE_SHARE` of a GPU's memory).
         seed: seed of the random draws of ``selection="random"``, re-seeded at every generation.
 
     Memory: per cached sub-layer and block, one full-length output (two with `extrapolation`) is kept between
@@ -350,6 +365,7 @@ class TokenCacheConfig(_PatchConfig):
     cache_mlp: bool = True
     sketch_dim: int | None = 64
     extrapolation: float = 0.5
+    cache_offload: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -369,3 +385,4 @@ class TokenCacheConfig(_PatchConfig):
         if self.sketch_dim is not None:
             _check_int("sketch_dim", self.sketch_dim, 8, " or None (every channel)")
         _check_float("extrapolation", self.extrapolation, 0.0, 1.0, high_inclusive=True)
+        _check_offload(self.cache_offload, self.ratio > 0, "ratio=0 caches nothing")

@@ -27,6 +27,10 @@ from .selection import RowSelection, change_scores, choose_rows, token_sketch
 NEVER = -1e6  # `StreamBuffers.computed_at` of a token never computed: its output changes at no measurable rate
 
 
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass
 class StreamBuffers:
     """What one transformer call of a step carries to the same call of the next step.
@@ -35,13 +39,20 @@ class StreamBuffers:
     a classifier-free-guidance batch, on some steps): it then reads and updates the trailing rows of the buffers,
     so the conditional images keep one history whatever the step computed.
 
+    With `offload`, the output caches and slopes (the bulk: one (B, N, C) tensor per cached sub-layer) live in host
+    memory (pinned when the model is on a GPU): a store copies the output out, a read copies it back for the
+    sub-layer that needs it, both on the current stream without a host sync; a method that updates what it read in
+    place writes it back (`update_output`, `update_slope`).
+
     Attributes:
         num_layers: blocks of the model.
         batch: images of the call (B).
+        offload: keep the output caches and slopes in host memory.
     """
 
     num_layers: int
     batch: int
+    offload: bool = False
     _cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _slopes: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _staleness: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -93,33 +104,53 @@ class StreamBuffers:
                                                 dtype=dtype)
         return self._references[key][:, self._rows(batch)]
 
-    def cached_output(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
-        """The last full-length output (batch, N, C) of a sub-layer (its trailing rows), if one of that shape."""
-        return self._read(self._cache, layer, name, shape)
+    def cached_output(self, layer: int, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """The last full-length output (batch, N, C) of a sub-layer (its trailing rows) on `device`, if one of that
+        shape."""
+        return self._read(self._cache, layer, name, shape, device)
 
     def store_output(self, layer: int, name: str, output: torch.Tensor) -> None:
-        """Keep a sub-layer's full-length output (a reference: outputs are never mutated); a partial batch replaces
-        the trailing rows only."""
+        """Keep a sub-layer's full-length output (on the device a reference: outputs are never mutated); a partial
+        batch replaces the trailing rows only."""
         self._write(self._cache, layer, name, output)
 
-    def cached_slope(self, layer: int, name: str, shape: torch.Size) -> torch.Tensor | None:
+    def update_output(self, layer: int, name: str, output: torch.Tensor) -> None:
+        """Write back a cached output read with `cached_output` and changed in place (offloaded: a copy was read)."""
+        if self.offload:
+            self._write(self._cache, layer, name, output)
+
+    def cached_slope(self, layer: int, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
         """The change per step (batch, N, C) of a sub-layer's output between each token's last two computations."""
-        return self._read(self._slopes, layer, name, shape)
+        return self._read(self._slopes, layer, name, shape, device)
 
     def store_slope(self, layer: int, name: str, slope: torch.Tensor) -> None:
         self._write(self._slopes, layer, name, slope)
 
-    def _read(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str,
-              shape: torch.Size) -> torch.Tensor | None:
+    def update_slope(self, layer: int, name: str, slope: torch.Tensor) -> None:
+        if self.offload:
+            self._write(self._slopes, layer, name, slope)
+
+    def _read(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str, shape: torch.Size,
+              device: torch.device) -> torch.Tensor | None:
         cache = slots[layer].get(name)
         if cache is None or cache.shape[1:] != shape[1:]:
             return None
-        return cache[self._rows(shape[0])]
+        cache = cache[self._rows(shape[0])]
+        return cache.to(device, non_blocking=True, copy=True) if self.offload else cache
 
     def _write(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str, value: torch.Tensor) -> None:
         value = value.detach()
         cache = slots[layer].get(name)
-        if value.shape[0] < self.batch and cache is not None and cache.shape[1:] == value.shape[1:]:
+        fits = cache is not None and cache.shape[1:] == value.shape[1:] and cache.dtype == value.dtype
+        if self.offload:
+            if not fits:  # allocated once per slot and generation, rewritten at every store
+                host = "meta" if value.device.type == "meta" else "cpu"  # shape-only runs allocate nothing
+                cache = torch.zeros((self.batch, *value.shape[1:]), dtype=value.dtype, device=host,
+                                    pin_memory=value.device.type == "cuda")
+                slots[layer][name] = cache
+            cache[self._rows(value.shape[0])].copy_(value, non_blocking=True)
+            return
+        if value.shape[0] < self.batch and fits:
             value = torch.cat([cache[: self.batch - value.shape[0]], value])
         slots[layer][name] = value
 
@@ -133,11 +164,19 @@ class StreamBuffers:
         return sum(len(layer) for layer in self._cache)
 
     def held_bytes(self) -> int:
-        """Bytes of the tensors these buffers hold (output caches and slopes, counters, reference sketches)."""
-        tensors = [t for slots in (self._cache, self._slopes) for layer in slots for t in layer.values()]
+        """Bytes of the tensors these buffers hold on the model's device (output caches and slopes unless offloaded,
+        counters, reference sketches)."""
+        tensors = [] if self.offload else self._outputs()
         tensors += [*self._staleness.values(), *self._computed_at.values(), *self._references.values()]
         tensors += [self._now] if self._now is not None else []
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return _nbytes(tensors)
+
+    def host_bytes(self) -> int:
+        """Bytes of the offloaded output caches and slopes in host memory (0 without `offload`)."""
+        return _nbytes(self._outputs()) if self.offload else 0
+
+    def _outputs(self) -> list[torch.Tensor]:
+        return [t for slots in (self._cache, self._slopes) for layer in slots for t in layer.values()]
 
     def reset_staleness(self) -> None:
         for counters in self._staleness.values():
@@ -237,6 +276,11 @@ class MergeMethod:
     def cache_roles(self, plan: StepPlan) -> tuple[str, ...]:
         """The sub-layer roles whose full-length outputs the merge cache keeps in this step (merged blocks only)."""
         return ()
+
+    def kept_outputs(self) -> dict[str, int]:
+        """Per sub-layer role, the full-length outputs (B, N, C) a merged block may keep between forwards in some
+        step (a cache, its slope): what sizes the buffers of a call (`MergeState.cache_estimate`)."""
+        return {}
 
     @property
     def plan_blocks(self) -> int:
@@ -390,6 +434,11 @@ class SDTM(MergeMethod):
         # an attention that keeps every query has whole outputs: nothing to blend
         return roles if cfg.merge_queries else tuple(role for role in roles if role != "attn")
 
+    def kept_outputs(self):
+        if not self.config.uses_cache:
+            return {}
+        return {"attn": 1, "mlp": 1} if self.config.merge_queries else {"mlp": 1}
+
     @property
     def plan_blocks(self) -> int:
         return self.config.plan_blocks
@@ -462,7 +511,7 @@ class SDTM(MergeMethod):
         if merge is not None:
             cfg = self.config
             shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
-            cache = buffers.cached_output(layer, name, shape) if cfg.uses_cache else None
+            cache = buffers.cached_output(layer, name, shape, output.device) if cfg.uses_cache else None
             output = merge.unmerge(output, cache, cfg.mcw)
         if store:
             buffers.store_output(layer, name, output)
@@ -518,6 +567,10 @@ class TokenCache(MergeMethod):
         return tuple(role for role, cached in (("attn", cfg.cache_attn), ("cross", cfg.cache_cross),
                                                ("mlp", cfg.cache_mlp)) if cached)
 
+    def kept_outputs(self):
+        per_role = 2 if self.config.extrapolation else 1  # the last output, and its change per step
+        return {role: per_role for role in self.cache_roles(None)}
+
     def _references(self, buffers: StreamBuffers, layer: int, sketch: torch.Tensor) -> torch.Tensor:
         b, n, d = sketch.shape
         return buffers.references(b, n, d, sketch.device, torch.float32)[layer]
@@ -568,27 +621,31 @@ class TokenCache(MergeMethod):
         weight = self.config.extrapolation
         if merge is None:  # dense: every token computed, kept as it is (updated in place at the cached steps)
             if store and weight:
-                last = buffers.cached_output(layer, name, output.shape)
+                last = buffers.cached_output(layer, name, output.shape, output.device)
                 gap = forward.derived[("gap", layer)][-output.shape[0]:].to(output.dtype)
                 buffers.store_slope(layer, name, torch.zeros_like(output) if last is None else (output - last) / gap)
             if store:
                 buffers.store_output(layer, name, output)
             return output
         shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
-        last = buffers.cached_output(layer, name, shape)
+        last = buffers.cached_output(layer, name, shape, output.device)
         if last is None:
             raise RuntimeError(f"block {layer} {name}: no cached output to complete a cached step (the block did not "
                                "run at any dense step of this call)")
         c = last.shape[-1]
         rows, flat = output.reshape(-1, c), merge.flat_rows
+        slope = None
         if weight:  # the computed tokens' change per step since their previous computation
             change = rows - last.reshape(-1, c).index_select(0, flat)
-            buffers.cached_slope(layer, name, shape).view(-1, c).index_copy_(0, flat, change / merge.gap.to(rows.dtype))
+            slope = buffers.cached_slope(layer, name, shape, output.device)
+            slope.view(-1, c).index_copy_(0, flat, change / merge.gap.to(rows.dtype))
+            buffers.update_slope(layer, name, slope)
         last.view(-1, c).index_copy_(0, flat, rows)  # each token's last computed output
+        buffers.update_output(layer, name, last)
         if not weight:
             return last
         # computed tokens have age 0: their exact outputs; the others move along their last change per step
-        return torch.addcmul(last, buffers.cached_slope(layer, name, shape), merge.age.to(rows.dtype), value=weight)
+        return torch.addcmul(last, slope, merge.age.to(rows.dtype), value=weight)
 
 
 def make_method(config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, num_layers: int) -> MergeMethod:

@@ -162,12 +162,16 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                              "queries for fewer rows than keys; call unfuse_qkv_projections() before applying")
         try:
             if isinstance(block, ParallelBlock):
+                # kept at a branch's output (where only it merges) or at proj_out's, by phase
+                state.output_layers[layer, "attn"] = [_output_layer(block.attn), block.proj_out]
+                state.output_layers[layer, "mlp"] = [block.proj_mlp]
                 for module, hook in ParallelBlockMerge(state, layer, block).hooks():
                     register(module, hook, MERGE_HOOK)
                 continue
             for sub in block:
                 if sub.role not in method.roles:
                     continue
+                state.output_layers[layer, sub.role] = [_output_layer(sub.module)]
                 hook = SubLayerMergeHook(state, layer, sub)
                 register(sub.module, hook, MERGE_HOOK)
                 if hook.side is not None or sub.sites:
@@ -176,6 +180,15 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                         register(module, row_hook, MERGE_HOOK)
         except TypeError as err:
             raise TypeError(f"{type(state.config).__name__} does not support {type(model).__name__}: {err}") from None
+
+
+def _output_layer(module: nn.Module) -> nn.Linear:
+    """The linear layer that writes a sub-layer's output (an attention's `to_out[0]`, an MLP's last projection): the
+    last one registered."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"{type(module).__name__} has no linear layer to size its outputs by")
+    return linears[-1]
 
 
 def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache: Any = None, **params: Any) -> T:

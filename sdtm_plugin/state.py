@@ -30,7 +30,9 @@ from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
 
-MEMORY_WARNING_SHARE = 0.2  # of the device's memory, kept by the patch between forwards: beyond it, a warning
+# Of a GPU's memory, what one call's caches may take between forwards: estimated above it, they go to host memory
+# (`cache_offload=None`); held above it (`cache_offload=False`), a warning.
+DEVICE_SHARE = 0.2
 
 
 def device_memory(device: torch.device) -> int | None:
@@ -94,6 +96,8 @@ class MergeState:
         self._last_shape: tuple | None = None
         self.peak_held_bytes = 0  # the most `held_bytes` seen at the start of a forward (telemetry)
         self._memory_warned = False
+        # (layer, role) -> the linear layers whose output widths and dtypes size what that sub-layer may keep
+        self.output_layers: dict[tuple[int, str], list[torch.nn.Linear]] = {}
 
     # -- generations and forwards -----------------------------------------------------------------------------
     @property
@@ -155,8 +159,40 @@ class MergeState:
         return out
 
     def held_bytes(self) -> int:
-        """Bytes of the tensors the merge state holds for the running generation (merge caches, staleness)."""
+        """Bytes of the tensors the merge state holds on the model's device for the running generation (merge caches
+        unless offloaded, staleness, sketches)."""
         return sum(stream.held_bytes() for stream in self._streams.values())
+
+    def host_bytes(self) -> int:
+        """Bytes of the caches offloaded to host memory for the running generation (`cache_offload`)."""
+        return sum(stream.host_bytes() for stream in self._streams.values())
+
+    def cache_estimate(self, grid: tuple[int, ...], batch_size: int) -> int:
+        """Bytes the output caches of one call of `batch_size` images on token grid `grid` hold once filled: per
+        merged block and role, the method's kept outputs (`MergeMethod.kept_outputs`) of (B, N, C) at the widths
+        and dtypes of the sub-layer's output layers. An upper bound where a sub-layer keeps its output at one of
+        several places by phase (FLUX's single-stream blocks) and on U-Nets (every level at the model's grid)."""
+        kept = self.method.kept_outputs()
+        per_token = sum(kept[role] * linear.out_features * linear.weight.element_size()
+                        for (layer, role), linears in self.output_layers.items()
+                        if role in kept and self.method.merges_layer(layer) for linear in linears)
+        return per_token * math.prod(grid) * batch_size
+
+    def _offloads(self, grid: tuple[int, ...], batch_size: int, device: torch.device | str) -> bool:
+        """Whether a new call's caches go to host memory: the config's `cache_offload`, or (None) whether
+        `cache_estimate` exceeds `DEVICE_SHARE` of the GPU's memory."""
+        choice = getattr(self.config, "cache_offload", False)
+        if choice is not None:
+            return choice
+        total = device_memory(torch.device(device))
+        if total is None:
+            return False
+        estimate = self.cache_estimate(grid, batch_size)
+        if estimate <= DEVICE_SHARE * total:
+            return False
+        logger.info("%s: a call's caches take %.2f GiB (over %.0f %% of the device's %.1f GiB): kept in host memory",
+                    type(self.config).__name__, estimate / 2**30, 100 * DEVICE_SHARE, total / 2**30)
+        return True
 
     def end_generation(self) -> None:
         """The generation ended (its last step, an early stop, an exception in the loop): free what it held."""
@@ -196,7 +232,7 @@ class MergeState:
         self._last_shape = (grid, batch_size)
         key = (clock.call, batch_size, grid)
         if key not in self._streams:
-            self._streams[key] = StreamBuffers(self.num_layers, batch_size)
+            self._streams[key] = StreamBuffers(self.num_layers, batch_size, self._offloads(grid, batch_size, device))
         self._buffers = buffers = self._streams[key]
         self.plan = plan = self.method.stream_plan(self.method.plan(clock.step, clock.num_steps), buffers)
         self.grid = grid
@@ -317,16 +353,16 @@ class MergeState:
         return torch.cat([output[:, :text], self.finish(layer, name, role, merge, image)], dim=1)
 
     def _check_memory(self, held: int, device: torch.device | str) -> None:
-        """Warn once per patch when what the calls of a step keep between forwards exceeds `MEMORY_WARNING_SHARE` of
-        the device's memory (the buffers live until the generation ends)."""
+        """Warn once per patch when what the calls of a step keep on the device between forwards exceeds
+        `DEVICE_SHARE` of its memory (the buffers live until the generation ends)."""
         total = device_memory(torch.device(device))
-        if self._memory_warned or total is None or held <= MEMORY_WARNING_SHARE * total:
+        if self._memory_warned or total is None or held <= DEVICE_SHARE * total:
             return
         self._memory_warned = True
         logger.warning(
-            "%s keeps %.2f GiB between forwards (%.0f %% of the device's %.1f GiB) until the generation ends: "
-            "lower the resolution or batch, use fewer guidance calls, or a method that keeps less (docs/usage.md)",
-            type(self.config).__name__, held / 2**30, 100 * held / total, total / 2**30)
+            "%s keeps %.2f GiB on the device between forwards (%.0f %% of its %.1f GiB) until the generation ends: "
+            "leave cache_offload at None (or True) to keep the caches in host memory, or lower the resolution or "
+            "batch (docs/usage.md#memory)", type(self.config).__name__, held / 2**30, 100 * held / total, total / 2**30)
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _stores(self, layer: int, role: str) -> bool:

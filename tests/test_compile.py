@@ -89,7 +89,9 @@ def _signatures(state) -> set:
 APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM(pipe, SDTMConfig.fast()),
          "sketched": lambda pipe: apply_SDTM(pipe, match_dim=8),
          "spatio-temporal": lambda pipe: apply_SDTM(pipe, st=2), "tokencache": apply_token_cache,
-         "keys-only": lambda pipe: apply_SDTM(pipe, merge_queries=False)}
+         "keys-only": lambda pipe: apply_SDTM(pipe, merge_queries=False),
+         "offloaded": lambda pipe: apply_SDTM(pipe, cache_offload=True),
+         "tokencache-offloaded": lambda pipe: apply_token_cache(pipe, cache_offload=True)}
 
 
 @pytest.mark.parametrize("model,method,order", [
@@ -100,6 +102,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny-wan", "spatio-temporal", "compile, apply"), ("tiny-wan", "tome", "apply, compile"),
     ("tiny", "tokencache", "compile, apply"), ("tiny-flux", "tokencache", "apply, compile"),
     ("tiny-wan", "tokencache", "compile, apply"), ("tiny-flux", "keys-only", "compile, apply"),
+    ("tiny", "offloaded", "compile, apply"), ("tiny-flux", "tokencache-offloaded", "apply, compile"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):

@@ -263,17 +263,25 @@ def test_fastercache_sees_the_true_timestep_and_keeps_one_stream(tiny_pipe, monk
     assert max(streams) == 1  # the conditional half uses the trailing rows of the call's buffers
 
 
-def test_a_half_batch_reads_and_updates_the_trailing_rows():
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_half_batch_reads_and_updates_the_trailing_rows(offload):
     from sdtm_plugin.methods import StreamBuffers
 
-    buffers = StreamBuffers(num_layers=1, batch=4)
+    buffers = StreamBuffers(num_layers=1, batch=4, offload=offload)
     full = torch.arange(4 * 3 * 2, dtype=torch.float32).view(4, 3, 2)
     buffers.store_output(0, "mlp", full)
-    assert torch.equal(buffers.cached_output(0, "mlp", torch.Size((2, 3, 2))), full[2:])
+    assert torch.equal(buffers.cached_output(0, "mlp", torch.Size((2, 3, 2)), full.device), full[2:])
     half = -torch.ones(2, 3, 2)
     buffers.store_output(0, "mlp", half)
-    kept = buffers.cached_output(0, "mlp", torch.Size((4, 3, 2)))
+    kept = buffers.cached_output(0, "mlp", torch.Size((4, 3, 2)), full.device)
     assert torch.equal(kept[:2], full[:2]) and torch.equal(kept[2:], half)
+    assert buffers.host_bytes() == (full.numel() * 4 if offload else 0)
+    assert buffers.held_bytes() == (0 if offload else full.numel() * 4)
+    if offload:  # a read is a copy: changing it changes the cache only when written back
+        kept.zero_()
+        assert buffers.cached_output(0, "mlp", full.shape, full.device).abs().sum() > 0
+        buffers.update_output(0, "mlp", kept[2:])
+        assert buffers.cached_output(0, "mlp", full.shape, full.device)[2:].abs().sum() == 0
     buffers.staleness(2, 3, torch.device("cpu")).fill_(5)  # a view: ageing the half ages the call's rows
     assert buffers.staleness(4, 3, torch.device("cpu"))[0, :, 0].tolist() == [0, 0, 5, 5]
     with pytest.raises(ValueError, match="saw 5 images in a forward of 4"):
@@ -363,9 +371,10 @@ def test_step_cache_alone_frees_its_merge_state_too(tiny_pipe):
 
 
 def test_a_patch_that_keeps_much_of_the_device_memory_warns_once(tiny_pipe, monkeypatch, caplog):
+    """With the caches held on the device (`cache_offload=False`), more than `DEVICE_SHARE` of its memory warns."""
     from sdtm_plugin import state as state_module
 
-    apply_SDTM(tiny_pipe)
+    apply_SDTM(tiny_pipe, cache_offload=False)
     monkeypatch.setattr(state_module, "device_memory", lambda device: None)
     with caplog.at_level("WARNING", logger="sdtm_plugin.state"):
         _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4)
@@ -377,8 +386,83 @@ def test_a_patch_that_keeps_much_of_the_device_memory_warns_once(tiny_pipe, monk
     warnings = [r for r in caplog.records if "between forwards" in r.getMessage()]
     assert len(warnings) == 1 and "SDTMConfig keeps" in warnings[0].getMessage()
     monkeypatch.setattr(state_module, "device_memory", lambda device: 1 << 40)
-    apply_SDTM(tiny_pipe)
+    apply_SDTM(tiny_pipe, cache_offload=False)
     caplog.clear()
     with caplog.at_level("WARNING", logger="sdtm_plugin.state"):
         _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4)
     assert not caplog.records  # well within a large device
+
+
+def _offload_census(pipe, name, method, **params):
+    """(final latents, what the state held on the device / in host memory mid-call, its estimate) of an 8-step
+    guided call."""
+    from sdtm_plugin import apply_token_cache
+
+    (apply_token_cache if method == "tokencache" else apply_SDTM)(pipe, **params)
+    state, seen = get_merge_state(pipe), {}
+
+    def look(i):
+        if i == 5:  # past the first full steps: every cache is filled
+            seen.update(device=state.held_bytes(), host=state.host_bytes())
+
+    def on_step_end(pipe, i, t, tensors):
+        look(i)
+        return tensors
+
+    step = {"callback": lambda i, t, latents: look(i)} if name == "tiny" else {"callback_on_step_end": on_step_end}
+    out = _call(pipe, name, guidance_scale=4.5, num_inference_steps=8, **step)
+    grid = state.grid
+    return out, seen, state.cache_estimate(grid, state.batch_size)
+
+
+@pytest.mark.parametrize("name, method, params", [("tiny", "sdtm", {}), ("tiny-flux", "sdtm", {}),
+                                                  ("tiny", "tokencache", {"extrapolation": 1.0}),
+                                                  ("tiny-flux", "tokencache", {})])
+def test_offloaded_caches_give_the_same_image_and_leave_the_device(pipes, name, method, params):
+    """`cache_offload=True` keeps the output caches (and slopes) in host memory: the image is bit-identical to the
+    caches kept on the device, the device keeps only counters and sketches (the host exactly the rest), and
+    `cache_estimate` sizes it (exact on PixArt; FLUX's single-stream blocks keep fewer than the bound)."""
+    pipe = pipes(name)
+    kept, on_device, estimate = _offload_census(pipe, name, method, cache_offload=False, **params)
+    moved, offloaded, _ = _offload_census(pipe, name, method, cache_offload=True, **params)
+    assert torch.equal(kept, moved)
+    assert on_device["host"] == 0 and offloaded["host"] > 0
+    assert offloaded["device"] + offloaded["host"] == on_device["device"]
+    if name == "tiny":
+        assert offloaded["host"] == estimate
+    else:
+        assert offloaded["host"] <= estimate < 3 * offloaded["host"]
+
+
+def test_caches_go_to_host_memory_when_the_device_is_too_small(tiny_pipe, monkeypatch, caplog):
+    """`cache_offload=None` (the default) offloads a call whose estimated caches exceed `DEVICE_SHARE` of the GPU's
+    memory and says so; on a large GPU, and on the CPU, the caches stay where the model is."""
+    from sdtm_plugin import state as state_module
+
+    apply_SDTM(tiny_pipe)
+    state = get_merge_state(tiny_pipe)
+    estimate = state.cache_estimate((8, 8), 2)
+    cfg = tiny_pipe.transformer.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    assert estimate == cfg.num_layers * 2 * 2 * 64 * width * 4  # blocks x (attn, mlp) x 2 images x 64 tokens x C, fp32
+    for memory, offloads in [(None, False), (int(estimate / state_module.DEVICE_SHARE) + 1, False),
+                             (int(estimate / state_module.DEVICE_SHARE) - 1, True)]:
+        monkeypatch.setattr(state_module, "device_memory", lambda device: memory)
+        caplog.clear()
+        host = []
+        with caplog.at_level("INFO", logger="sdtm_plugin.state"):
+            _call(tiny_pipe, "tiny", guidance_scale=4.5, num_inference_steps=4,
+                  callback=lambda i, t, latents: host.append(state.host_bytes()))
+        assert (max(host) == estimate) if offloads else (max(host) == 0)
+        assert any("kept in host memory" in r.getMessage() for r in caplog.records) == offloads
+        assert not any("between forwards" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("sdtm_plugin").SDTMConfig(cache_offload="yes"), "cache_offload must be True or False or None"),
+    (lambda: __import__("sdtm_plugin").SDTMConfig(mcw=1.0, cache_offload=True), "keeps no merge cache"),
+    (lambda: __import__("sdtm_plugin").TokenCacheConfig(ratio=0.0, cache_offload=True), "ratio=0 caches nothing"),
+])
+def test_cache_offload_settings_that_cannot_work_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

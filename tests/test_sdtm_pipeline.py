@@ -372,7 +372,7 @@ def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
 
     def finish(self, layer, name, merge, output, buffers, store, forward):
         shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1])) if merge is not None else None
-        used = buffers.cached_output(layer, name, shape) if merge is not None else None
+        used = buffers.cached_output(layer, name, shape, output.device) if merge is not None else None
         out = original(self, layer, name, merge, output, buffers, store, forward)
         if layer == 1 and name == "mlp":
             plan = state.plan
