@@ -320,12 +320,28 @@ def unit_vectors(x: torch.Tensor) -> torch.Tensor:
     return x / norm.clamp_min_(torch.finfo(x.dtype).tiny)
 
 
+def _mul32(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``x * factor mod 2**32`` for int64 `x` in [0, 2**32), in 16-bit halves of `factor` so no product overflows."""
+    low = x * (factor & 0xFFFF)
+    high = (x * (factor >> 16) & 0xFFFF) << 16
+    return (low + high) & 0xFFFFFFFF
+
+
+def hash32(index: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) -> well-mixed 32-bit hashes (the "lowbias32" integer hash: xor-shifts and odd
+    multipliers, each output bit depending on every input bit), the same on every device and under compile."""
+    x = index & 0xFFFFFFFF
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
 @cached_tables(maxsize=16)
 def _sketch_signs(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(C,) fixed pseudo-random +-1 per channel (a multiplicative hash of its index): no generator, the same on every
-    device and under `torch.compile`; built once per width, device and dtype in eager mode."""
+    """(C,) fixed pseudo-random +-1 per channel, the top bit of a hash of its index (`hash32`): no generator, the same
+    on every device and under `torch.compile`; built once per width, device and dtype in eager mode."""
     index = torch.arange(channels, device=device, dtype=torch.int64)
-    return 1 - 2 * ((index * 2654435761) >> 16 & 1).to(dtype)
+    return 1 - 2 * (hash32(index) >> 31).to(dtype)
 
 
 def channel_sketch(x: torch.Tensor, dim: int) -> torch.Tensor:

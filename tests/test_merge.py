@@ -432,6 +432,21 @@ def test_channel_sketch_keeps_inner_products_and_costs_no_matmul():
         assert counter.get_total_flops() == 0
 
 
+def test_sketch_signs_are_a_hash_not_a_pattern():
+    """The signs come from a mixing hash (`hash32`, reference values of lowbias32): balanced, channels a bucket apart
+    agree half the time and a bucket's sum spreads like a sum of independent signs (the old multiplicative-hash bit
+    gave opposite signs to channels i and i+128 85 % of the time and bucket sums within +-2)."""
+    from sdtm_plugin.merge import _sketch_signs, hash32
+
+    assert hash32(torch.tensor([0, 1, 2, 2**32 - 1])).tolist() == [0, 1753845952, 3507691905, 1734902346]
+    signs = _sketch_signs(3072, torch.device("cpu"), torch.float32)
+    assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(signs.mean()) < 0.06
+    for dim in (64, 128):
+        assert abs((signs[:-dim] == signs[dim:]).float().mean() - 0.5) < 0.04
+        bucket_sums = signs.view(-1, dim).sum(0)  # the signs one sketch channel adds up
+        assert 0.7 < bucket_sums.std() / (3072 / dim) ** 0.5 < 1.3
+
+
 def test_sketched_matching_merges_like_exact_matching_when_it_holds_every_channel():
     grid = WindowGrid.build((12, 10), 2, 2, CPU)
     x = torch.randn(2, grid.num_tokens, 24, generator=torch.Generator().manual_seed(3))
