@@ -479,6 +479,8 @@ class ParallelBlockMerge:
         self.rows = None
         if self._rows_meet() or self._cached_at_output():
             return output
+        if self._attn is None and not self.state.method.reduces_attention_alone:
+            return output  # nothing will read this branch's cache: it is kept at proj_out's output instead
         return self.state.finish_suffix(self.layer, "attn", "attn", None if self.side == "key" else self._attn, output)
 
     def _projected(self, output: torch.Tensor) -> torch.Tensor:

@@ -277,6 +277,12 @@ class MergeMethod:
         """The sub-layer roles whose full-length outputs the merge cache keeps in this step (merged blocks only)."""
         return ()
 
+    @property
+    def reduces_attention_alone(self) -> bool:
+        """Whether some step reduces the self-attention but not the MLP (else a block whose branches sit side by side,
+        FLUX's single-stream block, never reads a cache at the attention branch's output)."""
+        return True
+
     def kept_outputs(self) -> dict[str, int]:
         """Per sub-layer role, the full-length outputs (B, N, C) a merged block may keep between forwards in some
         step (a cache, its slope): what sizes the buffers of a call (`MergeState.cache_estimate`)."""
@@ -434,6 +440,10 @@ class SDTM(MergeMethod):
         # an attention that keeps every query has whole outputs: nothing to blend
         return roles if cfg.merge_queries else tuple(role for role in roles if role != "attn")
 
+    @property
+    def reduces_attention_alone(self) -> bool:
+        return not self.config.merge_mlp
+
     def kept_outputs(self):
         if not self.config.uses_cache:
             return {}
@@ -566,6 +576,10 @@ class TokenCache(MergeMethod):
             return ()
         return tuple(role for role, cached in (("attn", cfg.cache_attn), ("cross", cfg.cache_cross),
                                                ("mlp", cfg.cache_mlp)) if cached)
+
+    @property
+    def reduces_attention_alone(self) -> bool:
+        return not self.config.cache_mlp
 
     def kept_outputs(self):
         per_role = 2 if self.config.extrapolation else 1  # the last output, and its change per step

@@ -162,9 +162,13 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                              "queries for fewer rows than keys; call unfuse_qkv_projections() before applying")
         try:
             if isinstance(block, ParallelBlock):
-                # kept at a branch's output (where only it merges) or at proj_out's, by phase
-                state.output_layers[layer, "attn"] = [_output_layer(block.attn), block.proj_out]
-                state.output_layers[layer, "mlp"] = [block.proj_mlp]
+                # kept at a branch's output (where only it merges) or at proj_out's, by phase; token caching of
+                # both branches keeps them at proj_out's only (`ParallelBlockMerge._cached_at_output`)
+                kept = method.kept_outputs()
+                at_output = method.attention_rows == "query" and "attn" in kept and "mlp" in kept
+                alone = [_output_layer(block.attn)] if method.reduces_attention_alone and not at_output else []
+                state.output_layers[layer, "attn"] = [*alone, block.proj_out]
+                state.output_layers[layer, "mlp"] = [] if at_output else [block.proj_mlp]
                 for module, hook in ParallelBlockMerge(state, layer, block).hooks():
                     register(module, hook, MERGE_HOOK)
                 continue
