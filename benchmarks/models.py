@@ -517,12 +517,12 @@ def _preset_dir(name: str, preset: ModelPreset, seed: int, cache_dir: Path) -> P
 
 
 def load_pipeline(name_or_path: str = "pixart-small", seed: int = 0, cache_dir: str | Path | None = None,
-                  torch_dtype: torch.dtype | None = None):
+                  dtype: torch.dtype | None = None):
     """A preset name (trained: its shipped folder; random: built once, saved, then loaded with `from_pretrained`),
     or any diffusers path / hub name."""
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     if name_or_path in TRAINED_PRESETS and name_or_path not in PRESETS:
         raise FileNotFoundError(
             f"the trained preset {name_or_path!r} is missing from {WEIGHTS / name_or_path}: reinstall the project or "

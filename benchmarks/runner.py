@@ -241,7 +241,7 @@ class ModelSession:
     @functools.cached_property
     def pipe(self):
         s = self.settings
-        pipe = load_pipeline(self.name, seed=0, cache_dir=s.model_cache, torch_dtype=s.torch_dtype).to(self.device)
+        pipe = load_pipeline(self.name, seed=0, cache_dir=s.model_cache, dtype=s.torch_dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if s.compile:
             attr = denoiser_attr(pipe)

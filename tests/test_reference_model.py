@@ -37,7 +37,7 @@ def test_shipped_weights_are_small_safetensors(name):
 def test_preset_loads_through_from_pretrained_with_learned_weights(name):
     preset = PRESETS[name]
     assert preset.trained and preset.num_tokens == 256 and preset.resolution == 64
-    pipe = load_pipeline(name, torch_dtype=torch.float32)
+    pipe = load_pipeline(name, dtype=torch.float32)
     assert type(pipe).__name__ == PIPELINES[preset.family] and pipe.transformer.dtype == torch.float32
     architecture = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     assert architecture == dict(build_denoiser(preset, "meta").config)

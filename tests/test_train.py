@@ -76,7 +76,7 @@ def test_training_text_encoding_equals_the_pipelines(trained):
     from diffusers import DiffusionPipeline
 
     cfg, _, folder = trained
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     caption = "a large blue square in the center on a dotted background"
     embeds, mask = train.encode_captions(pipe.tokenizer, pipe.text_encoder, [caption], cfg.text_tokens)
     ref, ref_mask, _, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, clean_caption=False)

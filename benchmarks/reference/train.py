@@ -633,7 +633,7 @@ def reference_sample(folder: Path, prompts: tuple[str, ...], steps: int = 10) ->
     """Images of `prompts` (seed 0) from the pipeline saved in `folder`, loaded with `from_pretrained`."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     cfg = TrainConfig.from_json(folder / "train_config.json")
     return pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
