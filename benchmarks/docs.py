@@ -2,6 +2,8 @@
 
     python -m benchmarks.docs                                # MAC tables (meta device, a few minutes on CPU)
     python -m benchmarks.docs --frontier outputs/frontier    # + the report-set results and figures of that run
+    python -m benchmarks.docs --frontier outputs/tc --section token-caching   # a partial frontier (--only): its
+                                                             # own blocks (frontier-token-caching, ...) and figures
 
 A generated block sits between a ``<!-- generated: NAME -->`` line and a ``<!-- /generated: NAME -->`` line;
 everything else in the docs is written by hand. `tests/test_docs.py` fails when the MAC table drifts from the code.
@@ -105,16 +107,20 @@ def _shrink(source: Path, target: Path) -> Path:
     return target
 
 
-def figures(run: Path) -> list[Path]:
-    """The speed-quality plane and the sample grid of a frontier run, into docs/img."""
-    return [_shrink(run / "report" / "speedup_vs_quality.png", IMAGES / "speedup_vs_quality.png"),
-            _shrink(run / "report" / "samples_pixart-shapes.png", IMAGES / "samples_pixart-shapes.png")]
+def figures(run: Path, suffix: str = "") -> list[Path]:
+    """The speed-quality plane and the sample grid of a frontier run, into docs/img (names ending in `suffix`)."""
+    return [_shrink(run / "report" / f"{name}.png", IMAGES / f"{name}{suffix}.png")
+            for name in ("speedup_vs_quality", "samples_pixart-shapes")]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.docs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frontier", type=Path, default=None, help="a `python -m benchmarks.frontier` output folder")
+    parser.add_argument("--section", default=None,
+                        help="write a partial frontier's tables into the blocks NAME-SECTION (frontier-SECTION, ...) "
+                             "and its figures as FIGURE-SECTION.png, leaving the full frontier's in place")
     args = parser.parse_args(argv)
+    suffix = f"-{args.section}" if args.section else ""
     results = DOCS / "results.md"
     text = replace_block(results.read_text(), "macs", mac_table())
     merge_path = DOCS / "merge_path.md"
@@ -122,13 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.frontier is not None:
         from .frontier import report_tables, tune_table
 
-        text = replace_block(text, "tune", tune_table(args.frontier))
+        text = replace_block(text, "tune" + suffix, tune_table(args.frontier))
         tables = report_tables(args.frontier)
         readme = ROOT / "README.md"
-        readme.write_text(replace_block(readme.read_text(), "summary", tables.pop("summary")))
+        readme.write_text(replace_block(readme.read_text(), "summary" + suffix, tables.pop("summary")))
         for name, content in tables.items():
-            text = replace_block(text, name, content)
-        for path in figures(args.frontier):
+            text = replace_block(text, name + suffix, content)
+        for path in figures(args.frontier, suffix):
             print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
     results.write_text(text)
     print(f"wrote {results}")

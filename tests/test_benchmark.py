@@ -330,34 +330,41 @@ def test_best_setting_per_method_at_equal_quality():
     assert by_macs.loc["sdtm+fbcache", "label"] == "b" and (by_macs["ranked_by"] == "macs_speedup").all()
 
 
-def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_path):
-    """The README's summary and docs/results.md's tables from a report CSV: presets by the names users type, every
-    quality figure with its interval, the failed criteria named, fastest first, the baseline only in the frontier;
-    without a speed stage the timing column is empty and the MAC ratio orders the rows."""
-    from benchmarks.frontier import REFERENCES, report_tables
-    from benchmarks.methods import config_spec, method_label, parse_method
+def _report_rows(cases, images: int = 288) -> pd.DataFrame:
+    """Report-set rows of (spec, MACs speed-up, verdict, prompts to resolve), every figure -1.5 [-2.5, -0.5]."""
+    from benchmarks.methods import method_label, parse_method
     from benchmarks.reference.quality import ATTRIBUTES
-    from sdtm_plugin import SDTMConfig
 
     quality = ["adherence", "detail", "kid", *(f"adherence_{a}" for a in ATTRIBUTES)]
     rows = []
-    fast = config_spec("sdtm", SDTMConfig.fast())
-    assert fast in REFERENCES
-    cases = (("baseline", 1.0, "equal", None), (fast, 1.35, "inconclusive", 900.0),
-             ("fbcache:threshold=0.1", 1.14, "equal", None), ("tome", 1.22, "worse", None),
-             ("tokencache", 1.5, "inconclusive", float("inf")))
     for spec, macs, verdict, needed in cases:
         equal = verdict == "equal"
-        row = {"method": parse_method(spec)[0], "label": method_label(*parse_method(spec)), "macs_speedup": macs,
-               "quality_images": 288, "equal_quality": equal, "verdict": verdict,
+        row = {"model": "pixart-shapes", "method": parse_method(spec)[0], "label": method_label(*parse_method(spec)),
+               "macs_speedup": macs, "quality_images": images, "equal_quality": equal, "verdict": verdict,
                "quality_failures": "" if equal else "kid detail", "quality_worse": "kid" if verdict == "worse" else "",
                "prompts_to_resolve": needed, "psnr_db": 20.0}
         for name in quality:
             row |= {name: 80.0, f"{name}_low": 78.0, f"{name}_high": 82.0,
                     f"{name}_diff": -1.5, f"{name}_diff_low": -2.5, f"{name}_diff_high": -0.5}
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_path):
+    """The README's summary and docs/results.md's tables from a report CSV: presets by the names users type, every
+    quality figure with its interval, the failed criteria named, fastest first, the baseline only in the frontier;
+    without a speed stage the timing column is empty and the MAC ratio orders the rows."""
+    from benchmarks.frontier import REFERENCES, report_tables
+    from benchmarks.methods import config_spec
+    from sdtm_plugin import SDTMConfig
+
+    fast = config_spec("sdtm", SDTMConfig.fast())
+    assert fast in REFERENCES
+    cases = (("baseline", 1.0, "equal", None), (fast, 1.35, "inconclusive", 900.0),
+             ("fbcache:threshold=0.1", 1.14, "equal", None), ("tome", 1.22, "worse", None),
+             ("tokencache", 1.5, "inconclusive", float("inf")))
     (tmp_path / "report").mkdir()
-    pd.DataFrame(rows).to_csv(tmp_path / "report" / "results.csv", index=False)
+    _report_rows(cases).to_csv(tmp_path / "report" / "results.csv", index=False)
     tables = report_tables(tmp_path)
     summary = tables["summary"].splitlines()[2:]
     assert [line.split(" | ")[0] for line in summary] == ["| TokenCacheConfig() (default)", "| SDTMConfig.fast()",
@@ -368,6 +375,45 @@ def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_pat
     assert summary[2].endswith("| worse (kid) |") and summary[3].endswith("| **equal** |")
     assert "| baseline | 1.00× |" in tables["frontier"] and "288 report prompts" in tables["frontier"]
     assert tables["attributes"].count("SDTMConfig.fast()") == 1 and "baseline (absolute, %)" in tables["attributes"]
+
+
+def test_a_partial_frontier_writes_its_own_blocks_and_figures(tmp_path, monkeypatch):
+    """`python -m benchmarks.docs --frontier RUN --section NAME` fills the blocks NAME-suffixed (tune, frontier,
+    attributes, the README's summary) and figures, and leaves the full frontier's blocks as they were."""
+    from PIL import Image
+
+    from benchmarks import docs
+
+    run, root = tmp_path / "run", tmp_path / "repo"
+    cases = (("baseline", 1.0, "equal", None), ("tokencache:extrapolation=1", 1.4, "equal", None))
+    for stage, images in (("report", 288), ("tune", 144)):
+        (run / stage).mkdir(parents=True)
+        _report_rows(cases, images).to_csv(run / stage / "results.csv", index=False)
+    for name in ("speedup_vs_quality", "samples_pixart-shapes"):
+        Image.new("RGB", (8, 8)).save(run / "report" / f"{name}.png")
+    (root / "docs" / "img").mkdir(parents=True)
+
+    def blocks(*names):
+        return "".join(f"<!-- generated: {n} -->\nold {n}\n<!-- /generated: {n} -->\n" for n in names)
+
+    names = ("tune", "frontier", "attributes")
+    (root / "docs" / "results.md").write_text(blocks("macs", *names, *(f"{n}-tc" for n in names)))
+    (root / "docs" / "merge_path.md").write_text(blocks("merge-share"))
+    (root / "README.md").write_text(blocks("summary", "summary-tc"))
+    monkeypatch.setattr(docs, "ROOT", root)
+    monkeypatch.setattr(docs, "DOCS", root / "docs")
+    monkeypatch.setattr(docs, "IMAGES", root / "docs" / "img")
+    monkeypatch.setattr(docs, "mac_table", lambda: "macs\n")
+    monkeypatch.setattr(docs, "merge_share_table", lambda: "share\n")
+    docs.main(["--frontier", str(run), "--section", "tc"])
+    results, readme = (root / "docs" / "results.md").read_text(), (root / "README.md").read_text()
+    for name in names:
+        assert f"old {name}\n" in results and f"old {name}-tc" not in results
+    assert "tokencache extrapolation=1" in docs.read_block(results, "frontier-tc")
+    assert "Chosen for the report set: `tokencache:extrapolation=1`" in docs.read_block(results, "tune-tc")
+    assert "old summary\n" in readme and "tokencache extrapolation=1" in docs.read_block(readme, "summary-tc")
+    assert sorted(p.name for p in (root / "docs" / "img").iterdir()) == ["samples_pixart-shapes-tc.png",
+                                                                         "speedup_vs_quality-tc.png"]
 
 
 def test_compositions_are_tuned_only_where_their_merge_setting_is_not_worse_alone():
