@@ -51,15 +51,16 @@ MACS_COLUMNS = [
 # the embedded defaults of `./run_benchmark.sh` with no arguments
 FAST = config_spec("sdtm", SDTMConfig.fast())
 # the settings `python -m benchmarks.frontier` chose on the tune set (fastest per method at equal quality; every
-# merge setting and every other step cache tried there failed the rule): their report-set figures are in
-# docs/results.md, this default re-measures them on the first 64 report prompts
-TUNED = ["fbcache:threshold=0.1", "dbcache:residual_diff_threshold=0.2"]
+# merge setting and every other step cache tried there failed the rule; token caching from its partial frontier):
+# their report-set figures are in docs/results.md, this default re-measures them on the first 64 report prompts
+TUNED = ["fbcache:threshold=0.1", "dbcache:residual_diff_threshold=0.2", "tokencache:extrapolation=1"]
 # one generation of the trained model takes ~1.2 s on 2 cores, whose speed drifts by up to 30 % between minutes:
 # identical runs timed 3 times each differed by 10 %, so the CPU default times 12 calls per job
 CPU_DEFAULT = dict(model=["pixart-shapes"], repeats=12, quality_prompts=64,
                    method=["baseline", "tome", "sdtm", FAST, *TUNED])
 GPU_DEFAULT = dict(model=["pixart-xl-2-512", "pixart-xl-2-1024", "pixart-shapes"],
-                   method=["baseline", "tome", "sdtm", FAST], ratios=[0.2, 0.3, 0.4, 0.5], dtype="float16")
+                   method=["baseline", "tome", "sdtm", FAST, "tokencache:ratio=0.7"], ratios=[0.2, 0.3, 0.4, 0.5],
+                   dtype="float16")
 
 
 def default_run(gpu: bool) -> dict[str, Any]:
