@@ -31,6 +31,7 @@ from .state import MergeState
 STEP_HOOK = "sdtm_step"
 GRID_HOOK = "sdtm_grid"
 MERGE_HOOK = "sdtm_merge"
+DENOISERS = ("transformer", "transformer_2", "unet")  # a pipeline's denoisers (Wan 2.2 A14B: two experts)
 
 
 class StepHook(ModelHook):
@@ -41,13 +42,17 @@ class StepHook(ModelHook):
         state: the shared `MergeState`.
         adapter: the model's `Adapter` (its token grid, latent input and the other inputs the grid needs).
         parameters: the names of the model forward's parameters, in order (to find arguments passed positionally).
+        others: ``() -> [MergeState]``, the states of the other denoisers patched on the same pipelines (Wan 2.2's
+            other expert): their caches are freed when this model takes over, as no later step of theirs reads them.
     """
 
     _is_stateful = True
 
-    def __init__(self, state: MergeState, adapter: Adapter, parameters: list[str]) -> None:
+    def __init__(self, state: MergeState, adapter: Adapter, parameters: list[str],
+                 others: Callable[[], list[MergeState]] = list) -> None:
         super().__init__()
         self.state = state
+        self.others = others
         self.adapter = adapter
         self._positions = {name: i for i, name in enumerate(parameters)}
         self.watch = PipelineWatch(state.clock.claim, self._begin, self._stepped, state.end_generation)
@@ -110,8 +115,7 @@ class StepHook(ModelHook):
     def _begin(self, scheduler: Any) -> None:
         """A watched scheduler set its timesteps: a generation begins."""
         self.ensure_wired()
-        self.install_compiled_prelude(*(getattr(p, attr, None) for p in self.watch.pipelines
-                                        for attr in ("transformer", "unet")))
+        self.install_compiled_prelude(*(getattr(p, attr, None) for p in self.watch.pipelines for attr in DENOISERS))
         self._scheduler = scheduler
         self.state.begin_generation(len(scheduler.timesteps), scheduler.timesteps)
 
@@ -120,10 +124,11 @@ class StepHook(ModelHook):
             self.state.end_generation()
 
     def _start_index(self, timestep: Any) -> int:
-        """The schedule position of a generation's first forward: the scheduler's `begin_index` (img2img sets it),
-        else the entry of `scheduler.timesteps` that the forward's timestep equals (up to its dtype's rounding; one
-        host sync per generation), else 0: pipelines that pass other units (FLUX Control: t / 1000) or per-token
-        timesteps (Wan 2.2 TI2V) start at the first step, never at the nearest value."""
+        """The schedule position where the generation began, asked at this model's first forward in it: the
+        scheduler's `begin_index` (img2img sets it), else the entry of `scheduler.timesteps` that the forward's
+        timestep equals (up to its dtype's rounding; one host sync per generation) less the steps already taken
+        (Wan 2.2's low-noise expert first runs part-way), else 0: pipelines that pass other units (FLUX Control:
+        t / 1000) or per-token timesteps (Wan 2.2 TI2V) start at the first step, never at the nearest value."""
         scheduler = self._scheduler
         begin = getattr(scheduler, "begin_index", None)
         if isinstance(begin, int):
@@ -137,7 +142,9 @@ class StepHook(ModelHook):
         rounding = torch.finfo(timestep.dtype).eps if timestep.is_floating_point() else 0.0
         distance = (timesteps.detach().cpu().double() - t).abs()
         nearest = int(distance.argmin())
-        return nearest if float(distance[nearest]) <= rounding * max(float(t.abs()), 1.0) else 0
+        if float(distance[nearest]) > rounding * max(float(t.abs()), 1.0):
+            return 0
+        return max(nearest - self.state.clock.completed, 0)
 
     def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
         """The forward's argument `name`, passed by keyword or position; None if not passed."""
@@ -168,6 +175,8 @@ class StepHook(ModelHook):
             self._begin(begun)
         clock = self.state.clock
         clock.claim()
+        for other in self.others():
+            other.release()
         pipelines = self.watch.pipelines
         if pipelines and not clock.active:
             names = ", ".join(type(p).__name__ for p in pipelines)

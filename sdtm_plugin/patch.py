@@ -20,8 +20,8 @@ from torch import nn
 from .adapters import ParallelBlock, find_adapter, supported_models
 from .caching import attach_step_cache
 from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
-from .hooks import (GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, ParallelBlockMerge, StepHook, SubLayerMergeHook,
-                    row_hooks)
+from .hooks import (DENOISERS, GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, ParallelBlockMerge, StepHook,
+                    SubLayerMergeHook, row_hooks)
 from .state import MergeState
 
 logger = logging.getLogger(__name__)
@@ -63,44 +63,58 @@ def _drop_empty_registry(module: nn.Module) -> None:
         del module.forward
 
 
-def _compiled_wrapper(pipe_or_model: Any) -> Any:
-    """The `torch.compile` wrapper the caller holds (the pipeline's denoiser or the model passed), if any."""
-    if isinstance(pipe_or_model, nn.Module):
-        return pipe_or_model
-    denoiser = getattr(pipe_or_model, "transformer", None)
-    return denoiser if denoiser is not None else getattr(pipe_or_model, "unet", None)
-
-
-def _split(pipe_or_model: Any) -> tuple[nn.Module, Any]:
-    """-> (denoiser, pipeline or None); the denoiser is the pipeline's `transformer` or `unet`.
+def _denoisers(pipe_or_model: Any, denoiser: str | None = None) -> list[tuple[nn.Module, Any, Any]]:
+    """-> [(denoiser, pipeline or None, what the caller holds)]: a pipeline's denoisers (`transformer`, Wan 2.2's
+    second expert `transformer_2`, or `unet`; one of them by attribute name with `denoiser`) or the model passed.
 
     A `torch.compile`d model (`OptimizedModule`) is unwrapped: the hooks go on the original module, which the
-    compiled wrapper calls.
+    compiled wrapper (kept third, to run the step's Python work in front of its compiled region) calls.
     """
-    if not isinstance(pipe_or_model, nn.Module):
-        for attr in ("transformer", "unet"):
-            denoiser = getattr(pipe_or_model, attr, None)
-            if isinstance(denoiser, nn.Module):
-                return unwrap_module(denoiser), pipe_or_model
     if isinstance(pipe_or_model, nn.Module):
-        return unwrap_module(pipe_or_model), None
-    raise TypeError(
-        f"expected a diffusers pipeline with a `transformer` / `unet` or such a model, got {type(pipe_or_model).__name__};"
-        f" supported models: {supported_models()}"
-    )
+        if denoiser is not None:
+            raise ValueError(f"denoiser={denoiser!r} picks a denoiser of a pipeline; a model was passed")
+        return [(unwrap_module(pipe_or_model), None, pipe_or_model)]
+    found: dict[str, tuple[nn.Module, Any, Any]] = {}
+    for attr in DENOISERS:
+        held = getattr(pipe_or_model, attr, None)
+        if isinstance(held, nn.Module) and all(unwrap_module(held) is not m for m, _, _ in found.values()):
+            found[attr] = (unwrap_module(held), pipe_or_model, held)
+    if denoiser is not None:
+        if denoiser not in found:
+            raise ValueError(f"denoiser must be one of {sorted(found)} (the denoisers of "
+                             f"{type(pipe_or_model).__name__}) or None for all, got {denoiser!r}")
+        return [found[denoiser]]
+    if not found:
+        raise TypeError(
+            f"expected a diffusers pipeline with a `transformer` / `unet` or such a model, got "
+            f"{type(pipe_or_model).__name__}; supported models: {supported_models()}"
+        )
+    return list(found.values())
 
 
 def _forward_parameters(model: nn.Module) -> list[str]:
     return [n for n in inspect.signature(type(model).forward).parameters if n != "self"]
 
 
-def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, step_cache: Any = None) -> T:
-    if getattr(pipe_or_model, "transformer_2", None) is not None:
-        raise ValueError(
-            f"{type(pipe_or_model).__name__} runs two denoisers (transformer for high noise, transformer_2 for low "
-            "noise, as Wan 2.2 A14B does); a patch follows one denoiser per pipeline: not supported yet"
-        )
-    model, pipeline = _split(pipe_or_model)
+def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig | None, step_cache: Any = None,
+           denoiser: str | None = None) -> T:
+    """Patch every denoiser of a pipeline (both experts of Wan 2.2 A14B: each its own merge state and caches, both
+    following the pipeline's scheduler), or the one named by `denoiser`, or the model passed."""
+    targets = _denoisers(pipe_or_model, denoiser)
+    done: list[nn.Module] = []
+    try:
+        for model, pipeline, held in targets:
+            _apply_to(model, pipeline, held, config, step_cache)
+            done.append(model)
+    except BaseException:
+        for model in done:  # all or nothing
+            remove_SDTM(model)
+        raise
+    return pipe_or_model
+
+
+def _apply_to(model: nn.Module, pipeline: Any, held: Any, config: SDTMConfig | ToMeConfig | TokenCacheConfig | None,
+              step_cache: Any) -> None:
     adapter = find_adapter(model)
     if config is not None and config.st > 1 and not adapter.video:
         raise ValueError(f"st={config.st} makes windows span frames, but {type(model).__name__} generates images; st "
@@ -120,7 +134,7 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig 
     pipelines = previous.step_hook.watch.pipelines if previous is not None else []
     remove_SDTM(model)  # re-applying replaces, never stacks
 
-    step_hook = StepHook(state, adapter, _forward_parameters(model))
+    step_hook = StepHook(state, adapter, _forward_parameters(model), lambda: _other_experts(model, step_hook))
     for follow in [*pipelines, *([pipeline] if pipeline is not None else [])]:
         step_hook.watch.add(follow)
     hooked: list[tuple[nn.Module, str, Any]] = []
@@ -143,10 +157,22 @@ def _apply(pipe_or_model: T, config: SDTMConfig | ToMeConfig | TokenCacheConfig 
         remove_SDTM(model)
         raise
     step_hook.installed_forward = model.__dict__["forward"]
-    step_hook.install_compiled_prelude(_compiled_wrapper(pipe_or_model))
+    step_hook.install_compiled_prelude(held)
     logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
                 len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
-    return pipe_or_model
+
+
+def _other_experts(model: nn.Module, step_hook: StepHook) -> list[MergeState]:
+    """The merge states of the other patched denoisers of the pipelines `model`'s patch follows (Wan 2.2's other
+    expert): once this model runs, theirs hold caches no later step reads."""
+    states = []
+    for pipeline in step_hook.watch.pipelines:
+        for attr in DENOISERS:
+            other = getattr(pipeline, attr, None)
+            patch = unwrap_module(other).__dict__.get(_PATCH_ATTR) if isinstance(other, nn.Module) else None
+            if patch is not None and unwrap_module(other) is not model and patch.state not in states:
+                states.append(patch.state)
+    return states
 
 
 def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register) -> None:
@@ -195,7 +221,8 @@ def _output_layer(module: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache: Any = None, **params: Any) -> T:
+def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache: Any = None,
+               denoiser: str | None = None, **params: Any) -> T:
     """Patch a pipeline (or its bare transformer) with Structure-then-Detail Token Merging, in place.
 
     Pass an `SDTMConfig`, or its fields as keywords (``ratio=0.3, deviation=0.2, switch_step=20, use_rand=True,
@@ -204,6 +231,10 @@ def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache
     a diffusers step cache (e.g. ``FirstBlockCacheConfig(threshold=0.1)``, see `apply_step_cache`) with the
     merging. Applying again replaces the earlier patch (SDTM, ToMe, step cache). Returns its argument.
 
+    A pipeline with two denoisers (Wan 2.2 A14B: `transformer` for the high-noise steps, `transformer_2` for the
+    low-noise ones) has both patched, each with its own merge state and caches; `denoiser="transformer_2"` (or
+    "transformer") patches one only, so that each expert can get its own settings by applying twice.
+
     Raises:
         TypeError: for a model no adapter supports (the message lists the supported ones), or an unknown
             step-cache config.
@@ -211,40 +242,42 @@ def apply_SDTM(pipe_or_model: T, config: SDTMConfig | None = None, *, step_cache
     """
     if config is not None and params:
         raise TypeError("pass either an SDTMConfig or keyword parameters, not both")
-    return _apply(pipe_or_model, config if config is not None else SDTMConfig(**params), step_cache)
+    return _apply(pipe_or_model, config if config is not None else SDTMConfig(**params), step_cache, denoiser)
 
 
-def apply_ToMe(pipe_or_model: T, config: ToMeConfig | None = None, *, step_cache: Any = None, **params: Any) -> T:
+def apply_ToMe(pipe_or_model: T, config: ToMeConfig | None = None, *, step_cache: Any = None,
+               denoiser: str | None = None, **params: Any) -> T:
     """Patch with the ToMe baseline (tomesd semantics, `ToMeConfig`) on the same blocks and hooks as SDTM;
-    `step_cache` as in `apply_SDTM`."""
+    `step_cache` and `denoiser` as in `apply_SDTM`."""
     if config is not None and params:
         raise TypeError("pass either a ToMeConfig or keyword parameters, not both")
-    return _apply(pipe_or_model, config if config is not None else ToMeConfig(**params), step_cache)
+    return _apply(pipe_or_model, config if config is not None else ToMeConfig(**params), step_cache, denoiser)
 
 
 def apply_token_cache(pipe_or_model: T, config: TokenCacheConfig | None = None, *, step_cache: Any = None,
-                      **params: Any) -> T:
+                      denoiser: str | None = None, **params: Any) -> T:
     """Patch with token caching (`TokenCacheConfig`): on cached steps each block recomputes a share of the image
     tokens, chosen by how much their input changed, attending to every token; the others keep their own cached
-    outputs. `step_cache` composes a diffusers step cache as in `apply_SDTM`. Removed by `remove_SDTM` (alias
-    `remove_token_cache`).
+    outputs. `step_cache` composes a diffusers step cache and `denoiser` picks an expert as in `apply_SDTM`. Removed
+    by `remove_SDTM` (alias `remove_token_cache`).
 
     Supported: PixArt, DiT, FLUX.1, Wan 2.1 and SD U-Nets; SD3's joint attention splits its output by the query count
     and raises a `TypeError`.
     """
     if config is not None and params:
         raise TypeError("pass either a TokenCacheConfig or keyword parameters, not both")
-    return _apply(pipe_or_model, config if config is not None else TokenCacheConfig(**params), step_cache)
+    return _apply(pipe_or_model, config if config is not None else TokenCacheConfig(**params), step_cache, denoiser)
 
 
-def apply_step_cache(pipe_or_model: T, config: Any) -> T:
+def apply_step_cache(pipe_or_model: T, config: Any, *, denoiser: str | None = None) -> T:
     """Patch with one of diffusers' step caches alone, wired for any supported denoiser (PixArt included).
 
     `config` is a diffusers config: `FirstBlockCacheConfig`, `TaylorSeerCacheConfig`,
     `PyramidAttentionBroadcastConfig`, `FasterCacheConfig` or `MagCacheConfig`; the timestep callbacks PAB and
-    FasterCache need and TaylorSeer's module patterns are filled in where left unset. Removed by `remove_SDTM`.
+    FasterCache need and TaylorSeer's module patterns are filled in where left unset. Each expert of a two-expert
+    pipeline gets its own cache (`denoiser` picks one, as in `apply_SDTM`). Removed by `remove_SDTM`.
     """
-    return _apply(pipe_or_model, None, config)
+    return _apply(pipe_or_model, None, config, denoiser)
 
 
 def calibrate_mag_cache(pipe: Any, num_inference_steps: int, **call_kwargs: Any) -> list[float]:
@@ -255,7 +288,11 @@ def calibrate_mag_cache(pipe: Any, num_inference_steps: int, **call_kwargs: Any)
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    model, _ = _split(pipe)
+    targets = _denoisers(pipe)
+    if len(targets) > 1:
+        raise ValueError(f"{type(pipe).__name__} runs {len(targets)} denoisers, each for part of the steps; MagCache "
+                         "ratios are calibrated on one denoiser's full schedule: not supported here")
+    model = targets[0][0]
     if _PATCH_ATTR in model.__dict__:
         raise ValueError("calibrate_mag_cache needs an unpatched pipeline: call remove_SDTM(pipe) first")
     messages: list[str] = []
@@ -283,22 +320,24 @@ def calibrate_mag_cache(pipe: Any, num_inference_steps: int, **call_kwargs: Any)
     return [float(v) for v in ast.literal_eval(found[-1].split(":", 1)[1].strip())]
 
 
-def remove_SDTM(pipe_or_model: T) -> T:
+def remove_SDTM(pipe_or_model: T, *, denoiser: str | None = None) -> T:
     """Undo `apply_SDTM` / `apply_ToMe` / `apply_step_cache`: every hook goes (step caches too), outputs are
-    bit-identical to the unpatched model. A model that was never patched is returned unchanged.
+    bit-identical to the unpatched model. Every denoiser of a pipeline is unpatched, or the one `denoiser` names.
+    A model that was never patched is returned unchanged.
     """
-    model, _ = _split(pipe_or_model)
-    patch = model.__dict__.pop(_PATCH_ATTR, None)
-    if patch is not None:
-        patch.remove()
+    for model, _, _ in _denoisers(pipe_or_model, denoiser):
+        patch = model.__dict__.pop(_PATCH_ATTR, None)
+        if patch is not None:
+            patch.remove()
     return pipe_or_model
 
 
 remove_ToMe = remove_step_cache = remove_token_cache = remove_SDTM
 
 
-def get_merge_state(pipe_or_model: Any) -> MergeState | None:
-    """The live `MergeState` of a patched pipeline or transformer (step, plan, per-step token counts), else None."""
-    model, _ = _split(pipe_or_model)
+def get_merge_state(pipe_or_model: Any, denoiser: str | None = None) -> MergeState | None:
+    """The live `MergeState` of a patched pipeline or transformer (step, plan, per-step token counts), else None;
+    of a pipeline's first denoiser, or the one `denoiser` names (Wan 2.2: "transformer_2", the low-noise expert)."""
+    model = _denoisers(pipe_or_model, denoiser)[0][0]
     patch = model.__dict__.get(_PATCH_ATTR)
     return patch.state if patch is not None else None

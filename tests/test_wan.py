@@ -2,6 +2,8 @@
 video stacked into one token grid, plans per image (a video never depends on its batch mates), and merged rows
 rotated by the 3-D positions of their tokens."""
 
+import copy
+
 import pytest
 import torch
 from conftest import quiet_pipeline
@@ -80,12 +82,86 @@ def test_composes_with_a_step_cache_in_one_call_and_is_removed_exactly(wan_pipe)
     assert torch.equal(generate(wan_pipe), base)
 
 
-def test_two_expert_pipelines_are_refused(wan_pipe):
-    """Wan 2.2 A14B runs a second transformer for the low-noise steps: a patch of one would silently leave the other
-    unmerged, so applying refuses."""
-    wan_pipe.register_modules(transformer_2=wan_pipe.transformer)
-    with pytest.raises(ValueError, match="transformer_2"):
-        apply_SDTM(wan_pipe)
+@pytest.fixture()
+def wan22_pipe(wan_pipe):
+    """Wan 2.2 A14B's layout on the tiny preset: a second expert (other weights) for the steps below the boundary."""
+    expert = copy.deepcopy(wan_pipe.transformer)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    wan_pipe.register_modules(transformer_2=expert)
+    wan_pipe.register_to_config(boundary_ratio=0.9)
+    return wan_pipe
+
+
+def expert_steps(pipe, steps=6):
+    """Which schedule positions Wan 2.2's pipeline gives the high-noise expert (timestep >= boundary)."""
+    pipe.scheduler.set_timesteps(steps)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    return [i for i, t in enumerate(pipe.scheduler.timesteps) if t >= boundary]
+
+
+def test_both_experts_of_wan22_are_merged_on_one_clock_and_removed_exactly(wan22_pipe):
+    """Each expert gets its own merge state, both read the step off the pipeline's one scheduler: the low-noise
+    expert's first forward is the step after the high-noise expert's last (two guidance calls per step, each expert
+    its own guidance scale). Ratio 0 is bit-identical, removal exact on both."""
+    high = expert_steps(wan22_pipe)
+    assert 0 < len(high) < 6
+    base = generate(wan22_pipe, guidance_scale=5.0, guidance_scale_2=3.0)
+    apply_SDTM(wan22_pipe, ratio=0.0)
+    assert torch.equal(generate(wan22_pipe, guidance_scale=5.0, guidance_scale_2=3.0), base)
+    apply_ToMe(wan22_pipe, ratio=0.5, merge_mlp=True)
+    out = generate(wan22_pipe, guidance_scale=5.0, guidance_scale_2=3.0)
+    assert not torch.equal(out, base)
+    first, second = get_merge_state(wan22_pipe), get_merge_state(wan22_pipe, denoiser="transformer_2")
+    assert first is not second
+    assert [(r.step, r.call) for r in first.records] == [(s, c) for s in high for c in (0, 1)]
+    assert [(r.step, r.call) for r in second.records] == [(s, c) for s in range(len(high), 6) for c in (0, 1)]
+    assert all(r.tokens["attn"] == [TOKENS // 2] * 2 for r in [*first.records, *second.records])
+    remove_SDTM(wan22_pipe)
+    assert torch.equal(generate(wan22_pipe, guidance_scale=5.0, guidance_scale_2=3.0), base)
+    for expert in (wan22_pipe.transformer, wan22_pipe.transformer_2):
+        assert all("forward" not in m.__dict__ for m in expert.modules())
+
+
+def test_each_expert_takes_its_own_settings_and_frees_its_caches_when_the_other_takes_over(wan22_pipe):
+    """`denoiser=` patches one expert: token caching on the high-noise expert, SDTM on the low-noise one. Once the
+    low-noise expert runs, the high-noise expert's caches (read by no later step) are freed."""
+    from sdtm_plugin import apply_token_cache
+
+    apply_token_cache(wan22_pipe, denoiser="transformer", warmup_steps=1, dense_every=-1)
+    apply_SDTM(wan22_pipe, denoiser="transformer_2", protect_steps_frequency=-1)
+    held = {"transformer": [], "transformer_2": []}  # the high-noise expert's bytes after each forward of either
+    for name in held:
+        getattr(wan22_pipe, name).register_forward_hook(
+            lambda *_, name=name: held[name].append(get_merge_state(wan22_pipe).held_bytes()))
+    generate(wan22_pipe)
+    first, second = get_merge_state(wan22_pipe), get_merge_state(wan22_pipe, denoiser="transformer_2")
+    assert type(first.config).__name__ == "TokenCacheConfig" and type(second.config).__name__ == "SDTMConfig"
+    assert any(r.phase == "cached" for r in first.records)
+    assert any(r.tokens["attn"][0] < TOKENS for r in second.records)
+    assert min(held["transformer"]) > 0
+    assert held["transformer_2"] == [0] * (2 * (6 - len(expert_steps(wan22_pipe))))
+    remove_SDTM(wan22_pipe, denoiser="transformer")
+    assert get_merge_state(wan22_pipe) is None and get_merge_state(wan22_pipe, denoiser="transformer_2") is second
+
+
+def test_step_caches_compose_per_expert(wan22_pipe):
+    base = generate(wan22_pipe)
+    apply_SDTM(wan22_pipe, step_cache=FirstBlockCacheConfig(threshold=0.2))
+    out = generate(wan22_pipe)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    for denoiser in ("transformer", "transformer_2"):
+        assert get_merge_state(wan22_pipe, denoiser=denoiser).records
+    remove_SDTM(wan22_pipe)
+    assert torch.equal(generate(wan22_pipe), base)
+
+
+def test_bad_denoiser_names_are_refused(wan22_pipe):
+    with pytest.raises(ValueError, match=r"denoiser must be one of \['transformer', 'transformer_2'\]"):
+        apply_SDTM(wan22_pipe, denoiser="unet")
+    with pytest.raises(ValueError, match="picks a denoiser of a pipeline"):
+        apply_SDTM(wan22_pipe.transformer, denoiser="transformer", num_inference_steps=4)
 
 
 @pytest.mark.parametrize("st", [1, 2])
