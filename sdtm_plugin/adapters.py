@@ -1,10 +1,10 @@
 """Per-architecture adapters: which sub-layers are merged and what token grid each block works on.
 
 An adapter lists, for one model family, every block's merged sub-layers (self-attention and feed-forward modules
-whose first input is the (B, N, C) image-token sequence, or a `ParallelBlock`) and where the (h, w) token grid comes
-from. The merge, schedule, cache and state code is shared by all families. Rotary models (FLUX, Wan) name where their
-queries and keys are made (`RotarySite`), so that rows merged or selected per image are rotated per row
-(`rotary.RowRotary`).
+whose first input is the (B, N, C) image-token sequence or a joint [text; image] one, or a `ParallelBlock`) and where the
+(h, w) token grid comes from. The merge, schedule, cache and state code is shared by all families. Rotary models (FLUX.1,
+FLUX.2, Qwen-Image, Wan) name where their queries and keys are made (`RotarySite`), so that rows merged or selected per
+image are rotated per row (`rotary.RowRotary`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .rotary import RotaryArg
+from .rotary import RotaryArg, complex_pairs
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class SubLayer:
             rows, the keys and values being projected from the whole input; None: not supported there.
         keys: its key and value projections: where a method that keeps every query merges the rows.
         sites: where its queries and keys are rotated (rotary models).
+        joint: its input is the joint [text; image] sequence, text first (FLUX.2's single-stream block, whose one
+            attention module also runs the MLP branch): only the image suffix is merged, the text rows pass through.
     """
 
     name: str
@@ -60,6 +62,7 @@ class SubLayer:
     query: nn.Module | None = None
     keys: tuple[nn.Module, ...] = ()
     sites: tuple[RotarySite, ...] = ()
+    joint: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,39 +236,55 @@ _FLUX_ROTARY = RotaryArg("image_rotary_emb", None, seq_dim=0)  # (T + N, head_di
 
 
 def _flux_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
-    """The (h, w) grid of FLUX's packed tokens (B, N, C), read off `img_ids` (N, 3) = [0, row, col] in row-major
-    order (FluxPipeline's); one host sync per ids tensor (the pipeline passes the same one at every step: the grid
-    is kept on the tensor, with the version it was read at, and goes with it).
+    """The (h, w) grid of FLUX.1's packed tokens (B, N, C), read off `img_ids` (N, 3) = [0, row, col] in row-major
+    order (FluxPipeline's). Raises for ids that are no such grid (FLUX Kontext and FLUX Fill append reference-image
+    tokens: not supported)."""
+    return _ids_grid(hidden_states, inputs.get("img_ids"), "FLUX", (1, 2), 3,
+                     "reference-image tokens, as in FLUX Kontext, are not supported")
 
-    Raises for ids that are no such grid (FLUX Kontext and FLUX Fill append reference-image tokens: not supported).
-    """
-    ids = inputs.get("img_ids")
+
+def _flux2_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
+    """The (h, w) grid of FLUX.2's packed tokens, read off `img_ids` (N, 4) = [0, row, col, 0] (Flux2Pipeline's
+    [time, row, column, layer]). Reference images (their tokens appended with other time ids) and the reference-image
+    KV cache (`kv_cache_mode`, FLUX.2 Klein) are refused."""
+    if inputs.get("kv_cache_mode") is not None:
+        raise ValueError(
+            f"token merging does not support FLUX.2's reference-image KV cache (kv_cache_mode="
+            f"{inputs['kv_cache_mode']!r}): its cached reference keys sit between the text and the image rows; "
+            "generate without reference images")
+    return _ids_grid(hidden_states, inputs.get("img_ids"), "FLUX.2", (1, 2), 4,
+                     "reference-image tokens (image editing) are not supported")
+
+
+def _ids_grid(hidden_states: torch.Tensor, ids: torch.Tensor | None, family: str, axes: tuple[int, int],
+              width: int, refused: str) -> tuple[int, int]:
+    """(h, w) of packed tokens (B, N, C) whose position ids (N, `width`) hold [row, col] at columns `axes` and 0
+    elsewhere, in row-major order; one host sync per ids tensor (the pipeline passes the same one at every step: the
+    grid is kept on the tensor, with the version it was read at, and goes with it)."""
     if hidden_states.dim() != 3:
         raise ValueError(f"expected packed latents (B, N, C), got shape {tuple(hidden_states.shape)}")
     if ids is None:
-        raise ValueError("FLUX token merging needs the forward's img_ids to know the token grid")
-    if ids.dim() == 3:  # the deprecated batched form: one grid for the batch
+        raise ValueError(f"{family} token merging needs the forward's img_ids to know the token grid")
+    if ids.dim() == 3:  # the batched form: one grid for the batch
         ids = ids[0]
     n = hidden_states.shape[1]
     if ids.is_meta:  # shape-only runs (MAC counting) have no ids to read: a square grid
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"on the meta device the FLUX token grid must be square, got {n} tokens")
+            raise ValueError(f"on the meta device the {family} token grid must be square, got {n} tokens")
         return side, side
     known = getattr(ids, "_sdtm_grid", None)
     if known is not None and known[0] == ids._version:
         return known[1]
-    if ids.shape != (n, 3):
-        raise ValueError(f"img_ids must be ({n}, 3) for {n} image tokens, got {tuple(ids.shape)}")
-    h, w = (int(v) + 1 for v in ids[:, 1:].amax(0).tolist())
-    rows = torch.arange(h, device=ids.device).repeat_interleave(w)
-    cols = torch.arange(w, device=ids.device).repeat(h)
-    expected = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(ids.dtype)
+    if ids.shape != (n, width):
+        raise ValueError(f"img_ids must be ({n}, {width}) for {n} image tokens, got {tuple(ids.shape)}")
+    h, w = (int(v) + 1 for v in ids[:, list(axes)].amax(0).tolist())
+    expected = torch.zeros(h * w, width, dtype=ids.dtype, device=ids.device)
+    expected[:, axes[0]] = torch.arange(h, device=ids.device).repeat_interleave(w)
+    expected[:, axes[1]] = torch.arange(w, device=ids.device).repeat(h)
     if h * w != n or not torch.equal(ids, expected):
-        raise ValueError(
-            "token merging supports FLUX image tokens on one row-major grid (img_ids = [0, row, col]); these img_ids "
-            "are not one (reference-image tokens, as in FLUX Kontext, are not supported)"
-        )
+        raise ValueError(f"token merging supports {family} image tokens on one row-major grid; these img_ids are not "
+                         f"one ({refused})")
     ids._sdtm_grid = (ids._version, (h, w))
     return h, w
 
@@ -321,6 +340,73 @@ def _wan_layout(model: nn.Module) -> PatchLayout:
                         for b in model.blocks])
 
 
+def _is_flux2(model: nn.Module) -> bool:
+    from diffusers import Flux2Transformer2DModel
+
+    return isinstance(model, Flux2Transformer2DModel)
+
+
+def _flux2_layout(model: nn.Module) -> PatchLayout:
+    """Double-stream blocks as FLUX.1's; single-stream blocks: the attention module, which runs the MLP branch too
+    (one fused input projection, one fused output projection), merged on the image suffix of its joint input
+    (`SubLayer.joint`, role "attn": both branches see the merged rows)."""
+    blocks: list[list[SubLayer] | ParallelBlock] = [
+        [SubLayer("attn", "attn", b.attn, _FLUX_ROTARY, b.attn.to_q, (b.attn.to_k, b.attn.to_v),
+                  _flux_sites(b.attn, "image")), SubLayer("mlp", "mlp", b.ff)]
+        for b in model.transformer_blocks
+    ]
+    blocks += [[SubLayer("attn", "attn", b.attn, _FLUX_ROTARY,
+                         sites=(RotarySite(b.attn.norm_q, "query", "joint"), RotarySite(b.attn.norm_k, "key", "joint")),
+                         joint=True)]
+               for b in model.single_transformer_blocks]
+    return PatchLayout(blocks)
+
+
+def _is_qwen_image(model: nn.Module) -> bool:
+    from diffusers import QwenImageTransformer2DModel
+
+    return isinstance(model, QwenImageTransformer2DModel)
+
+
+# (image (N, D/2), text (T, D/2)) complex rotations, passed by keyword
+_QWEN_ROTARY = RotaryArg("image_rotary_emb", None, seq_dim=0, pairs=complex_pairs)
+
+
+def _qwen_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int]:
+    """Qwen-Image's (h, w) token grid from the forward's `img_shapes`, per image a list of (frames, h, w) shapes
+    (QwenImagePipeline's ``[[(1, h, w)]] * batch``). One image per sample: several shapes (Qwen-Image-Edit's
+    reference images, appended to the tokens) are refused."""
+    if hidden_states.dim() != 3:
+        raise ValueError(f"expected packed latents (B, N, C), got shape {tuple(hidden_states.shape)}")
+    shapes = inputs.get("img_shapes")
+    if not shapes:
+        raise ValueError("Qwen-Image token merging needs the forward's img_shapes to know the token grid")
+    first = [tuple(int(v) for v in shape) for shape in shapes[0]]
+    if len(first) != 1 or first[0][0] != 1 or any([tuple(int(v) for v in s) for s in sample] != first
+                                                   for sample in shapes):
+        raise ValueError(f"token merging supports one image of one frame per sample (img_shapes [[(1, h, w)]] per "
+                         f"image), got {shapes[0]!r}; reference images (Qwen-Image-Edit) are not supported")
+    _, h, w = first[0]
+    if h * w != hidden_states.shape[1]:
+        raise ValueError(f"img_shapes give {h} x {w} tokens, the latents hold {hidden_states.shape[1]}")
+    return h, w
+
+
+def _qwen_layout(model: nn.Module) -> PatchLayout:
+    """The image stream of every dual-stream block: the joint attention's image input (its complex 3-axis rotary
+    table, text positions after the image's) and the image MLP. Text tokens are never merged."""
+    norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+    if any(getattr(b.attn, n, None) is None for b in model.transformer_blocks for n in norms):
+        raise TypeError("Qwen-Image blocks without query/key norms (qk_norm=None) have no place to rotate merged rows")
+    return PatchLayout([
+        [SubLayer("attn", "attn", b.attn, _QWEN_ROTARY, b.attn.to_q, (b.attn.to_k, b.attn.to_v),
+                  (RotarySite(b.attn.norm_q, "query", "image"), RotarySite(b.attn.norm_k, "key", "image"),
+                   RotarySite(b.attn.norm_added_q, "query", "text"), RotarySite(b.attn.norm_added_k, "key", "text"))),
+         SubLayer("mlp", "mlp", b.img_mlp)]
+        for b in model.transformer_blocks
+    ])
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel, BasicTransformerBlock with ada_norm_single)",
@@ -334,6 +420,15 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "FLUX.1 (FluxTransformer2DModel: double-stream image stream and single-stream image suffix, rotary positions)",
         _is_flux, _flux_layout, _flux_grid, grid_inputs=("img_ids",),
+    ),
+    Adapter(
+        "FLUX.2 (Flux2Transformer2DModel: double-stream image stream and single-stream image suffix, 4-axis rotary "
+        "positions)",
+        _is_flux2, _flux2_layout, _flux2_grid, grid_inputs=("img_ids", "kv_cache_mode"),
+    ),
+    Adapter(
+        "Qwen-Image (QwenImageTransformer2DModel: dual-stream image stream, 3-axis rotary positions)",
+        _is_qwen_image, _qwen_layout, _qwen_grid, grid_inputs=("img_shapes",),
     ),
     Adapter(
         "Wan 2.1 / 2.2 video (WanTransformer3DModel: self-attention with 3-D rotary positions, feed-forward)",

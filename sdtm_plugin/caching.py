@@ -67,6 +67,22 @@ def _prepared(config: Any, state: MergeState) -> Any:
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def _mixed_block_outputs(model: nn.Module) -> bool:
+    """Whether the model's first dual-stream block returns (text, image) apart while its last single-stream block
+    returns one joint tensor (FLUX.2): diffusers' first-block and mag caches take residuals of the last block's output
+    against the first's."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    heads, tails = getattr(model, "transformer_blocks", None), getattr(model, "single_transformer_blocks", None)
+    if not heads or not tails:
+        return False
+    try:
+        head, tail = (TransformerBlockRegistry.get(type(b)) for b in (heads[0], tails[-1]))
+    except ValueError:  # unregistered blocks: diffusers' own error says so
+        return False
+    return (head.return_encoder_hidden_states_index is None) != (tail.return_encoder_hidden_states_index is None)
+
+
 def _hook_names(model: nn.Module) -> set[tuple[int, str]]:
     return {(id(m), name) for m in model.modules() for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})}
 
@@ -113,6 +129,12 @@ def attach_step_cache(model: nn.Module, config: Any, state: MergeState) -> list[
         raise ValueError(
             f"FirstBlockCacheConfig does not work on {type(model).__name__}: its last block returns no text states "
             "(context_pre_only), which diffusers' first-block cache subtracts; use another step cache"
+        )
+    if isinstance(config, (FirstBlockCacheConfig, MagCacheConfig)) and _mixed_block_outputs(model):
+        raise ValueError(
+            f"{type(config).__name__} does not work on {type(model).__name__}: its first block returns the image and "
+            "text streams apart and its last one the joint sequence, and diffusers' head/tail residual cannot subtract "
+            "the two; use TaylorSeerCacheConfig (or another step cache) here"
         )
     before = _hook_names(model)
     STEP_CACHES[type(config)](model, prepared)

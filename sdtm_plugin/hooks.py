@@ -15,6 +15,7 @@ per token budget and phase. U-Nets keep an eager grid hook (their levels' grids 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Any, Callable
 
@@ -241,6 +242,7 @@ class SubLayerMergeHook(ModelHook):
         self.state, self.layer = state, layer
         self.name, self.role = sublayer.name, sublayer.role
         self.rotary = sublayer.rotary
+        self.joint = sublayer.joint
         self.side = state.method.attention_rows if sublayer.role == "attn" else None
         self._merge: TokenMerge | None = None
         self.rows: RowCall | None = None  # the running call's reduced side, when `side` is set
@@ -248,7 +250,8 @@ class SubLayerMergeHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = len(args) == 0
         x = kwargs["hidden_states"] if from_kwargs else args[0]
-        merge = self.state.block_merge(self.layer, self.role, x)
+        text = x.shape[1] - math.prod(self.state.layer_grids[self.layer]) if self.joint else 0
+        merge = self.state.block_merge(self.layer, self.role, x[:, text:] if text else x)
         self._merge = merge
         if merge is None:
             return args, kwargs
@@ -260,7 +263,7 @@ class SubLayerMergeHook(ModelHook):
         if self.side is not None:
             self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs)
             return args, kwargs
-        merged = merge.merge(x)
+        merged = torch.cat([x[:, :text], merge.merge(x[:, text:])], dim=1) if text else merge.merge(x)
         if from_kwargs:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
@@ -276,6 +279,8 @@ class SubLayerMergeHook(ModelHook):
         if isinstance(output, tuple):
             extra = tuple(self._unmerge_extra(merge, y) for y in output[2:])
             return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), output[1], *extra)
+        if self.joint:
+            return self.state.finish_suffix(self.layer, self.name, self.role, merge, output)
         return self.state.finish(self.layer, self.name, self.role, merge, output)
 
     def _unmerge_extra(self, merge: Any, y: Any) -> Any:

@@ -20,6 +20,7 @@ never merged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -34,24 +35,37 @@ class RotaryArg:
         name: the keyword of the (cos, sin) pair in the sub-layer's forward.
         position: its positional index, when passed positionally (Wan's blocks call ``attn1(x, None, None, rotary)``).
         seq_dim: the sequence axis of cos and sin (FLUX: (S, D), axis 0; Wan: (1, S, 1, D), axis 1).
+        pairs: ``table -> (cos, sin)`` for models whose table is another form (Qwen-Image: complex image and text
+            tables, `complex_pairs`); None: the argument is the (cos, sin) pair.
     """
 
     name: str
     position: int | None
     seq_dim: int
+    pairs: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def find(self, args: tuple, kwargs: dict):
         """The (cos, sin) pair of a call, or None."""
         if self.name in kwargs:
-            return kwargs[self.name]
-        if self.position is not None and self.position < len(args):
-            return args[self.position]
-        return None
+            table = kwargs[self.name]
+        elif self.position is not None and self.position < len(args):
+            table = args[self.position]
+        else:
+            return None
+        return self.pairs(table) if self.pairs is not None and table is not None else table
 
     def replace(self, args: tuple, kwargs: dict, table) -> tuple[tuple, dict]:
         if self.name in kwargs:
             return args, {**kwargs, self.name: table}
         return (*args[: self.position], table, *args[self.position + 1:]), kwargs
+
+
+def complex_pairs(table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image's table, complex (image (N, D/2), text (T, D/2)) rotations of consecutive channel pairs, as
+    (cos, sin) (T + N, D) over [text; image] in the interleaved convention of `rotate`."""
+    image, text = table
+    freqs = torch.cat([text, image], dim=0)
+    return freqs.real.repeat_interleave(2, -1), freqs.imag.repeat_interleave(2, -1)
 
 
 def _unit_pairs(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

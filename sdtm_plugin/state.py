@@ -344,8 +344,7 @@ class MergeState:
         pass through, the image rows are finished."""
         if merge is None and not self._stores(layer, role):
             return output  # nothing to unmerge or keep
-        h, w = self.layer_grids[layer]
-        text = output.shape[1] - (merge.num_rows if merge is not None else h * w)
+        text = output.shape[1] - (merge.num_rows if merge is not None else math.prod(self.layer_grids[layer]))
         image = output[:, text:]
         if merge is None:  # kept in the cache: laid out as an unmerged output is (one graph for both under compile;
             # `contiguous` would keep a batch of one's leading stride, which dynamo's guards compare too)

@@ -1,0 +1,173 @@
+"""The models users run next (issue 43): Qwen-Image and FLUX.2 on tiny configs, through the bare transformer in a
+denoising loop of the user's own (the path every pipeline of theirs ends in). Ratio 0 is bit-identical, removal is
+exact, only image rows are reduced (text rows never), an image never depends on its batch mates, a step cache composes
+in one call, and what cannot be merged is refused by name."""
+
+import pytest
+import torch
+from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+from sdtm_plugin import apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
+
+GRID = (8, 8)
+TOKENS = GRID[0] * GRID[1]
+TEXT = 6
+STEPS = 4
+
+
+def qwen_image():
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                        axes_dims_rope=(4, 6, 6)).eval()
+
+    def inputs(x, t, text):
+        return dict(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]),
+                    img_shapes=[[(1, *GRID)]] * x.shape[0],
+                    encoder_hidden_states_mask=torch.ones(x.shape[0], TEXT, dtype=torch.bool))
+
+    return model, inputs, 16, 24
+
+
+def flux2():
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                    timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)).eval()
+    rows, cols = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
+    img_ids = torch.stack([torch.zeros(TOKENS, dtype=torch.long), rows.flatten(), cols.flatten(),
+                           torch.zeros(TOKENS, dtype=torch.long)], dim=1)
+    txt_ids = torch.zeros(TEXT, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(TEXT)
+
+    def inputs(x, t, text):
+        return dict(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]),
+                    img_ids=img_ids[None].expand(x.shape[0], -1, -1), txt_ids=txt_ids[None].expand(x.shape[0], -1, -1),
+                    guidance=torch.full((x.shape[0],), 3.5))
+
+    return model, inputs, 16, 24
+
+
+MODELS = {"qwen-image": qwen_image, "flux2": flux2}
+
+
+@pytest.fixture(params=list(MODELS))
+def tiny(request):
+    return MODELS[request.param]()
+
+
+def denoise(tiny, prompts=(0,), steps=STEPS):
+    """A flow-matching Euler loop over `steps` timesteps; prompt i is a fixed random text embedding."""
+    model, inputs, channels, text_dim = tiny
+    x = torch.randn(1, TOKENS, channels, generator=torch.Generator().manual_seed(1)).expand(len(prompts), -1, -1)
+    text = torch.stack([torch.randn(TEXT, text_dim, generator=torch.Generator().manual_seed(10 + p)) for p in prompts])
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            v = model(**inputs(x, sigmas[i:i + 1], text), return_dict=False)[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def test_ratio_zero_is_bit_identical_and_removal_is_exact(tiny):
+    model = tiny[0]
+    base = denoise(tiny)
+    apply_SDTM(model, ratio=0.0, num_inference_steps=STEPS)
+    assert torch.equal(denoise(tiny), base)
+    apply_SDTM(model, num_inference_steps=STEPS, protect_steps_frequency=-1)
+    assert not torch.equal(denoise(tiny), base)
+    remove_SDTM(model)
+    assert torch.equal(denoise(tiny), base)
+    assert all("forward" not in m.__dict__ and not hasattr(m, "_diffusers_hook") for m in model.modules())
+
+
+def _row_probes(model):
+    """Modules whose input rows are counted: image-stream query projections and MLPs, text-stream query
+    projections, and FLUX.2's fused single-stream input projection (text + image rows)."""
+    if isinstance(model, QwenImageTransformer2DModel):
+        blocks = model.transformer_blocks
+        return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
+                "image mlp": [b.img_mlp.net[0].proj for b in blocks], "text mlp": [b.txt_mlp.net[0].proj for b in blocks]}
+    blocks = model.transformer_blocks
+    return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
+            "image mlp": [b.ff.linear_in for b in blocks],
+            "joint": [b.attn.to_qkv_mlp_proj for b in model.single_transformer_blocks]}
+
+
+def test_only_image_rows_are_reduced(tiny):
+    """ToMe at ratio 0.5 on attention and MLP: every image-stream projection sees half the image tokens, every text
+    projection all the text tokens, and FLUX.2's single-stream blocks the text rows plus half the image rows."""
+    model = tiny[0]
+    seen: dict[str, list[int]] = {}
+    for name, modules in _row_probes(model).items():
+        for module in modules:
+            module.register_forward_pre_hook(lambda _, args, name=name: seen.setdefault(name, []).append(args[0].shape[1]))
+    apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=STEPS)
+    denoise(tiny, prompts=(0, 1))
+    half = TOKENS // 2
+    assert set(seen["image q"]) == {half} and set(seen["image mlp"]) == {half}
+    assert set(seen["text q"]) == {TEXT}
+    if "text mlp" in seen:
+        assert set(seen["text mlp"]) == {TEXT}
+    if "joint" in seen:
+        assert set(seen["joint"]) == {TEXT + half}
+    counts = get_merge_state(model).token_counts
+    assert len(counts) == STEPS and all(n == half for step in counts for n in step["attn"])
+
+
+@pytest.mark.parametrize("method", ["sdtm", "token-cache"])
+def test_an_image_never_depends_on_its_batch_mates(tiny, method):
+    """Classifier-free guidance batches [conditional; unconditional]: each image's merges are its own."""
+    model = tiny[0]
+    if method == "sdtm":
+        apply_SDTM(model, num_inference_steps=STEPS, protect_steps_frequency=-1)
+    elif isinstance(model, Flux2Transformer2DModel):
+        with pytest.raises(TypeError, match="TokenCacheConfig does not support Flux2Transformer2DModel.*query"):
+            apply_token_cache(model, num_inference_steps=STEPS)
+        return
+    else:
+        apply_token_cache(model, num_inference_steps=STEPS, warmup_steps=1, dense_every=-1)
+    one, other = denoise(tiny, prompts=(0, 1)), denoise(tiny, prompts=(0, 2))
+    torch.testing.assert_close(one[0], other[0], rtol=0, atol=1e-5)
+    assert not torch.equal(one[1], other[1])
+    remove_SDTM(model)
+    alone = denoise(tiny, prompts=(0,))
+    assert not torch.equal(alone[0], one[0])  # the method did change the image
+
+
+def test_composes_with_a_step_cache_in_one_call_and_is_removed_exactly(tiny):
+    """FirstBlockCache on Qwen-Image; on FLUX.2 diffusers' first-block cache cannot take the residual of its joint last
+    block against its dual-stream first one: refused by name, TaylorSeer composes instead."""
+    model = tiny[0]
+    base = denoise(tiny)
+    cache = FirstBlockCacheConfig(threshold=0.5)
+    if isinstance(model, Flux2Transformer2DModel):
+        with pytest.raises(ValueError, match="FirstBlockCacheConfig does not work on Flux2Transformer2DModel"):
+            apply_SDTM(model, num_inference_steps=STEPS, step_cache=cache)
+        assert torch.equal(denoise(tiny), base)  # nothing left behind
+        cache = TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1)
+    apply_SDTM(model, num_inference_steps=STEPS, step_cache=cache)
+    out = denoise(tiny)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    remove_SDTM(model)
+    assert torch.equal(denoise(tiny), base)
+
+
+def test_reference_images_are_refused_by_name():
+    model, inputs, channels, text_dim = qwen_image()
+    apply_SDTM(model, num_inference_steps=STEPS)
+    x, text = torch.randn(1, 2 * TOKENS, channels), torch.randn(1, TEXT, text_dim)
+    kwargs = {**inputs(x, torch.tensor([1.0]), text), "img_shapes": [[(1, *GRID), (1, *GRID)]]}
+    with pytest.raises(ValueError, match=r"one image of one frame per sample.*Qwen-Image-Edit"):
+        model(**kwargs)
+    model, inputs, channels, text_dim = flux2()
+    apply_SDTM(model, num_inference_steps=STEPS)
+    x, text = torch.randn(1, TOKENS, channels), torch.randn(1, TEXT, text_dim)
+    with pytest.raises(ValueError, match=r"kv_cache_mode='cached'"):
+        model(**inputs(x, torch.tensor([1.0]), text), kv_cache_mode="cached")
+    shifted = inputs(x, torch.tensor([1.0]), text)
+    shifted["img_ids"] = shifted["img_ids"].clone()
+    shifted["img_ids"][..., 0] = 10  # a reference image's time id
+    with pytest.raises(ValueError, match="FLUX.2 image tokens on one row-major grid"):
+        model(**shifted)
