@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
 from .reference import WEIGHTS
-FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan")
+FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2", "qwen-image")  # the last two: MACs only
+
+PACKED = ("flux", "flux2", "qwen-image")  # families whose pipelines pack 2 x 2 latent pixels per token
 
 _WORDS = (
     "a an the of and with in on at to from by for under over near far big small red green blue yellow black white "
@@ -45,7 +47,8 @@ class ModelPreset:
     """One pipeline of the zoo.
 
     Attributes:
-        family: "pixart", "sd3", "dit", "sd-unet", "flux" or "wan": which pipeline and denoiser class.
+        family: "pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2" or "qwen-image": which pipeline and denoiser
+            class (FLUX.2 and Qwen-Image presets count MACs only: their text encoders are not built here).
         denoiser: the denoiser's config (constructor keywords), the published one for full-size presets.
         text_dim: width of the small random text encoder(s) (T5 d_model; CLIP hidden sizes for SD3 / SD U-Nets).
         text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0,
@@ -84,7 +87,7 @@ class ModelPreset:
     @property
     def token_patch(self) -> int:
         """Latent pixels per token side: the denoiser's patch size; FLUX packs 2 x 2 latent pixels per token."""
-        return 2 if self.family == "flux" else self.denoiser.get("patch_size", 1)
+        return 2 if self.family in PACKED else self.denoiser.get("patch_size", 1)
 
     @property
     def num_tokens(self) -> int:
@@ -99,7 +102,7 @@ class ModelPreset:
 
     @property
     def latent_channels(self) -> int:
-        if self.family == "flux":  # packed: 2 x 2 latent pixels of 16 channels per token
+        if self.family in PACKED:  # packed: 2 x 2 latent pixels per token
             return self.denoiser["in_channels"] // 4
         if self.family == "wan":
             return self.denoiser["in_channels"]
@@ -171,9 +174,10 @@ def _flux(num_layers, num_single_layers, heads, head_dim, joint_dim, pooled_dim,
     )
 
 
-def _wan(num_layers, heads, head_dim, ffn_dim, text_dim, freq_dim) -> dict:
+def _wan(num_layers, heads, head_dim, ffn_dim, text_dim, freq_dim, channels=16) -> dict:
     return dict(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16, out_channels=16,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        out_channels=channels,
         text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6,
     )
@@ -271,6 +275,31 @@ PRESETS.update({
         "wan", _wan(40, 40, 128, 13824, 4096, 256), 4096, 512, _SD_VAE, full_size=True, extra={"latent": (21, 90, 160)},
         description="Wan2.1-T2V-14B 720x1280, 81 frames, 75,600 tokens (Wan-AI/Wan2.1-T2V-14B-Diffusers; MACs only)",
     ),
+    # Wan 2.2 A14B: two experts of Wan2.1-14B's architecture (high noise, then low noise), one per forward
+    "wan2.2-a14b-720p": ModelPreset(
+        "wan", _wan(40, 40, 128, 13824, 4096, 256), 4096, 512, _SD_VAE, full_size=True, extra={"latent": (21, 90, 160)},
+        description="Wan2.2-T2V-A14B 720x1280, 81 frames, 75,600 tokens, each forward one expert "
+                    "(Wan-AI/Wan2.2-T2V-A14B-Diffusers; MACs only)",
+    ),
+    # Wan 2.2 TI2V-5B: 48-channel latents of a 16x spatial, 4x temporal VAE; 704 x 1280 x 121 frames -> (31, 44, 80)
+    "wan2.2-ti2v-5b-720p": ModelPreset(
+        "wan", _wan(30, 24, 128, 14336, 4096, 256, channels=48), 4096, 512, _SD_VAE, full_size=True,
+        extra={"latent": (31, 44, 80)},
+        description="Wan2.2-TI2V-5B 704x1280, 121 frames, 27,280 tokens (Wan-AI/Wan2.2-TI2V-5B-Diffusers; MACs only)",
+    ),
+    "flux2-dev": ModelPreset(
+        "flux2", dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                      num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
+                      mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), guidance_embeds=True),
+        15360, 512, _SD_VAE, full_size=True, extra={"sample_size": 128},
+        description="FLUX.2-dev 1024x1024, 4096 tokens + 512 text (black-forest-labs/FLUX.2-dev; MACs only)",
+    ),
+    "qwen-image": ModelPreset(
+        "qwen-image", dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        3584, 256, _SD_VAE, full_size=True, extra={"sample_size": 128},
+        description="Qwen-Image 1024x1024, 4096 tokens + 256 text (Qwen/Qwen-Image; MACs only)",
+    ),
     "sd-1.5": ModelPreset(
         "sd-unet", _unet((320, 640, 1280, 1280), 768, 8, 64), 768, 77, _SD_VAE, full_size=True,
         description="Stable Diffusion 1.5 512x512 U-Net",
@@ -336,7 +365,8 @@ def pipeline_class(preset: ModelPreset) -> type:
 
     return getattr(diffusers, {
         "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
-        "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline", "wan": "WanPipeline",
+        "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline", "wan": "WanPipeline", "flux2": "Flux2Pipeline",
+        "qwen-image": "QwenImagePipeline",
     }[preset.family])
 
 
@@ -349,12 +379,14 @@ def call_default(pipeline_cls: type, name: str) -> Any:
 
 def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> nn.Module:
     """The preset's transformer / U-Net with random weights, built directly on `device` (``"meta"``: shapes only)."""
-    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel, WanTransformer3DModel)
+    from diffusers import (DiTTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
+                           QwenImageTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel,
+                           WanTransformer3DModel)
 
     cls = {
         "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "dit": DiTTransformer2DModel,
         "sd-unet": UNet2DConditionModel, "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel,
+        "flux2": Flux2Transformer2DModel, "qwen-image": QwenImageTransformer2DModel,
     }[preset.family]
     with torch.device(device):
         return cls(**preset.denoiser).eval()
@@ -389,6 +421,8 @@ def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torc
         return dict(hidden_states=latents, timestep=timestep, class_labels=torch.arange(b, device=device) % 1000)
     if preset.family == "flux":
         return flux_inputs(preset, b, device, dtype)
+    if preset.family in ("flux2", "qwen-image"):
+        return _packed_inputs(preset, b, device, dtype)
     if preset.family == "wan":  # one call per guidance branch: the pipeline does not batch them
         return dict(hidden_states=torch.randn(b, preset.latent_channels, *preset.extra["latent"], **new),
                     timestep=timestep, encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["text_dim"], **new))
@@ -396,6 +430,31 @@ def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torc
         sample=latents, timestep=timestep,
         encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["cross_attention_dim"], **new),
     )
+
+
+def _packed_inputs(preset: ModelPreset, batch_size: int, device: str | torch.device,
+                   dtype: torch.dtype) -> dict[str, Any]:
+    """FLUX.2 / Qwen-Image forward inputs as their pipelines make them: packed latents (B, N, C), the text states, the
+    timestep in [0, 1]; FLUX.2's [time, row, column, layer] image ids and [0, 0, 0, token] text ids (and its embedded
+    guidance), Qwen-Image's ``img_shapes`` and text mask."""
+    cfg, b = preset.denoiser, batch_size
+    side = preset.sample_size // 2
+    new = dict(device=device, dtype=dtype)
+    inputs = dict(hidden_states=torch.randn(b, side * side, cfg["in_channels"], **new),
+                  encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["joint_attention_dim"], **new),
+                  timestep=torch.full((b,), 0.5, **new))
+    if preset.family == "qwen-image":
+        return dict(inputs, img_shapes=[[(1, side, side)]] * b,
+                    encoder_hidden_states_mask=torch.ones(b, preset.text_tokens, dtype=torch.bool, device=device))
+    ids = torch.zeros(side, side, 4, dtype=torch.long, device=device)
+    ids[..., 1] = torch.arange(side, device=device)[:, None]
+    ids[..., 2] = torch.arange(side, device=device)[None]
+    txt_ids = torch.zeros(preset.text_tokens, 4, dtype=torch.long, device=device)
+    txt_ids[:, 3] = torch.arange(preset.text_tokens, device=device)
+    inputs.update(img_ids=ids.reshape(-1, 4), txt_ids=txt_ids)
+    if cfg.get("guidance_embeds"):
+        inputs["guidance"] = torch.full((b,), 4.0, **new)
+    return inputs
 
 
 def flux_inputs(preset: ModelPreset, batch_size: int = 1, device: str | torch.device = "cpu",
@@ -442,6 +501,9 @@ def build_pipeline(preset: ModelPreset, seed: int = 0):
         StableDiffusion3Pipeline, StableDiffusionPipeline,
     )
 
+    if preset.family in ("flux2", "qwen-image"):
+        raise NotImplementedError(f"{preset.family} presets count MACs only (--macs-only): their pipelines' text "
+                                  "encoders are not built here")
     torch.manual_seed(seed)
     denoiser = build_denoiser(preset)
     if preset.family == "dit":

@@ -294,13 +294,16 @@ class ModelSession:
     @property
     def guidance(self) -> float:
         g = self.settings.guidance_scale
-        return call_default(self.pipeline_cls, "guidance_scale") if g is None else g
+        if g is None:
+            g = call_default(self.pipeline_cls, "guidance_scale")
+        return 1.0 if g is None else g  # None: the pipeline's guidance is off by default (Qwen-Image: true_cfg_scale)
 
     @property
     def denoiser_batch(self) -> int:
         """Images per denoiser forward: doubled under classifier-free guidance where the pipeline batches both halves;
-        FLUX.1's guidance is an input of one forward (distilled), Wan runs one forward per half."""
-        batched_cfg = self.guidance > 1 and self.family not in ("flux", "wan")
+        FLUX.1's and FLUX.2's guidance is an input of one forward (distilled), Wan and Qwen-Image run one forward per
+        half."""
+        batched_cfg = self.guidance > 1 and self.family not in ("flux", "wan", "flux2", "qwen-image")
         return self.settings.batch_size * (2 if batched_cfg else 1)
 
     @property

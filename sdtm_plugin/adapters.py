@@ -53,6 +53,8 @@ class SubLayer:
         sites: where its queries and keys are rotated (rotary models).
         joint: its input is the joint [text; image] sequence, text first (FLUX.2's single-stream block, whose one
             attention module also runs the MLP branch): only the image suffix is merged, the text rows pass through.
+        text_mask: its `attention_mask` covers the text rows only and the processor pads it to the query count
+            (HunyuanVideo 1.5): the mask passes through a merged call, and queries and keys must be the same rows.
     """
 
     name: str
@@ -63,6 +65,7 @@ class SubLayer:
     keys: tuple[nn.Module, ...] = ()
     sites: tuple[RotarySite, ...] = ()
     joint: bool = False
+    text_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -407,6 +410,37 @@ def _qwen_layout(model: nn.Module) -> PatchLayout:
     ])
 
 
+def _is_hunyuan_video15(model: nn.Module) -> bool:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return isinstance(model, HunyuanVideo15Transformer3DModel)
+
+
+_HUNYUAN_ROTARY = RotaryArg("image_rotary_emb", None, seq_dim=0)  # (N, D) cos and sin over the video rows only
+
+
+def _hunyuan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int, int]:
+    """HunyuanVideo's (frames, rows, columns) token grid after its (patch_size_t, patch_size, patch_size) patches,
+    tokens flattened frame by frame."""
+    if hidden_states.dim() != 5:
+        raise ValueError(f"expected video latents (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
+    pt, p = model.config.patch_size_t, model.config.patch_size
+    return hidden_states.shape[2] // pt, hidden_states.shape[3] // p, hidden_states.shape[4] // p
+
+
+def _hunyuan15_layout(model: nn.Module) -> PatchLayout:
+    """Every dual-stream block's video stream: the joint attention's video input (rotary positions on the video rows
+    only, the text unrotated and after the video) and the video MLP. The token refiner and the text stream are
+    untouched."""
+    return PatchLayout([
+        [SubLayer("attn", "attn", b.attn, _HUNYUAN_ROTARY,
+                  sites=(RotarySite(b.attn.norm_q, "query", "image"), RotarySite(b.attn.norm_k, "key", "image")),
+                  text_mask=True),
+         SubLayer("mlp", "mlp", b.ff)]
+        for b in model.transformer_blocks
+    ])
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "PixArt-alpha / PixArt-Sigma (PixArtTransformer2DModel, BasicTransformerBlock with ada_norm_single)",
@@ -433,6 +467,10 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "Wan 2.1 / 2.2 video (WanTransformer3DModel: self-attention with 3-D rotary positions, feed-forward)",
         _is_wan, _wan_layout, _wan_grid, video=True,
+    ),
+    Adapter(
+        "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel: dual-stream video stream, 3-D rotary positions)",
+        _is_hunyuan_video15, _hunyuan15_layout, _hunyuan_grid, video=True,
     ),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",

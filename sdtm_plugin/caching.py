@@ -67,6 +67,19 @@ def _prepared(config: Any, state: MergeState) -> Any:
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def _register_block_metadata() -> None:
+    """Tell diffusers' block-level caches (FirstBlockCache, MagCache) where the blocks it does not know yet return
+    their streams: HunyuanVideo 1.5's dual-stream block returns (video, text)."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
+
+    try:
+        TransformerBlockRegistry.get(HunyuanVideo15TransformerBlock)
+    except ValueError:
+        TransformerBlockRegistry.register(HunyuanVideo15TransformerBlock, TransformerBlockMetadata(
+            return_hidden_states_index=0, return_encoder_hidden_states_index=1))
+
+
 def _mixed_block_outputs(model: nn.Module) -> bool:
     """Whether the model's first dual-stream block returns (text, image) apart while its last single-stream block
     returns one joint tensor (FLUX.2): diffusers' first-block and mag caches take residuals of the last block's output
@@ -124,6 +137,7 @@ def attach_step_cache(model: nn.Module, config: Any, state: MergeState) -> list[
     """Apply diffusers' step cache `config` to `model` behind the patch's hooks; returns the hooks it registered
     (outermost last), so that they can be removed exactly."""
     prepared = _prepared(config, state)  # raises for an unknown config before anything is hooked
+    _register_block_metadata()
     blocks = getattr(model, "transformer_blocks", None)
     if isinstance(config, FirstBlockCacheConfig) and blocks and getattr(blocks[-1], "context_pre_only", False):
         raise ValueError(

@@ -243,7 +243,11 @@ class SubLayerMergeHook(ModelHook):
         self.name, self.role = sublayer.name, sublayer.role
         self.rotary = sublayer.rotary
         self.joint = sublayer.joint
+        self.text_mask = sublayer.text_mask
         self.side = state.method.attention_rows if sublayer.role == "attn" else None
+        if self.side is not None and sublayer.text_mask:
+            raise TypeError("its attention builds a square mask from the query count, so its queries and keys cannot "
+                            "be different rows of its tokens")
         self._merge: TokenMerge | None = None
         self.rows: RowCall | None = None  # the running call's reduced side, when `side` is set
 
@@ -255,7 +259,7 @@ class SubLayerMergeHook(ModelHook):
         self._merge = merge
         if merge is None:
             return args, kwargs
-        if self.role == "attn" and kwargs.get("attention_mask") is not None:
+        if self.role == "attn" and kwargs.get("attention_mask") is not None and not self.text_mask:
             raise ValueError(
                 f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
                 "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"

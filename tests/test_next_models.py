@@ -1,17 +1,18 @@
-"""The models users run next (issue 43): Qwen-Image and FLUX.2 on tiny configs, through the bare transformer in a
+"""The models users run next (issue 43): Qwen-Image, FLUX.2 and HunyuanVideo 1.5 on tiny configs, through the bare transformer in a
 denoising loop of the user's own (the path every pipeline of theirs ends in). Ratio 0 is bit-identical, removal is
 exact, only image rows are reduced (text rows never), an image never depends on its batch mates, a step cache composes
 in one call, and what cannot be merged is refused by name."""
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel
+from diffusers import Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel, QwenImageTransformer2DModel
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from sdtm_plugin import apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
 
 GRID = (8, 8)
 TOKENS = GRID[0] * GRID[1]
+VIDEO = (2, 4, 8)  # HunyuanVideo's (frames, rows, columns): as many tokens as the images'
 TEXT = 6
 STEPS = 4
 
@@ -27,7 +28,7 @@ def qwen_image():
                     img_shapes=[[(1, *GRID)]] * x.shape[0],
                     encoder_hidden_states_mask=torch.ones(x.shape[0], TEXT, dtype=torch.bool))
 
-    return model, inputs, 16, 24
+    return model, inputs, (TOKENS, 16), 24
 
 
 def flux2():
@@ -46,10 +47,26 @@ def flux2():
                     img_ids=img_ids[None].expand(x.shape[0], -1, -1), txt_ids=txt_ids[None].expand(x.shape[0], -1, -1),
                     guidance=torch.full((x.shape[0],), 3.5))
 
-    return model, inputs, 16, 24
+    return model, inputs, (TOKENS, 16), 24
 
 
-MODELS = {"qwen-image": qwen_image, "flux2": flux2}
+def hunyuan_video15():
+    """Video latents (B, C, F, H, W); the text sequence is the prompt's 6 tokens, 4 ByT5 tokens and 5 image tokens."""
+    torch.manual_seed(0)
+    model = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                             num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=24,
+                                             text_embed_2_dim=12, image_embed_dim=20, rope_axes_dim=(4, 6, 6)).eval()
+
+    def inputs(x, t, text):
+        b, dtype = x.shape[0], x.dtype
+        return dict(hidden_states=x, timestep=1000 * t.expand(b), encoder_hidden_states=text,
+                    encoder_attention_mask=torch.ones(b, TEXT), encoder_hidden_states_2=torch.ones(b, 4, 12, dtype=dtype),
+                    encoder_attention_mask_2=torch.ones(b, 4), image_embeds=torch.ones(b, 5, 20, dtype=dtype))
+
+    return model, inputs, (4, *VIDEO), 24
+
+
+MODELS = {"qwen-image": qwen_image, "flux2": flux2, "hunyuan-video-1.5": hunyuan_video15}
 
 
 @pytest.fixture(params=list(MODELS))
@@ -59,8 +76,8 @@ def tiny(request):
 
 def denoise(tiny, prompts=(0,), steps=STEPS):
     """A flow-matching Euler loop over `steps` timesteps; prompt i is a fixed random text embedding."""
-    model, inputs, channels, text_dim = tiny
-    x = torch.randn(1, TOKENS, channels, generator=torch.Generator().manual_seed(1)).expand(len(prompts), -1, -1)
+    model, inputs, latent, text_dim = tiny
+    x = torch.randn(1, *latent, generator=torch.Generator().manual_seed(1)).expand(len(prompts), *latent)
     text = torch.stack([torch.randn(TEXT, text_dim, generator=torch.Generator().manual_seed(10 + p)) for p in prompts])
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
@@ -89,6 +106,10 @@ def _row_probes(model):
         blocks = model.transformer_blocks
         return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
                 "image mlp": [b.img_mlp.net[0].proj for b in blocks], "text mlp": [b.txt_mlp.net[0].proj for b in blocks]}
+    if isinstance(model, HunyuanVideo15Transformer3DModel):
+        blocks = model.transformer_blocks
+        return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
+                "image mlp": [b.ff.net[0].proj for b in blocks], "text mlp": [b.ff_context.net[0].proj for b in blocks]}
     blocks = model.transformer_blocks
     return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
             "image mlp": [b.ff.linear_in for b in blocks],
@@ -106,10 +127,11 @@ def test_only_image_rows_are_reduced(tiny):
     apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=STEPS)
     denoise(tiny, prompts=(0, 1))
     half = TOKENS // 2
+    text = 6 + 4 + 5 if isinstance(model, HunyuanVideo15Transformer3DModel) else TEXT
     assert set(seen["image q"]) == {half} and set(seen["image mlp"]) == {half}
-    assert set(seen["text q"]) == {TEXT}
+    assert set(seen["text q"]) == {text}
     if "text mlp" in seen:
-        assert set(seen["text mlp"]) == {TEXT}
+        assert set(seen["text mlp"]) == {text}
     if "joint" in seen:
         assert set(seen["joint"]) == {TEXT + half}
     counts = get_merge_state(model).token_counts
@@ -122,8 +144,10 @@ def test_an_image_never_depends_on_its_batch_mates(tiny, method):
     model = tiny[0]
     if method == "sdtm":
         apply_SDTM(model, num_inference_steps=STEPS, protect_steps_frequency=-1)
-    elif isinstance(model, Flux2Transformer2DModel):
-        with pytest.raises(TypeError, match="TokenCacheConfig does not support Flux2Transformer2DModel.*query"):
+    elif isinstance(model, (Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel)):
+        # FLUX.2's single-stream blocks project queries, keys and MLP in one linear; HunyuanVideo 1.5 pads its mask
+        # to the query count
+        with pytest.raises(TypeError, match=f"TokenCacheConfig does not support {type(model).__name__}.*quer"):
             apply_token_cache(model, num_inference_steps=STEPS)
         return
     else:
@@ -155,13 +179,13 @@ def test_composes_with_a_step_cache_in_one_call_and_is_removed_exactly(tiny):
 
 
 def test_reference_images_are_refused_by_name():
-    model, inputs, channels, text_dim = qwen_image()
+    model, inputs, (_, channels), text_dim = qwen_image()
     apply_SDTM(model, num_inference_steps=STEPS)
     x, text = torch.randn(1, 2 * TOKENS, channels), torch.randn(1, TEXT, text_dim)
     kwargs = {**inputs(x, torch.tensor([1.0]), text), "img_shapes": [[(1, *GRID), (1, *GRID)]]}
     with pytest.raises(ValueError, match=r"one image of one frame per sample.*Qwen-Image-Edit"):
         model(**kwargs)
-    model, inputs, channels, text_dim = flux2()
+    model, inputs, (_, channels), text_dim = flux2()
     apply_SDTM(model, num_inference_steps=STEPS)
     x, text = torch.randn(1, TOKENS, channels), torch.randn(1, TEXT, text_dim)
     with pytest.raises(ValueError, match=r"kv_cache_mode='cached'"):
@@ -171,3 +195,54 @@ def test_reference_images_are_refused_by_name():
     shifted["img_ids"][..., 0] = 10  # a reference image's time id
     with pytest.raises(ValueError, match="FLUX.2 image tokens on one row-major grid"):
         model(**shifted)
+
+
+def test_compiles_fullgraph_and_a_second_generation_compiles_nothing(tiny):
+    """`torch.compile(transformer, fullgraph=True)`, then the patch: no graph break, no new graph in a second
+    generation, and the latents of eager merging. HunyuanVideo 1.5's own forward branches on its image embeddings'
+    values (a graph break without any patch): its blocks are compiled instead (`compile_repeated_blocks`)."""
+    import torch._dynamo
+    from test_compile import GraphCounter
+    from torch._dynamo.utils import counters
+
+    model = tiny[0]
+    apply_SDTM(model, num_inference_steps=STEPS, protect_steps_frequency=-1)
+    eager = denoise(tiny)
+    remove_SDTM(model)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = GraphCounter()
+    if isinstance(model, HunyuanVideo15Transformer3DModel):
+        compiled = model
+        model.compile_repeated_blocks(backend=backend, fullgraph=True)
+    else:
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+    apply_SDTM(compiled, num_inference_steps=STEPS, protect_steps_frequency=-1)
+    first_run = denoise((compiled, *tiny[1:]))
+    graphs = backend.graphs
+    again = denoise((compiled, *tiny[1:]))
+    assert sum(counters["graph_break"].values()) == 0
+    assert 1 <= graphs and backend.graphs == graphs
+    torch.testing.assert_close(first_run, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, first_run)
+    remove_SDTM(compiled)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merges_in_the_model_dtype(tiny, dtype):
+    """bf16 / fp16 weights: merged latents stay finite and in the model's dtype, close to its unmerged output."""
+    model = tiny[0].to(dtype)
+    model_inputs = tiny[1]
+
+    def run():
+        x = torch.randn(1, *tiny[2], generator=torch.Generator().manual_seed(1)).to(dtype)
+        text = torch.randn(1, TEXT, tiny[3], generator=torch.Generator().manual_seed(10)).to(dtype)
+        with torch.no_grad():
+            return model(**model_inputs(x, torch.tensor([0.7], dtype=dtype), text), return_dict=False)[0]
+
+    base = run()
+    apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=1)
+    out = run()
+    assert out.dtype == dtype and torch.isfinite(out).all() and not torch.equal(out, base)
+    assert (out.float() - base.float()).abs().mean() < base.float().abs().mean()
