@@ -11,6 +11,10 @@ a GPU server's host is usually faster). Baseline and method forwards are interle
 Step caches are not measured here: what they skip depends on the values. With ``--compile BACKEND`` the twin runs
 under ``torch.compile(fullgraph=True)`` (the patch applied to the compiled model, as a user would): what is left is
 the per-forward work before the compiled region, the guards and the compiled code's own calls.
+
+With ``--real`` the preset itself is timed instead of its twin (at ``--threads``): the CPU denoiser time at a real
+token count, e.g. ``python -m benchmarks.host --real --threads 2 --model qwen-image-cpu --forwards 10 --repeats 2``
+(reduced depth and width, the full 4096 + 256 tokens); ``speedup`` is the baseline's time over the method's.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ def host_twin(preset: ModelPreset) -> ModelPreset:
 
 
 def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int = 7,
-              compile_backend: str | None = None) -> pd.DataFrame:
-    """Per method: host milliseconds per forward of the model's twin and the extra per block over the baseline.
+              compile_backend: str | None = None, real: bool = False, threads: int = 1) -> pd.DataFrame:
+    """Per method: host milliseconds per forward of the model's twin (or, `real`, of the preset itself) and the extra
+    per block over the baseline, and the baseline's time over the method's (`speedup`).
 
     Args:
         model: a transformer preset name.
@@ -59,23 +64,27 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
         forwards: forwards per timed run, one generation of that many steps.
         repeats: timed runs per method, interleaved with the baseline's.
         compile_backend: a torch.compile backend to run the twin under (fullgraph), or None for eager.
+        real: time the preset at its own width and token count instead of its twin (one image per forward).
+        threads: CPU threads for the timed forwards.
     """
     if model not in PRESETS:
         raise ValueError(f"model must be one of the presets {sorted(PRESETS)}, got {model!r}")
-    if forwards < 1 or repeats < 1:
-        raise ValueError(f"forwards and repeats must be >= 1, got {forwards} and {repeats}")
+    if forwards < 1 or repeats < 1 or threads < 1:
+        raise ValueError(f"forwards, repeats and threads must be >= 1, got {forwards}, {repeats} and {threads}")
     settings = [(name, params) for name, params in map(parse_method, methods) if name != "baseline"]
     for name, _ in settings:
         if not METHODS[name].merges or METHODS[name].caches:
             raise ValueError(f"method must be a merging method without a step cache (tome, sdtm), got {name!r}")
-    twin = host_twin(PRESETS[model])
+    twin = PRESETS[model] if real else host_twin(PRESETS[model])
+    if twin.full_size and real:
+        raise ValueError(f"model {model!r} is a full-size preset; --real times reduced presets (e.g. qwen-image-cpu)")
     denoiser = build_denoiser(twin, "cpu")
     if compile_backend is not None:
         import torch._dynamo as dynamo
 
         dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
         denoiser = torch.compile(denoiser, backend=compile_backend, fullgraph=True)
-    inputs = denoiser_inputs(twin, 2)
+    inputs = denoiser_inputs(twin, 1 if real else 2)
     depth = twin.denoiser["num_layers"]
     configs = [(name, params, METHODS[name].make_config(params, forwards)) for name, params in settings]
 
@@ -86,8 +95,8 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
                 denoiser(**inputs)
             return time.perf_counter() - start
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         generation()  # warm-up
         times: dict[str, list[float]] = {"baseline": []}
@@ -99,14 +108,14 @@ def host_time(model: str, methods: list[str], forwards: int = 20, repeats: int =
                 times.setdefault(method_label(name, params), []).append(generation())
                 METHODS[name].remove(denoiser)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous_threads)
     base = statistics.median(times["baseline"]) / forwards
     rows = []
     for label, samples in times.items():
         per_forward = statistics.median(samples) / forwards
-        rows.append(dict(model=model, label=label, compile=compile_backend or "", depth=depth,
+        rows.append(dict(model=model, label=label, compile=compile_backend or "", depth=depth, tokens=twin.num_tokens,
                          host_ms_per_forward=per_forward * 1e3,
-                         host_extra_ms_per_block=(per_forward - base) * 1e3 / depth))
+                         host_extra_ms_per_block=(per_forward - base) * 1e3 / depth, speedup=base / per_forward))
     return pd.DataFrame(rows)
 
 
@@ -119,12 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="run the twins under torch.compile(backend=BACKEND, fullgraph=True), e.g. inductor")
+    parser.add_argument("--real", action="store_true", help="time the presets themselves, not their host twins")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the timed forwards")
     parser.add_argument("--csv", help="also write the table here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("sdtm_plugin").setLevel(logging.WARNING)  # one "applied" line per repeat otherwise
-    table = pd.concat([host_time(m, args.method, args.forwards, args.repeats, args.compile) for m in args.model],
-                      ignore_index=True)
+    table = pd.concat([host_time(m, args.method, args.forwards, args.repeats, args.compile, args.real, args.threads)
+                       for m in args.model], ignore_index=True)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.csv:
         table.to_csv(args.csv, index=False)

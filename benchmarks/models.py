@@ -257,6 +257,13 @@ PRESETS.update({
     ),
     # CPU timing at the real token count of a forward, reduced depth and width: FLUX.1-dev 1024 px (4096 image + 512
     # text tokens, 128-wide heads, its rotary axes) and Wan2.1 480p x 81 frames (32,760 tokens)
+    "qwen-image-cpu": ModelPreset(
+        "qwen-image", dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
+                           num_attention_heads=6, joint_attention_dim=64, axes_dims_rope=(16, 56, 56)),
+        64, 256, (16, 16, 16, 16), extra={"sample_size": 128},
+        description="Qwen-Image 1024 px geometry (4096 + 256 tokens) at 1 block of width 768 (CPU timing, bare "
+                    "denoiser: `python -m benchmarks.host --real`)",
+    ),
     "flux-dev-cpu": ModelPreset(
         "flux", _flux(1, 2, 6, 128, 64, 64, (16, 56, 56), guidance=True), (64, 64), 512, (16, 16, 16, 16),
         extra={"sample_size": 128},

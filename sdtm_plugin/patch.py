@@ -261,8 +261,9 @@ def apply_token_cache(pipe_or_model: T, config: TokenCacheConfig | None = None, 
     outputs. `step_cache` composes a diffusers step cache and `denoiser` picks an expert as in `apply_SDTM`. Removed
     by `remove_SDTM` (alias `remove_token_cache`).
 
-    Supported: PixArt, DiT, FLUX.1, Wan 2.1 and SD U-Nets; SD3's joint attention splits its output by the query count
-    and raises a `TypeError`.
+    Supported: PixArt, DiT, FLUX.1, Qwen-Image, Wan 2.1 / 2.2 and SD U-Nets. Raising a `TypeError`: SD3 (its joint
+    attention splits its output by the query count), FLUX.2 (its single-stream blocks project queries, keys and the
+    MLP input in one linear layer) and HunyuanVideo 1.5 (its processor builds a square mask from the query count).
     """
     if config is not None and params:
         raise TypeError("pass either a TokenCacheConfig or keyword parameters, not both")
