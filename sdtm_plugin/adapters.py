@@ -28,7 +28,8 @@ class RotarySite:
     Attributes:
         module: the norm (its output is (B, S, H, D), or (B, S, H·D) with heads flattened).
         side: "query" or "key".
-        rows: what its rows are: "image" tokens, "text" tokens, or "joint" [text; image].
+        rows: what its rows are: "image" tokens, "text" tokens, "joint" [text; image], or "image_text" [image; text]
+            with the text rows unrotated (HunyuanVideo's single-stream attention).
     """
 
     module: nn.Module
@@ -55,6 +56,8 @@ class SubLayer:
             attention module also runs the MLP branch): only the image suffix is merged, the text rows pass through.
         text_mask: its `attention_mask` covers the text rows only and the processor pads it to the query count
             (HunyuanVideo 1.5): the mask passes through a merged call, and queries and keys must be the same rows.
+        key_mask: its `attention_mask` is a key mask (B, 1, 1, N + T) over [image; text] that keeps every image column
+            (HunyuanVideo 1.0): a call whose keys are merged keeps the mask's last N' + T columns.
     """
 
     name: str
@@ -66,6 +69,7 @@ class SubLayer:
     sites: tuple[RotarySite, ...] = ()
     joint: bool = False
     text_mask: bool = False
+    key_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,15 @@ class ParallelBlock:
     """A block whose attention and MLP read one normalised [text; image] sequence side by side and whose outputs one
     projection mixes (FLUX's single-stream block): ``y = proj_out([attn(x); act_mlp(proj_mlp(x))])``.
 
-    The image suffix of x is merged once (at `proj_mlp`'s input, the first call) and the merge reused at `attn`'s
+    The image rows of x are merged once (at `proj_mlp`'s input, the first call) and the merge reused at `attn`'s
     input; outputs are unmerged where the merged rows end: at `proj_out`'s output when both branches merge (the
     projection, ~40 % of the block's linear MACs, then runs on the merged rows too), else at the merged branch's
     output. Text rows are never merged.
+
+    Attributes:
+        text_last: the sequence is [image; text] (HunyuanVideo's single-stream block, whose attention reads the image
+            rows and the text rows as two inputs and returns them as a pair), else [text; image] (FLUX's).
+        key_mask: as `SubLayer.key_mask`.
     """
 
     proj_mlp: nn.Module
@@ -87,6 +96,8 @@ class ParallelBlock:
     query: nn.Module | None = None
     keys: tuple[nn.Module, ...] = ()
     sites: tuple[RotarySite, ...] = ()
+    text_last: bool = False
+    key_mask: bool = False
 
 
 @dataclass
@@ -410,6 +421,36 @@ def _qwen_layout(model: nn.Module) -> PatchLayout:
     ])
 
 
+def _is_hunyuan_video(model: nn.Module) -> bool:
+    """HunyuanVideo 1.0 with its plain blocks (the token-replace blocks of its I2V variant are not supported)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    from diffusers.models.transformers.transformer_hunyuan_video import (HunyuanVideoSingleTransformerBlock,
+                                                                         HunyuanVideoTransformerBlock)
+
+    return (isinstance(model, HunyuanVideoTransformer3DModel)
+            and all(type(b) is HunyuanVideoTransformerBlock for b in model.transformer_blocks)
+            and all(type(b) is HunyuanVideoSingleTransformerBlock for b in model.single_transformer_blocks))
+
+
+def _hunyuan_layout(model: nn.Module) -> PatchLayout:
+    """Dual-stream blocks: the joint attention's video input (3-D rotary positions on the video rows only, the text
+    after the video and unrotated, a key mask over both) and the video MLP; single-stream blocks: the video prefix of
+    the [video; text] sequence (`ParallelBlock` with `text_last`). The token refiner and the text never merge."""
+    blocks: list[list[SubLayer] | ParallelBlock] = [
+        [SubLayer("attn", "attn", b.attn, _HUNYUAN_ROTARY, b.attn.to_q, (b.attn.to_k, b.attn.to_v),
+                  (RotarySite(b.attn.norm_q, "query", "image"), RotarySite(b.attn.norm_k, "key", "image")),
+                  key_mask=True),
+         SubLayer("mlp", "mlp", b.ff)]
+        for b in model.transformer_blocks
+    ]
+    blocks += [ParallelBlock(b.proj_mlp, b.act_mlp, b.attn, b.proj_out, _HUNYUAN_ROTARY, b.attn.to_q,
+                             (b.attn.to_k, b.attn.to_v),
+                             (RotarySite(b.attn.norm_q, "query", "image_text"),
+                              RotarySite(b.attn.norm_k, "key", "image_text")), text_last=True, key_mask=True)
+               for b in model.single_transformer_blocks]
+    return PatchLayout(blocks)
+
+
 def _is_hunyuan_video15(model: nn.Module) -> bool:
     from diffusers import HunyuanVideo15Transformer3DModel
 
@@ -467,6 +508,11 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "Wan 2.1 / 2.2 video (WanTransformer3DModel: self-attention with 3-D rotary positions, feed-forward)",
         _is_wan, _wan_layout, _wan_grid, video=True,
+    ),
+    Adapter(
+        "HunyuanVideo 1.0 (HunyuanVideoTransformer3DModel with its plain blocks: dual-stream video stream and "
+        "single-stream video prefix, 3-D rotary positions)",
+        _is_hunyuan_video, _hunyuan_layout, _hunyuan_grid, video=True,
     ),
     Adapter(
         "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel: dual-stream video stream, 3-D rotary positions)",

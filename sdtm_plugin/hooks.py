@@ -244,6 +244,7 @@ class SubLayerMergeHook(ModelHook):
         self.rotary = sublayer.rotary
         self.joint = sublayer.joint
         self.text_mask = sublayer.text_mask
+        self.key_mask = sublayer.key_mask
         self.side = state.method.attention_rows if sublayer.role == "attn" else None
         if self.side is not None and sublayer.text_mask:
             raise TypeError("its attention builds a square mask from the query count, so its queries and keys cannot "
@@ -259,11 +260,8 @@ class SubLayerMergeHook(ModelHook):
         self._merge = merge
         if merge is None:
             return args, kwargs
-        if self.role == "attn" and kwargs.get("attention_mask") is not None and not self.text_mask:
-            raise ValueError(
-                f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
-                "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
-            )
+        if self.role == "attn" and not self.text_mask:
+            kwargs = _follow_key_mask(kwargs, merge, self.side, self.key_mask, self.layer)
         if self.side is not None:
             self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs)
             return args, kwargs
@@ -284,7 +282,7 @@ class SubLayerMergeHook(ModelHook):
             extra = tuple(self._unmerge_extra(merge, y) for y in output[2:])
             return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), output[1], *extra)
         if self.joint:
-            return self.state.finish_suffix(self.layer, self.name, self.role, merge, output)
+            return self.state.finish_joint(self.layer, self.name, self.role, merge, output)
         return self.state.finish(self.layer, self.name, self.role, merge, output)
 
     def _unmerge_extra(self, merge: Any, y: Any) -> Any:
@@ -310,26 +308,46 @@ class RowCall:
         rotary: the call's tables, or None (no rotary positions).
     """
 
-    def __init__(self, merge: Any, side: str, rotary: RowRotary | None) -> None:
-        self.merge, self.side, self.rotary = merge, side, rotary
+    def __init__(self, merge: Any, side: str, rotary: RowRotary | None, text_last: bool = False) -> None:
+        self.merge, self.side, self.rotary, self.text_last = merge, side, rotary, text_last
 
     @classmethod
     def begin(cls, merge: Any, side: str, arg: RotaryArg | None, state: MergeState, args: tuple,
-              kwargs: dict) -> tuple["RowCall", tuple, dict]:
+              kwargs: dict, text_last: bool = False) -> tuple["RowCall", tuple, dict]:
         """The call's `RowCall`, and its arguments with the rotary table withheld from the processor."""
         table = arg.find(args, kwargs) if arg is not None else None
         if table is None:
-            return cls(merge, side, None), args, kwargs
+            return cls(merge, side, None, text_last), args, kwargs
         args, kwargs = arg.replace(args, kwargs, None)
         rule = getattr(state.config, "rotary_positions", None)
-        return cls(merge, side, RowRotary(table, arg, merge, side, rule)), args, kwargs
+        return cls(merge, side, RowRotary(table, arg, merge, side, rule), text_last), args, kwargs
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T + N, C) projection input (T >= 0 leading text rows) -> (B, T + N', C): its reduced image rows."""
-        text = x.shape[1] - self.merge.num_tokens
-        if text == 0:
+        """(B, T + N, C) projection input (T >= 0 text rows, leading, or trailing with `text_last`) ->
+        (B, T + N', C): its reduced image rows."""
+        n = self.merge.num_tokens
+        if x.shape[1] == n:
             return self.merge.merge(x)
-        return torch.cat([x[:, :text], self.merge.merge(x[:, text:])], dim=1)
+        if self.text_last:
+            return torch.cat([self.merge.merge(x[:, :n]), x[:, n:]], dim=1)
+        return torch.cat([x[:, :x.shape[1] - n], self.merge.merge(x[:, x.shape[1] - n:])], dim=1)
+
+
+def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool, layer: int) -> dict:
+    """A merged self-attention call's `attention_mask`: none passes; a key mask (B, 1, 1, N + T) over [image; text]
+    whose image columns are all kept (HunyuanVideo's, `key_mask`) loses the columns of the image rows its keys lose
+    (none when only queries are reduced); any other mask raises."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return kwargs
+    if not key_mask or mask.dim() != 4 or mask.shape[-2] != 1:
+        raise ValueError(
+            f"block {layer}: self-attention got an attention_mask over the full token sequence, which cannot follow a "
+            "token merge; run without a self-attention mask or with merge_attn=False"
+        )
+    if side == "query":
+        return kwargs
+    return {**kwargs, "attention_mask": mask[..., merge.num_tokens - merge.num_rows:]}
 
 
 class SideRowsHook(ModelHook):
@@ -442,49 +460,61 @@ class ParallelBlockMerge:
         """Both branches' outputs have the merged rows (so `proj_out` runs on them and unmerges)."""
         return self._mlp is not None and self._attn is not None and self.side != "key"
 
-    def _image_tokens(self) -> int:
-        h, w = self.state.layer_grids[self.layer]
-        return h * w
+    def _image_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The image rows of a joint (B, T + N, C) sequence."""
+        n = math.prod(self.state.layer_grids[self.layer])
+        return x[:, :n] if self.block.text_last else x[:, x.shape[1] - n:]
 
-    def _merge_suffix(self, x: torch.Tensor, merge: TokenMerge) -> torch.Tensor:
+    def _merge_joint(self, x: torch.Tensor, merge: TokenMerge) -> torch.Tensor:
+        """A branch input merged on its image rows: the joint sequence's (text rows kept) or, when the attention reads
+        the image rows alone (HunyuanVideo's), all of it."""
         if x is self._source and self._merged is not None:
             return self._merged
-        text = x.shape[1] - merge.num_tokens
-        merged = torch.cat([x[:, :text], merge.merge(x[:, text:])], dim=1)
+        n = merge.num_tokens
+        if x.shape[1] == n:
+            merged = merge.merge(x)
+        elif self.block.text_last:
+            merged = torch.cat([merge.merge(x[:, :n]), x[:, n:]], dim=1)
+        else:
+            merged = torch.cat([x[:, :x.shape[1] - n], merge.merge(x[:, x.shape[1] - n:])], dim=1)
         self._source, self._merged = x, merged
         return merged
 
+    def _finish(self, name: str, role: str, merge: TokenMerge | None, output: Any) -> Any:
+        """A branch or block output unmerged (and kept) on its image rows: a joint tensor's, or the first element of
+        an attention's (image, text) pair."""
+        if isinstance(output, tuple):
+            return (self.state.finish(self.layer, name, role, merge, output[0]), *output[1:])
+        return self.state.finish_joint(self.layer, name, role, merge, output, self.block.text_last)
+
     def _mlp_input(self, args: tuple, kwargs: dict):
         x = args[0] if args else kwargs["input"]
-        image = x[:, x.shape[1] - self._image_tokens():]
+        image = self._image_rows(x)
         state, layer = self.state, self.layer
         self._mlp = state.block_merge(layer, "mlp", image)
         self._attn = state.block_merge(layer, "attn", image)
         self._source = self._merged = None
         if self._mlp is None:
             return args, kwargs
-        merged = self._merge_suffix(x, self._mlp)
+        merged = self._merge_joint(x, self._mlp)
         return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "input": merged})
 
     def _mlp_output(self, output: torch.Tensor) -> torch.Tensor:
         if self._rows_meet() or self._cached_at_output():
             return output  # stays merged: proj_out runs on the merged rows
-        return self.state.finish_suffix(self.layer, "mlp", "mlp", self._mlp, output)
+        return self._finish("mlp", "mlp", self._mlp, output)
 
     def _attn_input(self, args: tuple, kwargs: dict):
         merge = self._attn
         if merge is None:
             return args, kwargs
-        if kwargs.get("attention_mask") is not None:
-            raise ValueError(
-                f"block {self.layer}: self-attention got an attention_mask over the full token sequence, which "
-                "cannot follow a token merge; run without a self-attention mask or with merge_attn=False"
-            )
+        kwargs = _follow_key_mask(kwargs, merge, self.side, self.block.key_mask, self.layer)
         if self.side is not None:
-            self.rows, args, kwargs = RowCall.begin(merge, self.side, self.block.rotary, self.state, args, kwargs)
+            self.rows, args, kwargs = RowCall.begin(merge, self.side, self.block.rotary, self.state, args, kwargs,
+                                                    self.block.text_last)
             return args, kwargs
         from_kwargs = "hidden_states" in kwargs
-        merged = self._merge_suffix(kwargs["hidden_states"] if from_kwargs else args[0], merge)
+        merged = self._merge_joint(kwargs["hidden_states"] if from_kwargs else args[0], merge)
         if from_kwargs:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
@@ -493,13 +523,13 @@ class ParallelBlockMerge:
             self.rows, args, kwargs = RowCall.begin(merge, "both", self.block.rotary, self.state, args, kwargs)
         return args, kwargs
 
-    def _attn_output(self, output: torch.Tensor) -> torch.Tensor:
+    def _attn_output(self, output: Any) -> Any:
         self.rows = None
         if self._rows_meet() or self._cached_at_output():
             return output
         if self._attn is None and not self.state.method.reduces_attention_alone:
             return output  # nothing will read this branch's cache: it is kept at proj_out's output instead
-        return self.state.finish_suffix(self.layer, "attn", "attn", None if self.side == "key" else self._attn, output)
+        return self._finish("attn", "attn", None if self.side == "key" else self._attn, output)
 
     def _projected(self, output: torch.Tensor) -> torch.Tensor:
         merge = self._attn if self._rows_meet() else None
@@ -508,4 +538,4 @@ class ParallelBlockMerge:
         self._source = self._merged = self._attn = self._mlp = None
         if one_branch:
             return output  # one branch merged: unmerged at its own output already
-        return self.state.finish_suffix(self.layer, "out", "attn", merge, output)
+        return self._finish("out", "attn", merge, output)

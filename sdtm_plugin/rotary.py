@@ -147,5 +147,11 @@ class RowRotary:
         return _unit_pairs(cos, sin) if self.rule == "mean" else (cos, sin)
 
     def rotate(self, x: torch.Tensor, side: str, rows: str) -> torch.Tensor:
+        """Queries or keys `x` of a `rows` sequence rotated; "image_text" ([image; text], HunyuanVideo's): the
+        image rows only."""
+        if rows == "image_text":
+            cos, sin = self.tables(side, "image")
+            n = cos.shape[1]
+            return torch.cat([rotate(x[:, :n], cos, sin), x[:, n:]], dim=1)
         cos, sin = self.tables(side, rows)
         return rotate(x, cos, sin)

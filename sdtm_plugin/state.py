@@ -338,18 +338,20 @@ class MergeState:
             return output
         return self.method.finish(layer, name, merge, output, self._buffers, self._stores(layer, role), self.scratch)
 
-    def finish_suffix(self, layer: int, name: str, role: str, merge: TokenMerge | None,
-                      output: torch.Tensor) -> torch.Tensor:
-        """`finish` for a (B, T + N', C) output whose T leading rows are text (FLUX's joint sequence): the text rows
-        pass through, the image rows are finished."""
+    def finish_joint(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor,
+                     text_last: bool = False) -> torch.Tensor:
+        """`finish` for a joint (B, T + N', C) output whose T text rows lead (FLUX's joint sequence) or, `text_last`,
+        trail (HunyuanVideo's): the text rows pass through, the image rows are finished."""
         if merge is None and not self._stores(layer, role):
             return output  # nothing to unmerge or keep
-        text = output.shape[1] - (merge.num_rows if merge is not None else math.prod(self.layer_grids[layer]))
-        image = output[:, text:]
+        image_rows = merge.num_rows if merge is not None else math.prod(self.layer_grids[layer])
+        text = output.shape[1] - image_rows
+        image = output[:, :image_rows] if text_last else output[:, text:]
         if merge is None:  # kept in the cache: laid out as an unmerged output is (one graph for both under compile;
             # `contiguous` would keep a batch of one's leading stride, which dynamo's guards compare too)
             image = image.clone(memory_format=torch.contiguous_format)
-        return torch.cat([output[:, :text], self.finish(layer, name, role, merge, image)], dim=1)
+        image = self.finish(layer, name, role, merge, image)
+        return torch.cat([image, output[:, image_rows:]] if text_last else [output[:, :text], image], dim=1)
 
     def _check_memory(self, held: int, device: torch.device | str) -> None:
         """Warn once per patch when what the calls of a step keep on the device between forwards exceeds

@@ -1,11 +1,12 @@
-"""The models users run next (issue 43): Qwen-Image, FLUX.2 and HunyuanVideo 1.5 on tiny configs, through the bare transformer in a
+"""The models users run next (issue 43): Qwen-Image, FLUX.2 and HunyuanVideo 1.0 and 1.5 on tiny configs, through the bare transformer in a
 denoising loop of the user's own (the path every pipeline of theirs ends in). Ratio 0 is bit-identical, removal is
 exact, only image rows are reduced (text rows never), an image never depends on its batch mates, a step cache composes
 in one call, and what cannot be merged is refused by name."""
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel, QwenImageTransformer2DModel
+from diffusers import (Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel,
+                       QwenImageTransformer2DModel)
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from sdtm_plugin import apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
@@ -66,7 +67,29 @@ def hunyuan_video15():
     return model, inputs, (4, *VIDEO), 24
 
 
-MODELS = {"qwen-image": qwen_image, "flux2": flux2, "hunyuan-video-1.5": hunyuan_video15}
+PADDED_TEXT = torch.tensor([1, 1, 1, 1, 0, 0])  # HunyuanVideo 1.0's text mask: the last two tokens are padding
+
+
+def hunyuan_video():
+    """Video latents; 1 dual- and 2 single-stream blocks; a text mask with padding (a key mask over [video; text] in
+    every block)."""
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=1, num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
+                                           patch_size=1, text_embed_dim=24, pooled_projection_dim=12,
+                                           rope_axes_dim=(4, 6, 6)).eval()
+
+    def inputs(x, t, text):
+        b = x.shape[0]
+        return dict(hidden_states=x, timestep=1000 * t.expand(b), encoder_hidden_states=text,
+                    encoder_attention_mask=PADDED_TEXT.expand(b, -1), pooled_projections=text[:, 0, :12],
+                    guidance=torch.full((b,), 6000.0, dtype=x.dtype))
+
+    return model, inputs, (4, *VIDEO), 24
+
+
+MODELS = {"qwen-image": qwen_image, "flux2": flux2, "hunyuan-video": hunyuan_video,
+          "hunyuan-video-1.5": hunyuan_video15}
 
 
 @pytest.fixture(params=list(MODELS))
@@ -106,10 +129,14 @@ def _row_probes(model):
         blocks = model.transformer_blocks
         return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
                 "image mlp": [b.img_mlp.net[0].proj for b in blocks], "text mlp": [b.txt_mlp.net[0].proj for b in blocks]}
-    if isinstance(model, HunyuanVideo15Transformer3DModel):
+    if isinstance(model, (HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel)):
         blocks = model.transformer_blocks
-        return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
-                "image mlp": [b.ff.net[0].proj for b in blocks], "text mlp": [b.ff_context.net[0].proj for b in blocks]}
+        probes = {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
+                  "image mlp": [b.ff.net[0].proj for b in blocks], "text mlp": [b.ff_context.net[0].proj for b in blocks]}
+        if isinstance(model, HunyuanVideoTransformer3DModel):  # [video; text] rows of the single-stream branches (the
+            # MLP's seen past its input projection, whose own forward the patch wraps) and output projection
+            probes["joint"] = [m for b in model.single_transformer_blocks for m in (b.attn.to_q, b.act_mlp, b.proj_out)]
+        return probes
     blocks = model.transformer_blocks
     return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
             "image mlp": [b.ff.linear_in for b in blocks],
@@ -246,3 +273,26 @@ def test_half_precision_merges_in_the_model_dtype(tiny, dtype):
     out = run()
     assert out.dtype == dtype and torch.isfinite(out).all() and not torch.equal(out, base)
     assert (out.float() - base.float()).abs().mean() < base.float().abs().mean()
+
+
+def test_hunyuan_video_merged_attention_never_sees_padded_text():
+    """HunyuanVideo 1.0 masks padded text keys with a (B, 1, 1, N + T) mask over [video; text]: a merged call keeps
+    the mask's columns aligned with its merged keys, so what the padding holds cannot change the video (SDTM, ToMe and
+    token caching; the test fails if a merge drops the wrong columns)."""
+    tiny = hunyuan_video()
+    model, inputs, latent, text_dim = tiny
+    for apply in (lambda: apply_SDTM(model, num_inference_steps=STEPS, protect_steps_frequency=-1),
+                  lambda: apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=STEPS),
+                  lambda: apply_token_cache(model, num_inference_steps=STEPS, warmup_steps=1, dense_every=-1)):
+        outs = []
+        for pad in (0.0, 5.0):
+            def padded(x, t, text, pad=pad):
+                text = text.clone()
+                text[:, 4:] = pad
+                return inputs(x, t, text)
+
+            apply()
+            outs.append(denoise((model, padded, latent, text_dim)))
+            assert min(n for step in get_merge_state(model).token_counts[1:] for n in step["attn"] if n) < TOKENS
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+        remove_SDTM(model)
