@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
 from .reference import WEIGHTS
-FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2", "qwen-image")  # the last two: MACs only
+FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2", "qwen-image", "hunyuan-video")
+MACS_ONLY = ("flux2", "qwen-image", "hunyuan-video")  # families whose text encoders are not built here
+VIDEO = ("wan", "hunyuan-video")  # (frames, height, width) latents
 
 PACKED = ("flux", "flux2", "qwen-image")  # families whose pipelines pack 2 x 2 latent pixels per token
 
@@ -47,8 +49,8 @@ class ModelPreset:
     """One pipeline of the zoo.
 
     Attributes:
-        family: "pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2" or "qwen-image": which pipeline and denoiser
-            class (FLUX.2 and Qwen-Image presets count MACs only: their text encoders are not built here).
+        family: one of `FAMILIES`: which pipeline and denoiser class (those of `MACS_ONLY` count MACs only: their
+            pipelines' text encoders are not built here).
         denoiser: the denoiser's config (constructor keywords), the published one for full-size presets.
         text_dim: width of the small random text encoder(s) (T5 d_model; CLIP hidden sizes for SD3 / SD U-Nets).
         text_tokens: text tokens the pipeline hands the denoiser (PixArt 120, SD3 77 + 256 = 333, SD 77, DiT 0,
@@ -79,8 +81,9 @@ class ModelPreset:
 
     @property
     def sample_size(self) -> int:
-        """Side (Wan: height) of the VAE latent (FLUX's and Wan's configs have none: the preset's `extra` holds it)."""
-        if self.family == "wan":
+        """Side (video: height) of the VAE latent (FLUX's and the video models' configs have none: the preset's `extra`
+        holds it)."""
+        if self.family in VIDEO:
             return self.extra["latent"][1]
         return self.denoiser.get("sample_size", self.extra.get("sample_size"))
 
@@ -91,9 +94,10 @@ class ModelPreset:
 
     @property
     def num_tokens(self) -> int:
-        if self.family == "wan":  # (frames, height, width) latents in (1, 2, 2) patches
+        if self.family in VIDEO:  # (frames, height, width) latents in (pt, p, p) patches (Wan: (1, 2, 2))
             frames, height, width = self.extra["latent"]
-            return frames * (height // 2) * (width // 2)
+            pt, p = (1, 2) if self.family == "wan" else (self.denoiser.get("patch_size_t", 1), self.token_patch)
+            return (frames // pt) * (height // p) * (width // p)
         return (self.sample_size // self.token_patch) ** 2
 
     @property
@@ -104,7 +108,7 @@ class ModelPreset:
     def latent_channels(self) -> int:
         if self.family in PACKED:  # packed: 2 x 2 latent pixels per token
             return self.denoiser["in_channels"] // 4
-        if self.family == "wan":
+        if self.family in VIDEO:
             return self.denoiser["in_channels"]
         return self.denoiser.get("in_channels", 4)
 
@@ -294,6 +298,16 @@ PRESETS.update({
         extra={"latent": (31, 44, 80)},
         description="Wan2.2-TI2V-5B 704x1280, 121 frames, 27,280 tokens (Wan-AI/Wan2.2-TI2V-5B-Diffusers; MACs only)",
     ),
+    # HunyuanVideo 1.0 720 x 1280 x 129 frames: a 8x spatial, 4x temporal VAE -> (33, 90, 160) latents, 2 x 2 patches
+    "hunyuan-video-720p": ModelPreset(
+        "hunyuan-video", dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                              num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
+                              patch_size_t=1, text_embed_dim=4096, pooled_projection_dim=768,
+                              rope_axes_dim=(16, 56, 56)),
+        4096, 256, _SD_VAE, full_size=True, extra={"latent": (33, 90, 160)},
+        description="HunyuanVideo 720x1280, 129 frames, 118,800 tokens + 256 text "
+                    "(hunyuanvideo-community/HunyuanVideo; MACs only)",
+    ),
     "flux2-dev": ModelPreset(
         "flux2", dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
                       num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
@@ -373,7 +387,7 @@ def pipeline_class(preset: ModelPreset) -> type:
     return getattr(diffusers, {
         "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
         "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline", "wan": "WanPipeline", "flux2": "Flux2Pipeline",
-        "qwen-image": "QwenImagePipeline",
+        "qwen-image": "QwenImagePipeline", "hunyuan-video": "HunyuanVideoPipeline",
     }[preset.family])
 
 
@@ -386,14 +400,15 @@ def call_default(pipeline_cls: type, name: str) -> Any:
 
 def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> nn.Module:
     """The preset's transformer / U-Net with random weights, built directly on `device` (``"meta"``: shapes only)."""
-    from diffusers import (DiTTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           QwenImageTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel,
-                           WanTransformer3DModel)
+    from diffusers import (DiTTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
+                           HunyuanVideoTransformer3DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
+                           SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel)
 
     cls = {
         "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "dit": DiTTransformer2DModel,
         "sd-unet": UNet2DConditionModel, "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel,
         "flux2": Flux2Transformer2DModel, "qwen-image": QwenImageTransformer2DModel,
+        "hunyuan-video": HunyuanVideoTransformer3DModel,
     }[preset.family]
     with torch.device(device):
         return cls(**preset.denoiser).eval()
@@ -430,6 +445,13 @@ def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torc
         return flux_inputs(preset, b, device, dtype)
     if preset.family in ("flux2", "qwen-image"):
         return _packed_inputs(preset, b, device, dtype)
+    if preset.family == "hunyuan-video":  # guidance-distilled: the scale (x 1000) is an input of one forward
+        return dict(hidden_states=torch.randn(b, preset.latent_channels, *preset.extra["latent"], **new),
+                    timestep=timestep,
+                    encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["text_embed_dim"], **new),
+                    encoder_attention_mask=torch.ones(b, preset.text_tokens, device=device, dtype=torch.long),
+                    pooled_projections=torch.randn(b, cfg["pooled_projection_dim"], **new),
+                    guidance=torch.full((b,), 6000.0, **new))
     if preset.family == "wan":  # one call per guidance branch: the pipeline does not batch them
         return dict(hidden_states=torch.randn(b, preset.latent_channels, *preset.extra["latent"], **new),
                     timestep=timestep, encoder_hidden_states=torch.randn(b, preset.text_tokens, cfg["text_dim"], **new))
@@ -508,7 +530,7 @@ def build_pipeline(preset: ModelPreset, seed: int = 0):
         StableDiffusion3Pipeline, StableDiffusionPipeline,
     )
 
-    if preset.family in ("flux2", "qwen-image"):
+    if preset.family in MACS_ONLY:
         raise NotImplementedError(f"{preset.family} presets count MACs only (--macs-only): their pipelines' text "
                                   "encoders are not built here")
     torch.manual_seed(seed)

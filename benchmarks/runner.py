@@ -301,9 +301,9 @@ class ModelSession:
     @property
     def denoiser_batch(self) -> int:
         """Images per denoiser forward: doubled under classifier-free guidance where the pipeline batches both halves;
-        FLUX.1's and FLUX.2's guidance is an input of one forward (distilled), Wan and Qwen-Image run one forward per
-        half."""
-        batched_cfg = self.guidance > 1 and self.family not in ("flux", "wan", "flux2", "qwen-image")
+        FLUX.1's, FLUX.2's and HunyuanVideo's guidance is an input of one forward (distilled), Wan and Qwen-Image run
+        one forward per half."""
+        batched_cfg = self.guidance > 1 and self.family not in ("flux", "wan", "flux2", "qwen-image", "hunyuan-video")
         return self.settings.batch_size * (2 if batched_cfg else 1)
 
     @property

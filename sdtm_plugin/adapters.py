@@ -1,10 +1,10 @@
 """Per-architecture adapters: which sub-layers are merged and what token grid each block works on.
 
 An adapter lists, for one model family, every block's merged sub-layers (self-attention and feed-forward modules
-whose first input is the (B, N, C) image-token sequence or a joint [text; image] one, or a `ParallelBlock`) and where the
-(h, w) token grid comes from. The merge, schedule, cache and state code is shared by all families. Rotary models (FLUX.1,
-FLUX.2, Qwen-Image, Wan) name where their queries and keys are made (`RotarySite`), so that rows merged or selected per
-image are rotated per row (`rotary.RowRotary`).
+whose first input is the (B, N, C) image-token sequence or a joint [text; image] one, or a `ParallelBlock`) and
+where the (h, w) token grid comes from. The merge, schedule, cache and state code is shared by all families. Rotary
+models (FLUX.1, FLUX.2, Qwen-Image, Wan, HunyuanVideo) name where their queries and keys are made (`RotarySite`), so
+that rows merged or selected per image are rotated per row (`rotary.RowRotary`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The models users run next (issue 43): Qwen-Image, FLUX.2 and HunyuanVideo 1.0 and 1.5 on tiny configs, through the bare transformer in a
-denoising loop of the user's own (the path every pipeline of theirs ends in). Ratio 0 is bit-identical, removal is
+"""The models users run next (issue 43): Qwen-Image, FLUX.2 and HunyuanVideo 1.0 and 1.5 on tiny configs, through
+the bare transformer in a denoising loop of the user's own (the path every pipeline of theirs ends in). Ratio 0 is bit-identical, removal is
 exact, only image rows are reduced (text rows never), an image never depends on its batch mates, a step cache composes
 in one call, and what cannot be merged is refused by name."""
 
@@ -54,15 +54,16 @@ def flux2():
 def hunyuan_video15():
     """Video latents (B, C, F, H, W); the text sequence is the prompt's 6 tokens, 4 ByT5 tokens and 5 image tokens."""
     torch.manual_seed(0)
-    model = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
-                                             num_layers=2, num_refiner_layers=1, mlp_ratio=2.0, text_embed_dim=24,
-                                             text_embed_2_dim=12, image_embed_dim=20, rope_axes_dim=(4, 6, 6)).eval()
+    model = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                             attention_head_dim=16, num_layers=2, num_refiner_layers=1, mlp_ratio=2.0,
+                                             text_embed_dim=24, text_embed_2_dim=12, image_embed_dim=20,
+                                             rope_axes_dim=(4, 6, 6)).eval()
 
     def inputs(x, t, text):
         b, dtype = x.shape[0], x.dtype
         return dict(hidden_states=x, timestep=1000 * t.expand(b), encoder_hidden_states=text,
-                    encoder_attention_mask=torch.ones(b, TEXT), encoder_hidden_states_2=torch.ones(b, 4, 12, dtype=dtype),
-                    encoder_attention_mask_2=torch.ones(b, 4), image_embeds=torch.ones(b, 5, 20, dtype=dtype))
+                    encoder_attention_mask=torch.ones(b, TEXT),
+                    encoder_hidden_states_2=torch.ones(b, 4, 12, dtype=dtype), encoder_attention_mask_2=torch.ones(b, 4), image_embeds=torch.ones(b, 5, 20, dtype=dtype))
 
     return model, inputs, (4, *VIDEO), 24
 
@@ -128,11 +129,13 @@ def _row_probes(model):
     if isinstance(model, QwenImageTransformer2DModel):
         blocks = model.transformer_blocks
         return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
-                "image mlp": [b.img_mlp.net[0].proj for b in blocks], "text mlp": [b.txt_mlp.net[0].proj for b in blocks]}
+                "image mlp": [b.img_mlp.net[0].proj for b in blocks],
+                "text mlp": [b.txt_mlp.net[0].proj for b in blocks]}
     if isinstance(model, (HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel)):
         blocks = model.transformer_blocks
         probes = {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
-                  "image mlp": [b.ff.net[0].proj for b in blocks], "text mlp": [b.ff_context.net[0].proj for b in blocks]}
+                  "image mlp": [b.ff.net[0].proj for b in blocks],
+                  "text mlp": [b.ff_context.net[0].proj for b in blocks]}
         if isinstance(model, HunyuanVideoTransformer3DModel):  # [video; text] rows of the single-stream branches (the
             # MLP's seen past its input projection, whose own forward the patch wraps) and output projection
             probes["joint"] = [m for b in model.single_transformer_blocks for m in (b.attn.to_q, b.act_mlp, b.proj_out)]
@@ -150,7 +153,8 @@ def test_only_image_rows_are_reduced(tiny):
     seen: dict[str, list[int]] = {}
     for name, modules in _row_probes(model).items():
         for module in modules:
-            module.register_forward_pre_hook(lambda _, args, name=name: seen.setdefault(name, []).append(args[0].shape[1]))
+            module.register_forward_pre_hook(
+                lambda _, args, name=name: seen.setdefault(name, []).append(args[0].shape[1]))
     apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=STEPS)
     denoise(tiny, prompts=(0, 1))
     half = TOKENS // 2
