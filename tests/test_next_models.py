@@ -300,3 +300,25 @@ def test_hunyuan_video_merged_attention_never_sees_padded_text():
             assert min(n for step in get_merge_state(model).token_counts[1:] for n in step["attn"] if n) < TOKENS
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
         remove_SDTM(model)
+
+
+@pytest.mark.parametrize("name", ["flux2-dev", "qwen-image", "hunyuan-video-720p", "wan2.2-ti2v-5b-720p"])
+def test_full_size_presets_count_macs_on_meta(name):
+    """The MAC presets of the new models, at their published token counts, built on the meta device at one block of
+    each kind (the full depth only multiplies): ToMe 0.5 lowers the counted MACs, attention included."""
+    import dataclasses
+
+    from benchmarks.macs import count_forward_macs
+    from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
+
+    preset = PRESETS[name]
+    assert preset.num_tokens == {"flux2-dev": 4096, "qwen-image": 4096, "hunyuan-video-720p": 118_800,
+                                 "wan2.2-ti2v-5b-720p": 27_280}[name]
+    shallow = dict(preset.denoiser, num_layers=1)
+    shallow.update({key: 1 for key in ("num_single_layers", "num_refiner_layers") if key in shallow})
+    preset = dataclasses.replace(preset, denoiser=shallow)
+    model, inputs = build_denoiser(preset, "meta"), denoiser_inputs(preset, 1, "meta")
+    base = count_forward_macs(model, inputs).mean_per_forward("total")
+    apply_ToMe(model, ratio=0.5, num_inference_steps=1)
+    merged = count_forward_macs(model, inputs).mean_per_forward("total")
+    assert 0 < merged < base
