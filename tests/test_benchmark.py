@@ -532,8 +532,12 @@ def test_host_time_rows_and_bad_input():
     assert table.loc[0, "host_extra_ms_per_block"] == 0
     with pytest.raises(ValueError, match="method must be a merging method"):
         host_time("tiny", ["fbcache"])
-    with pytest.raises(ValueError, match="forwards and repeats must be >= 1"):
+    with pytest.raises(ValueError, match="forwards, repeats and threads must be >= 1"):
         host_time("tiny", ["sdtm"], forwards=0)
+    real = host_time("tiny", ["tome:ratio=0.5"], forwards=2, repeats=1, real=True)  # the preset itself, no twin
+    assert list(real["tokens"]) == [TINY.num_tokens] * 2 and real.loc[0, "speedup"] == 1.0
+    with pytest.raises(ValueError, match="full-size preset"):
+        host_time("flux2-dev", ["sdtm"], real=True)
     with pytest.raises(ValueError, match="model must be one of the presets"):
         host_time("no-such-model", ["sdtm"])
     import torch._dynamo as dynamo
