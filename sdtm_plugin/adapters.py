@@ -56,8 +56,10 @@ class SubLayer:
             attention module also runs the MLP branch): only the image suffix is merged, the text rows pass through.
         text_mask: its `attention_mask` covers the text rows only and the processor pads it to the query count
             (HunyuanVideo 1.5): the mask passes through a merged call, and queries and keys must be the same rows.
-        key_mask: its `attention_mask` is a key mask (B, 1, 1, N + T) over [image; text] that keeps every image column
-            (HunyuanVideo 1.0): a call whose keys are merged keeps the mask's last N' + T columns.
+        key_mask: its `attention_mask` is a key mask (B, 1, 1, N + T) or (B, N + T) over [image; text] that keeps
+            every image column (HunyuanVideo 1.0, Z-Image): a call whose keys are merged keeps the mask's last N' + T
+            columns.
+        text_last: with `joint`, the sequence is [image; text] (Z-Image's), else [text; image].
     """
 
     name: str
@@ -70,6 +72,7 @@ class SubLayer:
     joint: bool = False
     text_mask: bool = False
     key_mask: bool = False
+    text_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class Adapter:
         input_name: keyword of that input in the model's forward ("hidden_states", or "sample" for U-Nets).
         grid_inputs: other arguments of the forward that `token_grid` reads (FLUX: its packed tokens' "img_ids").
         video: its token grid is (frames, h, w), so windows may span frames (`st` > 1).
+        timestep_name: keyword of the timestep in the model's forward; None where it is no timestep the clock can
+            read (Z-Image's `t` is (1000 - t) / 1000, rising: a bare model's forwards are then counted).
     """
 
     name: str
@@ -143,6 +148,7 @@ class Adapter:
     input_name: str = "hidden_states"
     grid_inputs: tuple[str, ...] = ()
     video: bool = False
+    timestep_name: str | None = "timestep"
 
 
 def _check_latents(hidden_states: torch.Tensor) -> None:
@@ -421,6 +427,48 @@ def _qwen_layout(model: nn.Module) -> PatchLayout:
     ])
 
 
+def _is_z_image(model: nn.Module) -> bool:
+    from diffusers import ZImageTransformer2DModel
+
+    return isinstance(model, ZImageTransformer2DModel)
+
+
+# (B, S, D/2) complex, one table per image over its [image; caption] sequence (the image's positions follow its caption)
+_Z_IMAGE_ROTARY = RotaryArg("freqs_cis", None, seq_dim=1, per_image=True)
+_Z_IMAGE_SEQ_MULTIPLE = 32  # Z-Image pads every image's and caption's tokens to a multiple of this
+
+
+def _z_image_grid(model: nn.Module, images: Any, inputs: Mapping[str, Any]) -> tuple[int, int]:
+    """Z-Image's (h, w) token grid: its input is a list of (C, F, H, W) latents, one per image, patchified in
+    `patch_size` x `patch_size` patches. Every image of a call must have one size with a token count that needs no
+    padding (a multiple of 32: 1024 px gives 4096), so that the image rows lead every unified sequence."""
+    if not isinstance(images, (list, tuple)) or not images or not all(isinstance(x, torch.Tensor) for x in images):
+        raise ValueError("Z-Image token merging supports its standard mode (a list of (C, F, H, W) latents); the omni "
+                         "mode's nested lists (reference images, SigLIP features) are not supported")
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4 or next(iter(shapes))[1] != 1:
+        raise ValueError(f"Z-Image token merging needs every image of a call at one size and one frame, got latent "
+                         f"shapes {sorted(shapes)}")
+    p = inputs.get("patch_size") or 2
+    _, _, height, width = next(iter(shapes))
+    h, w = height // p, width // p
+    if (h * w) % _Z_IMAGE_SEQ_MULTIPLE:
+        raise ValueError(f"Z-Image pads {h} x {w} = {h * w} image tokens to a multiple of {_Z_IMAGE_SEQ_MULTIPLE}; token "
+                         f"merging needs a token count without padding (e.g. 1024 x 1024 px: 64 x 64)")
+    return h, w
+
+
+def _z_image_layout(model: nn.Module) -> PatchLayout:
+    """The main layers' attention and feed-forward on the image prefix of each [image; caption] sequence; the noise
+    and context refiners and the caption rows never merge."""
+    return PatchLayout([
+        [SubLayer("attn", "attn", b.attention, _Z_IMAGE_ROTARY, b.attention.to_q,
+                  (b.attention.to_k, b.attention.to_v), joint=True, key_mask=True, text_last=True),
+         SubLayer("mlp", "mlp", b.feed_forward, joint=True, text_last=True)]
+        for b in model.layers
+    ])
+
+
 def _is_hunyuan_video(model: nn.Module) -> bool:
     """HunyuanVideo 1.0 with its plain blocks (the token-replace blocks of its I2V variant are not supported)."""
     from diffusers import HunyuanVideoTransformer3DModel
@@ -517,6 +565,11 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         "HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel: dual-stream video stream, 3-D rotary positions)",
         _is_hunyuan_video15, _hunyuan15_layout, _hunyuan_grid, video=True,
+    ),
+    Adapter(
+        "Z-Image (ZImageTransformer2DModel: main layers on the image prefix of each [image; caption] sequence, "
+        "per-image rotary tables)",
+        _is_z_image, _z_image_layout, _z_image_grid, input_name="x", grid_inputs=("patch_size",), timestep_name=None,
     ),
     Adapter(
         "Stable Diffusion 1.x / 2.x U-Net (UNet2DConditionModel, BasicTransformerBlock with layer_norm)",

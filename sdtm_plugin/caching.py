@@ -68,16 +68,28 @@ def _prepared(config: Any, state: MergeState) -> Any:
 
 
 def _register_block_metadata() -> None:
-    """Tell diffusers' block-level caches (FirstBlockCache, MagCache) where the blocks it does not know yet return
-    their streams: HunyuanVideo 1.5's dual-stream block returns (video, text)."""
+    """Tell diffusers' block-level caches (FirstBlockCache, MagCache) what they do not know of some blocks: where
+    HunyuanVideo 1.5's dual-stream block returns its streams (video, text), and that Z-Image's block takes its hidden
+    states as `x` (the caches ask for "hidden_states", which its registered metadata cannot find)."""
     from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    @dataclasses.dataclass
+    class RenamedArguments(TransformerBlockMetadata):
+        renames: dict = dataclasses.field(default_factory=dict)  # the name a cache asks for -> the block's
+
+        def _get_parameter_from_args_kwargs(self, identifier, args=(), kwargs=None):
+            return super()._get_parameter_from_args_kwargs(self.renames.get(identifier, identifier), args, kwargs)
 
     try:
         TransformerBlockRegistry.get(HunyuanVideo15TransformerBlock)
     except ValueError:
         TransformerBlockRegistry.register(HunyuanVideo15TransformerBlock, TransformerBlockMetadata(
             return_hidden_states_index=0, return_encoder_hidden_states_index=1))
+    if type(TransformerBlockRegistry.get(ZImageTransformerBlock)).__name__ != "RenamedArguments":
+        TransformerBlockRegistry.register(ZImageTransformerBlock, RenamedArguments(
+            return_hidden_states_index=0, return_encoder_hidden_states_index=None, renames={"hidden_states": "x"}))
 
 
 def _mixed_block_outputs(model: nn.Module) -> bool:

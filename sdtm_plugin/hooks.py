@@ -26,7 +26,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 from .adapters import Adapter, ParallelBlock, RotarySite, SubLayer
 from .clock import PipelineWatch
 from .merge import TokenMerge
-from .rotary import RotaryArg, RowRotary
+from .rotary import RotaryArg, RowRotary, merged_complex_table
 from .state import MergeState
 
 STEP_HOOK = "sdtm_step"
@@ -187,10 +187,12 @@ class StepHook(ModelHook):
                 "the patch to that pipeline too (apply_SDTM(other_pipe): the patch then follows both); to call the "
                 "bare model, apply the patch to the model itself with num_inference_steps=..."
             )
-        timestep = self._argument("timestep", args, kwargs)
+        timestep = self._argument(adapter.timestep_name, args, kwargs) if adapter.timestep_name else None
         inputs = {name: self._argument(name, args, kwargs) for name in adapter.grid_inputs}
-        self.state.begin_forward(adapter.token_grid(module, latents, inputs), latents.shape[0],
-                                 lambda: self._start_index(timestep), timestep, latents.device)
+        batch, device = ((len(latents), latents[0].device) if isinstance(latents, (list, tuple))  # Z-Image: a list
+                         else (latents.shape[0], latents.device))
+        self.state.begin_forward(adapter.token_grid(module, latents, inputs), batch,
+                                 lambda: self._start_index(timestep), timestep, device)
 
     def prelude(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """`begin` run in front of a compiled model's compiled region; the traced `pre_forward` then skips it."""
@@ -242,36 +244,48 @@ class SubLayerMergeHook(ModelHook):
         self.state, self.layer = state, layer
         self.name, self.role = sublayer.name, sublayer.role
         self.rotary = sublayer.rotary
-        self.joint = sublayer.joint
+        self.joint, self.text_last = sublayer.joint, sublayer.text_last
         self.text_mask = sublayer.text_mask
         self.key_mask = sublayer.key_mask
         self.side = state.method.attention_rows if sublayer.role == "attn" else None
         if self.side is not None and sublayer.text_mask:
             raise TypeError("its attention builds a square mask from the query count, so its queries and keys cannot "
                             "be different rows of its tokens")
+        if self.side is not None and sublayer.rotary is not None and sublayer.rotary.per_image:
+            raise TypeError("its processor rotates queries and keys with one per-image table, so its queries and keys "
+                            "cannot be different rows of its tokens")
         self._merge: TokenMerge | None = None
         self.rows: RowCall | None = None  # the running call's reduced side, when `side` is set
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = len(args) == 0
         x = kwargs["hidden_states"] if from_kwargs else args[0]
-        text = x.shape[1] - math.prod(self.state.layer_grids[self.layer]) if self.joint else 0
-        merge = self.state.block_merge(self.layer, self.role, x[:, text:] if text else x)
+        n = math.prod(self.state.layer_grids[self.layer])
+        text = x.shape[1] - n if self.joint else 0
+        image = (x[:, :n] if self.text_last else x[:, text:]) if text else x
+        merge = self.state.block_merge(self.layer, self.role, image)
         self._merge = merge
         if merge is None:
             return args, kwargs
         if self.role == "attn" and not self.text_mask:
             kwargs = _follow_key_mask(kwargs, merge, self.side, self.key_mask, self.layer)
         if self.side is not None:
-            self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs)
+            self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs,
+                                                    self.text_last)
             return args, kwargs
-        merged = torch.cat([x[:, :text], merge.merge(x[:, text:])], dim=1) if text else merge.merge(x)
+        if not text:
+            merged = merge.merge(x)
+        elif self.text_last:
+            merged = torch.cat([merge.merge(x[:, :n]), x[:, n:]], dim=1)
+        else:
+            merged = torch.cat([x[:, :text], merge.merge(x[:, text:])], dim=1)
         if from_kwargs:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
             args = (merged, *args[1:])
         if self.rotary is not None:  # merged queries and keys rotated per image and row at the q/k norms
-            self.rows, args, kwargs = RowCall.begin(merge, "both", self.rotary, self.state, args, kwargs)
+            self.rows, args, kwargs = RowCall.begin(merge, "both", self.rotary, self.state, args, kwargs,
+                                                    self.text_last)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
@@ -282,7 +296,7 @@ class SubLayerMergeHook(ModelHook):
             extra = tuple(self._unmerge_extra(merge, y) for y in output[2:])
             return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), output[1], *extra)
         if self.joint:
-            return self.state.finish_joint(self.layer, self.name, self.role, merge, output)
+            return self.state.finish_joint(self.layer, self.name, self.role, merge, output, self.text_last)
         return self.state.finish(self.layer, self.name, self.role, merge, output)
 
     def _unmerge_extra(self, merge: Any, y: Any) -> Any:
@@ -318,8 +332,10 @@ class RowCall:
         table = arg.find(args, kwargs) if arg is not None else None
         if table is None:
             return cls(merge, side, None, text_last), args, kwargs
-        args, kwargs = arg.replace(args, kwargs, None)
         rule = getattr(state.config, "rotary_positions", None)
+        if arg.per_image:  # the processor takes one table per image: hand it the merged rows' table
+            return cls(merge, side, None, text_last), *arg.replace(args, kwargs, merged_complex_table(table, merge, rule))
+        args, kwargs = arg.replace(args, kwargs, None)
         return cls(merge, side, RowRotary(table, arg, merge, side, rule), text_last), args, kwargs
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,13 +350,13 @@ class RowCall:
 
 
 def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool, layer: int) -> dict:
-    """A merged self-attention call's `attention_mask`: none passes; a key mask (B, 1, 1, N + T) over [image; text]
-    whose image columns are all kept (HunyuanVideo's, `key_mask`) loses the columns of the image rows its keys lose
-    (none when only queries are reduced); any other mask raises."""
+    """A merged self-attention call's `attention_mask`: none passes; a key mask (B, 1, 1, N + T), or (B, N + T), over
+    [image; text] whose image columns are all kept (HunyuanVideo's, Z-Image's, `key_mask`) loses the columns of the
+    image rows its keys lose (none when only queries are reduced); any other mask raises."""
     mask = kwargs.get("attention_mask")
     if mask is None:
         return kwargs
-    if not key_mask or mask.dim() != 4 or mask.shape[-2] != 1:
+    if not key_mask or mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[-2] != 1):
         raise ValueError(
             f"block {layer}: self-attention got an attention_mask over the full token sequence, which cannot follow a "
             "token merge; run without a self-attention mask or with merge_attn=False"

@@ -263,7 +263,8 @@ def apply_token_cache(pipe_or_model: T, config: TokenCacheConfig | None = None, 
 
     Supported: PixArt, DiT, FLUX.1, Qwen-Image, Wan 2.1 / 2.2 and SD U-Nets. Raising a `TypeError`: SD3 (its joint
     attention splits its output by the query count), FLUX.2 (its single-stream blocks project queries, keys and the
-    MLP input in one linear layer) and HunyuanVideo 1.5 (its processor builds a square mask from the query count).
+    MLP input in one linear layer), HunyuanVideo 1.5 (its processor builds a square mask from the query count) and
+    Z-Image (its processor rotates queries and keys with one per-image table).
     """
     if config is not None and params:
         raise TypeError("pass either a TokenCacheConfig or keyword parameters, not both")

@@ -37,12 +37,16 @@ class RotaryArg:
         seq_dim: the sequence axis of cos and sin (FLUX: (S, D), axis 0; Wan: (1, S, 1, D), axis 1).
         pairs: ``table -> (cos, sin)`` for models whose table is another form (Qwen-Image: complex image and text
             tables, `complex_pairs`); None: the argument is the (cos, sin) pair.
+        per_image: the table is complex, (B, S, D/2), one per image, over [image; text] (Z-Image), and the processor
+            rotates queries and keys with it: a merged call gets the table of its merged rows instead
+            (`merged_complex_table`), so nothing is rotated outside the processor.
     """
 
     name: str
     position: int | None
     seq_dim: int
     pairs: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None
+    per_image: bool = False
 
     def find(self, args: tuple, kwargs: dict):
         """The (cos, sin) pair of a call, or None."""
@@ -66,6 +70,19 @@ def complex_pairs(table: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tenso
     image, text = table
     freqs = torch.cat([text, image], dim=0)
     return freqs.real.repeat_interleave(2, -1), freqs.imag.repeat_interleave(2, -1)
+
+
+def merged_complex_table(table: torch.Tensor, merge, rule: str) -> torch.Tensor:
+    """A per-image complex table (B, N + T, D/2) over [image; text] -> (B, N' + T, D/2): the image rows merged as
+    `merge` merges the tokens, each group's rotation by `rule` ("mean": the unit-length mean, "destination": its
+    first token's), the text rows kept."""
+    n = merge.num_tokens
+    image = torch.view_as_real(table[:, :n]).flatten(-2)  # (B, N, D): interleaved (cos, sin) pairs
+    merged = merge.pick(image) if rule == "destination" else merge.merge(image)
+    pairs = merged.float().unflatten(-1, (-1, 2))
+    if rule != "destination":
+        pairs = pairs * torch.rsqrt(pairs.square().sum(-1, keepdim=True).clamp_min(torch.finfo(pairs.dtype).tiny))
+    return torch.cat([torch.view_as_complex(pairs.contiguous()).to(table.dtype), table[:, n:]], dim=1)
 
 
 def _unit_pairs(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The models users run next (issue 43): Qwen-Image, FLUX.2 and HunyuanVideo 1.0 and 1.5 on tiny configs, through
+"""The models users run next (issue 43): Qwen-Image, FLUX.2, HunyuanVideo 1.0 and 1.5 and Z-Image on tiny configs, through
 the bare transformer in a denoising loop of the user's own (the path every pipeline of theirs ends in). Ratio 0 is bit-identical, removal is
 exact, only image rows are reduced (text rows never), an image never depends on its batch mates, a step cache composes
 in one call, and what cannot be merged is refused by name."""
@@ -6,7 +6,7 @@ in one call, and what cannot be merged is refused by name."""
 import pytest
 import torch
 from diffusers import (Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel,
-                       QwenImageTransformer2DModel)
+                       QwenImageTransformer2DModel, ZImageTransformer2DModel)
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from sdtm_plugin import apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
@@ -89,13 +89,33 @@ def hunyuan_video():
     return model, inputs, (4, *VIDEO), 24
 
 
+def z_image():
+    """A list of (C, 1, H, W) latents in, a list out; each image's caption is its own length: prompt i's 6 tokens
+    repeated 1 + 5 i times (6, 36, 66 tokens: padded to 32, 64, 96), so a batch's sequences differ in length and the
+    model masks the padding with a (B, S) key mask."""
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(in_channels=4, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                     cap_feat_dim=24, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]).eval()
+
+    def inputs(x, t, text):
+        captions = [text[i].repeat(1 + 5 * (i % 3), 1) for i in range(x.shape[0])]
+        return dict(x=list(x.unsqueeze(2).unbind(0)), t=1 - t.expand(x.shape[0]).to(x.dtype), cap_feats=captions)
+
+    return model, inputs, (4, 2 * GRID[0], 2 * GRID[1]), 24
+
+
 MODELS = {"qwen-image": qwen_image, "flux2": flux2, "hunyuan-video": hunyuan_video,
-          "hunyuan-video-1.5": hunyuan_video15}
+          "hunyuan-video-1.5": hunyuan_video15, "z-image": z_image}
 
 
 @pytest.fixture(params=list(MODELS))
 def tiny(request):
     return MODELS[request.param]()
+
+
+def batched(output):
+    """A model's output as one tensor (Z-Image returns one (C, 1, H, W) tensor per image)."""
+    return torch.stack(output).squeeze(2) if isinstance(output, list) else output
 
 
 def denoise(tiny, prompts=(0,), steps=STEPS):
@@ -106,7 +126,7 @@ def denoise(tiny, prompts=(0,), steps=STEPS):
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     with torch.no_grad():
         for i in range(steps):
-            v = model(**inputs(x, sigmas[i:i + 1], text), return_dict=False)[0]
+            v = batched(model(**inputs(x, sigmas[i:i + 1], text), return_dict=False)[0])
             x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 
@@ -131,6 +151,8 @@ def _row_probes(model):
         return {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
                 "image mlp": [b.img_mlp.net[0].proj for b in blocks],
                 "text mlp": [b.txt_mlp.net[0].proj for b in blocks]}
+    if isinstance(model, ZImageTransformer2DModel):  # one [image; caption] sequence into every projection
+        return {"joint": [m for b in model.layers for m in (b.attention.to_q, b.feed_forward.w1)]}
     if isinstance(model, (HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel)):
         blocks = model.transformer_blocks
         probes = {"image q": [b.attn.to_q for b in blocks], "text q": [b.attn.add_q_proj for b in blocks],
@@ -158,6 +180,9 @@ def test_only_image_rows_are_reduced(tiny):
     apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=STEPS)
     denoise(tiny, prompts=(0, 1))
     half = TOKENS // 2
+    if isinstance(model, ZImageTransformer2DModel):  # captions of 6 and 36 tokens, padded to 32 and 64
+        assert set(seen["joint"]) == {half + 64}
+        return
     text = 6 + 4 + 5 if isinstance(model, HunyuanVideo15Transformer3DModel) else TEXT
     assert set(seen["image q"]) == {half} and set(seen["image mlp"]) == {half}
     assert set(seen["text q"]) == {text}
@@ -175,9 +200,9 @@ def test_an_image_never_depends_on_its_batch_mates(tiny, method):
     model = tiny[0]
     if method == "sdtm":
         apply_SDTM(model, num_inference_steps=STEPS, protect_steps_frequency=-1)
-    elif isinstance(model, (Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel)):
+    elif isinstance(model, (Flux2Transformer2DModel, HunyuanVideo15Transformer3DModel, ZImageTransformer2DModel)):
         # FLUX.2's single-stream blocks project queries, keys and MLP in one linear; HunyuanVideo 1.5 pads its mask
-        # to the query count
+        # to the query count; Z-Image's processor rotates queries and keys with one per-image table
         with pytest.raises(TypeError, match=f"TokenCacheConfig does not support {type(model).__name__}.*quer"):
             apply_token_cache(model, num_inference_steps=STEPS)
         return
@@ -274,7 +299,7 @@ def test_half_precision_merges_in_the_model_dtype(tiny, dtype):
         x = torch.randn(1, *tiny[2], generator=torch.Generator().manual_seed(1)).to(dtype)
         text = torch.randn(1, TEXT, tiny[3], generator=torch.Generator().manual_seed(10)).to(dtype)
         with torch.no_grad():
-            return model(**model_inputs(x, torch.tensor([0.7], dtype=dtype), text), return_dict=False)[0]
+            return batched(model(**model_inputs(x, torch.tensor([0.7], dtype=dtype), text), return_dict=False)[0])
 
     base = run()
     apply_ToMe(model, ratio=0.5, merge_mlp=True, num_inference_steps=1)
