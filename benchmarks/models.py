@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path(os.environ.get("SDTM_MODEL_CACHE", Path.home() / ".cache" / "sdtm_plugin" / "models"))
 from .reference import WEIGHTS
-FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2", "qwen-image", "hunyuan-video")
-MACS_ONLY = ("flux2", "qwen-image", "hunyuan-video")  # families whose text encoders are not built here
+FAMILIES = ("pixart", "sd3", "dit", "sd-unet", "flux", "wan", "flux2", "qwen-image", "hunyuan-video", "z-image")
+MACS_ONLY = ("flux2", "qwen-image", "hunyuan-video", "z-image")  # families whose text encoders are not built here
 VIDEO = ("wan", "hunyuan-video")  # (frames, height, width) latents
 
 PACKED = ("flux", "flux2", "qwen-image")  # families whose pipelines pack 2 x 2 latent pixels per token
@@ -90,6 +90,8 @@ class ModelPreset:
     @property
     def token_patch(self) -> int:
         """Latent pixels per token side: the denoiser's patch size; FLUX packs 2 x 2 latent pixels per token."""
+        if self.family == "z-image":
+            return self.denoiser.get("all_patch_size", (2,))[0]
         return 2 if self.family in PACKED else self.denoiser.get("patch_size", 1)
 
     @property
@@ -308,6 +310,12 @@ PRESETS.update({
         description="HunyuanVideo 720x1280, 129 frames, 118,800 tokens + 256 text "
                     "(hunyuanvideo-community/HunyuanVideo; MACs only)",
     ),
+    "z-image-turbo": ModelPreset(
+        "z-image", dict(in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+                        cap_feat_dim=2560, axes_dims=[32, 48, 48]),
+        2560, 512, _SD_VAE, full_size=True, extra={"sample_size": 128},
+        description="Z-Image-Turbo 1024x1024, 4096 tokens + 512 caption (Tongyi-MAI/Z-Image-Turbo; MACs only)",
+    ),
     "flux2-dev": ModelPreset(
         "flux2", dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
                       num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256,
@@ -387,7 +395,7 @@ def pipeline_class(preset: ModelPreset) -> type:
     return getattr(diffusers, {
         "pixart": "PixArtAlphaPipeline", "sd3": "StableDiffusion3Pipeline", "dit": "DiTPipeline",
         "sd-unet": "StableDiffusionPipeline", "flux": "FluxPipeline", "wan": "WanPipeline", "flux2": "Flux2Pipeline",
-        "qwen-image": "QwenImagePipeline", "hunyuan-video": "HunyuanVideoPipeline",
+        "qwen-image": "QwenImagePipeline", "hunyuan-video": "HunyuanVideoPipeline", "z-image": "ZImagePipeline",
     }[preset.family])
 
 
@@ -402,13 +410,13 @@ def build_denoiser(preset: ModelPreset, device: str | torch.device = "cpu") -> n
     """The preset's transformer / U-Net with random weights, built directly on `device` (``"meta"``: shapes only)."""
     from diffusers import (DiTTransformer2DModel, Flux2Transformer2DModel, FluxTransformer2DModel,
                            HunyuanVideoTransformer3DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
-                           SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel)
+                           SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel, ZImageTransformer2DModel)
 
     cls = {
         "pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "dit": DiTTransformer2DModel,
         "sd-unet": UNet2DConditionModel, "flux": FluxTransformer2DModel, "wan": WanTransformer3DModel,
         "flux2": Flux2Transformer2DModel, "qwen-image": QwenImageTransformer2DModel,
-        "hunyuan-video": HunyuanVideoTransformer3DModel,
+        "hunyuan-video": HunyuanVideoTransformer3DModel, "z-image": ZImageTransformer2DModel,
     }[preset.family]
     with torch.device(device):
         return cls(**preset.denoiser).eval()
@@ -445,6 +453,10 @@ def denoiser_inputs(preset: ModelPreset, batch_size: int = 2, device: str | torc
         return flux_inputs(preset, b, device, dtype)
     if preset.family in ("flux2", "qwen-image"):
         return _packed_inputs(preset, b, device, dtype)
+    if preset.family == "z-image":  # a list of (C, 1, H, W) latents and one of captions; its `t` is (1000 - t) / 1000
+        return dict(x=[torch.randn(preset.latent_channels, 1, side, side, **new) for _ in range(b)],
+                    t=torch.full((b,), 0.5, **new),
+                    cap_feats=[torch.randn(preset.text_tokens, cfg["cap_feat_dim"], **new) for _ in range(b)])
     if preset.family == "hunyuan-video":  # guidance-distilled: the scale (x 1000) is an input of one forward
         return dict(hidden_states=torch.randn(b, preset.latent_channels, *preset.extra["latent"], **new),
                     timestep=timestep,

@@ -331,7 +331,8 @@ def test_hunyuan_video_merged_attention_never_sees_padded_text():
         remove_SDTM(model)
 
 
-@pytest.mark.parametrize("name", ["flux2-dev", "qwen-image", "hunyuan-video-720p", "wan2.2-ti2v-5b-720p"])
+@pytest.mark.parametrize("name", ["flux2-dev", "qwen-image", "hunyuan-video-720p", "wan2.2-ti2v-5b-720p",
+                                  "z-image-turbo"])
 def test_full_size_presets_count_macs_on_meta(name):
     """The MAC presets of the new models, at their published token counts, built on the meta device at one block of
     each kind (the full depth only multiplies): ToMe 0.5 lowers the counted MACs, attention included."""
@@ -342,9 +343,10 @@ def test_full_size_presets_count_macs_on_meta(name):
 
     preset = PRESETS[name]
     assert preset.num_tokens == {"flux2-dev": 4096, "qwen-image": 4096, "hunyuan-video-720p": 118_800,
-                                 "wan2.2-ti2v-5b-720p": 27_280}[name]
-    shallow = dict(preset.denoiser, num_layers=1)
-    shallow.update({key: 1 for key in ("num_single_layers", "num_refiner_layers") if key in shallow})
+                                 "wan2.2-ti2v-5b-720p": 27_280, "z-image-turbo": 4096}[name]
+    shallow = dict(preset.denoiser)
+    shallow.update({key: 1 for key in ("num_layers", "num_single_layers", "num_refiner_layers", "n_layers",
+                                       "n_refiner_layers") if key in shallow})
     preset = dataclasses.replace(preset, denoiser=shallow)
     model, inputs = build_denoiser(preset, "meta"), denoiser_inputs(preset, 1, "meta")
     base = count_forward_macs(model, inputs).mean_per_forward("total")
