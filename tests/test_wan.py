@@ -157,6 +157,47 @@ def test_step_caches_compose_per_expert(wan22_pipe):
     assert torch.equal(generate(wan22_pipe), base)
 
 
+def test_wan22_image_to_video_merges_both_experts(wan_pipe):
+    """Wan 2.2 I2V A14B: WanImageToVideoPipeline with two experts and no image encoder (the image's latents and mask
+    are extra channels of the token grid). Both experts merge on one clock; removal is exact."""
+    import numpy as np
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from PIL import Image
+
+    from benchmarks.models import wan_temporal_stages
+
+    preset = PRESETS["tiny-wan"]
+    channels = 2 * 16 + 2 ** sum(wan_temporal_stages(preset))  # noise, image latents, the first-frame mask
+
+    def expert(seed):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**{**preset.denoiser, "in_channels": channels}).eval()
+
+    parts = wan_pipe.components
+    pipe = WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                                   scheduler=parts["scheduler"], transformer=expert(0), transformer_2=expert(1),
+                                   boundary_ratio=0.9)
+    pipe.set_progress_bar_config(disable=True)
+    size = wan_call_size(preset)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size["height"], size["width"], 3), np.uint8))
+    embeds = torch.randn(1, 16, preset.denoiser["text_dim"], generator=torch.Generator().manual_seed(3))
+
+    def generate_i2v():  # prompt embeddings given: the I2V prompt cleaner needs ftfy
+        return pipe(image=image, prompt_embeds=embeds, negative_prompt_embeds=-embeds, **size, num_inference_steps=6,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+    high = expert_steps(pipe)  # (sets the scheduler's timesteps: before the patch watches it)
+    base = generate_i2v()
+    apply_SDTM(pipe, protect_steps_frequency=-1)
+    out = generate_i2v()
+    first, second = get_merge_state(pipe), get_merge_state(pipe, denoiser="transformer_2")
+    assert [r.step for r in first.records] == [s for s in high for _ in (0, 1)]
+    assert [r.step for r in second.records] == [s for s in range(len(high), 6) for _ in (0, 1)]
+    assert not torch.equal(out, base)
+    remove_SDTM(pipe)
+    assert torch.equal(generate_i2v(), base)
+
+
 def test_bad_denoiser_names_are_refused(wan22_pipe):
     with pytest.raises(ValueError, match=r"denoiser must be one of \['transformer', 'transformer_2'\]"):
         apply_SDTM(wan22_pipe, denoiser="unet")
