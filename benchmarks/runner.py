@@ -622,9 +622,12 @@ def _mean_tokens(token_counts: list[dict[str, list[int | None]]]) -> dict[str, l
     return out
 
 
-def macs_columns(macs: ForwardMacs, baseline: ForwardMacs, batch_size: int, calls_per_step: int = 1) -> dict[str, Any]:
+def macs_columns(macs: ForwardMacs, baseline: ForwardMacs, batch_size: int, calls_per_step: int = 1,
+                 baseline_calls: int | None = None) -> dict[str, Any]:
     """`calls_per_step`: forwards per step that `macs` (one per step, counted shape-only) stands for (Wan's guidance
-    halves: the same shapes and merges twice)."""
+    halves: the same shapes and merges twice; 1 where a real call counted every forward); `baseline_calls`: the same
+    for `baseline` (default `calls_per_step`), so that the speed-up compares whole calls."""
+    baseline_calls = calls_per_step if baseline_calls is None else baseline_calls
     n = len(macs.steps)
     per_call = macs.per_call  # every forward of one pipeline call (batch_size images)
     labels = per_call.by_label()
@@ -634,7 +637,7 @@ def macs_columns(macs: ForwardMacs, baseline: ForwardMacs, batch_size: int, call
         "macs_image_linear_T": per_call.linear * calls_per_step / batch_size / 1e12,
         "macs_image_total_T": per_call.total * calls_per_step / batch_size / 1e12,
         **{f"macs_{label}_G": v / n / 1e9 for label, v in labels.items()},
-        "macs_speedup": baseline.per_call.total / per_call.total,
+        "macs_speedup": baseline.per_call.total * baseline_calls / (per_call.total * calls_per_step),
     }
 
 
@@ -730,7 +733,8 @@ def _job_row(job: Job, session: ModelSession, settings: Settings, env: dict[str,
     )
     macs = session.macs(job)
     calls = 1 if METHODS[job.method].caches else session.calls_per_step  # a real call counts every forward
-    row.update(macs_columns(macs, session.macs(Job(job.model, "baseline")), settings.batch_size, calls))
+    row.update(macs_columns(macs, session.macs(Job(job.model, "baseline")), settings.batch_size, calls,
+                            session.calls_per_step))
     if METHODS[job.method].merges:
         row.update(traffic_columns(macs, session.block_input_bytes()))
     if macs.sublayers_run is not None:

@@ -616,3 +616,24 @@ def test_gpu_check_script_runs_its_logic_on_cpu(tmp_path, models_dir):
         assert sorted(group["method"]) == ["baseline", "sdtm", "sdtm", "sdtm+magcache"]
         assert group["speedup_denoiser_paired"].notna().all() and (group["steps"] == 4).all()
     assert "speedup_denoiser_paired" in done.stdout
+
+
+def test_step_cache_speedup_compares_whole_calls_under_two_forwards_per_step():
+    """A step cache's MACs come from a real call (every forward: two per step under true guidance or Wan's), the
+    baseline's from one shape-only forward per step: the speed-up compares whole calls, so a cache that skips nothing
+    is 1.0x, not 0.5x."""
+    from benchmarks.macs import ForwardMacs, MacCount
+    from benchmarks.runner import macs_columns
+
+    def forwards(n):
+        counts = []
+        for _ in range(n):
+            count = MacCount()
+            count.add("mlp", "linear", 10)
+            counts.append(count)
+        return ForwardMacs(counts)
+
+    steps = 4
+    same = macs_columns(forwards(2 * steps), forwards(steps), 1, calls_per_step=1, baseline_calls=2)
+    assert same["macs_speedup"] == 1.0 and same["macs_image_total_T"] == 2 * steps * 10 / 1e12
+    assert macs_columns(forwards(steps), forwards(steps), 1, calls_per_step=2)["macs_speedup"] == 1.0
