@@ -344,11 +344,14 @@ _WAN_ROTARY = RotaryArg("rotary_emb", 3, seq_dim=1)  # (1, N, 1, head_dim) cos a
 def _wan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int, int]:
     """Wan's (frames, rows, columns) video token grid after its (1, 2, 2) patches, tokens flattened frame by frame:
     windows span `st` frames (1: within a frame), global matching (IDM, ToMe) pairs tokens across all frames."""
+    return _video_grid(hidden_states, model.config.patch_size)
+
+
+def _video_grid(hidden_states: torch.Tensor, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(B, C, F, H, W) latents in (pt, ph, pw) patches -> the (frames, rows, columns) token grid."""
     if hidden_states.dim() != 5:
         raise ValueError(f"expected video latents (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
-    pt, ph, pw = model.config.patch_size
-    frames, height, width = hidden_states.shape[2] // pt, hidden_states.shape[3] // ph, hidden_states.shape[4] // pw
-    return frames, height, width
+    return tuple(size // p for size, p in zip(hidden_states.shape[2:], patch))
 
 
 def _wan_layout(model: nn.Module) -> PatchLayout:
@@ -511,10 +514,8 @@ _HUNYUAN_ROTARY = RotaryArg("image_rotary_emb", None, seq_dim=0)  # (N, D) cos a
 def _hunyuan_grid(model: nn.Module, hidden_states: torch.Tensor, inputs: Mapping[str, Any]) -> tuple[int, int, int]:
     """HunyuanVideo's (frames, rows, columns) token grid after its (patch_size_t, patch_size, patch_size) patches,
     tokens flattened frame by frame."""
-    if hidden_states.dim() != 5:
-        raise ValueError(f"expected video latents (B, C, F, H, W), got shape {tuple(hidden_states.shape)}")
-    pt, p = model.config.patch_size_t, model.config.patch_size
-    return hidden_states.shape[2] // pt, hidden_states.shape[3] // p, hidden_states.shape[4] // p
+    p = model.config.patch_size
+    return _video_grid(hidden_states, (model.config.patch_size_t, p, p))
 
 
 def _hunyuan15_layout(model: nn.Module) -> PatchLayout:

@@ -26,6 +26,7 @@ from diffusers.hooks import (
     PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig, apply_faster_cache, apply_first_block_cache,
     apply_mag_cache, apply_pyramid_attention_broadcast, apply_taylorseer_cache,
 )
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
@@ -67,28 +68,30 @@ def _prepared(config: Any, state: MergeState) -> Any:
     return dataclasses.replace(config, **changes) if changes else config
 
 
+@dataclasses.dataclass
+class _RenamedArguments(TransformerBlockMetadata):
+    """Block metadata for a block whose forward names an argument otherwise than diffusers' caches ask for it."""
+
+    renames: dict = dataclasses.field(default_factory=dict)  # the name a cache asks for -> the block's
+
+    def _get_parameter_from_args_kwargs(self, identifier, args=(), kwargs=None):
+        return super()._get_parameter_from_args_kwargs(self.renames.get(identifier, identifier), args, kwargs)
+
+
 def _register_block_metadata() -> None:
     """Tell diffusers' block-level caches (FirstBlockCache, MagCache) what they do not know of some blocks: where
     HunyuanVideo 1.5's dual-stream block returns its streams (video, text), and that Z-Image's block takes its hidden
     states as `x` (the caches ask for "hidden_states", which its registered metadata cannot find)."""
-    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
     from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
     from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
-
-    @dataclasses.dataclass
-    class RenamedArguments(TransformerBlockMetadata):
-        renames: dict = dataclasses.field(default_factory=dict)  # the name a cache asks for -> the block's
-
-        def _get_parameter_from_args_kwargs(self, identifier, args=(), kwargs=None):
-            return super()._get_parameter_from_args_kwargs(self.renames.get(identifier, identifier), args, kwargs)
 
     try:
         TransformerBlockRegistry.get(HunyuanVideo15TransformerBlock)
     except ValueError:
         TransformerBlockRegistry.register(HunyuanVideo15TransformerBlock, TransformerBlockMetadata(
             return_hidden_states_index=0, return_encoder_hidden_states_index=1))
-    if type(TransformerBlockRegistry.get(ZImageTransformerBlock)).__name__ != "RenamedArguments":
-        TransformerBlockRegistry.register(ZImageTransformerBlock, RenamedArguments(
+    if not isinstance(TransformerBlockRegistry.get(ZImageTransformerBlock), _RenamedArguments):
+        TransformerBlockRegistry.register(ZImageTransformerBlock, _RenamedArguments(
             return_hidden_states_index=0, return_encoder_hidden_states_index=None, renames={"hidden_states": "x"}))
 
 
@@ -96,8 +99,6 @@ def _mixed_block_outputs(model: nn.Module) -> bool:
     """Whether the model's first dual-stream block returns (text, image) apart while its last single-stream block
     returns one joint tensor (FLUX.2): diffusers' first-block and mag caches take residuals of the last block's output
     against the first's."""
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
     heads, tails = getattr(model, "transformer_blocks", None), getattr(model, "single_transformer_blocks", None)
     if not heads or not tails:
         return False

@@ -35,6 +35,21 @@ MERGE_HOOK = "sdtm_merge"
 DENOISERS = ("transformer", "transformer_2", "unet")  # a pipeline's denoisers (Wan 2.2 A14B: two experts)
 
 
+def image_rows(x: torch.Tensor, num_tokens: int, text_last: bool) -> torch.Tensor:
+    """The N image rows of a (B, N + T, C) joint sequence: its prefix when the text comes last, else its suffix."""
+    return x[:, :num_tokens] if text_last else x[:, x.shape[1] - num_tokens:]
+
+
+def merge_image_rows(x: torch.Tensor, merge: Any, text_last: bool) -> torch.Tensor:
+    """(B, N + T, C), T >= 0 text rows leading (or trailing, `text_last`) -> (B, N' + T, C): the image rows merged."""
+    n = merge.num_tokens
+    if x.shape[1] == n:
+        return merge.merge(x)
+    if text_last:
+        return torch.cat([merge.merge(x[:, :n]), x[:, n:]], dim=1)
+    return torch.cat([x[:, :x.shape[1] - n], merge.merge(x[:, x.shape[1] - n:])], dim=1)
+
+
 class StepHook(ModelHook):
     """Transformer-level hook, the model's outermost: tells the state where each forward sits in the generation and
     its token grid.
@@ -260,9 +275,7 @@ class SubLayerMergeHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = len(args) == 0
         x = kwargs["hidden_states"] if from_kwargs else args[0]
-        n = math.prod(self.state.layer_grids[self.layer])
-        text = x.shape[1] - n if self.joint else 0
-        image = (x[:, :n] if self.text_last else x[:, text:]) if text else x
+        image = image_rows(x, math.prod(self.state.layer_grids[self.layer]), self.text_last) if self.joint else x
         merge = self.state.block_merge(self.layer, self.role, image)
         self._merge = merge
         if merge is None:
@@ -273,12 +286,7 @@ class SubLayerMergeHook(ModelHook):
             self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs,
                                                     self.text_last)
             return args, kwargs
-        if not text:
-            merged = merge.merge(x)
-        elif self.text_last:
-            merged = torch.cat([merge.merge(x[:, :n]), x[:, n:]], dim=1)
-        else:
-            merged = torch.cat([x[:, :text], merge.merge(x[:, text:])], dim=1)
+        merged = merge_image_rows(x, merge, self.text_last)
         if from_kwargs:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
@@ -341,12 +349,7 @@ class RowCall:
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T + N, C) projection input (T >= 0 text rows, leading, or trailing with `text_last`) ->
         (B, T + N', C): its reduced image rows."""
-        n = self.merge.num_tokens
-        if x.shape[1] == n:
-            return self.merge.merge(x)
-        if self.text_last:
-            return torch.cat([self.merge.merge(x[:, :n]), x[:, n:]], dim=1)
-        return torch.cat([x[:, :x.shape[1] - n], self.merge.merge(x[:, x.shape[1] - n:])], dim=1)
+        return merge_image_rows(x, self.merge, self.text_last)
 
 
 def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool, layer: int) -> dict:
@@ -476,23 +479,12 @@ class ParallelBlockMerge:
         """Both branches' outputs have the merged rows (so `proj_out` runs on them and unmerges)."""
         return self._mlp is not None and self._attn is not None and self.side != "key"
 
-    def _image_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The image rows of a joint (B, T + N, C) sequence."""
-        n = math.prod(self.state.layer_grids[self.layer])
-        return x[:, :n] if self.block.text_last else x[:, x.shape[1] - n:]
-
     def _merge_joint(self, x: torch.Tensor, merge: TokenMerge) -> torch.Tensor:
         """A branch input merged on its image rows: the joint sequence's (text rows kept) or, when the attention reads
         the image rows alone (HunyuanVideo's), all of it."""
         if x is self._source and self._merged is not None:
             return self._merged
-        n = merge.num_tokens
-        if x.shape[1] == n:
-            merged = merge.merge(x)
-        elif self.block.text_last:
-            merged = torch.cat([merge.merge(x[:, :n]), x[:, n:]], dim=1)
-        else:
-            merged = torch.cat([x[:, :x.shape[1] - n], merge.merge(x[:, x.shape[1] - n:])], dim=1)
+        merged = merge_image_rows(x, merge, self.block.text_last)
         self._source, self._merged = x, merged
         return merged
 
@@ -505,7 +497,7 @@ class ParallelBlockMerge:
 
     def _mlp_input(self, args: tuple, kwargs: dict):
         x = args[0] if args else kwargs["input"]
-        image = self._image_rows(x)
+        image = image_rows(x, math.prod(self.state.layer_grids[self.layer]), self.block.text_last)
         state, layer = self.state, self.layer
         self._mlp = state.block_merge(layer, "mlp", image)
         self._attn = state.block_merge(layer, "attn", image)

@@ -353,3 +353,14 @@ def test_full_size_presets_count_macs_on_meta(name):
     apply_ToMe(model, ratio=0.5, num_inference_steps=1)
     merged = count_forward_macs(model, inputs).mean_per_forward("total")
     assert 0 < merged < base
+
+
+def test_z_image_inputs_it_cannot_merge_are_refused_by_name():
+    """Images of several sizes in one call, and a token count Z-Image pads (not a multiple of 32), raise."""
+    model, _, _, _ = z_image()
+    apply_SDTM(model, num_inference_steps=STEPS)
+    caption = [torch.randn(6, 24), torch.randn(6, 24)]
+    with pytest.raises(ValueError, match="every image of a call at one size"):
+        model([torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 24)], torch.zeros(2), caption)
+    with pytest.raises(ValueError, match=r"pads 5 x 5 = 25 image tokens to a multiple of 32"):
+        model([torch.randn(4, 1, 10, 10)] * 2, torch.zeros(2), caption)

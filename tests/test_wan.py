@@ -198,6 +198,13 @@ def test_wan22_image_to_video_merges_both_experts(wan_pipe):
     assert torch.equal(generate_i2v(), base)
 
 
+def test_mag_cache_calibration_refuses_two_experts(wan22_pipe):
+    from sdtm_plugin import calibrate_mag_cache
+
+    with pytest.raises(ValueError, match="runs 2 denoisers"):
+        calibrate_mag_cache(wan22_pipe, 4, prompt="a cat")
+
+
 def test_bad_denoiser_names_are_refused(wan22_pipe):
     with pytest.raises(ValueError, match=r"denoiser must be one of \['transformer', 'transformer_2'\]"):
         apply_SDTM(wan22_pipe, denoiser="unet")
