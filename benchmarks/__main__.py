@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fullgraph", action="store_true",
                    help="with --compile: fullgraph=True, a graph break raises (merging alone has none; the step "
                         "caches' own hooks break graphs)")
+    p.add_argument("--regional", action="store_true",
+                   help="with --compile: regional compilation (diffusers' compile_repeated_blocks: each repeated "
+                        "block class compiled, the model's own forward eager), as FLUX and Wan users run")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark"), help="folder for results.csv and plots")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-run jobs already in the CSV")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip timing (one call per job)")
@@ -154,10 +157,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if args.quality_prompts is None:
             args.quality_prompts = default.get("quality_prompts")
     args.dtype = args.dtype or "float32"
-    if args.fullgraph:
-        if args.compile is None:
-            raise ValueError("--fullgraph needs --compile")
-        args.compile += "+fullgraph"
+    for flag in ("fullgraph", "regional"):
+        if getattr(args, flag):
+            if args.compile is None:
+                raise ValueError(f"--{flag} needs --compile")
+            args.compile += f"+{flag}"
     if args.compile is not None:
         check_compile_spec(args.compile)
     args.repeats = 3 if args.repeats is None else args.repeats
@@ -213,13 +217,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 def check_compile_spec(spec: str) -> None:
-    """``BACKEND[:MODE][+fullgraph]``: a torch.compile backend and, for inductor, one of its modes; else a
+    """``BACKEND[:MODE][+fullgraph][+regional]``: a torch.compile backend and, for inductor, one of its modes; else a
     ValueError."""
     import torch._dynamo as dynamo
 
     from .runner import COMPILE_MODES, parse_compile_spec
 
-    backend, mode, _ = parse_compile_spec(spec)
+    backend, mode, *_ = parse_compile_spec(spec)
     backends = sorted(dynamo.list_backends(exclude_tags=()))
     try:
         dynamo.lookup_backend(backend)

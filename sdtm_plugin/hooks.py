@@ -27,7 +27,7 @@ from .adapters import Adapter, ParallelBlock, RotarySite, SubLayer
 from .clock import PipelineWatch
 from .merge import TokenMerge
 from .rotary import RotaryArg, RowRotary, merged_complex_table
-from .state import MergeState
+from .state import BlockSlot, MergeState
 
 STEP_HOOK = "sdtm_step"
 GRID_HOOK = "sdtm_grid"
@@ -231,7 +231,8 @@ class GridHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if hidden_states.dim() == 4:
-            self.state.set_layer_grid(self.layers, (hidden_states.shape[-2], hidden_states.shape[-1]))
+            self.state.prepare_blocks(self.layers, (hidden_states.shape[-2], hidden_states.shape[-1]),
+                                      hidden_states.shape[0], hidden_states.device)
         return args, kwargs
 
 
@@ -256,7 +257,7 @@ class SubLayerMergeHook(ModelHook):
 
     def __init__(self, state: MergeState, layer: int, sublayer: SubLayer) -> None:
         super().__init__()
-        self.state, self.layer = state, layer
+        self.state, self.slot = state, state.slots[layer]
         self.name, self.role = sublayer.name, sublayer.role
         self.rotary = sublayer.rotary
         self.joint, self.text_last = sublayer.joint, sublayer.text_last
@@ -275,13 +276,13 @@ class SubLayerMergeHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         from_kwargs = len(args) == 0
         x = kwargs["hidden_states"] if from_kwargs else args[0]
-        image = image_rows(x, math.prod(self.state.layer_grids[self.layer]), self.text_last) if self.joint else x
-        merge = self.state.block_merge(self.layer, self.role, image)
+        image = image_rows(x, math.prod(self.slot.grid), self.text_last) if self.joint else x
+        merge = self.state.block_merge(self.slot, self.role, image)
         self._merge = merge
         if merge is None:
             return args, kwargs
         if self.role == "attn" and not self.text_mask:
-            kwargs = _follow_key_mask(kwargs, merge, self.side, self.key_mask, self.layer)
+            kwargs = _follow_key_mask(kwargs, merge, self.side, self.key_mask, self.slot)
         if self.side is not None:
             self.rows, args, kwargs = RowCall.begin(merge, self.side, self.rotary, self.state, args, kwargs,
                                                     self.text_last)
@@ -302,17 +303,17 @@ class SubLayerMergeHook(ModelHook):
             merge = None
         if isinstance(output, tuple):
             extra = tuple(self._unmerge_extra(merge, y) for y in output[2:])
-            return (self.state.finish(self.layer, self.name, self.role, merge, output[0]), output[1], *extra)
+            return (self.state.finish(self.slot, self.name, self.role, merge, output[0]), output[1], *extra)
         if self.joint:
-            return self.state.finish_joint(self.layer, self.name, self.role, merge, output, self.text_last)
-        return self.state.finish(self.layer, self.name, self.role, merge, output)
+            return self.state.finish_joint(self.slot, self.name, self.role, merge, output, self.text_last)
+        return self.state.finish(self.slot, self.name, self.role, merge, output)
 
     def _unmerge_extra(self, merge: Any, y: Any) -> Any:
         """A further output on the image rows (FLUX's IP-Adapter attention: (B, N', C)): each token gets its row's."""
         if merge is None or not isinstance(y, torch.Tensor) or y.dim() != 3 or y.shape[1] != merge.num_rows:
             return y
         if self.side == "query":
-            raise TypeError(f"block {self.layer}: the attention processor returns a further output on the image rows "
+            raise TypeError(f"block {self.slot.index}: the attention processor returns a further output on the image rows "
                             "(an IP-Adapter's), which token caching has no cached value for; use apply_SDTM or "
                             "apply_ToMe with IP-Adapters")
         return merge.unmerge(y)
@@ -352,7 +353,7 @@ class RowCall:
         return merge_image_rows(x, self.merge, self.text_last)
 
 
-def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool, layer: int) -> dict:
+def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool, slot: BlockSlot) -> dict:
     """A merged self-attention call's `attention_mask`: none passes; a key mask (B, 1, 1, N + T), or (B, N + T), over
     [image; text] whose image columns are all kept (HunyuanVideo's, Z-Image's, `key_mask`) loses the columns of the
     image rows its keys lose (none when only queries are reduced); any other mask raises."""
@@ -361,7 +362,7 @@ def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool,
         return kwargs
     if not key_mask or mask.dim() not in (2, 4) or (mask.dim() == 4 and mask.shape[-2] != 1):
         raise ValueError(
-            f"block {layer}: self-attention got an attention_mask over the full token sequence, which cannot follow a "
+            f"block {slot.index}: self-attention got an attention_mask over the full token sequence, which cannot follow a "
             "token merge; run without a self-attention mask or with merge_attn=False"
         )
     if side == "query":
@@ -453,7 +454,7 @@ class ParallelBlockMerge:
     """
 
     def __init__(self, state: MergeState, layer: int, block: ParallelBlock) -> None:
-        self.state, self.layer, self.block = state, layer, block
+        self.state, self.slot, self.block = state, state.slots[layer], block
         self.side = state.method.attention_rows
         self._attn: TokenMerge | None = None
         self._mlp: TokenMerge | None = None
@@ -472,7 +473,7 @@ class ParallelBlockMerge:
 
     def _cached_at_output(self) -> bool:
         """Both branches are kept at `proj_out`'s output only (token caching of the attention and the MLP)."""
-        roles = self.state.cache_roles
+        roles = self.state.forward.cache_roles
         return self.side == "query" and "attn" in roles and "mlp" in roles
 
     def _rows_meet(self) -> bool:
@@ -492,15 +493,15 @@ class ParallelBlockMerge:
         """A branch or block output unmerged (and kept) on its image rows: a joint tensor's, or the first element of
         an attention's (image, text) pair."""
         if isinstance(output, tuple):
-            return (self.state.finish(self.layer, name, role, merge, output[0]), *output[1:])
-        return self.state.finish_joint(self.layer, name, role, merge, output, self.block.text_last)
+            return (self.state.finish(self.slot, name, role, merge, output[0]), *output[1:])
+        return self.state.finish_joint(self.slot, name, role, merge, output, self.block.text_last)
 
     def _mlp_input(self, args: tuple, kwargs: dict):
         x = args[0] if args else kwargs["input"]
-        image = image_rows(x, math.prod(self.state.layer_grids[self.layer]), self.block.text_last)
-        state, layer = self.state, self.layer
-        self._mlp = state.block_merge(layer, "mlp", image)
-        self._attn = state.block_merge(layer, "attn", image)
+        image = image_rows(x, math.prod(self.slot.grid), self.block.text_last)
+        state, slot = self.state, self.slot
+        self._mlp = state.block_merge(slot, "mlp", image)
+        self._attn = state.block_merge(slot, "attn", image)
         self._source = self._merged = None
         if self._mlp is None:
             return args, kwargs
@@ -516,7 +517,7 @@ class ParallelBlockMerge:
         merge = self._attn
         if merge is None:
             return args, kwargs
-        kwargs = _follow_key_mask(kwargs, merge, self.side, self.block.key_mask, self.layer)
+        kwargs = _follow_key_mask(kwargs, merge, self.side, self.block.key_mask, self.slot)
         if self.side is not None:
             self.rows, args, kwargs = RowCall.begin(merge, self.side, self.block.rotary, self.state, args, kwargs,
                                                     self.block.text_last)

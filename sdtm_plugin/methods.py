@@ -2,17 +2,16 @@
 
 A method decides each step's `StepPlan`, builds a block's `TokenMerge` from the sub-layer input, and finishes a
 sub-layer output (unmerge, cache). Per-call buffers (SDTM's staleness counters and output cache) live in a
-`StreamBuffers` that the state hands in: one per transformer call of a step, so an extra call (SD3 skip-layer
-guidance, a split classifier-free-guidance batch) never overwrites the main call's cache. What the blocks of one
-forward share (the merges, values derived once for all blocks) lives in a `ForwardScratch` that dies with the
-forward.
+`StreamBuffers`: one per transformer call of a step, so an extra call (SD3 skip-layer guidance, a split
+classifier-free-guidance batch) never overwrites the main call's cache. A block's hooks reach their share of it, and
+everything else of the running forward they need, through the block's `BlockSlot` (`sdtm_plugin.state`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -22,6 +21,9 @@ from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choos
 from .schedule import (Phase, StepPlan, cached_tokens, in_structure_phase, layer_is_protected, removal_schedule,
                        step_plan, token_cache_plan, tokens_removed)
 from .selection import RowSelection, change_scores, choose_rows, token_sketch
+
+if TYPE_CHECKING:
+    from .state import BlockSlot
 
 
 NEVER = -1e6  # `StreamBuffers.computed_at` of a token never computed: its output changes at no measurable rate
@@ -44,6 +46,9 @@ class StreamBuffers:
     sub-layer that needs it, both on the current stream without a host sync; a method that updates what it read in
     place writes it back (`update_output`, `update_slope`).
 
+    Counters are one tensor per kind for all blocks of a token grid; each block reaches its own row and caches through
+    its `BlockBuffers` (`blocks`), which holds no block index a compiled hook would read.
+
     Attributes:
         num_layers: blocks of the model.
         batch: images of the call (B).
@@ -53,32 +58,46 @@ class StreamBuffers:
     num_layers: int
     batch: int
     offload: bool = False
-    _cache: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    _slopes: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    _staleness: dict[int, torch.Tensor] = field(default_factory=dict)
-    _computed_at: dict[int, torch.Tensor] = field(default_factory=dict)
-    _references: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    blocks: list[BlockBuffers] = field(default_factory=list)
+    _counters: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _now: torch.Tensor | None = None
     filled: bool = False  # a step computed every token of this call (token caching may serve tokens from then on)
 
     def __post_init__(self) -> None:
-        self._cache = [{} for _ in range(self.num_layers)]
-        self._slopes = [{} for _ in range(self.num_layers)]
+        self.blocks = [BlockBuffers(self) for _ in range(self.num_layers)]
 
-    def _rows(self, batch: int) -> slice:
+    def rows(self, batch: int) -> slice:
+        """The trailing `batch` rows of the call's images."""
         if batch > self.batch:
             raise ValueError(f"a block saw {batch} images in a forward of {self.batch}")
         return slice(self.batch - batch, self.batch)
 
+    def _counter(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The (L, B, ...) tensor of `key`, made on first use; each block's `BlockBuffers` gets its row."""
+        if key not in self._counters:
+            self._counters[key] = stacked = make()
+            for block, row in zip(self.blocks, stacked.unbind(0)):
+                block.counters[key] = row
+        return self._counters[key]
+
     def staleness(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(L, batch, N) float32: per block, steps since each token's outputs were last computed on their own (a view
-        of the call's trailing `batch` rows).
+        of the call's trailing `batch` rows)."""
+        return self._counter(("staleness", num_tokens), lambda: torch.zeros(
+            self.num_layers, self.batch, num_tokens, device=device))[:, self.rows(batch)]
 
-        One tensor for all blocks of a token grid, so a forward derives what it needs for all of them at once.
-        """
-        if num_tokens not in self._staleness:
-            self._staleness[num_tokens] = torch.zeros(self.num_layers, self.batch, num_tokens, device=device)
-        return self._staleness[num_tokens][:, self._rows(batch)]
+    def computed_at(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(L, batch, N) float32: per block, the step at which each token was last computed (far in the past before
+        its first computation)."""
+        return self._counter(("computed_at", num_tokens), lambda: torch.full(
+            (self.num_layers, self.batch, num_tokens), NEVER, device=device))[:, self.rows(batch)]
+
+    def references(self, batch: int, num_tokens: int, dim: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """(L, batch, N, D): per block, the sketch of each token's input when it was last computed (token caching's
+        change measure; a view of the call's trailing `batch` rows)."""
+        return self._counter(("references", num_tokens, dim), lambda: torch.zeros(
+            self.num_layers, self.batch, num_tokens, dim, device=device, dtype=dtype))[:, self.rows(batch)]
 
     def now(self, device: torch.device) -> torch.Tensor:
         """() float32: the current step, a tensor set before each forward (a compiled forward reads its value without
@@ -87,88 +106,20 @@ class StreamBuffers:
             self._now = torch.zeros((), device=device)
         return self._now
 
-    def computed_at(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """(L, batch, N) float32: per block, the step at which each token was last computed (far in the past before
-        its first computation)."""
-        if num_tokens not in self._computed_at:
-            self._computed_at[num_tokens] = torch.full((self.num_layers, self.batch, num_tokens), NEVER, device=device)
-        return self._computed_at[num_tokens][:, self._rows(batch)]
-
-    def references(self, batch: int, num_tokens: int, dim: int, device: torch.device,
-                   dtype: torch.dtype) -> torch.Tensor:
-        """(L, batch, N, D): per block, the sketch of each token's input when it was last computed (token caching's
-        change measure; a view of the call's trailing `batch` rows)."""
-        key = (num_tokens, dim)
-        if key not in self._references:
-            self._references[key] = torch.zeros(self.num_layers, self.batch, num_tokens, dim, device=device,
-                                                dtype=dtype)
-        return self._references[key][:, self._rows(batch)]
-
-    def cached_output(self, layer: int, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-        """The last full-length output (batch, N, C) of a sub-layer (its trailing rows) on `device`, if one of that
-        shape."""
-        return self._read(self._cache, layer, name, shape, device)
-
-    def store_output(self, layer: int, name: str, output: torch.Tensor) -> None:
-        """Keep a sub-layer's full-length output (on the device a reference: outputs are never mutated); a partial
-        batch replaces the trailing rows only."""
-        self._write(self._cache, layer, name, output)
-
-    def update_output(self, layer: int, name: str, output: torch.Tensor) -> None:
-        """Write back a cached output read with `cached_output` and changed in place (offloaded: a copy was read)."""
-        if self.offload:
-            self._write(self._cache, layer, name, output)
-
-    def cached_slope(self, layer: int, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-        """The change per step (batch, N, C) of a sub-layer's output between each token's last two computations."""
-        return self._read(self._slopes, layer, name, shape, device)
-
-    def store_slope(self, layer: int, name: str, slope: torch.Tensor) -> None:
-        self._write(self._slopes, layer, name, slope)
-
-    def update_slope(self, layer: int, name: str, slope: torch.Tensor) -> None:
-        if self.offload:
-            self._write(self._slopes, layer, name, slope)
-
-    def _read(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str, shape: torch.Size,
-              device: torch.device) -> torch.Tensor | None:
-        cache = slots[layer].get(name)
-        if cache is None or cache.shape[1:] != shape[1:]:
-            return None
-        cache = cache[self._rows(shape[0])]
-        return cache.to(device, non_blocking=True, copy=True) if self.offload else cache
-
-    def _write(self, slots: list[dict[str, torch.Tensor]], layer: int, name: str, value: torch.Tensor) -> None:
-        value = value.detach()
-        cache = slots[layer].get(name)
-        fits = cache is not None and cache.shape[1:] == value.shape[1:] and cache.dtype == value.dtype
-        if self.offload:
-            if not fits:  # allocated once per slot and generation, rewritten at every store
-                host = "meta" if value.device.type == "meta" else "cpu"  # shape-only runs allocate nothing
-                cache = torch.zeros((self.batch, *value.shape[1:]), dtype=value.dtype, device=host,
-                                    pin_memory=value.device.type == "cuda")
-                slots[layer][name] = cache
-            cache[self._rows(value.shape[0])].copy_(value, non_blocking=True)
-            return
-        if value.shape[0] < self.batch and fits:
-            value = torch.cat([cache[: self.batch - value.shape[0]], value])
-        slots[layer][name] = value
-
     def cached_layers(self) -> set[int]:
         """The blocks with an output in the merge cache."""
-        return {layer for layer, outputs in enumerate(self._cache) if outputs}
+        return {layer for layer, block in enumerate(self.blocks) if block.cache}
 
     @property
     def num_cached(self) -> int:
         """Sub-layer outputs held in the merge cache."""
-        return sum(len(layer) for layer in self._cache)
+        return sum(len(block.cache) for block in self.blocks)
 
     def held_bytes(self) -> int:
         """Bytes of the tensors these buffers hold on the model's device (output caches and slopes unless offloaded,
         counters, reference sketches)."""
         tensors = [] if self.offload else self._outputs()
-        tensors += [*self._staleness.values(), *self._computed_at.values(), *self._references.values()]
-        tensors += [self._now] if self._now is not None else []
+        tensors += [*self._counters.values(), *([self._now] if self._now is not None else [])]
         return _nbytes(tensors)
 
     def host_bytes(self) -> int:
@@ -176,39 +127,104 @@ class StreamBuffers:
         return _nbytes(self._outputs()) if self.offload else 0
 
     def _outputs(self) -> list[torch.Tensor]:
-        return [t for slots in (self._cache, self._slopes) for layer in slots for t in layer.values()]
+        return [t for block in self.blocks for slots in (block.cache, block.slopes) for t in slots.values()]
 
     def reset_staleness(self) -> None:
-        for counters in self._staleness.values():
-            counters.zero_()
+        for key, counters in self._counters.items():
+            if key[0] == "staleness":
+                counters.zero_()
 
 
-class ForwardScratch:
-    """What the blocks of one forward share; made when the forward begins and dropped when it ends, so that a
-    compiled forward hands none of it back to Python (no merge object outlives its forward).
-
-    Args:
-        noise: ``(grid, batch) -> (L, B, W, K) or None``, the forward's random draws for a grid (drawn before the
-            forward, outside any compiled region).
+class BlockBuffers:
+    """One block's share of a `StreamBuffers`: its rows of the counters and its output caches, reached by the block's
+    hooks without a block index (a compiled hook that read one would compile a graph per block).
 
     Attributes:
-        merges: per block, its merge once built (None: it runs on all tokens).
-        ages: per block, blocks since its merge was built (a merge is shared by `plan_blocks` blocks).
-        derived: values a method derives once per forward for all blocks of a grid, keyed by (grid, batch).
+        cache: sub-layer name -> its last full-length output (B, N, C).
+        slopes: sub-layer name -> that output's change per step (token caching's extrapolation).
+        counters: (kind, ...) -> this block's row of the stream's counter of that kind.
     """
 
-    def __init__(self, noise: Callable[[WindowGrid, int], torch.Tensor | None]) -> None:
-        self.noise = noise
-        self.merges: dict[int, TokenMerge | None] = {}
-        self.observed: set[int] = set()  # blocks whose input a full step showed the method (`MergeMethod.observe`)
-        self.ages: dict[int, int] = {}
-        self.derived: dict[tuple, Any] = {}
+    def __init__(self, stream: StreamBuffers) -> None:
+        self.stream = stream
+        self.cache: dict[str, torch.Tensor] = {}
+        self.slopes: dict[str, torch.Tensor] = {}
+        self.counters: dict[tuple, torch.Tensor] = {}
 
-    def once(self, key: tuple, derive: Callable[[], Any]) -> Any:
-        """`derive()` on the first request of `key` in this forward, the same value after."""
-        if key not in self.derived:
-            self.derived[key] = derive()
-        return self.derived[key]
+    def _row(self, key: tuple, batch: int, allocate: Callable[[], Any]) -> torch.Tensor:
+        if key not in self.counters:
+            allocate()
+        return self.counters[key][self.stream.rows(batch)]
+
+    def staleness(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(batch, N) float32: `StreamBuffers.staleness` of this block."""
+        return self._row(("staleness", num_tokens), batch,
+                         lambda: self.stream.staleness(batch, num_tokens, device))
+
+    def computed_at(self, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(batch, N) float32: `StreamBuffers.computed_at` of this block."""
+        return self._row(("computed_at", num_tokens), batch,
+                         lambda: self.stream.computed_at(batch, num_tokens, device))
+
+    def references(self, batch: int, num_tokens: int, dim: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """(batch, N, D): `StreamBuffers.references` of this block."""
+        return self._row(("references", num_tokens, dim), batch,
+                         lambda: self.stream.references(batch, num_tokens, dim, device, dtype))
+
+    def now(self, device: torch.device) -> torch.Tensor:
+        return self.stream.now(device)
+
+    def cached_output(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """The last full-length output (batch, N, C) of a sub-layer (its trailing rows) on `device`, if one of that
+        shape."""
+        return self._read(self.cache, name, shape, device)
+
+    def store_output(self, name: str, output: torch.Tensor) -> None:
+        """Keep a sub-layer's full-length output (on the device a reference: outputs are never mutated); a partial
+        batch replaces the trailing rows only."""
+        self._write(self.cache, name, output)
+
+    def update_output(self, name: str, output: torch.Tensor) -> None:
+        """Write back a cached output read with `cached_output` and changed in place (offloaded: a copy was read)."""
+        if self.stream.offload:
+            self._write(self.cache, name, output)
+
+    def cached_slope(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """The change per step (batch, N, C) of a sub-layer's output between each token's last two computations."""
+        return self._read(self.slopes, name, shape, device)
+
+    def store_slope(self, name: str, slope: torch.Tensor) -> None:
+        self._write(self.slopes, name, slope)
+
+    def update_slope(self, name: str, slope: torch.Tensor) -> None:
+        if self.stream.offload:
+            self._write(self.slopes, name, slope)
+
+    def _read(self, slots: dict[str, torch.Tensor], name: str, shape: torch.Size,
+              device: torch.device) -> torch.Tensor | None:
+        cache = slots.get(name)
+        if cache is None or cache.shape[1:] != shape[1:]:
+            return None
+        cache = cache[self.stream.rows(shape[0])]
+        return cache.to(device, non_blocking=True, copy=True) if self.stream.offload else cache
+
+    def _write(self, slots: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        cache = slots.get(name)
+        fits = cache is not None and cache.shape[1:] == value.shape[1:] and cache.dtype == value.dtype
+        batch = self.stream.batch
+        if self.stream.offload:
+            if not fits:  # allocated once per slot and generation, rewritten at every store
+                host = "meta" if value.device.type == "meta" else "cpu"  # shape-only runs allocate nothing
+                cache = torch.zeros((batch, *value.shape[1:]), dtype=value.dtype, device=host,
+                                    pin_memory=value.device.type == "cuda")
+                slots[name] = cache
+            cache[self.stream.rows(value.shape[0])].copy_(value, non_blocking=True)
+            return
+        if value.shape[0] < batch and fits:
+            value = torch.cat([cache[: batch - value.shape[0]], value])
+        slots[name] = value
 
 
 class MergeMethod:
@@ -216,8 +232,9 @@ class MergeMethod:
 
     Before each forward (eagerly, outside any compiled region) the state asks for the step's `plan`, the tokens a
     merge removes on the model's grid (`tokens_removed`), the random draws (`noise_shape`) and which outputs the
-    merge cache keeps (`cache_roles`); inside the forward, `build`, `reuse` and `finish` read only those values and
-    the plan's phase and sub-layer flags (a bounded set: one compiled graph each), never the step.
+    merge cache keeps (`cache_roles`), and hands each block its share in its `BlockSlot`; inside the forward,
+    `observe`, `build`, `reuse` and `finish` read only the slot and the plan's phase and sub-layer flags (a bounded
+    set: one compiled graph each), never the step or the block's index.
 
     Attributes:
         needs_step_count: whether `plan` depends on the number of steps (a bare model must then be told it).
@@ -269,7 +286,14 @@ class MergeMethod:
         if self.tracks_staleness and plan.merges:
             buffers.staleness(batch, num_tokens, device)
 
-    def observe(self, layer: int, x: torch.Tensor, buffers: StreamBuffers, forward: ForwardScratch) -> None:
+    def derive(self, grid: WindowGrid, plan: StepPlan, buffers: StreamBuffers, batch: int,
+               noise: torch.Tensor | None) -> list[Any] | None:
+        """Per block, what its merge needs that can be decided from the buffers and the draws `noise` (L, ...) before
+        the forward, for all blocks of `grid` at once (a few kernels per forward instead of several per block); None:
+        nothing. Each block's entry reaches its `build` as `slot.derived`."""
+        return None
+
+    def observe(self, slot: BlockSlot, x: torch.Tensor) -> None:
         """A block computes every token in this step: `x` (B, N, C) is the input its first reduced sub-layer would
         have built its merge from."""
 
@@ -293,17 +317,16 @@ class MergeMethod:
         """Consecutive merged blocks that share one plan (`reuse` is called for all but the first)."""
         return 1
 
-    def build(self, layer: int, x: torch.Tensor, grid: WindowGrid, plan: StepPlan, removed: int,
-              buffers: StreamBuffers, forward: ForwardScratch) -> TokenMerge | None:
-        """The block's merge removing `removed` tokens, from its first merged sub-layer input `x` (B, N, C); None:
-        none."""
+    def build(self, slot: BlockSlot, x: torch.Tensor, plan: StepPlan) -> TokenMerge | None:
+        """The block's merge removing `slot.removed` tokens on `slot.window_grid`, from its first merged sub-layer
+        input `x` (B, N, C); None: none."""
         raise NotImplementedError
 
-    def reuse(self, layer: int, merge: TokenMerge, buffers: StreamBuffers) -> None:
-        """Block `layer` merges with the previous block's `merge`: update its per-block state."""
+    def reuse(self, slot: BlockSlot, merge: TokenMerge) -> None:
+        """The block merges with the previous block's `merge`: update its per-block state."""
 
-    def finish(self, layer: int, name: str, merge: TokenMerge | None, output: torch.Tensor, buffers: StreamBuffers,
-               store: bool, forward: ForwardScratch) -> torch.Tensor:
+    def finish(self, slot: BlockSlot, name: str, merge: TokenMerge | None, output: torch.Tensor,
+               store: bool) -> torch.Tensor:
         """A sub-layer output (B, N', C) -> (B, N, C); `store`: keep it in the merge cache."""
         return output if merge is None else merge.unmerge(output)
 
@@ -322,7 +345,7 @@ class NoMerge(MergeMethod):
     def tokens_removed(self, plan, grid):
         return 0
 
-    def build(self, layer, x, grid, plan, removed, buffers, forward):
+    def build(self, slot, x, plan):
         return None
 
 
@@ -344,19 +367,22 @@ class ToMe(MergeMethod):
         # depended on how many others it was batched with)
         return (self.num_layers, 1, grid.num_windows, grid.window_size) if self.config.use_rand else None
 
-    def build(self, layer, x, grid, plan, removed, buffers, forward):
+    def derive(self, grid, plan, buffers, batch, noise):
+        if noise is None:
+            return None
+        destinations = choose_destinations(grid, batch, noise.expand(-1, batch, -1, -1))
+        return [destinations[layer] for layer in range(self.num_layers)]
+
+    def build(self, slot, x, plan):
+        removed, grid, b = slot.removed, slot.window_grid, x.shape[0]
         if removed == 0:
             return None
-        b = x.shape[0]
-        radius, dim = self.config.match_radius, self.config.match_dim
-        if not self.config.use_rand:
-            return bipartite_merge(x, grid, removed, radius=radius, sketch_dim=dim)
-
-        def draw() -> Destinations:
-            return choose_destinations(grid, b, forward.noise(grid, b).expand(-1, b, -1, -1))
-
-        destinations = forward.once((grid.grid, b), draw)
-        return bipartite_merge(x, grid, removed, destinations[layer], radius=radius, sketch_dim=dim)
+        destinations = None
+        if self.config.use_rand:  # derived before the forward, unless the block sees part of its batch
+            destinations = (slot.derived if slot.derived_batch == b else
+                            choose_destinations(grid, b, slot.noise.expand(b, -1, -1)))
+        return bipartite_merge(x, grid, removed, destinations, radius=self.config.match_radius,
+                               sketch_dim=self.config.match_dim)
 
 
 def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
@@ -368,22 +394,24 @@ def _age(staleness: torch.Tensor, merge: TokenMerge) -> None:
 
 @dataclass(frozen=True)
 class _StalenessTerms:
-    """What SDTM derives from the staleness counters of all blocks of a grid, once per forward.
-
-    A block's counters change only after its own merge, so values derived at the forward's first merge are those
-    each block would derive from its own counters; deriving them for all blocks at once costs a few kernels per
-    forward instead of several per block.
+    """What SDTM's merge of a block derives from its staleness counters and the forward's draws: for every block at
+    once before the forward (`SDTM.derive`), each block then taking its own (`[layer]`). A block's counters change
+    only at its own merge, so these are the values it would derive from its own counters at its merge.
 
     Attributes:
-        window_priority: (L, B, W) each window's mean P_fre (SSM with a prior), else None.
-        priority: (L, B, N) P_fre (bipartite merges with a prior), else None.
-        destinations: (L) each window's destination and the ranking bias (bipartite merges), None when each block
+        window_priority: (..., B, W) each window's mean P_fre (SSM with a prior), else None.
+        priority: (..., B, N) P_fre (bipartite merges with a prior), else None.
+        destinations: each window's destination and the ranking bias (bipartite merges), None when each block
             chooses from its own input (`idm_destination="similar"`).
     """
 
     window_priority: torch.Tensor | None = None
     priority: torch.Tensor | None = None
     destinations: Destinations | None = None
+
+    def __getitem__(self, index) -> "_StalenessTerms":
+        return _StalenessTerms(*(None if t is None else t[index] for t in (self.window_priority, self.priority,
+                                                                            self.destinations)))
 
 
 class SDTM(MergeMethod):
@@ -453,47 +481,49 @@ class SDTM(MergeMethod):
     def plan_blocks(self) -> int:
         return self.config.plan_blocks
 
-    def build(self, layer, x, grid, plan, removed, buffers, forward):
+    def derive(self, grid, plan, buffers, batch, noise):
+        staleness = buffers.staleness(batch, grid.num_tokens, grid.window_tokens.device)  # (L, B, N)
+        terms = self._staleness_terms(grid, plan, staleness, noise)
+        return [terms[layer] for layer in range(self.num_layers)]
+
+    def build(self, slot, x, plan):
         cfg = self.config
+        removed, grid = slot.removed, slot.window_grid
         if removed == 0:
             return None
         b = x.shape[0]
-        staleness = buffers.staleness(b, x.shape[1], x.device)
-        terms: _StalenessTerms = forward.once(
-            (grid.grid, b), lambda: self._staleness_terms(grid, plan, staleness, forward.noise(grid, b)))
+        staleness = slot.buffers.staleness(b, x.shape[1], x.device)  # (B, N), this block's
+        terms: _StalenessTerms = slot.derived if slot.derived_batch == b else self._staleness_terms(
+            grid, plan, staleness, slot.noise[-b:] if slot.noise is not None else None)  # part of the batch
         if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
-            window_priority = terms.window_priority[layer] if terms.window_priority is not None else None
-            merge = window_merge(x, grid, removed // (grid.window_size - 1), window_priority, cfg.a_s)
+            merge = window_merge(x, grid, removed // (grid.window_size - 1), terms.window_priority, cfg.a_s)
         else:
-            unit = None
-            if terms.destinations is not None:
-                destinations = terms.destinations[layer]
-            else:  # "similar": from this block's input
+            unit, destinations = None, terms.destinations
+            if destinations is None:  # "similar": from this block's input
                 unit = unit_vectors(x)
-                priority = terms.priority[layer] if terms.priority is not None else None
-                destinations = choose_destinations(grid, b, window_medoid_scores(x, grid, unit), priority,
+                destinations = choose_destinations(grid, b, window_medoid_scores(x, grid, unit), terms.priority,
                                                    self._prior_weight(plan))
             merge = bipartite_merge(x, grid, removed, destinations, unit, cfg.match_radius, cfg.match_dim)
-        _age(staleness[layer], merge)
+        _age(staleness, merge)
         return merge
 
-    def reuse(self, layer, merge, buffers):
-        _age(buffers.staleness(merge.batch_size, merge.num_tokens, merge.device)[layer], merge)
+    def reuse(self, slot, merge):
+        _age(slot.buffers.staleness(merge.batch_size, merge.num_tokens, merge.device), merge)
 
     def _prior_weight(self, plan: StepPlan) -> float:
         return self.config.a_s if plan.phase is Phase.STRUCTURE else self.config.a_d
 
     def _staleness_terms(self, grid: WindowGrid, plan: StepPlan, staleness: torch.Tensor,
                          noise: torch.Tensor | None) -> _StalenessTerms:
-        """`_StalenessTerms` of every block from their counters `staleness` (L, B, N) and the forward's draws."""
+        """`_StalenessTerms` from counters `staleness` (..., B, N) and draws `noise` (..., B, W, K) or None."""
         cfg = self.config
         weight = self._prior_weight(plan)
         priority = staleness_priority(staleness, cfg.prior) if weight else None
         if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
             if priority is None:
                 return _StalenessTerms()
-            window_priority = grid.window_reduce(priority.flatten(0, 1), mean=True)
-            return _StalenessTerms(window_priority=window_priority.view(*staleness.shape[:2], -1))
+            window_priority = grid.window_reduce(priority.reshape(-1, grid.num_tokens), mean=True)
+            return _StalenessTerms(window_priority=window_priority.view(*priority.shape[:-1], -1))
         choice = self.destination_choice(grid, staleness, noise)
         if choice is None:
             return _StalenessTerms(priority=priority)
@@ -517,14 +547,14 @@ class SDTM(MergeMethod):
         return grid.per_window(staleness.flatten(0, -2), plus).view(*staleness.shape[:-1], grid.num_windows,
                                                                     grid.window_size)
 
-    def finish(self, layer, name, merge, output, buffers, store, forward):
+    def finish(self, slot, name, merge, output, store):
         if merge is not None:
             cfg = self.config
             shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
-            cache = buffers.cached_output(layer, name, shape, output.device) if cfg.uses_cache else None
+            cache = slot.buffers.cached_output(name, shape, output.device) if cfg.uses_cache else None
             output = merge.unmerge(output, cache, cfg.mcw)
         if store:
-            buffers.store_output(layer, name, output)
+            slot.buffers.store_output(name, output)
         return output
 
 
@@ -585,35 +615,38 @@ class TokenCache(MergeMethod):
         per_role = 2 if self.config.extrapolation else 1  # the last output, and its change per step
         return {role: per_role for role in self.cache_roles(None)}
 
-    def _references(self, buffers: StreamBuffers, layer: int, sketch: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _references(buffers: BlockBuffers, sketch: torch.Tensor) -> torch.Tensor:
         b, n, d = sketch.shape
-        return buffers.references(b, n, d, sketch.device, torch.float32)[layer]
+        return buffers.references(b, n, d, sketch.device, torch.float32)
 
-    def observe(self, layer, x, buffers, forward):
+    def observe(self, slot, x):
         b, n, _ = x.shape
+        buffers = slot.buffers
         now = buffers.now(x.device)
-        computed_at = buffers.computed_at(b, n, x.device)[layer]
-        forward.derived[("gap", layer)] = (now - computed_at).unsqueeze(-1)  # (B, N, 1) steps since last computed
+        computed_at = buffers.computed_at(b, n, x.device)
+        slot.gap = (now - computed_at).unsqueeze(-1)  # (B, N, 1) steps since last computed
         computed_at.copy_(now.expand_as(computed_at))
         if self.config.selection == "change":
             sketch = token_sketch(x, self.config.sketch_dim)
-            self._references(buffers, layer, sketch).copy_(sketch)
+            self._references(buffers, sketch).copy_(sketch)
 
-    def build(self, layer, x, grid, plan, removed, buffers, forward):
+    def build(self, slot, x, plan):
+        removed, grid, buffers = slot.removed, slot.window_grid, slot.buffers
         if removed == 0:
             return None
         cfg = self.config
         b, n, _ = x.shape
         now = buffers.now(x.device)
-        computed_at = buffers.computed_at(b, n, x.device)[layer]
+        computed_at = buffers.computed_at(b, n, x.device)
         age = now - computed_at  # (B, N) steps since each token was last computed
         sketch = reference = None
         if cfg.selection == "change":
             sketch = token_sketch(x, cfg.sketch_dim)
-            reference = self._references(buffers, layer, sketch)
+            reference = self._references(buffers, sketch)
             score = change_scores(sketch, reference)
         elif cfg.selection == "random":
-            score = forward.noise(grid, b)[layer]
+            score = slot.noise[-b:]
         else:  # the tokens least similar to their window computed first (loose tokens: neutral)
             similarity = torch.zeros(b * n, device=x.device)
             windows = grid.batch_tables(b).window_tokens.flatten()
@@ -631,31 +664,32 @@ class TokenCache(MergeMethod):
             reference.view(-1, d).index_copy_(0, flat, sketch.reshape(-1, d).index_select(0, flat))
         return selection
 
-    def finish(self, layer, name, merge, output, buffers, store, forward):
+    def finish(self, slot, name, merge, output, store):
         weight = self.config.extrapolation
+        buffers = slot.buffers
         if merge is None:  # dense: every token computed, kept as it is (updated in place at the cached steps)
             if store and weight:
-                last = buffers.cached_output(layer, name, output.shape, output.device)
-                gap = forward.derived[("gap", layer)][-output.shape[0]:].to(output.dtype)
-                buffers.store_slope(layer, name, torch.zeros_like(output) if last is None else (output - last) / gap)
+                last = buffers.cached_output(name, output.shape, output.device)
+                gap = slot.gap[-output.shape[0]:].to(output.dtype)
+                buffers.store_slope(name, torch.zeros_like(output) if last is None else (output - last) / gap)
             if store:
-                buffers.store_output(layer, name, output)
+                buffers.store_output(name, output)
             return output
         shape = torch.Size((output.shape[0], merge.num_tokens, output.shape[-1]))
-        last = buffers.cached_output(layer, name, shape, output.device)
+        last = buffers.cached_output(name, shape, output.device)
         if last is None:
-            raise RuntimeError(f"block {layer} {name}: no cached output to complete a cached step (the block did not "
+            raise RuntimeError(f"block {slot.index} {name}: no cached output to complete a cached step (the block did not "
                                "run at any dense step of this call)")
         c = last.shape[-1]
         rows, flat = output.reshape(-1, c), merge.flat_rows
         slope = None
         if weight:  # the computed tokens' change per step since their previous computation
             change = rows - last.reshape(-1, c).index_select(0, flat)
-            slope = buffers.cached_slope(layer, name, shape, output.device)
+            slope = buffers.cached_slope(name, shape, output.device)
             slope.view(-1, c).index_copy_(0, flat, change / merge.gap.to(rows.dtype))
-            buffers.update_slope(layer, name, slope)
+            buffers.update_slope(name, slope)
         last.view(-1, c).index_copy_(0, flat, rows)  # each token's last computed output
-        buffers.update_output(layer, name, last)
+        buffers.update_output(name, last)
         if not weight:
             return last
         # computed tokens have age 0: their exact outputs; the others move along their last change per step

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import io
 import logging
+import types
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -141,6 +143,8 @@ def _apply_to(model: nn.Module, pipeline: Any, held: Any, config: SDTMConfig | T
 
     def register(module: nn.Module, hook, name: str) -> None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        if module is not model:
+            _bind_forward(module)
         hooked.append((module, name, module.__dict__["forward"]))
 
     patch = _Patch(state, step_hook, hooked)
@@ -149,7 +153,10 @@ def _apply_to(model: nn.Module, pipeline: Any, held: Any, config: SDTMConfig | T
         if config is not None:
             _register_merge_hooks(model, layout, state, register)
         if step_cache is not None:  # registered after the merge hooks: outside them
-            hooked.extend((m, name, m.__dict__["forward"]) for m, name in attach_step_cache(model, step_cache, state))
+            for module, name in attach_step_cache(model, step_cache, state):
+                if module is not model:
+                    _bind_forward(module)
+                hooked.append((module, name, module.__dict__["forward"]))
         # the step hook is the model's outermost hook: every other hook of a forward (a step cache's denoiser-level
         # hook and its timestep callback included) runs at the step it has just moved to
         register(model, step_hook, STEP_HOOK)
@@ -160,6 +167,19 @@ def _apply_to(model: nn.Module, pipeline: Any, held: Any, config: SDTMConfig | T
     step_hook.install_compiled_prelude(held)
     logger.info("%s applied to %s (%d blocks), step cache %s", type(config).__name__, type(model).__name__,
                 len(layout.blocks), type(step_cache).__name__ if step_cache is not None else None)
+
+
+def _bind_forward(module: nn.Module) -> None:
+    """Re-install the hooked forward diffusers' registry just put on a block's sub-module as a bound method.
+
+    The registry installs ``functools.partial(hooked, module)``, which dynamo guards by identity: under regional
+    compilation (`compile_repeated_blocks`) each block would compile its own graphs. A method bound to the same
+    function is guarded by the function's code, which every block's hook shares. (The model's own forward keeps the
+    partial: its signature, which pipelines inspect, follows the partial's `__wrapped__`.)
+    """
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.args == (module,) and not forward.keywords:
+        module.forward = types.MethodType(forward.func, module)
 
 
 def _other_experts(model: nn.Module, step_hook: StepHook) -> list[MergeState]:

@@ -5,11 +5,13 @@ with its own buffers (`StreamBuffers`: staleness counters, merge cache), held fo
 ends (`end_generation`); the telemetry of the last generation stays readable.
 
 A forward has two halves. `begin_forward` runs eagerly before it (never inside a compiled region): it moves the
-clock, plans the step, works out the tokens each merge removes, draws the forward's random numbers, resets what a
-full step resets and opens the telemetry record. The blocks (`block_merge`, `finish`) then read only values of a
-bounded set (the phase, the sub-layer flags, the token budget, which outputs to cache), tensors, and a
-`ForwardScratch` that `open_forward` / `close_forward` make and drop inside the forward: under
-`torch.compile(fullgraph=True)` the forward is one graph per budget and phase, and nothing it builds outlives it.
+clock, plans the step (`ForwardPlan`), works out the tokens each merge removes, draws the forward's random numbers,
+resets what a full step resets, opens the telemetry record, and hands each block its share of all that in its
+`BlockSlot`. The blocks (`block_merge`, `finish`) then read only their slot (values of a bounded set: the phase,
+the sub-layer flags, the token budget, which outputs to cache; tensors), never a step or a block index: under
+`torch.compile(fullgraph=True)` the forward is one graph per budget and phase, and under regional compilation
+(`compile_repeated_blocks`) blocks whose slots agree share one graph. `open_forward` / `close_forward` clear what a
+block keeps within the forward (its merge), so nothing a compiled forward builds outlives it.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from .clock import GenerationClock
 from .config import SDTMConfig, ToMeConfig
 from .merge import TokenMerge, WindowGrid
-from .methods import ForwardScratch, MergeMethod, StreamBuffers, make_method
+from .methods import BlockBuffers, MergeMethod, StreamBuffers, make_method
 from .schedule import StepPlan
 
 logger = logging.getLogger(__name__)
@@ -50,15 +52,89 @@ class ForwardRecord:
     """Telemetry of one transformer call: its step, its index within the step, tokens entering each sub-layer.
 
     `tokens[role][layer]` is None for a block that did not run (a step cache skipped it); `grid_tokens[layer]` is
-    the block's unmerged token count.
+    the block's unmerged token count. Each block writes its own entry of `blocks` (through its slot).
     """
 
     step: int
     call: int
     batch_size: int
     phase: str
-    tokens: dict[str, list[int | None]] = field(default_factory=dict)
-    grid_tokens: list[int | None] = field(default_factory=list)
+    blocks: list[dict[str, int | None]] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> dict[str, list[int | None]]:
+        return {role: [block[role] for block in self.blocks] for role in ROLES}
+
+    @property
+    def grid_tokens(self) -> list[int | None]:
+        return [block["grid"] for block in self.blocks]
+
+
+@dataclass
+class ForwardPlan:
+    """What one forward runs, decided before it: its step's plan, the model's token grid, the call's buffers, the
+    outputs the merge cache keeps, its telemetry record; per token grid, the tokens a merge removes and the random
+    draws (made on first use, eagerly)."""
+
+    plan: StepPlan
+    grid: tuple[int, ...]
+    buffers: StreamBuffers
+    cache_roles: tuple[str, ...]
+    record: ForwardRecord
+    removed: dict[tuple[int, ...], int] = field(default_factory=dict)
+    noise: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+
+
+class BlockSlot:
+    """One block's share of the running forward, which its hooks read: set eagerly before the forward
+    (`MergeState.prepare_blocks`, never inside a compiled region) and filled in by the block as it runs.
+
+    A traced hook reads what it needs here, never a block index: dynamo specialises a graph on each integer it reads,
+    so an index would compile one graph per block under regional compilation. Blocks whose slots hold equal values
+    (phase, budget, flags) share one graph.
+
+    Attributes:
+        index: the block's position in the model (error messages only).
+        merges: the method merges this block (it is not protected).
+        previous: the previous block's slot (a merge is shared by `plan_blocks` consecutive blocks).
+        grid, window_grid, removed, noise: per forward, the block's token grid, its windows, the tokens its merge
+            removes and its rows of the forward's random draws.
+        derived, derived_batch: what the method derived for its merge before the forward (`MergeMethod.derive`),
+            and for how many images.
+        buffers: the block's `BlockBuffers` of the running call.
+        stores: the sub-layer roles whose outputs it keeps in the merge cache this forward.
+        allowed: its grid is within `max_downsample` of the model's (U-Net levels).
+        counts: its entry of the forward's `ForwardRecord`.
+        merge, built, age, observed, gap: within the forward, its merge once built (None: all tokens), whether
+            that was decided, blocks since the merge was built, whether the method observed its input (a full step),
+            and token caching's steps since each token was last computed.
+    """
+
+    def __init__(self, index: int, merges: bool, previous: BlockSlot | None) -> None:
+        self.index, self.merges, self.previous = index, merges, previous
+        self.grid: tuple[int, ...] | None = None
+        self.removed = 0
+        self.stores: tuple[str, ...] = ()
+        self.allowed = True
+        self.release()
+
+    def release(self) -> None:
+        """Drop what the slot refers to of the last forward (buffers, draws, windows); its grid stays readable."""
+        self.window_grid: WindowGrid | None = None
+        self.noise: torch.Tensor | None = None
+        self.derived: Any = None
+        self.derived_batch = 0
+        self.buffers: BlockBuffers | None = None
+        self.counts: dict[str, int | None] = {}
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget what the block made within a forward."""
+        self.merge: TokenMerge | None = None
+        self.built = False
+        self.age = 0
+        self.observed = False
+        self.gap: torch.Tensor | None = None
 
 
 class MergeState:
@@ -83,16 +159,12 @@ class MergeState:
         self._grids: dict[tuple, WindowGrid] = {}
         self._streams: dict[tuple, StreamBuffers] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
-        self.plan: StepPlan | None = None
-        self.grid: tuple[int, ...] | None = None
-        self.layer_grids: list[tuple[int, ...] | None] = [None] * num_layers
-        self.record: ForwardRecord | None = None  # the running forward's telemetry
-        self.cache_roles: tuple[str, ...] = ()  # sub-layer roles whose outputs the merge cache keeps this forward
+        self.slots: list[BlockSlot] = []
+        for layer in range(num_layers):
+            self.slots.append(BlockSlot(layer, self.method.merges_layer(layer), self.slots[-1] if layer else None))
+        self.forward: ForwardPlan | None = None  # the running (or last) forward's plan
+        self.grid: tuple[int, ...] | None = None  # the model's token grid
         self.ready = False  # `begin_forward` ran for the coming forward outside its compiled region
-        self.scratch: ForwardScratch | None = None
-        self._buffers: StreamBuffers | None = None
-        self._removed: dict[tuple[int, ...], int] = {}  # per token grid, what this forward's merges remove
-        self._noise: dict[tuple, torch.Tensor | None] = {}  # per (token grid, batch), this forward's random draws
         self._last_shape: tuple | None = None
         self.peak_held_bytes = 0  # the most `held_bytes` seen at the start of a forward (telemetry)
         self._memory_warned = False
@@ -100,6 +172,16 @@ class MergeState:
         self.output_layers: dict[tuple[int, str], list[torch.nn.Linear]] = {}
 
     # -- generations and forwards -----------------------------------------------------------------------------
+    @property
+    def plan(self) -> StepPlan | None:
+        """The running forward's step plan."""
+        return self.forward.plan if self.forward is not None else None
+
+    @property
+    def layer_grids(self) -> list[tuple[int, ...] | None]:
+        """Per block, its token grid in the running forward."""
+        return [slot.grid for slot in self.slots]
+
     @property
     def step(self) -> int:
         return self.clock.step
@@ -203,10 +285,9 @@ class MergeState:
     def release(self) -> None:
         """Free the per-generation buffers (output caches, staleness); the telemetry stays readable."""
         self._streams = {}
-        self._buffers = None
-        self._noise = {}
-        self.scratch = None
-        self.plan = None
+        self.forward = None
+        for slot in self.slots:
+            slot.release()
 
     def begin_forward(self, grid: tuple[int, ...], batch_size: int, start_index=lambda: 0,
                       timestep: Any = None, device: torch.device | str = "cpu") -> StepPlan:
@@ -233,11 +314,13 @@ class MergeState:
         key = (clock.call, batch_size, grid)
         if key not in self._streams:
             self._streams[key] = StreamBuffers(self.num_layers, batch_size, self._offloads(grid, batch_size, device))
-        self._buffers = buffers = self._streams[key]
-        self.plan = plan = self.method.stream_plan(self.method.plan(clock.step, clock.num_steps), buffers)
+        buffers = self._streams[key]
+        plan = self.method.stream_plan(self.method.plan(clock.step, clock.num_steps), buffers)
+        record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
+                               [dict.fromkeys(("grid", *ROLES)) for _ in range(self.num_layers)])
+        self.records.append(record)
+        self.forward = ForwardPlan(plan, grid, buffers, self.method.cache_roles(plan), record)
         self.grid = grid
-        self.layer_grids = [grid] * self.num_layers
-        self.cache_roles = self.method.cache_roles(plan)
         held = self.held_bytes()
         self.peak_held_bytes = max(self.peak_held_bytes, held)
         if clock.step == 1 and clock.call == 0:  # the first step filled what each call keeps
@@ -245,52 +328,68 @@ class MergeState:
         if clock.step == 0 or not plan.merges:  # a full step computes every token on its own
             buffers.reset_staleness()
         buffers.filled = buffers.filled or not plan.merges
-        self._removed, self._noise = {}, {}
-        if self.config is not None:
-            # what the blocks will ask for on the model's grid, made here: the generator and the first-use
-            # allocations stay out of the forward (other grids, U-Net levels, are served when first asked)
+        if self.config is not None:  # the first-use allocations stay out of the forward
             self.method.prepare(buffers, plan, math.prod(grid), batch_size, device)
-            if plan.merges and self.removed(grid):
-                window_grid = self._window_grid(grid, device)
-                if getattr(self.config, "match_radius", None) is not None:
-                    window_grid.neighbour_windows(self.config.match_radius)
-                self.noise(window_grid, batch_size)
-        self.record = ForwardRecord(clock.step, clock.call, batch_size, plan.phase.value,
-                                    {role: [None] * self.num_layers for role in ROLES}, [None] * self.num_layers)
-        self.records.append(self.record)
+        self.prepare_blocks(range(self.num_layers), grid, batch_size, device)
         return plan
 
+    def prepare_blocks(self, layers: Iterable[int], grid: tuple[int, ...], batch: int,
+                       device: torch.device | str) -> None:
+        """Hand blocks `layers`, whose tokens lie on `grid` in this forward (the model's; a U-Net level's, from its
+        grid hook), their share of the forward: eagerly, so that the generator, the window tables and the draws
+        stay out of any compiled region."""
+        forward = self.forward
+        removed = self.removed(grid)
+        window_grid = noise = derived = None
+        if removed:
+            window_grid = self._window_grid(grid, torch.device(device))
+            if getattr(self.config, "match_radius", None) is not None:
+                window_grid.neighbour_windows(self.config.match_radius)
+            noise = self._noise(window_grid, batch)
+            derived = self.method.derive(window_grid, forward.plan, forward.buffers, batch, noise)
+        allowed = self.config is None or math.prod(forward.grid) <= math.prod(grid) * self.config.max_downsample ** 2
+        rows = noise.unbind(0) if noise is not None else [None] * self.num_layers
+        for layer in layers:
+            slot = self.slots[layer]
+            slot.grid, slot.window_grid, slot.removed, slot.noise = grid, window_grid, removed, rows[layer]
+            slot.derived, slot.derived_batch = (derived[layer], batch) if derived is not None else (None, 0)
+            slot.buffers = forward.buffers.blocks[layer]
+            slot.stores = forward.cache_roles if slot.merges else ()
+            slot.allowed = allowed
+            slot.counts = forward.record.blocks[layer]
+
     def open_forward(self) -> None:
-        """The forward's blocks begin (inside the forward: the scratch is made and dropped within it)."""
-        self.scratch = ForwardScratch(self.noise)
+        """The forward's blocks begin (inside the forward)."""
+        for slot in self.slots:
+            slot.clear()
 
     def close_forward(self) -> None:
-        self.scratch = None
+        """The forward ended: its merges are dropped (inside the forward, so a compiled one hands none back)."""
+        for slot in self.slots:
+            slot.clear()
 
     def removed(self, grid: tuple[int, ...]) -> int:
         """Tokens this forward's merges remove on a token grid (0 when nothing merges)."""
-        if grid not in self._removed:
-            self._removed[grid] = self.method.tokens_removed(self.plan, grid) if self.plan.merges else 0
-        return self._removed[grid]
+        forward = self.forward
+        if grid not in forward.removed:
+            merges = self.config is not None and forward.plan.merges
+            forward.removed[grid] = self.method.tokens_removed(forward.plan, grid) if merges else 0
+        return forward.removed[grid]
 
-    def noise(self, grid: WindowGrid, batch: int) -> torch.Tensor | None:
-        """This forward's uniform draws for the merges of `grid` with `batch` images (`MergeMethod.noise_shape`),
-        drawn once per forward from the patch's generator."""
-        key = (grid.grid, batch)
-        if key not in self._noise:
-            shape = self.method.noise_shape(grid, batch, self.plan)
+    def _noise(self, grid: WindowGrid, batch: int) -> torch.Tensor | None:
+        """This forward's uniform draws (L, ...) for the merges of `grid` with `batch` images
+        (`MergeMethod.noise_shape`), drawn once per forward from the patch's generator."""
+        forward, key = self.forward, (grid.grid, batch)
+        if key not in forward.noise:
+            shape = self.method.noise_shape(grid, batch, forward.plan)
             device = grid.window_tokens.device
-            self._noise[key] = (None if shape is None else
-                                torch.rand(shape, generator=self._generator(device), device=device))
-        return self._noise[key]
+            forward.noise[key] = (None if shape is None else
+                                  torch.rand(shape, generator=self._generator(device), device=device))
+        return forward.noise[key]
 
-    def set_layer_grid(self, layers: list[int], grid: tuple[int, ...]) -> None:
-        for layer in layers:
-            self.layer_grids[layer] = grid
-
-    # -- per sub-layer --------------------------------------------------------------------------------------------
-    def block_merge(self, layer: int, role: str, x: torch.Tensor) -> TokenMerge | None:
-        """The merge of block `layer` for a sub-layer of `role` ("attn" / "mlp"); None when it runs on all tokens.
+    # -- per sub-layer (traced with the model: slot values only) -------------------------------------------------
+    def block_merge(self, slot: BlockSlot, role: str, x: torch.Tensor) -> TokenMerge | None:
+        """The merge of a block for a sub-layer of `role` ("attn" / "mlp"); None when it runs on all tokens.
 
         Built once per block and forward from the input of its first merged sub-layer (the attention input in the
         structure phase, the MLP input in the detail phase) and shared by the others.
@@ -298,59 +397,56 @@ class MergeState:
         plan = self.plan
         if plan is None:
             raise RuntimeError("a merged block ran outside a model forward; was the step hook removed?")
-        grid = self.layer_grids[layer]
-        num_tokens = math.prod(grid)
+        num_tokens = math.prod(slot.grid)
         if x.dim() != 3 or x.shape[1] != num_tokens:
             raise ValueError(
-                f"block {layer} {role}: expected hidden states (B, {num_tokens}, C) for the {'x'.join(map(str, grid))} "
-                f"token grid, got {tuple(x.shape)} (chunked feed-forward cannot be combined with merging)"
+                f"block {slot.index} {role}: expected hidden states (B, {num_tokens}, C) for the "
+                f"{'x'.join(map(str, slot.grid))} token grid, got {tuple(x.shape)} (chunked feed-forward cannot be "
+                "combined with merging)"
             )
-        record = self.record
-        record.grid_tokens[layer] = num_tokens
-        counts = record.tokens[role]
-        counts[layer] = num_tokens
-        scratch = self.scratch
+        counts = slot.counts
+        counts["grid"] = counts[role] = num_tokens
         if not plan.merges:
-            if role in self.cache_roles and layer not in scratch.observed:  # the input a cached step would select on
-                scratch.observed.add(layer)
-                self.method.observe(layer, x, self._buffers, scratch)
+            if role in slot.stores and not slot.observed:  # the input a cached step would select on
+                slot.observed = True
+                self.method.observe(slot, x)
             return None
-        if not plan.merges_sublayer(role) or not self.method.merges_layer(layer) or not self._downsample_allowed(layer):
+        if not plan.merges_sublayer(role) or not slot.merges or not slot.allowed:
             return None
-        if layer not in scratch.merges:
-            previous = scratch.merges.get(layer - 1)
-            if (previous is not None and scratch.ages[layer - 1] + 1 < self.method.plan_blocks
-                    and self.layer_grids[layer - 1] == grid):
-                scratch.merges[layer], scratch.ages[layer] = previous, scratch.ages[layer - 1] + 1
-                self.method.reuse(layer, previous, self._buffers)
+        if not slot.built:
+            previous = slot.previous if self.method.plan_blocks > 1 else None  # (not read otherwise: a guard)
+            if (previous is not None and previous.merge is not None and previous.age + 1 < self.method.plan_blocks
+                    and previous.grid == slot.grid):
+                slot.merge, slot.age = previous.merge, previous.age + 1
+                self.method.reuse(slot, previous.merge)
             else:
-                merge = self.method.build(layer, x, self._window_grid(grid, x.device), plan, self.removed(grid),
-                                          self._buffers, scratch)
-                scratch.merges[layer], scratch.ages[layer] = merge, 0
-        merge = scratch.merges[layer]
+                slot.merge, slot.age = self.method.build(slot, x, plan), 0
+            slot.built = True
+        merge = slot.merge
         if merge is not None:
-            counts[layer] = merge.num_rows
+            counts[role] = merge.num_rows
         return merge
 
-    def finish(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor) -> torch.Tensor:
+    def finish(self, slot: BlockSlot, name: str, role: str, merge: TokenMerge | None,
+               output: torch.Tensor) -> torch.Tensor:
         """A sub-layer output (B, N', C) -> (B, N, C): unmerged, blended with the cache, cached."""
-        if merge is None and not self._downsample_allowed(layer):  # a block that never merges at its resolution
+        if merge is None and not slot.allowed:  # a block that never merges at its resolution
             return output
-        return self.method.finish(layer, name, merge, output, self._buffers, self._stores(layer, role), self.scratch)
+        return self.method.finish(slot, name, merge, output, role in slot.stores)
 
-    def finish_joint(self, layer: int, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor,
+    def finish_joint(self, slot: BlockSlot, name: str, role: str, merge: TokenMerge | None, output: torch.Tensor,
                      text_last: bool = False) -> torch.Tensor:
         """`finish` for a joint (B, T + N', C) output whose T text rows lead (FLUX's joint sequence) or, `text_last`,
         trail (HunyuanVideo's): the text rows pass through, the image rows are finished."""
-        if merge is None and not self._stores(layer, role):
+        if merge is None and role not in slot.stores:
             return output  # nothing to unmerge or keep
-        image_rows = merge.num_rows if merge is not None else math.prod(self.layer_grids[layer])
+        image_rows = merge.num_rows if merge is not None else math.prod(slot.grid)
         text = output.shape[1] - image_rows
         image = output[:, :image_rows] if text_last else output[:, text:]
         if merge is None:  # kept in the cache: laid out as an unmerged output is (one graph for both under compile;
             # `contiguous` would keep a batch of one's leading stride, which dynamo's guards compare too)
             image = image.clone(memory_format=torch.contiguous_format)
-        image = self.finish(layer, name, role, merge, image)
+        image = self.finish(slot, name, role, merge, image)
         return torch.cat([image, output[:, image_rows:]] if text_last else [output[:, :text], image], dim=1)
 
     def _check_memory(self, held: int, device: torch.device | str) -> None:
@@ -366,13 +462,6 @@ class MergeState:
             "batch (docs/usage.md#memory)", type(self.config).__name__, held / 2**30, 100 * held / total, total / 2**30)
 
     # -- helpers --------------------------------------------------------------------------------------------------
-    def _stores(self, layer: int, role: str) -> bool:
-        """Whether a `role` output of block `layer` is kept in the merge cache this forward."""
-        return role in self.cache_roles and self.method.merges_layer(layer)
-
-    def _downsample_allowed(self, layer: int) -> bool:
-        return math.prod(self.grid) <= math.prod(self.layer_grids[layer]) * self.config.max_downsample**2
-
     def _window_grid(self, grid: tuple[int, ...], device: torch.device) -> WindowGrid:
         key = (grid, device)
         if key not in self._grids:

@@ -219,7 +219,7 @@ def test_unknown_compile_backend_fails_before_running(tmp_path, models_dir):
             _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", spec)
     with pytest.raises(ValueError, match="--fullgraph needs --compile"):
         _cli(tmp_path, models_dir, "--method", "sdtm", "--fullgraph")
-    with pytest.raises(ValueError, match="only option after '\\+' is 'fullgraph'"):
+    with pytest.raises(ValueError, match="options after '\\+' are 'fullgraph' and 'regional'"):
         _cli(tmp_path, models_dir, "--method", "sdtm", "--compile", "inductor+dynamic")
     assert not (tmp_path / "out").exists()
 
@@ -599,21 +599,25 @@ def test_setup_installs_once_then_skips(tmp_path):
 
 
 def test_gpu_check_script_runs_its_logic_on_cpu(tmp_path, models_dir):
-    """scripts/gpu_check.sh with a tiny model, fp32, the eager path and dynamo's eager backend: every method of the
-    check in one CSV, per compile setting, with the speed columns the check reports."""
+    """scripts/gpu_check.sh with tiny models, fp32, the eager path and dynamo's eager backend (whole-model on PixArt,
+    regional on FLUX): every method of the check in one CSV, per model and compile setting, with the speed columns
+    the check reports."""
     import os
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_MODEL": "tiny", "GPU_CHECK_DTYPE": "float32",
-           "GPU_CHECK_MODES": "eager eager-backend", "GPU_CHECK_REPEATS": "1", "GPU_CHECK_STEPS": "4",
-           "GPU_CHECK_DEVICE": "cpu",
-           "SDTM_MODEL_CACHE": str(models_dir), "PYTHON": sys.executable}
-    done = subprocess.run([str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_DTYPE": "float32", "GPU_CHECK_REPEATS": "1",
+           "GPU_CHECK_STEPS": "4", "GPU_CHECK_DEVICE": "cpu", "SDTM_MODEL_CACHE": str(models_dir),
+           "PYTHON": sys.executable}
+    for model, modes in (("tiny", "eager eager-backend"), ("tiny-flux", "regional-eager-backend")):
+        done = subprocess.run([str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                              env={**env, "GPU_CHECK_MODELS": model, "GPU_CHECK_MODES": modes})
+        assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(tmp_path / "gpu_check" / "results.csv")
-    assert sorted(set(table["compile"].fillna(""))) == ["", "eager"]
-    for _, group in table.groupby(table["compile"].fillna("")):
-        assert sorted(group["method"]) == ["baseline", "sdtm", "sdtm", "sdtm+magcache"]
+    settings = {(model, compile) for model, compile in zip(table["model"], table["compile"].fillna(""))}
+    assert settings == {("tiny", ""), ("tiny", "eager"), ("tiny-flux", "eager+regional")}
+    for (model, _), group in table.groupby([table["model"], table["compile"].fillna("")]):
+        cache = "magcache" if model == "tiny" else "fbcache"
+        assert sorted(group["method"]) == ["baseline", "sdtm", "sdtm", f"sdtm+{cache}", "tome"]
         assert group["speedup_denoiser_paired"].notna().all() and (group["steps"] == 4).all()
     assert "speedup_denoiser_paired" in done.stdout
 

@@ -2,13 +2,16 @@
 graphs that a second generation reuses, no host sync in a merged forward once a generation runs, and merge ops
 that dynamo captures in one graph (issue 25)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch._dynamo
+from diffusers.hooks import FirstBlockCacheConfig
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.models import PRESETS, load_pipeline, wan_call_size
+from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs, load_pipeline, wan_call_size
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
 from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations, window_merge
 
@@ -142,6 +145,88 @@ def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothi
     assert torch.equal(again, compiled)
     remove_SDTM(pipe)
     torch._dynamo.reset()
+
+
+class FrameCounter(GraphCounter):
+    """`GraphCounter` that also counts graphs per compiled code object (under regional compilation: per block class)."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames: dict[int, int] = {}
+
+    def __call__(self, gm, example_inputs):
+        frame = torch._guards.CompileContext.current_compile_id().frame_id
+        self.frames[frame] = self.frames.get(frame, 0) + 1
+        return super().__call__(gm, example_inputs)
+
+
+REGIONAL_STEPS = 8
+REGIONAL = {
+    "sdtm": lambda model: apply_SDTM(model, num_inference_steps=REGIONAL_STEPS),
+    "tome": lambda model: apply_ToMe(model, ratio=0.5, num_inference_steps=REGIONAL_STEPS),
+    "tokencache": lambda model: apply_token_cache(model, num_inference_steps=REGIONAL_STEPS),
+    "sdtm+fbcache": lambda model: apply_SDTM(model, num_inference_steps=REGIONAL_STEPS,
+                                             step_cache=FirstBlockCacheConfig(threshold=0.05)),
+}
+
+
+def _deeper(name: str, depth: int):
+    """A tiny preset with `depth` blocks of each class (FLUX: double- and single-stream)."""
+    preset = PRESETS[name]
+    single = {"num_single_layers": depth} if preset.family == "flux" else {}
+    return dataclasses.replace(preset, denoiser={**preset.denoiser, "num_layers": depth, **single})
+
+
+@pytest.mark.parametrize("method", list(REGIONAL))
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-wan"])
+def test_regional_compilation_compiles_per_block_class_not_per_block(name, method):
+    """`compile_repeated_blocks(fullgraph=True)`, as diffusers recommends for FLUX and Wan, then the patch: no graph
+    break, dynamo's default recompile limit never hit, a second generation compiles nothing, the outputs of eager
+    merging, and the same graphs with twice the blocks. A block class compiles at most one graph per distinct merged
+    layout of the generation (phase x token budget) for its merged blocks and one for its protected ones, plus one for
+    the first forward (caches still empty). A step cache's own hooks break the graph where they decide from a value
+    (diffusers disables compilation there), so with one composed the blocks compile without `fullgraph`: then the
+    outputs and the independence from depth are asserted (the graphs of diffusers' hook code between its breaks
+    follow its Python state)."""
+    fullgraph = "cache" not in method
+    graphs = {}
+    for depth in (3, 5):  # a step cache hooks its first, middle and last blocks differently: three at least
+        preset = _deeper(name, depth)
+        torch.manual_seed(0)
+        model = build_denoiser(preset).eval()
+        inputs = denoiser_inputs(preset)
+
+        def generate():
+            with torch.no_grad():
+                return torch.stack([model(**inputs, return_dict=False)[0] for _ in range(REGIONAL_STEPS)])
+
+        REGIONAL[method](model)
+        eager = generate()
+        remove_SDTM(model)
+        torch._dynamo.reset()
+        counters.clear()
+        backend = FrameCounter()
+        model.compile_repeated_blocks(backend=backend, fullgraph=fullgraph)
+        REGIONAL[method](model)
+        compiled = generate()
+        first = dict(backend.frames)
+        records = get_merge_state(model).records
+        layouts = {(r.phase, tuple(r.tokens["attn"]), tuple(r.tokens["mlp"])) for r in records}
+        again = generate()
+
+        if fullgraph:
+            assert sum(counters["graph_break"].values()) == 0
+            assert backend.frames == first, "the second generation compiled new graphs"
+            assert len(first) == (2 if preset.family == "flux" else 1)  # one compiled code object per block class
+            assert max(first.values()) <= 2 * len(layouts) + 1, (first, layouts)
+            assert torch.equal(again, compiled)
+        assert any(t is not None and t < n for r in records for role in ("attn", "mlp")
+                   for t, n in zip(r.tokens[role], r.grid_tokens)), "nothing merged: the check would be vacuous"
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        graphs[depth] = sorted(first.values())
+        remove_SDTM(model)
+        torch._dynamo.reset()
+    assert graphs[3] == graphs[5], graphs
 
 
 def test_local_matching_tables_are_built_outside_the_compiled_region(tiny_pipe_dir, monkeypatch):

@@ -267,23 +267,24 @@ def test_fastercache_sees_the_true_timestep_and_keeps_one_stream(tiny_pipe, monk
 def test_a_half_batch_reads_and_updates_the_trailing_rows(offload):
     from sdtm_plugin.methods import StreamBuffers
 
-    buffers = StreamBuffers(num_layers=1, batch=4, offload=offload)
+    stream = StreamBuffers(num_layers=1, batch=4, offload=offload)
+    buffers = stream.blocks[0]  # what block 0's hooks reach
     full = torch.arange(4 * 3 * 2, dtype=torch.float32).view(4, 3, 2)
-    buffers.store_output(0, "mlp", full)
-    assert torch.equal(buffers.cached_output(0, "mlp", torch.Size((2, 3, 2)), full.device), full[2:])
+    buffers.store_output("mlp", full)
+    assert torch.equal(buffers.cached_output("mlp", torch.Size((2, 3, 2)), full.device), full[2:])
     half = -torch.ones(2, 3, 2)
-    buffers.store_output(0, "mlp", half)
-    kept = buffers.cached_output(0, "mlp", torch.Size((4, 3, 2)), full.device)
+    buffers.store_output("mlp", half)
+    kept = buffers.cached_output("mlp", torch.Size((4, 3, 2)), full.device)
     assert torch.equal(kept[:2], full[:2]) and torch.equal(kept[2:], half)
-    assert buffers.host_bytes() == (full.numel() * 4 if offload else 0)
-    assert buffers.held_bytes() == (0 if offload else full.numel() * 4)
+    assert stream.host_bytes() == (full.numel() * 4 if offload else 0)
+    assert stream.held_bytes() == (0 if offload else full.numel() * 4)
     if offload:  # a read is a copy: changing it changes the cache only when written back
         kept.zero_()
-        assert buffers.cached_output(0, "mlp", full.shape, full.device).abs().sum() > 0
-        buffers.update_output(0, "mlp", kept[2:])
-        assert buffers.cached_output(0, "mlp", full.shape, full.device)[2:].abs().sum() == 0
+        assert buffers.cached_output("mlp", full.shape, full.device).abs().sum() > 0
+        buffers.update_output("mlp", kept[2:])
+        assert buffers.cached_output("mlp", full.shape, full.device)[2:].abs().sum() == 0
     buffers.staleness(2, 3, torch.device("cpu")).fill_(5)  # a view: ageing the half ages the call's rows
-    assert buffers.staleness(4, 3, torch.device("cpu"))[0, :, 0].tolist() == [0, 0, 5, 5]
+    assert stream.staleness(4, 3, torch.device("cpu"))[0, :, 0].tolist() == [0, 0, 5, 5]
     with pytest.raises(ValueError, match="saw 5 images in a forward of 4"):
         buffers.staleness(5, 3, torch.device("cpu"))
 
