@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from .cli import main as benchmark
 from .methods import method_label, parse_method
 
 BASE = "sdtm"
@@ -100,8 +101,6 @@ def plot(summary: pd.DataFrame, baseline: pd.Series, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    from .__main__ import main as benchmark
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", type=Path, default=None, help="a JSON suite (default: the built-in SDTM suite)")
     parser.add_argument("--tables", nargs="+", default=None, help="run only these tables of the suite")

@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [time_row(args.model, args.depth, args.steps, mode, method) for mode in args.mode for method in args.method]
+    rows = []
+    for mode in args.mode:
+        for method in args.method:
+            rows.append(time_row(args.model, args.depth, args.steps, mode, method))
+            print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     if args.out:

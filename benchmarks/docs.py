@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .cli import main as benchmark
+
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -47,7 +49,6 @@ def read_block(text: str, name: str) -> str:
 
 def mac_table() -> str:
     """Markdown: linear-only and total TMACs per forward for `MAC_SETTINGS`, beside the paper's figures."""
-    from .__main__ import main as benchmark
     from .macs import PAPER_TMACS
 
     rows = []
@@ -75,8 +76,6 @@ SHARE_METHODS = ["baseline", "sdtm", "sdtm:match_dim=null", "sdtm:match_radius=1
 def merge_share_table() -> str:
     """Markdown: per model and matching, the merge path's MACs per forward (averaged over the steps) as a share of
     the MACs the merged model's own ops save."""
-    from .__main__ import main as benchmark
-
     with tempfile.TemporaryDirectory() as out:
         table = benchmark(["--macs-only", "--model", *SHARE_MODELS, "--method", *SHARE_METHODS, "--out", out,
                            "--log-level", "ERROR"])

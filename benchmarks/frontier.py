@@ -26,6 +26,7 @@ import pandas as pd
 
 from sdtm_plugin import SDTMConfig
 
+from .cli import main as benchmark
 from .methods import config_spec, method_label, parse_method
 from .verdicts import best_at_equal_quality, verdicts
 
@@ -197,8 +198,6 @@ def tune_table(run: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    from .__main__ import main as benchmark
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/frontier"))
     parser.add_argument("--model", default="pixart-shapes", help="a trained preset (default %(default)s)")

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
-from .merge import (Destinations, TokenMerge, WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
-                    unit_vectors, window_medoid_scores, window_merge)
+from .merge import Destinations, TokenMerge, bipartite_merge, choose_destinations, staleness_priority, unit_vectors, window_medoid_scores, window_merge
+from .grid import WindowGrid
 from .schedule import (Phase, StepPlan, cached_tokens, in_structure_phase, layer_is_protected, removal_schedule,
                        step_plan, token_cache_plan, tokens_removed)
 from .selection import RowSelection, change_scores, choose_rows, token_sketch

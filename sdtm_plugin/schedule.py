@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .config import SWITCH_STEP_REFERENCE_STEPS, SDTMConfig, TokenCacheConfig, ToMeConfig
-from .merge import window_counts
+from .grid import window_counts
 
 
 TOKEN_ALIGNMENT = 8  # budgets remove multiples of this many tokens (and of whole windows): aligned GEMM lengths

@@ -26,7 +26,8 @@ import torch
 
 from .clock import GenerationClock
 from .config import SDTMConfig, ToMeConfig
-from .merge import TokenMerge, WindowGrid
+from .merge import TokenMerge
+from .grid import WindowGrid
 from .methods import BlockBuffers, MergeMethod, StreamBuffers, make_method
 from .schedule import StepPlan
 

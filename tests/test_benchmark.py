@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.__main__ import build_parser, default_run, main
+from benchmarks.cli import build_parser, default_run, main
 from benchmarks.macs import count_forward_macs
 from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
 from benchmarks.runner import COLUMNS, ModelSession, append_row, process_device, read_rows
@@ -449,7 +449,7 @@ def test_a_partial_frontier_keeps_the_matching_specs_and_the_baseline():
 
 
 def test_cpu_default_measures_the_presets_and_the_tuned_settings_on_report_prompts():
-    from benchmarks.__main__ import CPU_DEFAULT, FAST, TUNED
+    from benchmarks.cli import CPU_DEFAULT, FAST, TUNED
     from benchmarks.frontier import CANDIDATES
     from benchmarks.methods import parse_method
     from sdtm_plugin import SDTMConfig

@@ -8,7 +8,7 @@ from diffusers.hooks import (
 )
 from test_architectures import expected_sdtm, merged_modules, pipes  # noqa: F401 (fixture)
 
-from benchmarks.__main__ import main
+from benchmarks.cli import main
 from sdtm_plugin import apply_SDTM, apply_step_cache, apply_ToMe, get_merge_state, remove_SDTM
 
 STEPS = 8

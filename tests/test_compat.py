@@ -7,7 +7,8 @@ from test_architectures import Recorder, merged_modules, sdtm_kept, tome_kept, w
 
 from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
 from sdtm_plugin import apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
-from sdtm_plugin.merge import WindowGrid, bipartite_merge, window_merge
+from sdtm_plugin.grid import WindowGrid
+from sdtm_plugin.merge import bipartite_merge, window_merge
 
 FAMILIES = ("tiny", "tiny-sd3", "tiny-dit", "tiny-sd", "tiny-flux", "tiny-wan")
 

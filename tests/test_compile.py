@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs, load_pipeline, wan_call_size
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_token_cache, apply_ToMe, get_merge_state, remove_SDTM
-from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations, window_merge
+from sdtm_plugin.grid import WindowGrid
+from sdtm_plugin.merge import bipartite_merge, choose_destinations, window_merge
 
 # ops whose result the host must wait for (a CUDA stream sync): a scalar read, or an output shape set by the values
 HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "masked_select", "unique",
@@ -232,7 +233,7 @@ def test_regional_compilation_compiles_per_block_class_not_per_block(name, metho
 def test_local_matching_tables_are_built_outside_the_compiled_region(tiny_pipe_dir, monkeypatch):
     """Window-local matching's neighbour tables are built eagerly before the forward: inductor fails to compile their
     gathers when it computes the indices itself inside the graph ("vr must not be None")."""
-    from sdtm_plugin.merge import WindowGrid
+    from sdtm_plugin.grid import WindowGrid
 
     built_while_tracing = []
     original = WindowGrid._neighbour_tables

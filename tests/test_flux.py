@@ -10,7 +10,8 @@ from diffusers.hooks import FirstBlockCacheConfig
 
 from benchmarks.models import PRESETS, flux_inputs
 from sdtm_plugin import SDTMConfig, apply_SDTM, apply_ToMe, get_merge_state, remove_SDTM
-from sdtm_plugin.merge import WindowGrid, bipartite_merge, window_merge
+from sdtm_plugin.grid import WindowGrid
+from sdtm_plugin.merge import bipartite_merge, window_merge
 from sdtm_plugin.rotary import RotaryArg, RowRotary
 
 TEXT = 16  # the tiny preset's T5 tokens

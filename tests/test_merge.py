@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdtm_plugin.merge import (WindowGrid, bipartite_merge, choose_destinations, staleness_priority,
-                               window_medoid_scores, window_merge, window_scores)
+from sdtm_plugin.grid import WindowGrid
+from sdtm_plugin.merge import (bipartite_merge, choose_destinations, staleness_priority, window_medoid_scores,
+                               window_merge, window_scores)
 
 CPU = torch.device("cpu")
 
@@ -376,7 +377,8 @@ def test_bad_merge_inputs_name_the_parameter_and_its_range():
 @pytest.mark.parametrize("grid_hw, sx, sy", [((8, 8), 2, 2), ((7, 9), 2, 2), ((9, 6), 3, 3), ((5, 8), 4, 1)])
 def test_local_matching_with_a_covering_radius_equals_global_matching(grid_hw, sx, sy):
     """Every window within reach: the local candidates are all destinations, so the merge is the global one."""
-    from sdtm_plugin.merge import WindowGrid, bipartite_merge, choose_destinations
+    from sdtm_plugin.grid import WindowGrid
+    from sdtm_plugin.merge import bipartite_merge, choose_destinations
 
     torch.manual_seed(0)
     grid = WindowGrid.build(grid_hw, sx, sy, torch.device("cpu"))
@@ -389,7 +391,8 @@ def test_local_matching_with_a_covering_radius_equals_global_matching(grid_hw, s
 
 
 def test_local_matching_merges_only_into_nearby_windows():
-    from sdtm_plugin.merge import WindowGrid, bipartite_merge
+    from sdtm_plugin.grid import WindowGrid
+    from sdtm_plugin.merge import bipartite_merge
 
     torch.manual_seed(1)
     grid = WindowGrid.build((16, 16), 2, 2, torch.device("cpu"))

@@ -236,7 +236,7 @@ def test_detail_statistics_of_a_blank_image():
 
 # -- the harness ------------------------------------------------------------------------------------------------------
 def test_harness_rows_carry_intervals_verdicts_and_saved_scores(tmp_path):
-    from benchmarks.__main__ import main
+    from benchmarks.cli import main
 
     out = tmp_path / "run"
     table = main(["--model", "pixart-shapes", "--quick", "--no-latency", "--eval-set", "tune", "--quality-prompts",

@@ -112,10 +112,10 @@ def test_held_bytes_count_what_a_call_keeps_between_forwards(pipes, name, config
 
 def _clear_index_caches():
     """Drop the merge path's cached index tables (per grid, batch and merged counts; reused across calls)."""
-    from sdtm_plugin import merge
+    from sdtm_plugin import grid, merge
 
     merge._layout.cache_clear()
-    for table in (merge.WindowGrid.batch_tables, merge.WindowGrid.first_token_destinations, merge.WindowGrid.band_mask):
+    for table in (grid.WindowGrid.batch_tables, merge.first_token_destinations, grid.WindowGrid.band_mask):
         table.cache_clear()
 
 

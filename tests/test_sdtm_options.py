@@ -11,7 +11,8 @@ from conftest import generate
 from test_sdtm_pipeline import _build, expected_counts, per_step, record_counts
 
 from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM
-from sdtm_plugin.merge import WindowGrid, staleness_priority, window_medoid_scores
+from sdtm_plugin.grid import WindowGrid
+from sdtm_plugin.merge import staleness_priority, window_medoid_scores
 from sdtm_plugin.methods import SDTM
 from sdtm_plugin.schedule import Phase
 

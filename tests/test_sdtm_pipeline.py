@@ -309,7 +309,7 @@ def test_config_object_and_errors(tiny_pipe):
 
 # -- each parameter moves the result in its documented direction -------------------------------------------------
 def _build(cfg, phase, x, staleness, ratio):
-    from sdtm_plugin.merge import WindowGrid
+    from sdtm_plugin.grid import WindowGrid
     from sdtm_plugin.methods import StreamBuffers
     from sdtm_plugin.schedule import StepPlan, tokens_removed
     from sdtm_plugin.state import BlockSlot
@@ -349,7 +349,7 @@ def test_larger_a_s_favours_staler_windows_in_ssm():
     x = torch.randn(4, 64, 16, generator=torch.Generator().manual_seed(2))
     staleness = torch.zeros(4, 64, dtype=torch.int32)
     stale_windows = torch.arange(16) % 2 == 0
-    from sdtm_plugin.merge import WindowGrid
+    from sdtm_plugin.grid import WindowGrid
 
     grid = WindowGrid.build((8, 8), 2, 2, torch.device("cpu"))
     staleness[:, grid.window_tokens[stale_windows].flatten()] = 5
@@ -392,7 +392,8 @@ def test_cache_refresh_cadence(tiny_pipe, monkeypatch, cache_each_step):
 
 
 def test_larger_mcw_moves_merged_outputs_away_from_the_cache():
-    from sdtm_plugin.merge import WindowGrid, window_merge
+    from sdtm_plugin.grid import WindowGrid
+    from sdtm_plugin.merge import window_merge
 
     x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(3))
     merge = window_merge(x, WindowGrid.build((8, 8), 2, 2, torch.device("cpu")), 6)

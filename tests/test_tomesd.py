@@ -7,7 +7,8 @@ from test_architectures import Recorder, merged_modules
 
 from benchmarks.models import load_pipeline
 from sdtm_plugin import apply_ToMe, remove_SDTM
-from sdtm_plugin.merge import WindowGrid, bipartite_merge
+from sdtm_plugin.grid import WindowGrid
+from sdtm_plugin.merge import bipartite_merge
 
 
 @pytest.mark.parametrize("hw, r", [((4, 4), 6), ((5, 7), 9), ((6, 6), 27)])

@@ -127,7 +127,7 @@ def test_harness_scores_a_scenes_model_on_its_own_protocol(scenes_toy, tmp_path,
     import pandas as pd
 
     from benchmarks import models
-    from benchmarks.__main__ import main
+    from benchmarks.cli import main
     from benchmarks.reference import data, quality, scenes
 
     folder = scenes_toy[-1]
