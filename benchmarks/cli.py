@@ -221,7 +221,7 @@ def check_compile_spec(spec: str) -> None:
     ValueError."""
     import torch._dynamo as dynamo
 
-    from .runner import COMPILE_MODES, parse_compile_spec
+    from .compiling import COMPILE_MODES, parse_compile_spec
 
     backend, mode, *_ = parse_compile_spec(spec)
     backends = sorted(dynamo.list_backends(exclude_tags=()))

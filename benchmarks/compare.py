@@ -18,7 +18,7 @@ import pandas as pd
 from .methods import method_label, parse_method
 from .models import PRESETS
 from .reference import quality
-from .runner import scores_path
+from .judging import scores_path
 
 
 def paired_differences(run: Path, model: str, eval_set: quality.EvalSet, setting: str, other: str) -> pd.DataFrame:

@@ -36,15 +36,15 @@ from diffusers.hooks import MagCacheConfig
 from diffusers.utils.torch_utils import unwrap_module
 
 from sdtm_plugin import calibrate_mag_cache, get_merge_state
-from sdtm_plugin.adapters import find_adapter
 
-from . import stats
-from .macs import ForwardMacs, count_call_macs, count_forward_macs
+from .compiling import compile_denoiser, compiled_graphs
+from .counting import MacRun
+from .judging import QualityRun
+from .macs import ForwardMacs
 from .measure import CallResult, ClipScorer, PipelineProbe, Timing, denoiser_attr, median_iqr, psnr, rel_l2, ssim
 from .methods import METHODS, Composed, method_label
-from .models import (PRESETS, build_denoiser, call_default, denoiser_inputs, load_pipeline, pipeline_class,
-                     wan_call_size)
-from .plots import sample_path, slug
+from .models import PRESETS, call_default, load_pipeline, pipeline_class, wan_call_size
+from .plots import sample_path
 from .reference import quality
 from .reference.train import TrainConfig, pipeline_call_kwargs
 
@@ -228,14 +228,15 @@ def append_row(path: Path, row: dict) -> None:
 # -- one model in one process ---------------------------------------------------------------------------------------
 class ModelSession:
     """One model in one process: the baseline pipeline, a copy of its denoiser for the methods, the baseline's
-    references (images, latents, timings), the quality set and MACs."""
+    reference call, and each job's timed calls; its quality (`protocol`, `judging.QualityRun`) and MACs (`macs`,
+    `counting.MacRun`)."""
 
     def __init__(self, name: str, settings: Settings, device: torch.device) -> None:
         self.name, self.settings, self.device = name, settings, device
         self.preset = PRESETS.get(name)
         self.reference: CallResult | None = None  # the baseline's timed-call output (random-weight models)
-        self.baseline_quality: tuple[np.ndarray, torch.Tensor, quality.SetScores] | None = None
-        self._macs: dict[Job, ForwardMacs] = {}
+        self.protocol = QualityRun(self)  # quality of trained presets
+        self.macs = MacRun(self)
         self._mag_ratios: dict[int, list[float]] = {}
 
     @functools.cached_property
@@ -320,22 +321,6 @@ class ModelSession:
         """The training configuration of a trained preset."""
         return TrainConfig.from_json(self.preset.weights / "train_config.json")
 
-    @property
-    def eval_set(self) -> quality.EvalSet:
-        """The evaluation set's prompts and seeds that quality is measured on (its first `quality_prompts`)."""
-        eval_set = quality.evaluation_set(self.settings.eval_set, self.preset.data if self.trained else "shapes")
-        n = self.settings.quality_prompts
-        return eval_set if not n else eval_set.head(n)
-
-    @property
-    def scores_quality(self) -> bool:
-        return self.trained and self.settings.quality_prompts != 0
-
-    @functools.cached_property
-    def scorer(self) -> quality.QualityScorer:
-        own = self.preset.weights / "features"  # a pipeline shipping its own judge; else its data set's shared one
-        return quality.QualityScorer(self.eval_set, own if own.exists() else quality.judge(self.preset.data))
-
     # -- pipeline calls ----------------------------------------------------------------------------------------
     def call_kwargs(self, prompts: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
         s = self.settings
@@ -350,7 +335,7 @@ class ModelSession:
         elif prompts is not None:
             kwargs["prompt"] = prompts
         elif self.trained:  # the timed call: the first prompts of the evaluation set
-            kwargs["prompt"] = [p.caption for p in self.eval_set.prompts[: s.batch_size]]
+            kwargs["prompt"] = [p.caption for p in self.protocol.eval_set.prompts[: s.batch_size]]
         else:
             kwargs["prompt"] = s.prompt
             kwargs["num_images_per_prompt"] = s.batch_size
@@ -366,19 +351,10 @@ class ModelSession:
             kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt", 1)
         return {**kwargs, **s.extra_call_kwargs}
 
-    def _call(self, pipe, prompts: list[str] | None = None, seed: int | None = None) -> CallResult:
+    def call(self, pipe, prompts: list[str] | None = None, seed: int | None = None) -> CallResult:
         """One pipeline call, timed (pipeline and denoiser) with its final latents captured."""
         with PipelineProbe(pipe) as probe:
             return probe.call(lambda: pipe(**self.call_kwargs(prompts, seed)))
-
-    def _generate_quality_set(self, pipe) -> tuple[np.ndarray, torch.Tensor]:
-        """Images (N, H, W, 3) and final latents of the evaluation set's prompts with its seeds (a batch takes its
-        first prompt's), in calls of the timed call's batch: step caches decide on a whole batch, so their quality
-        is measured as their speed is."""
-        eval_set, batch = self.eval_set, self.settings.batch_size
-        results = [self._call(pipe, [p.caption for p in eval_set.prompts[i:i + batch]], seed=eval_set.seeds[i])
-                   for i in range(0, len(eval_set), batch)]
-        return np.concatenate([r.images for r in results]), torch.cat([r.latents for r in results])
 
     # -- measurements ----------------------------------------------------------------------------------------
     def measure(self, job: Job) -> dict[str, Any]:
@@ -388,42 +364,42 @@ class ModelSession:
         pipe = self.pipe if is_baseline else self.method_pipe
         row: dict[str, Any] = {}
         if self.reference is None:  # the baseline's first call: its warm-up and the fidelity reference
-            self.reference = self._call(self.pipe)
+            self.reference = self.call(self.pipe)
             for _ in range(s.warmup - 1):
-                self._call(self.pipe)
+                self.call(self.pipe)
         result = self.reference
         if not is_baseline:
             spec.apply(pipe, self.resolve(job.config(self.steps)))  # once per job, outside the timed calls
         try:
             if not is_baseline:
                 for _ in range(s.warmup):  # the method's cold start (layouts, first allocations), untimed
-                    result = self._call(pipe)
+                    result = self.call(pipe)
                 if s.compile:  # after a method's graphs the baseline's next call compiles frames of its own
-                    self._call(self.pipe)
+                    self.call(self.pipe)
             timings, baseline = (Timing(), Timing()), (Timing(), Timing())
-            graphs_before = _compiled_graphs()
+            graphs_before = compiled_graphs()
             peaks = [result.peak_memory_bytes]
             for _ in range(s.repeats if s.measure_latency else 0):
-                base_result = self._call(self.pipe)
+                base_result = self.call(self.pipe)
                 _record(baseline, base_result)
                 if is_baseline:
                     peaks.append(base_result.peak_memory_bytes)
                 else:
-                    result = self._call(pipe)
+                    result = self.call(pipe)
                     _record(timings, result)
                     peaks.append(result.peak_memory_bytes)
             row["peak_memory_MB"] = max(peaks) / 2**20
-            if _compiled_graphs() > graphs_before:
+            if compiled_graphs() > graphs_before:
                 logger.warning("%s %s: %d graphs were compiled during the timed calls; its times include compilation "
-                               "(raise --warmup)", self.name, job.label, _compiled_graphs() - graphs_before)
+                               "(raise --warmup)", self.name, job.label, compiled_graphs() - graphs_before)
             state = get_merge_state(pipe)
             if state is not None:
                 row["tokens_per_step"] = json.dumps(_mean_tokens(state.token_counts))
                 row["merge_state_peak_MB"] = state.peak_held_bytes / 2**20
             images = result.images
-            if self.scores_quality:
-                images, latents = self._quality_images(job, pipe)
-                row.update(self._score(job, images, latents))
+            if self.protocol.enabled:
+                images, latents = self.protocol.images(job, pipe)
+                row.update(self.protocol.row(job, images, latents))
             elif s.measure_fidelity:
                 row.update(psnr_db=psnr(images, self.reference.images), ssim=ssim(images, self.reference.images),
                            rel_l2_latents=rel_l2(result.latents, self.reference.latents))
@@ -449,35 +425,6 @@ class ModelSession:
             row["clip_score"] = self.clip(result.images, s.prompt)
         return row
 
-    def _quality_images(self, job: Job, pipe) -> tuple[np.ndarray, torch.Tensor]:
-        if self.baseline_quality is None:
-            images, latents = self._generate_quality_set(self.pipe)
-            self.baseline_quality = images, latents, self.scorer.scores(images)
-        return self.baseline_quality[:2] if job.method == "baseline" else self._generate_quality_set(pipe)
-
-    def _score(self, job: Job, images: np.ndarray, latents: torch.Tensor) -> dict[str, Any]:
-        """Quality against the data with intervals, differences to the baseline's images of the same prompts and
-        seeds with intervals, the equal-quality verdict; PSNR, SSIM, relative L2 against those images. The
-        per-prompt scores are saved beside the CSV (`scores_path`) for any later analysis."""
-        base_images, base_latents, base_scores = self.baseline_quality
-        scores = base_scores if job.method == "baseline" else self.scorer.scores(images)
-        scores.save(scores_path(self.settings.out, self.name, self.eval_set, job.label))
-        summary, differences = self.scorer.summary(scores), self.scorer.compare(scores, base_scores)
-        verdict = stats.verdict(differences, stats.margins(self.scorer.attributes, self.baseline_kid), len(images))
-        row = {"quality_set": self.eval_set.name, "quality_images": len(images),
-               "equal_quality": verdict.verdict == "equal", "verdict": verdict.verdict,
-               "quality_failures": " ".join(verdict.failed), "quality_worse": " ".join(verdict.worse),
-               "prompts_to_resolve": verdict.prompts_needed,
-               **interval_columns(summary), **interval_columns(differences, "_diff")}
-        if self.settings.measure_fidelity:
-            row.update(psnr_db=psnr(images, base_images), ssim=ssim(images, base_images),
-                       rel_l2_latents=rel_l2(latents, base_latents))
-        return row
-
-    @functools.cached_property
-    def baseline_kid(self) -> float:
-        return self.scorer.summary(self.baseline_quality[2])["kid"].estimate
-
     def resolve(self, config: Any) -> Any:
         """A job's config with what only this model can tell filled in: MagCache's calibrated ratios."""
         if isinstance(config, Composed):
@@ -493,124 +440,6 @@ class ModelSession:
             self._mag_ratios[num_steps] = calibrate_mag_cache(self.method_pipe, num_steps, **{
                 k: v for k, v in self.call_kwargs().items() if k != "num_inference_steps"})
         return self._mag_ratios[num_steps]
-
-    def macs(self, job: Job) -> ForwardMacs:
-        """MACs of every denoiser forward of one generation: on the meta device for presets (shape-only methods),
-        on a real call for methods whose savings depend on the values (step caches), else captured inputs."""
-        if job in self._macs:
-            return self._macs[job]
-        spec = METHODS[job.method]
-        if spec.caches:
-            spec.apply(self.method_pipe, self.resolve(job.config(self.steps)))
-            try:
-                result = count_call_macs(unwrap_module(getattr(self.method_pipe, self.denoiser_attr)),
-                                         lambda: self.method_pipe(**self.call_kwargs()))
-            finally:
-                spec.remove(self.method_pipe)
-        else:
-            model, inputs = self._macs_model
-            if spec.merges:
-                spec.apply(model, job.config(num_steps=self.steps))
-            try:
-                result = count_forward_macs(model, inputs, self.steps)
-            finally:
-                spec.remove(model)
-        self._macs[job] = result
-        return result
-
-    @functools.cached_property
-    def _macs_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """The model and inputs MACs are counted on, built once: shapes only on meta for presets."""
-        if self.preset is not None:
-            inputs = denoiser_inputs(self.preset, self.denoiser_batch, "meta", self.settings.torch_dtype)
-            return build_denoiser(self.preset, "meta").to(self.settings.torch_dtype), inputs
-        return self.denoiser, self._captured_inputs()
-
-    def block_input_bytes(self) -> int | None:
-        """Bytes of one block's (B, N, C) input (transformers; U-Net blocks differ per resolution: None)."""
-        cfg = self._macs_model[0].config
-        if self.family == "sd-unet" or "num_attention_heads" not in cfg:
-            return None
-        width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-        tokens = self.preset.num_tokens if self.preset else (cfg["sample_size"] // cfg.get("patch_size", 1)) ** 2
-        return self.denoiser_batch * tokens * width * torch.empty((), dtype=self.settings.torch_dtype).element_size()
-
-    def _captured_inputs(self) -> dict[str, Any]:
-        """The denoiser's keyword inputs at the first step of a real call (checkpoints without a preset)."""
-        captured: dict[str, Any] = {}
-        denoiser = getattr(self.pipe, self.denoiser_attr)  # the compiled wrapper's hooks run eagerly, before it
-
-        def grab(module, args, kwargs):
-            captured.update(kwargs)
-            if args:
-                captured[find_adapter(self.denoiser).input_name] = args[0]
-            raise _Captured
-
-        handle = denoiser.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self.pipe(**{**self.call_kwargs(), "num_inference_steps": 1})
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        captured.pop("return_dict", None)
-        return captured
-
-
-def scores_path(out: Path, model: str, eval_set: quality.EvalSet, label: str) -> Path:
-    """Where a job's per-prompt quality scores (`quality.SetScores`) are saved."""
-    return out / "scores" / model.replace("/", "_") / f"{eval_set.name}{len(eval_set)}" / f"{slug(label)}.npz"
-
-
-def interval_columns(intervals: dict[str, stats.Interval], suffix: str = "") -> dict[str, float]:
-    """``{name: Interval}`` -> CSV columns ``name<suffix>``, ``name<suffix>_low``, ``name<suffix>_high``."""
-    out = {}
-    for name, interval in intervals.items():
-        out.update({f"{name}{suffix}": interval.estimate, f"{name}{suffix}_low": interval.low,
-                    f"{name}{suffix}_high": interval.high})
-    return out
-
-
-def _compiled_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def parse_compile_spec(spec: str) -> tuple[str, str | None, bool, bool]:
-    """``BACKEND[:MODE][+fullgraph][+regional]`` -> (backend, mode or None, fullgraph, regional)."""
-    spec, *flags = spec.split("+")
-    unknown = set(flags) - {"fullgraph", "regional"}
-    if unknown:
-        raise ValueError(f"--compile: the options after '+' are 'fullgraph' and 'regional', got {sorted(unknown)}")
-    backend, _, mode = spec.partition(":")
-    return backend, mode or None, "fullgraph" in flags, "regional" in flags
-
-
-def compile_denoiser(denoiser: torch.nn.Module, spec: str) -> torch.nn.Module:
-    """`torch.compile(denoiser, backend=..., mode=..., fullgraph=...)` from ``BACKEND[:MODE][+fullgraph][+regional]``
-    (mode: inductor's, e.g. ``inductor:reduce-overhead`` for CUDA graphs; fullgraph: a graph break raises; regional:
-    `denoiser.compile_repeated_blocks(...)` in place, diffusers' regional compilation of the repeated block classes).
-    Each method and each token budget adds graphs: the recompile limit is raised so that a run of several methods
-    stays compiled, and hitting it raises instead of quietly running eagerly."""
-    import torch._dynamo
-
-    backend, mode, fullgraph, regional = parse_compile_spec(spec)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if regional:
-        for module in denoiser.modules():  # a deep copy of a compiled denoiser would call the original's blocks
-            module.__dict__.pop("_compiled_call_impl", None)
-        denoiser.compile_repeated_blocks(backend=backend, mode=mode, fullgraph=fullgraph)
-        return denoiser
-    return torch.compile(denoiser, backend=backend, mode=mode, fullgraph=fullgraph)
-
-
-class _Captured(Exception):
-    """Stops a pipeline call once the denoiser's inputs are captured."""
 
 
 def _record(timings: tuple[Timing, Timing], result: CallResult) -> None:
@@ -738,12 +567,12 @@ def _job_row(job: Job, session: ModelSession, settings: Settings, env: dict[str,
         scheduler=type(session.pipe.scheduler).__name__ if not macs_only else None,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **env,
     )
-    macs = session.macs(job)
+    macs = session.macs.of(job)
     calls = 1 if METHODS[job.method].caches else session.calls_per_step  # a real call counts every forward
-    row.update(macs_columns(macs, session.macs(Job(job.model, "baseline")), settings.batch_size, calls,
+    row.update(macs_columns(macs, session.macs.of(Job(job.model, "baseline")), settings.batch_size, calls,
                             session.calls_per_step))
     if METHODS[job.method].merges:
-        row.update(traffic_columns(macs, session.block_input_bytes()))
+        row.update(traffic_columns(macs, session.macs.block_input_bytes()))
     if macs.sublayers_run is not None:
         row["sublayers_run"] = float(np.mean(macs.sublayers_run))
         row["sublayers_run_per_step"] = json.dumps([round(v, 3) for v in macs.sublayers_run])

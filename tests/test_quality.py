@@ -101,7 +101,7 @@ def test_paired_differences_between_two_saved_settings(tmp_path):
     """`python -m benchmarks.compare`: A - B from the per-prompt scores a run saved, on the same prompts; a setting
     against itself differs by exactly 0, a setting that gets one attribute wrong on half the prompts by that share."""
     from benchmarks.compare import main
-    from benchmarks.runner import scores_path
+    from benchmarks.judging import scores_path
 
     eval_set = quality.evaluation_set("tune").head(16)
     scorer = quality.QualityScorer(eval_set, quality.judge(), resamples=200)

@@ -427,6 +427,43 @@ def test_fast_preset_merges_every_step_without_a_cache(tiny_pipe):
     assert cached == [0] * 10
 
 
+@pytest.mark.parametrize("overrides", [dict(use_rand=False), dict(use_rand=False, a_d=0.0, a_s=0.0),
+                                       dict(use_rand=False, structure_merge="bipartite", prior="bounded"),
+                                       dict(idm_destination="random")])
+def test_staleness_terms_derived_before_the_forward_equal_each_blocks_own(tiny_pipe, monkeypatch, overrides):
+    """SDTM derives P_fre and the destinations of all blocks before the forward (`SDTM.derive`); each block must get
+    what it would derive from its own counters and draws at its own merge (they change only after it)."""
+    from sdtm_plugin.methods import SDTM
+    from sdtm_plugin.schedule import Phase
+
+    checked = []
+    original = SDTM.build
+
+    def build(self, slot, x, plan):
+        own = slot.buffers.staleness(x.shape[0], x.shape[1], x.device).clone()
+        expected = self._staleness_terms(slot.window_grid, plan, own, slot.noise)
+        got = slot.derived
+        merge = original(self, slot, x, plan)
+        if merge is None:
+            return merge
+        assert slot.derived_batch == x.shape[0]
+        for name in ("window_priority", "priority"):
+            a, b = getattr(got, name), getattr(expected, name)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        assert (got.destinations is None) == (expected.destinations is None)
+        if got.destinations is not None:
+            assert torch.equal(got.destinations.rows, expected.destinations.rows)
+            assert torch.equal(got.destinations.source_bias, expected.destinations.source_bias)
+        checked.append((plan.phase, bool(own.any())))
+        return merge
+
+    monkeypatch.setattr(SDTM, "build", build)
+    apply_SDTM(tiny_pipe, **overrides)
+    generate(tiny_pipe, steps=10)
+    phases = {phase for phase, _ in checked}
+    assert phases == {Phase.STRUCTURE, Phase.DETAIL} and any(stale for _, stale in checked)
+
+
 def test_faithful_preset_only_flips_the_prior():
     paper, faithful = SDTMConfig(), SDTMConfig.faithful()
     assert (faithful.a_s, faithful.a_d) == (-0.5, -0.5)
