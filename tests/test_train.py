@@ -1,5 +1,7 @@
 """The training command on a tiny configuration: losses fall, an interrupted stage resumes exactly, export loads."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +85,35 @@ def test_training_text_encoding_equals_the_pipelines(trained):
     n = int(mask.sum())
     assert int(ref_mask.sum()) == n and ref.shape[1] == 120
     torch.testing.assert_close(embeds[0, :n], ref[0, :n].float(), rtol=1e-3, atol=1e-3)
+
+
+def test_shapes128_is_the_shapes_data_at_128_px_started_from_pixart_shapes_with_stretched_positions():
+    """``shapes128``: pixart-shapes' scenes and captions rendered at 128 px, every attribute read back by the
+    single-shape checker; its config starts from the shipped pipeline's VAE (32 x 32 latents: 1,024 tokens) and
+    denoiser, whose 32 x 32 position table spans the 16 x 16 one's range (every other row and column is it)."""
+    from benchmarks.reference import shapes_checker
+    from benchmarks.reference.data import DATA_SETS
+
+    data = DATA_SETS["shapes128"]
+    batch = data.sample(27, torch.Generator().manual_seed(0))
+    images = data.render(batch, torch.Generator().manual_seed(1))
+    assert images.shape == (27, 3, 128, 128) and data.captions(batch) == DATA_SETS["shapes"].captions(batch)
+    prompts = [shapes_checker.Prompt(*map(int, row)) for row in zip(*batch.as_dict().values())]
+    assert shapes_checker.adherence(images.permute(0, 2, 3, 1).numpy(), prompts).all()
+    assert data.evaluation.references(prompts[:2], 1, 0).shape == (2, 3, 128, 128)
+
+    cfg = TrainConfig.for_data("shapes128")
+    assert Path(cfg.init_from).name == "pixart-shapes" and cfg.interpolation_scale == 2.0
+    vae, transformer = train.build_vae(cfg), train.build_transformer(cfg)
+    train.load_initial(cfg, vae, "vae")
+    train.load_initial(cfg, transformer, "transformer")
+    with torch.no_grad():
+        assert vae.encode(images[:1] * 2 - 1).latent_dist.mode().shape == (1, 8, 32, 32)
+    original = train.build_transformer(TrainConfig())
+    train.load_initial(TrainConfig(init_from=cfg.init_from), original, "transformer")
+    assert all(torch.equal(v, transformer.state_dict()[k]) for k, v in original.state_dict().items())
+    stretched = transformer.pos_embed.pos_embed.reshape(32, 32, -1)
+    torch.testing.assert_close(stretched[::2, ::2], original.pos_embed.pos_embed.reshape(16, 16, -1))
 
 
 @pytest.fixture(scope="module")

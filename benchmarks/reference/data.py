@@ -2,6 +2,7 @@
 
 - ``shapes`` (`benchmarks.reference.shapes`): one shaded shape on a textured background, 64 px, 256 latent tokens
   (`pixart-shapes`).
+- ``shapes128``: the same scenes, captions and checker rendered at 128 px, 1,024 latent tokens (issue 41).
 - ``scenes`` (`benchmarks.reference.scenes`): one to three objects with a relation, finer textures, 128 px, 1,024
   latent tokens (issue 28).
 
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -83,10 +85,24 @@ def _shapes_monitor(n: int) -> tuple[list[str], Callable[[np.ndarray], dict[str,
     return [p.caption for p in prompts], lambda images: shapes_checker.adherence_table(images, prompts)
 
 
-def _shapes_feature_renders(seed: int) -> torch.Tensor:
+def _shapes_feature_renders(seed: int, resolution: int = shapes.RESOLUTION) -> torch.Tensor:
     """Every scene of the attribute grid, two nuisance draws each."""
     grid = shapes.scene_grid()
-    return torch.cat([shapes.render(grid, torch.Generator().manual_seed(seed + k)) for k in range(2)])
+    return torch.cat([shapes.render(grid, torch.Generator().manual_seed(seed + k), resolution) for k in range(2)])
+
+
+def _shapes_data(name: str, resolution: int) -> DataSet:
+    """The single-shape data rendered at `resolution` px; the checker reads any size."""
+    return DataSet(
+        name, resolution, tuple(shapes.caption_words()), shapes.sample_scenes,
+        partial(shapes.render, resolution=resolution), shapes.scene_captions, lambda batch: batch.as_dict(),
+        {k: len(v) for k, v in shapes.VOCABULARY.items()}, _shapes_monitor,
+        ("a large red circle at the top left on a striped background",
+         "a small blue triangle in the center on a dotted background"),
+        Evaluation(shapes_checker.ATTRIBUTES, shapes_checker.evaluation_prompts, shapes_checker.adherence,
+                   shapes_checker.detail_statistics, partial(shapes_checker.reference_images, resolution=resolution),
+                   partial(_shapes_feature_renders, resolution=resolution)),
+    )
 
 
 def _scenes_feature_renders(seed: int) -> torch.Tensor:
@@ -125,15 +141,8 @@ def _scenes_monitor(n: int) -> tuple[list[str], Callable[[np.ndarray], dict[str,
 
 
 DATA_SETS = {
-    "shapes": DataSet(
-        "shapes", shapes.RESOLUTION, tuple(shapes.caption_words()), shapes.sample_scenes, shapes.render,
-        shapes.scene_captions, lambda batch: batch.as_dict(), {k: len(v) for k, v in shapes.VOCABULARY.items()},
-        _shapes_monitor,
-        ("a large red circle at the top left on a striped background",
-         "a small blue triangle in the center on a dotted background"),
-        Evaluation(shapes_checker.ATTRIBUTES, shapes_checker.evaluation_prompts, shapes_checker.adherence,
-                   shapes_checker.detail_statistics, shapes_checker.reference_images, _shapes_feature_renders),
-    ),
+    "shapes": _shapes_data("shapes", shapes.RESOLUTION),
+    "shapes128": _shapes_data("shapes128", 2 * shapes.RESOLUTION),
     "scenes": DataSet(
         "scenes", scenes.RESOLUTION, tuple(dict.fromkeys([*shapes.caption_words(), *scenes.caption_words()])),
         scenes.sample_scenes, scenes.render, scenes.scene_captions, _scene_labels, _scene_heads(), _scenes_monitor,

@@ -333,7 +333,8 @@ class QualityScorer:
         return paired_kid(matrix, weights) * KID_SCALE
 
 
-JUDGES = {"shapes": "pixart-shapes", "scenes": "pixart-scenes"}  # data set -> the pipeline shipping its judge
+# data set -> the pipeline shipping its judge
+JUDGES = {"shapes": "pixart-shapes", "shapes128": "pixart-shapes128", "scenes": "pixart-scenes"}
 
 
 def judge(data: str = "shapes") -> Path:

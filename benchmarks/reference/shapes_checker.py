@@ -180,8 +180,10 @@ def detail_statistics(image: np.ndarray) -> np.ndarray:
     return detail.detail_statistics(image, mask.astype(np.int64), _background_energy(image, mask)[0])
 
 
-def reference_images(prompts: list[Prompt] | tuple[Prompt, ...], per_prompt: int = 4, seed: int = 1) -> torch.Tensor:
-    """Renders of the prompts' scenes (`per_prompt` each, other nuisance draws): the data side of the distances."""
+def reference_images(prompts: list[Prompt] | tuple[Prompt, ...], per_prompt: int = 4, seed: int = 1,
+                     resolution: int = shapes.RESOLUTION) -> torch.Tensor:
+    """Renders of the prompts' scenes (`per_prompt` each, other nuisance draws) at `resolution` px: the data side of
+    the distances."""
     index = torch.tensor([[p.colour, p.shape, p.size, p.position, p.texture] for p in prompts]).repeat(per_prompt, 1)
     scenes = shapes.Scenes(*index.T)
-    return shapes.render(scenes, torch.Generator().manual_seed(seed))
+    return shapes.render(scenes, torch.Generator().manual_seed(seed), resolution)
