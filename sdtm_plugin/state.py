@@ -75,7 +75,8 @@ class ForwardRecord:
 class ForwardPlan:
     """What one forward runs, decided before it: its step's plan, the model's token grid, the call's buffers, the
     outputs the merge cache keeps, its telemetry record; per token grid, the tokens a merge removes and the random
-    draws (made on first use, eagerly)."""
+    draws and what the method derives from them for all blocks (made on first use, eagerly: a U-Net's levels ask
+    once per spatial transformer)."""
 
     plan: StepPlan
     grid: tuple[int, ...]
@@ -84,6 +85,7 @@ class ForwardPlan:
     record: ForwardRecord
     removed: dict[tuple[int, ...], int] = field(default_factory=dict)
     noise: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    derived: dict[tuple, list[Any] | None] = field(default_factory=dict)
 
 
 class BlockSlot:
@@ -347,7 +349,10 @@ class MergeState:
             if getattr(self.config, "match_radius", None) is not None:
                 window_grid.neighbour_windows(self.config.match_radius)
             noise = self._noise(window_grid, batch)
-            derived = self.method.derive(window_grid, forward.plan, forward.buffers, batch, noise)
+            key = (grid, batch)
+            if key not in forward.derived:
+                forward.derived[key] = self.method.derive(window_grid, forward.plan, forward.buffers, batch, noise)
+            derived = forward.derived[key]
         allowed = self.config is None or math.prod(forward.grid) <= math.prod(grid) * self.config.max_downsample ** 2
         rows = noise.unbind(0) if noise is not None else [None] * self.num_layers
         for layer in layers:
