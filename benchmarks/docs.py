@@ -4,6 +4,7 @@
     python -m benchmarks.docs --frontier outputs/frontier    # + the report-set results and figures of that run
     python -m benchmarks.docs --frontier outputs/tc --section token-caching   # a partial frontier (--only): its
                                                              # own blocks (frontier-token-caching, ...) and figures
+    python -m benchmarks.docs --scale outputs/s256 outputs/s1024   # the same settings at 256 and 1,024 tokens
 
 A generated block sits between a ``<!-- generated: NAME -->`` line and a ``<!-- /generated: NAME -->`` line;
 everything else in the docs is written by hand. `tests/test_docs.py` fails when the MAC table drifts from the code.
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--section", default=None,
                         help="write a partial frontier's tables into the blocks NAME-SECTION (frontier-SECTION, ...) "
                              "and its figures as FIGURE-SECTION.png, leaving the full frontier's in place")
+    parser.add_argument("--scale", type=Path, nargs="+", default=None, metavar="RUN",
+                        help="runs of the same settings on reference models of different token counts (each with "
+                             "report/ and speed/ folders): the block 'scale'")
     args = parser.parse_args(argv)
     suffix = f"-{args.section}" if args.section else ""
     results = DOCS / "results.md"
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             text = replace_block(text, name + suffix, content)
         for path in figures(args.frontier, suffix):
             print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+    if args.scale:
+        from .frontier import scale_table
+
+        text = replace_block(text, "scale", scale_table(args.scale))
     results.write_text(text)
     print(f"wrote {results}")
 

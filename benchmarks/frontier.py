@@ -27,6 +27,7 @@ import pandas as pd
 from sdtm_plugin import SDTMConfig
 
 from .cli import main as benchmark
+from . import stats
 from .methods import config_spec, method_label, parse_method
 from .verdicts import best_at_equal_quality, verdicts
 
@@ -107,7 +108,7 @@ def speed_table(report: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
     label)."""
     timing = ["pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "speedup_denoiser_paired",
               "speedup_denoiser_paired_iqr", "repeats", "threads"]
-    return report.drop(columns=timing).merge(speed[["model", "label", *timing]], on=["model", "label"], how="left")
+    return report.drop(columns=timing, errors="ignore").merge(speed[["model", "label", *timing]], on=["model", "label"], how="left")
 
 
 def verdict_text(row: pd.Series, bold: bool = True) -> str:
@@ -182,6 +183,37 @@ def report_tables(run: Path) -> dict[str, str]:
         _interval(base, f"adherence_{a}") for a in scored) + " |")
     return {"frontier": "\n".join(lines) + "\n", "attributes": "\n".join(attributes) + "\n",
             "summary": "\n".join(summary) + "\n"}
+
+
+def scale_table(runs: list[Path]) -> str:
+    """Markdown: the same settings measured on reference models of different token counts (one frontier-layout run
+    each: ``report/`` and, when timed, ``speed/``), a row per setting and model, sorted by setting then tokens."""
+    frames = []
+    for run in runs:
+        report = pd.read_csv(run / "report" / "results.csv")
+        speed_csv = run / "speed" / "results.csv"
+        frames.append(speed_table(report, pd.read_csv(speed_csv)) if speed_csv.exists() else report)
+    table = pd.concat(frames, ignore_index=True)
+    base = table["method"] == "baseline"
+    margin = table["model"].map(table[base].set_index("model")["kid"]) * stats.KID_RELATIVE_MARGIN
+    table = table[~base].assign(kid_margin=margin[~base])
+    table["label"] = table["label"].replace(PRESET_NAMES)
+    order = {label: i for i, label in enumerate(table.sort_values("macs_speedup")["label"].drop_duplicates())}
+    table = table.sort_values(["label", "tokens"], key=lambda c: c.map(order) if c.name == "label" else c)
+    lines = ["| setting | model (tokens) | MACs speed-up | CPU denoiser (paired) | Δ adherence | Δ shape | Δ detail | "
+             "Δ KID ×10³ (margin) | verdict |", "| " + " | ".join(["---"] * 9) + " |"]
+    for _, row in table.iterrows():
+        paired = (f"{row['speedup_denoiser_paired']:.2f}×" if pd.notna(row.get("speedup_denoiser_paired")) else "—")
+        lines.append(" | ".join([
+            f"| {row['label']}", f"{row['model']} ({int(row['tokens'])})", f"{row['macs_speedup']:.2f}×", paired,
+            _interval(row, "adherence_diff", signed=True), _interval(row, "adherence_shape_diff", signed=True),
+            _interval(row, "detail_diff", signed=True),
+            f"{_interval(row, 'kid_diff', signed=True)} (+{row['kid_margin']:.1f})",
+            verdict_text(row)]) + " |")
+    counts = ", ".join(f"{m}: {int(n)}" for m, n in
+                       pd.concat(frames).groupby("model")["quality_images"].first().items())
+    lines.append(f"\nReport prompts and seeds per model: {counts}; intervals: paired bootstrap over prompts.")
+    return "\n".join(lines) + "\n"
 
 
 def tune_table(run: Path) -> str:

@@ -194,6 +194,8 @@ _SD_VAE = (128, 256, 512, 512)
 # ``python -m benchmarks.reference.train --export benchmarks/reference/weights/<name>``
 TRAINED_PRESETS = {
     "pixart-shapes": "trained PixArt-alpha on procedural shapes, 256 tokens, 64-px images (learned weights)",
+    "pixart-shapes128": "pixart-shapes fine-tuned at twice the resolution: the same shapes, 1,024 tokens, 128-px images "
+                        "(learned weights)",
     "pixart-scenes": "trained PixArt-alpha on procedural scenes of 1-3 objects, 1,024 tokens, 128-px images "
                      "(learned weights)",
     "flux-shapes": "trained FLUX-architecture model (double- and single-stream blocks, rotary positions) on "

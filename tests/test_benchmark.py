@@ -377,6 +377,36 @@ def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_pat
     assert tables["attributes"].count("SDTMConfig.fast()") == 1 and "baseline (absolute, %)" in tables["attributes"]
 
 
+def test_scale_table_pairs_each_setting_across_token_counts(tmp_path):
+    """docs/results.md's "same settings at 256 and 1,024 tokens": a row per setting and model, the same setting's
+    rows together (fewest tokens first), the KID margin each model's own (20 % of its baseline's KID), CPU speed-ups
+    where a speed stage ran, the baseline left out."""
+    from benchmarks.frontier import scale_table
+
+    cases = (("baseline", 1.0, "equal", None), ("sdtm", 1.17, "inconclusive", 500.0), ("tome", 1.22, "worse", None))
+    for name, tokens, kid, timed in (("small", 256, 20.0, True), ("large", 1024, 40.0, False)):
+        rows = _report_rows(cases, 96).assign(model=f"pixart-{name}", tokens=tokens, kid=kid)
+        (tmp_path / name / "report").mkdir(parents=True)
+        rows.to_csv(tmp_path / name / "report" / "results.csv", index=False)
+        if timed:
+            (tmp_path / name / "speed").mkdir()
+            speed = rows[["model", "label"]].assign(
+                pipeline_ms=1.0, denoiser_ms=1.0, speedup_pipeline=1.0, speedup_denoiser=1.0,
+                speedup_denoiser_paired=[1.0, 1.05, 1.1], speedup_denoiser_paired_iqr=0.1, repeats=5, threads=2)
+            speed.to_csv(tmp_path / name / "speed" / "results.csv", index=False)
+    lines = scale_table([tmp_path / "large", tmp_path / "small"]).splitlines()
+    rows = [line.split(" | ") for line in lines[2:6]]
+    assert [(r[0], r[1]) for r in rows] == [("| SDTM*-a (default)", "pixart-small (256)"),
+                                            ("| SDTM*-a (default)", "pixart-large (1024)"),
+                                            ("| ToMe 0.5 (default)", "pixart-small (256)"),
+                                            ("| ToMe 0.5 (default)", "pixart-large (1024)")]
+    assert rows[0][3] == "1.05×" and rows[1][3] == "—"  # timed at 256 only
+    assert rows[0][7].endswith("(+4.0)") and rows[1][7].endswith("(+8.0)")  # 20 % of each model's baseline KID
+    assert rows[1][4] == "-1.5 [-2.5, -0.5]" and "inconclusive" in rows[1][8] and "worse" in rows[2][8]
+    assert not any("baseline" in line for line in lines[2:6])
+    assert "pixart-large: 96" in lines[-1] and "pixart-small: 96" in lines[-1]
+
+
 def test_a_partial_frontier_writes_its_own_blocks_and_figures(tmp_path, monkeypatch):
     """`python -m benchmarks.docs --frontier RUN --section NAME` fills the blocks NAME-suffixed (tune, frontier,
     attributes, the README's summary) and figures, and leaves the full frontier's blocks as they were."""

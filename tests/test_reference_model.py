@@ -7,6 +7,7 @@ import torch
 from benchmarks.macs import count_forward_macs
 from benchmarks.models import PRESETS, TRAINED_PRESETS, WEIGHTS, build_denoiser, denoiser_inputs, load_pipeline
 from benchmarks.reference import quality, train
+from benchmarks.reference.data import DATA_SETS
 
 SHIPPED = [name for name in TRAINED_PRESETS if name in PRESETS]
 PIPELINES = {"pixart": "PixArtAlphaPipeline", "flux": "FluxPipeline"}
@@ -17,9 +18,10 @@ def _call_kwargs(folder) -> dict:
 
 
 def test_the_references_and_their_judge_are_shipped():
-    assert {"pixart-shapes", "flux-shapes"} <= set(SHIPPED)
-    assert quality.judge("shapes") == WEIGHTS / "pixart-shapes" / "features"
-    assert (quality.judge("shapes") / "model.safetensors").exists()
+    assert {"pixart-shapes", "pixart-shapes128", "flux-shapes"} <= set(SHIPPED)
+    for data, owner in (("shapes", "pixart-shapes"), ("shapes128", "pixart-shapes128")):
+        assert quality.judge(data) == WEIGHTS / owner / "features"
+        assert (quality.judge(data) / "model.safetensors").exists()
     with pytest.raises(ValueError, match="data must be one of"):
         quality.judge("faces")
 
@@ -36,7 +38,8 @@ def test_shipped_weights_are_small_safetensors(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_preset_loads_through_from_pretrained_with_learned_weights(name):
     preset = PRESETS[name]
-    assert preset.trained and preset.num_tokens == 256 and preset.resolution == 64
+    resolution = DATA_SETS[preset.data].resolution
+    assert preset.trained and preset.resolution == resolution and preset.num_tokens == (resolution // 4) ** 2
     pipe = load_pipeline(name, dtype=torch.float32)
     assert type(pipe).__name__ == PIPELINES[preset.family] and pipe.transformer.dtype == torch.float32
     architecture = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
@@ -55,13 +58,12 @@ def test_a_plain_from_pretrained_of_the_folder_generates(name):
     assert {pipe.transformer.dtype, pipe.vae.dtype, *(e.dtype for e in encoders)} == {torch.float32}
     images = pipe("a small red circle at the top left on a plain background", num_inference_steps=2,
                   output_type="np", **_call_kwargs(folder)).images
-    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    resolution = DATA_SETS[PRESETS[name].data].resolution
+    assert images.shape == (1, resolution, resolution, 3) and np.isfinite(images).all()
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_generates_the_stored_reference_sample(name):
-    from benchmarks.reference.data import DATA_SETS
-
     folder = WEIGHTS / name
     stored = np.load(folder / "reference_sample.npz")
     assert list(stored["prompts"]) == list(DATA_SETS[PRESETS[name].data].reference_prompts)
