@@ -50,6 +50,8 @@ TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.8", "tokencache:ratio
                "tokencache:extrapolation=1", "tokencache:extrapolation=1,ratio=0.8", "tokencache:extrapolation=1,ratio=0.9"]
 # SDTM with whole queries: keys and values merged in the structure phase, at the default and a larger share
 KEYS_ONLY = ["sdtm:merge_queries=false", "sdtm:merge_queries=false,ratio=0.5"]
+# merged keys weighted by their group size in the softmax (ToMe's proportional attention)
+PROPORTIONAL = ["sdtm:proportional_attention=true", "tome:proportional_attention=true"]
 # the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores); the default
 # token cache is a reference, so tuned too
 CANDIDATES = [
@@ -58,7 +60,7 @@ CANDIDATES = [
     *(f"fbcache:threshold={t}" for t in (0.1, 0.2, 0.3)),
     *(f"magcache:threshold={t}" for t in (0.04, 0.06, 0.1)), "magcache:threshold=0.06,retention_ratio=0.1",
     "taylorseer:cache_interval=2", "pab", "fastercache", "dbcache:residual_diff_threshold=0.2",
-    "dbcache:residual_diff_threshold=0.3", *KEYS_ONLY,
+    "dbcache:residual_diff_threshold=0.3", *KEYS_ONLY, *PROPORTIONAL,
 ]
 # merging or token caching composed with a step cache: tuned only where the merge setting alone (a candidate above)
 # was not shown worse on the tune set, since a step cache adds its own error to the merge's

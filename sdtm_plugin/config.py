@@ -112,6 +112,9 @@ class _WindowedMergeConfig(_PatchConfig):
     `rotary_positions`: on rotary models (FLUX, Wan), the position a merged token is rotated to
     (`sdtm_plugin.rotary`): "mean" (the circular mean of its tokens' angles; chosen on the trained FLUX-architecture
     reference, docs/compatibility.md) or "destination" (its group's first token's).
+    `proportional_attention`: a merged self-attention adds the log of each merged key's group size to its logits
+    (ToMe's proportional attention), so a group weighs in the softmax as its tokens together would; the attention
+    then runs with an additive mask (diffusers' fused dispatch takes it, but not the mask-free flash kernels).
     """
 
     use_rand: bool = True
@@ -120,10 +123,15 @@ class _WindowedMergeConfig(_PatchConfig):
     match_radius: int | None = None
     match_dim: int | None = None
     rotary_positions: str = "mean"
+    proportional_attention: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_bool("use_rand", self.use_rand)
+        _check_bool("proportional_attention", self.proportional_attention)
+        if self.proportional_attention and not self.merge_attn:
+            raise ValueError("proportional_attention weighs merged keys in a merged self-attention, but "
+                             "merge_attn=False merges none; set merge_attn=True or proportional_attention=False")
         _check_bool("merge_attn", self.merge_attn)
         _check_bool("merge_mlp", self.merge_mlp)
         if not (self.merge_attn or self.merge_mlp):
@@ -251,6 +259,10 @@ class SDTMConfig(_WindowedMergeConfig):
         _check_frequency("protect_layers_frequency", self.protect_layers_frequency)
         _check_bool("cache_each_step", self.cache_each_step)
         _check_bool("merge_queries", self.merge_queries)
+        if self.proportional_attention and not self.merge_queries:
+            raise ValueError("proportional_attention adds its key bias to attentions whose queries and keys are the "
+                             "same merged rows; with merge_queries=False the processor pads a key mask to the query "
+                             "count; set merge_queries=True or proportional_attention=False")
         if not self.merge_queries and not self.merge_attn:
             raise ValueError("merge_queries=False merges only the attention's keys and values, but merge_attn=False "
                              "merges no attention; set merge_attn=True or leave merge_queries at True")

@@ -15,6 +15,7 @@ per token budget and phase. U-Nets keep an eager grid hook (their levels' grids 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import weakref
 from typing import Any, Callable
@@ -264,6 +265,8 @@ class SubLayerMergeHook(ModelHook):
         self.text_mask = sublayer.text_mask
         self.key_mask = sublayer.key_mask
         self.side = state.method.attention_rows if sublayer.role == "attn" else None
+        self.key_bias = (KeyBias(sublayer.module, sublayer.text_last) if sublayer.role == "attn"
+                         and getattr(state.config, "proportional_attention", False) else None)
         if self.side is not None and sublayer.text_mask:
             raise TypeError("its attention builds a square mask from the query count, so its queries and keys cannot "
                             "be different rows of its tokens")
@@ -292,6 +295,8 @@ class SubLayerMergeHook(ModelHook):
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
             args = (merged, *args[1:])
+        if self.key_bias is not None:
+            args, kwargs = self.key_bias.apply(args, kwargs, merge, merged, self.joint, self.slot)
         if self.rotary is not None:  # merged queries and keys rotated per image and row at the q/k norms
             self.rows, args, kwargs = RowCall.begin(merge, "both", self.rotary, self.state, args, kwargs,
                                                     self.text_last)
@@ -368,6 +373,51 @@ def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool,
     if side == "query":
         return kwargs
     return {**kwargs, "attention_mask": mask[..., merge.num_tokens - merge.num_rows:]}
+
+
+def _positions(module: torch.nn.Module, *names: str) -> tuple[int | None, ...]:
+    """The positional index of each of `names` in `module`'s forward (None where it has no such parameter)."""
+    parameters = list(inspect.signature(module.forward).parameters)
+    return tuple(parameters.index(name) if name in parameters else None for name in names)
+
+
+class KeyBias:
+    """Proportional attention on one self-attention module: its merged call gets, as its additive attention mask,
+    (B, 1, 1, T + N'): the log of each merged key's group size on the image columns, 0 on the T text columns of a
+    joint attention (its `encoder_hidden_states`' rows, or the text rows of a joint input).
+
+    Args:
+        module: the attention module (its forward's parameters locate `attention_mask` passed by position: Wan's
+            blocks call ``attn1(x, None, None, rotary)``).
+        text_last: the key sequence is [image; text] rather than [text; image].
+    """
+
+    def __init__(self, module: torch.nn.Module, text_last: bool = False) -> None:
+        self.text_last = text_last
+        self.mask_at, self.text_at = _positions(module, "attention_mask", "encoder_hidden_states")
+
+    def apply(self, args: tuple, kwargs: dict, merge: Any, merged: torch.Tensor, joint: bool,
+              slot: BlockSlot) -> tuple[tuple, dict]:
+        """The call's arguments with the bias as its `attention_mask`; `merged` is its (B, [T +] N', C) input."""
+        positional = self.mask_at is not None and self.mask_at < len(args)
+        given = args[self.mask_at] if positional else kwargs.get("attention_mask")
+        if given is not None:
+            raise ValueError(f"block {slot.index}: proportional_attention passes its key bias as the attention's "
+                             "mask, but this call has an attention_mask already; run with proportional_attention=False")
+        if joint:
+            text_rows = merged.shape[1] - merge.num_rows
+        else:
+            text = (args[self.text_at] if self.text_at is not None and self.text_at < len(args)
+                    else kwargs.get("encoder_hidden_states"))
+            text_rows = 0 if text is None else text.shape[1]
+        bias = merge.key_bias(merged.dtype)
+        if text_rows:
+            text = bias.new_zeros(bias.shape[0], text_rows)
+            bias = torch.cat([bias, text] if self.text_last else [text, bias], dim=1)
+        mask = bias[:, None, None, :]
+        if positional:
+            return (*args[: self.mask_at], mask, *args[self.mask_at + 1:]), kwargs
+        return args, {**kwargs, "attention_mask": mask}
 
 
 class SideRowsHook(ModelHook):
@@ -456,6 +506,8 @@ class ParallelBlockMerge:
     def __init__(self, state: MergeState, layer: int, block: ParallelBlock) -> None:
         self.state, self.slot, self.block = state, state.slots[layer], block
         self.side = state.method.attention_rows
+        self.key_bias = (KeyBias(block.attn, block.text_last) if getattr(state.config, "proportional_attention", False)
+                         else None)
         self._attn: TokenMerge | None = None
         self._mlp: TokenMerge | None = None
         self._source: torch.Tensor | None = None  # the normalised sequence the block's branches read
@@ -528,6 +580,8 @@ class ParallelBlockMerge:
             args, kwargs = args, {**kwargs, "hidden_states": merged}
         else:
             args = (merged, *args[1:])
+        if self.key_bias is not None:
+            args, kwargs = self.key_bias.apply(args, kwargs, merge, merged, True, self.slot)
         if self.block.rotary is not None:
             self.rows, args, kwargs = RowCall.begin(merge, "both", self.block.rotary, self.state, args, kwargs)
         return args, kwargs

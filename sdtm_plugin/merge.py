@@ -175,6 +175,7 @@ class TokenMerge:
         self._row_flags = row_flags
         self._group_starts = group_starts
         self._flags: dict[torch.dtype, torch.Tensor] = {}
+        self._key_bias: dict[torch.dtype, torch.Tensor] = {}
         self._blend_weights: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
     @property
@@ -206,6 +207,18 @@ class TokenMerge:
     def merged(self) -> torch.Tensor:
         """(B, N) bool: the tokens that share their row with others."""
         return self.merged_flags() > 0
+
+    def key_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, N') the log of each row's group size, in `dtype` (default: the model's): added to the attention logits
+        of a merged key, a row stands for all of its tokens (proportional attention; 0 for a token on its own). Its
+        exponentials sum to N per batch element."""
+        dtype = dtype or self.dtype
+        if dtype not in self._key_bias:
+            rows = self.batch_size * self.num_rows
+            ones = torch.ones_like(self._row_of_token, dtype=torch.float32)
+            sizes = torch.zeros(rows, device=self.device, dtype=torch.float32).index_add_(0, self._row_of_token, ones)
+            self._key_bias[dtype] = sizes.log_().view(self.batch_size, self.num_rows).to(dtype)
+        return self._key_bias[dtype]
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N', C): each group's mean (fp32 accumulation), then the kept tokens unchanged."""

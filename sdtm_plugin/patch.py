@@ -195,6 +195,10 @@ def _other_experts(model: nn.Module, step_hook: StepHook) -> list[MergeState]:
     return states
 
 
+# attention processors that add an (B, 1, 1, keys) float attention_mask to the logits (proportional attention)
+KEY_BIAS_PROCESSORS = ("AttnProcessor2_0", "FluxAttnProcessor", "WanAttnProcessor")
+
+
 def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register) -> None:
     """The merge hooks of every block: one per sub-layer whose role the method reduces (and, for a method that
     reduces one side of the attention, that side's projections' and the rotary sites'), or a `ParallelBlock`'s set."""
@@ -203,6 +207,13 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
         register(module, GridHook(state, layers), GRID_HOOK)
     for layer, block in enumerate(layout.blocks):
         attentions = [block.attn] if isinstance(block, ParallelBlock) else [s.module for s in block if s.role == "attn"]
+        if getattr(state.config, "proportional_attention", False) and "attn" in method.roles:
+            names = [type(a.processor).__name__ for a in attentions]
+            unbiased = [name for name in names if name not in KEY_BIAS_PROCESSORS]
+            if unbiased:
+                raise TypeError(f"proportional_attention passes its key bias as the attention's additive mask, which "
+                                f"block {layer}'s {unbiased[0]} does not apply; supported processors: "
+                                f"{', '.join(KEY_BIAS_PROCESSORS)} (PixArt, DiT, SD U-Nets, FLUX.1, Wan)")
         if method.attention_rows is not None and any(getattr(a, "fused_projections", False) for a in attentions):
             raise ValueError(f"block {layer} of {type(model).__name__} has fused QKV projections, which cannot compute "
                              "queries for fewer rows than keys; call unfuse_qkv_projections() before applying")

@@ -94,6 +94,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
          "sketched": lambda pipe: apply_SDTM(pipe, match_dim=8),
          "spatio-temporal": lambda pipe: apply_SDTM(pipe, st=2), "tokencache": apply_token_cache,
          "keys-only": lambda pipe: apply_SDTM(pipe, merge_queries=False),
+         "proportional": lambda pipe: apply_SDTM(pipe, proportional_attention=True),
          "offloaded": lambda pipe: apply_SDTM(pipe, cache_offload=True),
          "tokencache-offloaded": lambda pipe: apply_token_cache(pipe, cache_offload=True)}
 
@@ -107,6 +108,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny", "tokencache", "compile, apply"), ("tiny-flux", "tokencache", "apply, compile"),
     ("tiny-wan", "tokencache", "compile, apply"), ("tiny-flux", "keys-only", "compile, apply"),
     ("tiny", "offloaded", "compile, apply"), ("tiny-flux", "tokencache-offloaded", "apply, compile"),
+    ("tiny", "proportional", "compile, apply"), ("tiny-flux", "proportional", "apply, compile"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):
