@@ -195,7 +195,7 @@ def scale_table(runs: list[Path]) -> str:
         report = pd.read_csv(run / "report" / "results.csv")
         speed_csv = run / "speed" / "results.csv"
         frames.append(speed_table(report, pd.read_csv(speed_csv)) if speed_csv.exists() else report)
-    table = pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True).copy()  # one block: the merges left it fragmented
     base = table["method"] == "baseline"
     margin = table["model"].map(table[base].set_index("model")["kid"]) * stats.KID_RELATIVE_MARGIN
     table = table[~base].assign(kid_margin=margin[~base])
