@@ -376,8 +376,9 @@ def _follow_key_mask(kwargs: dict, merge: Any, side: str | None, key_mask: bool,
 
 
 def _positions(module: torch.nn.Module, *names: str) -> tuple[int | None, ...]:
-    """The positional index of each of `names` in `module`'s forward (None where it has no such parameter)."""
-    parameters = list(inspect.signature(module.forward).parameters)
+    """The positional index of each of `names` in `module`'s forward (None where it has no such parameter): read
+    from its class, since a hook registered on it before ours installs a ``(*args, **kwargs)`` forward."""
+    parameters = list(inspect.signature(type(module).forward).parameters)[1:]
     return tuple(parameters.index(name) if name in parameters else None for name in names)
 
 

@@ -203,3 +203,19 @@ def arch_pipes(tiny_pipe_dir):
     yield get
     for pipe in cache.values():
         remove_SDTM(pipe)
+
+
+def test_mask_position_is_found_under_a_hook_registered_before_ours(tiny_pipe_dir):
+    """Wan passes its attention mask by position; a hook another library registered on the attention first turns its
+    forward into ``(*args, **kwargs)``: the position comes from the class, so the bias still replaces the mask."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    pipe = quiet_pipeline("tiny-wan", tiny_pipe_dir)
+    attentions = [block.attn1 for block in pipe.transformer.blocks]
+    for attn in attentions:
+        HookRegistry.check_if_exists_or_initialize(attn).register_hook(ModelHook(), "someone_else")
+    apply_SDTM(pipe, **SETTINGS[apply_SDTM], proportional_attention=True)
+    with _masks_seen(pipe.transformer) as seen:
+        assert torch.isfinite(wan.generate(pipe)).all()
+    assert len(seen) >= len(attentions)
+    remove_SDTM(pipe)
