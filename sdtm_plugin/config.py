@@ -358,6 +358,10 @@ class TokenCacheConfig(_PatchConfig):
             per step of that output between its last two computations, times the steps since (1: a first-order
             Taylor step as TaylorSeer takes for whole steps; 0: its last output unchanged). Non-zero doubles the
             memory the cache holds.
+        cache_keys: the self-attention's keys and values of the tokens not computed on a cached step come from the
+            cache (their key and value projections when last computed, as RAS and CAT pruning keep them) instead of
+            being projected from the current input: the key and value projections then run on the computed rows
+            only. Needs `cache_attn`; holds one more full-length tensor per key and value projection and block.
         cache_offload: where the cached outputs live between forwards, as `SDTMConfig.cache_offload` (None: host
             memory when they would exceed `sdtm_plugin.state.DEVICE_SHARE` of a GPU's memory).
         seed: seed of the random draws of ``selection="random"``, re-seeded at every generation.
@@ -377,6 +381,7 @@ class TokenCacheConfig(_PatchConfig):
     cache_mlp: bool = True
     sketch_dim: int | None = 64
     extrapolation: float = 0.5
+    cache_keys: bool = False
     cache_offload: bool | None = None
 
     def __post_init__(self) -> None:
@@ -389,8 +394,11 @@ class TokenCacheConfig(_PatchConfig):
         _check_int("final_dense_steps", self.final_dense_steps, 0)
         _check_choice("selection", self.selection, SELECTIONS)
         _check_float("staleness_weight", self.staleness_weight, 0.0, math.inf, high_inclusive=False)
-        for name in ("cache_attn", "cache_cross", "cache_mlp"):
+        for name in ("cache_attn", "cache_cross", "cache_mlp", "cache_keys"):
             _check_bool(name, getattr(self, name))
+        if self.cache_keys and not self.cache_attn:
+            raise ValueError("cache_keys=True needs cache_attn=True: keys and values come from the cache only where the "
+                             "self-attention's queries are token-cached")
         if not (self.cache_attn or self.cache_cross or self.cache_mlp):
             raise ValueError("cache_attn, cache_cross and cache_mlp are all False: nothing would be cached; enable at "
                              "least one")

@@ -443,6 +443,72 @@ class SideRowsHook(ModelHook):
         return args, {**kwargs, "input": call.reduce(kwargs["input"])}
 
 
+class KeyCacheHook(ModelHook):
+    """On a self-attention's key or value projection under token caching with `TokenCacheConfig.cache_keys`: a
+    cached step projects the computed rows only and completes the output (B, T + N, C) from this projection's last
+    output of every image token, the computed rows written into it; a dense step keeps its output. The attention
+    still sees every key; the rotary and norm sites after the projection run on the whole output as before.
+
+    Args:
+        owner: ``() -> RowCall | None``, the running call of the attention (None: every row computed).
+        state: the shared `MergeState`.
+        layer: block index.
+        name: the cache slot of this projection's output.
+        text_last: the joint sequence's text rows trail its image rows.
+    """
+
+    def __init__(self, owner: Callable[[], "RowCall | None"], state: MergeState, layer: int, name: str,
+                 text_last: bool = False) -> None:
+        super().__init__()
+        self.owner, self.slot, self.name, self.text_last = owner, state.slots[layer], name, text_last
+        self._call: RowCall | None = None
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        call = self.owner()
+        self._call = call = call if call is not None and call.side == "query" else None
+        if call is None:
+            return args, kwargs
+        if args:
+            return (call.reduce(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "input": call.reduce(kwargs["input"])}
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        call, self._call = self._call, None
+        slot, buffers = self.slot, self.slot.buffers
+        if call is None:  # every row projected: kept for the cached steps (laid out whole, as `finish_joint` keeps)
+            if slot.allowed and "attn" in slot.stores:
+                image = image_rows(output, math.prod(slot.grid), self.text_last)
+                buffers.store_output(self.name, image if image.shape[1] == output.shape[1] else
+                                     image.clone(memory_format=torch.contiguous_format))
+            return output
+        merge = call.merge
+        b, a, c = output.shape[0], merge.num_rows, output.shape[-1]
+        cache = buffers.cached_output(self.name, torch.Size((b, merge.num_tokens, c)), output.device)
+        if cache is None:
+            raise RuntimeError(f"block {slot.index} {self.name}: no cached keys to complete a cached step (the block "
+                               "did not run at any dense step of this call)")
+        computed = image_rows(output, a, self.text_last)
+        cache.view(-1, c).index_copy_(0, merge.flat_rows, computed.reshape(-1, c).to(cache.dtype))
+        buffers.update_output(self.name, cache)
+        if a == output.shape[1]:
+            return cache
+        text = output[:, a:] if self.text_last else output[:, :output.shape[1] - a]
+        return torch.cat([cache, text] if self.text_last else [text, cache], dim=1)
+
+
+def key_cache_hooks(owner: Callable[[], "RowCall | None"], state: MergeState, layer: int, name: str,
+                    keys: tuple[torch.nn.Module, ...], text_last: bool = False
+                    ) -> list[tuple[torch.nn.Module, ModelHook]]:
+    """`KeyCacheHook`s on a self-attention's key and value projections `keys` (cache slots ``name.k0``, ...) when the
+    config caches keys (`TokenCacheConfig.cache_keys`), else none."""
+    if not getattr(state.config, "cache_keys", False):
+        return []
+    if not keys:
+        raise TypeError("this attention has no separate key and value projections, so cache_keys cannot project "
+                        "them for the computed rows only")
+    return [(module, KeyCacheHook(owner, state, layer, f"{name}.k{i}", text_last)) for i, module in enumerate(keys)]
+
+
 class RotarySiteHook(ModelHook):
     """On a norm whose output the attention would rotate: the running `RowCall`'s per-row rotation applied.
 
@@ -522,6 +588,9 @@ class ParallelBlockMerge:
                  (block.proj_out, _CallHook(post=self._projected))]
         if self.side is not None or block.sites:
             hooks += row_hooks(lambda: self.rows, self.side, block.query, block.keys, block.sites)
+        if self.side == "query":
+            hooks += key_cache_hooks(lambda: self.rows, self.state, self.slot.index, "attn", block.keys,
+                                     block.text_last)
         return hooks
 
     def _cached_at_output(self) -> bool:

@@ -566,7 +566,8 @@ class TokenCache(MergeMethod):
 
     Per block the buffers hold the step each token was last computed at and the sketch of its input then; per cached
     sub-layer its last output of every token and, with extrapolation, that output's change per step between the
-    token's last two computations.
+    token's last two computations; with `TokenCacheConfig.cache_keys` the self-attention's last key and value
+    projections of every token (`hooks.KeyCacheHook`).
     """
 
     config: TokenCacheConfig
@@ -613,7 +614,10 @@ class TokenCache(MergeMethod):
 
     def kept_outputs(self):
         per_role = 2 if self.config.extrapolation else 1  # the last output, and its change per step
-        return {role: per_role for role in self.cache_roles(None)}
+        kept = {role: per_role for role in self.cache_roles(None)}
+        if self.config.cache_keys and kept:
+            kept["keys"] = 1  # each key and value projection's last output
+        return kept
 
     @staticmethod
     def _references(buffers: BlockBuffers, sketch: torch.Tensor) -> torch.Tensor:

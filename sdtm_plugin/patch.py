@@ -23,7 +23,7 @@ from .adapters import ParallelBlock, find_adapter, supported_models
 from .caching import attach_step_cache
 from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
 from .hooks import (DENOISERS, GRID_HOOK, MERGE_HOOK, STEP_HOOK, GridHook, ParallelBlockMerge, StepHook,
-                    SubLayerMergeHook, row_hooks)
+                    SubLayerMergeHook, key_cache_hooks, row_hooks)
 from .state import MergeState
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,8 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                 alone = [_output_layer(block.attn)] if method.reduces_attention_alone and not at_output else []
                 state.output_layers[layer, "attn"] = [*alone, block.proj_out]
                 state.output_layers[layer, "mlp"] = [] if at_output else [block.proj_mlp]
+                if "keys" in kept:
+                    state.output_layers[layer, "keys"] = list(block.keys)
                 for module, hook in ParallelBlockMerge(state, layer, block).hooks():
                     register(module, hook, MERGE_HOOK)
                 continue
@@ -239,6 +241,13 @@ def _register_merge_hooks(model: nn.Module, layout, state: MergeState, register)
                     for module, row_hook in row_hooks(lambda hook=hook: hook.rows, hook.side, sub.query, sub.keys,
                                                       sub.sites):
                         register(module, row_hook, MERGE_HOOK)
+                if hook.side == "query":
+                    key_hooks = key_cache_hooks(lambda hook=hook: hook.rows, state, layer, sub.name, sub.keys,
+                                                sub.text_last)
+                    for module, key_hook in key_hooks:
+                        register(module, key_hook, MERGE_HOOK)
+                    if key_hooks:
+                        state.output_layers[layer, "keys"] = [module for module, _ in key_hooks]
         except TypeError as err:
             raise TypeError(f"{type(state.config).__name__} does not support {type(model).__name__}: {err}") from None
 

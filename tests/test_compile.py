@@ -96,7 +96,8 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
          "keys-only": lambda pipe: apply_SDTM(pipe, merge_queries=False),
          "proportional": lambda pipe: apply_SDTM(pipe, proportional_attention=True),
          "offloaded": lambda pipe: apply_SDTM(pipe, cache_offload=True),
-         "tokencache-offloaded": lambda pipe: apply_token_cache(pipe, cache_offload=True)}
+         "tokencache-offloaded": lambda pipe: apply_token_cache(pipe, cache_offload=True),
+         "tokencache-keys": lambda pipe: apply_token_cache(pipe, cache_keys=True)}
 
 
 @pytest.mark.parametrize("model,method,order", [
@@ -109,6 +110,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny-wan", "tokencache", "compile, apply"), ("tiny-flux", "keys-only", "compile, apply"),
     ("tiny", "offloaded", "compile, apply"), ("tiny-flux", "tokencache-offloaded", "apply, compile"),
     ("tiny", "proportional", "compile, apply"), ("tiny-flux", "proportional", "apply, compile"),
+    ("tiny", "tokencache-keys", "compile, apply"), ("tiny-flux", "tokencache-keys", "apply, compile"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):
@@ -168,6 +170,8 @@ REGIONAL = {
     "sdtm": lambda model: apply_SDTM(model, num_inference_steps=REGIONAL_STEPS),
     "tome": lambda model: apply_ToMe(model, ratio=0.5, num_inference_steps=REGIONAL_STEPS),
     "tokencache": lambda model: apply_token_cache(model, num_inference_steps=REGIONAL_STEPS),
+    "tokencache-keys": lambda model: apply_token_cache(model, num_inference_steps=REGIONAL_STEPS, cache_keys=True),
+    "proportional": lambda model: apply_SDTM(model, num_inference_steps=REGIONAL_STEPS, proportional_attention=True),
     "sdtm+fbcache": lambda model: apply_SDTM(model, num_inference_steps=REGIONAL_STEPS,
                                              step_cache=FirstBlockCacheConfig(threshold=0.05)),
 }

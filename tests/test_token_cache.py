@@ -22,6 +22,7 @@ STEPS = 10
     ({"final_dense_steps": -1}, "final_dense_steps"), ({"selection": "importance"}, "selection"),
     ({"staleness_weight": -0.1}, "staleness_weight"), ({"staleness_weight": float("nan")}, "staleness_weight"),
     ({"cache_attn": False, "cache_cross": False, "cache_mlp": False}, "cache_attn"), ({"cache_mlp": 1}, "cache_mlp"),
+    ({"cache_keys": True, "cache_attn": False}, "cache_keys"), ({"cache_keys": 1}, "cache_keys"),
     ({"sketch_dim": 4}, "sketch_dim"), ({"sx": 1, "sy": 1}, "st \\* sy \\* sx"), ({"seed": -1}, "seed"),
 ])
 def test_bad_parameters_name_the_parameter(params, name):
@@ -54,11 +55,13 @@ def test_ratio_zero_is_bit_identical_and_removal_is_exact(tiny_pipe):
     assert not any("forward" in m.__dict__ or hasattr(m, "_diffusers_hook") for m in tiny_pipe.transformer.modules())
 
 
+@pytest.mark.parametrize("cache_keys", [False, True])
 @pytest.mark.parametrize("model", ["tiny", "tiny-dit", "tiny-flux", "tiny-wan", "tiny-sd"])
-def test_a_cached_step_on_unchanged_inputs_reproduces_the_dense_output(model):
+def test_a_cached_step_on_unchanged_inputs_reproduces_the_dense_output(model, cache_keys):
     """Called again on the same inputs, a cached step's computed tokens see every key (full context, each row rotated
     by its own position on rotary models) and the others' cached outputs are what computing them would give: the
-    output equals the unpatched model's, while fewer query rows were computed."""
+    output equals the unpatched model's, while fewer query rows were computed. With `cache_keys` the uncomputed
+    tokens' keys and values come from the cache: on unchanged inputs the same as projected afresh."""
     torch.manual_seed(0)
     preset = PRESETS[model]
     transformer = build_denoiser(preset).eval()
@@ -69,7 +72,8 @@ def test_a_cached_step_on_unchanged_inputs_reproduces_the_dense_output(model):
     query.to_k.register_forward_hook(lambda _, args, out: rows.append((None, out.shape[1])))
     with torch.no_grad():
         base = transformer(**inputs, return_dict=False)[0]
-        apply_token_cache(transformer, ratio=0.5, num_inference_steps=STEPS, final_dense_steps=0)
+        apply_token_cache(transformer, ratio=0.5, num_inference_steps=STEPS, final_dense_steps=0,
+                          cache_keys=cache_keys)
         rows.clear()
         outputs = [transformer(**inputs, return_dict=False)[0] for _ in range(5)]
     assert [r.phase for r in get_merge_state(transformer).records] == ["full"] * 3 + ["cached"] * 2
@@ -78,6 +82,38 @@ def test_a_cached_step_on_unchanged_inputs_reproduces_the_dense_output(model):
     queries = [q for q, _ in rows if q is not None]
     keys = [k for _, k in rows if k is not None]
     assert len(set(keys)) == 1 and min(queries) < max(queries) == keys[0]  # fewer queries on cached steps only
+    remove_token_cache(transformer)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_cached_keys_project_only_the_computed_rows(model):
+    """With `cache_keys` a cached step runs every self-attention's key and value projections on the computed rows
+    only: its linear FLOPs fall by exactly those projections of the uncomputed tokens (FLUX: image rows of the
+    double- and single-stream blocks; text rows always projected)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    preset = PRESETS[model]
+    transformer = build_denoiser(preset).eval()
+    inputs = denoiser_inputs(preset, batch_size=2)
+    flops = {}
+    for cache_keys in (False, True):
+        apply_token_cache(transformer, ratio=0.5, num_inference_steps=STEPS, final_dense_steps=0,
+                          cache_keys=cache_keys)
+        with torch.no_grad():
+            for _ in range(3):
+                transformer(**inputs)
+            with FlopCounterMode(display=False) as counter:
+                transformer(**inputs)
+        state = get_merge_state(transformer)
+        assert state.records[-1].phase == "cached"
+        flops[cache_keys] = counter.get_total_flops()
+        keys = [linear for (_, role), linears in state.output_layers.items() if role == "keys" for linear in linears]
+        assert bool(keys) == cache_keys
+    tokens = math.prod(state.slots[0].grid)
+    skipped = cached_tokens(0.5, tokens)
+    saved = sum(2 * 2 * skipped * linear.in_features * linear.out_features for linear in keys)
+    assert flops[False] - flops[True] == saved
     remove_token_cache(transformer)
 
 
@@ -255,16 +291,19 @@ def test_img2img_starting_on_a_cached_step_runs_dense_first(tiny_pipe_dir):
 
 
 @pytest.mark.parametrize("extrapolation", [0.0, 0.5])
-def test_held_memory_is_counted_and_freed(tiny_pipe, extrapolation):
+@pytest.mark.parametrize("cache_keys", [False, True])
+def test_held_memory_is_counted_and_freed(tiny_pipe, extrapolation, cache_keys):
     """What a generation keeps: per block, one (B, N, C) output per cached sub-layer (self-attention, cross-attention,
-    MLP) and as many slopes with extrapolation, the step each token was computed at, the change sketches and the
-    step; freed when the call ends."""
-    apply_token_cache(tiny_pipe, extrapolation=extrapolation)
+    MLP) and as many slopes with extrapolation, with `cache_keys` the self-attention's keys and values, the step each
+    token was computed at, the change sketches and the step; freed when the call ends; the estimate made before the
+    first call (`cache_estimate`) counts the same outputs."""
+    apply_token_cache(tiny_pipe, extrapolation=extrapolation, cache_keys=cache_keys)
     generate(tiny_pipe, steps=STEPS)
     state = get_merge_state(tiny_pipe)
     width = tiny_pipe.transformer.config.num_attention_heads * tiny_pipe.transformer.config.attention_head_dim
     batch, tokens, blocks = 2, 64, 4
-    outputs = 3 * blocks * batch * tokens * width * 4 * (2 if extrapolation else 1)
+    outputs = (3 * (2 if extrapolation else 1) + (2 if cache_keys else 0)) * blocks * batch * tokens * width * 4
+    assert state.cache_estimate((8, 8), batch) == outputs
     computed_at = blocks * batch * tokens * 4
     sketches = blocks * batch * tokens * min(width, 64) * 4
     assert state.peak_held_bytes == outputs + computed_at + sketches + 4
