@@ -14,7 +14,7 @@ DEFAULT_DEVIATION = 0.2  # the paper's SDTM*-a
 DEFAULT_TOKEN_BUDGETS = 4  # distinct merged lengths per sub-layer and generation (static shapes for compilers)
 DEFAULT_MATCH_DIM = 128  # SDTM's sketched-matching width: equal quality to exact matching, merge path < 2 % of MACs saved
 PRIORS = ("linear", "bounded")
-IDM_DESTINATIONS = ("stalest", "random", "similar")
+IDM_DESTINATIONS = ("stalest", "random", "similar", "guidance")
 STRUCTURE_MERGES = ("window", "bipartite")
 SELECTIONS = ("change", "random", "similarity")
 
@@ -170,8 +170,12 @@ class SDTMConfig(_WindowedMergeConfig):
             ``T / mean(T)`` (the paper's, unbounded) or ``"bounded"`` ``T / (T + 1)`` (in [0, 1), the scale of a
             cosine similarity).
         idm_destination: each window's IDM destination: ``"stalest"`` (the reference code's: the token longest
-            without its own computation, ties at random with `use_rand`), ``"random"``, or ``"similar"`` (the token
-            most similar to the rest of its window).
+            without its own computation, ties at random with `use_rand`), ``"random"``, ``"similar"`` (the token
+            most similar to the rest of its window), or ``"guidance"`` (IBTM: the token whose classifier-free
+            guidance difference ``|eps_c - eps_u|`` was largest at the previous step, so the tokens guidance moves
+            most stay whole; the first step, with no previous output, takes ``"similar"``). ``"guidance"`` needs the
+            unconditional and conditional inputs in one batch (diffusers' pipelines with ``guidance_scale > 1``:
+            PixArt, SD3, DiT, SD, Wan; not FLUX.1's distilled guidance).
         structure_merge: SSM's merge in the structure phase: ``"window"`` (whole windows into their mean, the
             paper's) or ``"bipartite"`` (ToMe-style matching of single tokens, destinations as in IDM).
         mcw: merge-cache weight: a merged token's output is ``mcw * merged + (1 - mcw) * cached``; 1 turns the cache

@@ -134,6 +134,11 @@ class StepHook(ModelHook):
         self.ensure_wired()
         self.install_compiled_prelude(*(getattr(p, attr, None) for p in self.watch.pipelines for attr in DENOISERS))
         self._scheduler = scheduler
+        if self.state.method.observes_output and any(
+                getattr(pipe, "do_classifier_free_guidance", True) is False for pipe in self.watch.pipelines):
+            raise ValueError("idm_destination='guidance' chooses by the classifier-free guidance difference, and this "
+                             "generation runs without classifier-free guidance (guidance_scale <= 1, or a "
+                             "guidance-distilled model): use another idm_destination")
         self.state.begin_generation(len(scheduler.timesteps), scheduler.timesteps)
 
     def _stepped(self) -> None:
@@ -179,6 +184,7 @@ class StepHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output):
+        self.state.observe_output(output)
         self.state.close_forward()
         return output
 

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .config import SDTMConfig, TokenCacheConfig, ToMeConfig
-from .merge import Destinations, TokenMerge, bipartite_merge, choose_destinations, staleness_priority, unit_vectors, window_medoid_scores, window_merge
+from .merge import (Destinations, TokenMerge, bipartite_merge, choose_destinations, staleness_priority, unit_vectors,
+                    window_medoid_scores, window_merge)
 from .grid import WindowGrid
 from .schedule import (Phase, StepPlan, cached_tokens, in_structure_phase, layer_is_protected, removal_schedule,
                        step_plan, token_cache_plan, tokens_removed)
-from .selection import RowSelection, change_scores, choose_rows, token_sketch
+from .selection import (RowSelection, change_scores, choose_rows, guidance_energy, guidance_scores,
+                        token_sketch)
 
 if TYPE_CHECKING:
     from .state import BlockSlot
@@ -62,6 +64,7 @@ class StreamBuffers:
     _counters: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _now: torch.Tensor | None = None
     filled: bool = False  # a step computed every token of this call (token caching may serve tokens from then on)
+    guidance: torch.Tensor | None = None  # (B/2, 1, *S) the last output's guidance energy (IBTM), else None
 
     def __post_init__(self) -> None:
         self.blocks = [BlockBuffers(self) for _ in range(self.num_layers)]
@@ -119,7 +122,7 @@ class StreamBuffers:
         """Bytes of the tensors these buffers hold on the model's device (output caches and slopes unless offloaded,
         counters, reference sketches)."""
         tensors = [] if self.offload else self._outputs()
-        tensors += [*self._counters.values(), *([self._now] if self._now is not None else [])]
+        tensors += [*self._counters.values(), *(t for t in (self._now, self.guidance) if t is not None)]
         return _nbytes(tensors)
 
     def host_bytes(self) -> int:
@@ -292,6 +295,14 @@ class MergeMethod:
         the forward, for all blocks of `grid` at once (a few kernels per forward instead of several per block); None:
         nothing. Each block's entry reaches its `build` as `slot.derived`."""
         return None
+
+    @property
+    def observes_output(self) -> bool:
+        """Whether the method reads each forward's output (`observe_output`)."""
+        return False
+
+    def observe_output(self, buffers: StreamBuffers, output: torch.Tensor, grid: tuple[int, ...]) -> None:
+        """A forward's denoiser output (its first element), for the next step's choices."""
 
     def observe(self, slot: BlockSlot, x: torch.Tensor) -> None:
         """A block computes every token in this step: `x` (B, N, C) is the input its first reduced sub-layer would
@@ -481,9 +492,25 @@ class SDTM(MergeMethod):
     def plan_blocks(self) -> int:
         return self.config.plan_blocks
 
+    @property
+    def observes_output(self) -> bool:
+        return self.config.idm_destination == "guidance" and self.config.ratio > 0
+
+    def observe_output(self, buffers, output, grid):
+        energy = guidance_energy(output, grid)
+        buffers.guidance = energy if buffers.guidance is None else buffers.guidance.copy_(energy)
+
+    def _guidance(self, grid: WindowGrid, stream: StreamBuffers, batch: int) -> torch.Tensor | None:
+        """(batch, N) the last output's guidance scores on `grid` of the call's trailing `batch` images (each pair of
+        an unconditional and a conditional image shares its score), or None (not IBTM, or no output yet)."""
+        if self.config.idm_destination != "guidance" or stream.guidance is None:
+            return None
+        scores = guidance_scores(stream.guidance, grid.grid)
+        return torch.cat([scores, scores])[stream.rows(batch)]
+
     def derive(self, grid, plan, buffers, batch, noise):
         staleness = buffers.staleness(batch, grid.num_tokens, grid.window_tokens.device)  # (L, B, N)
-        terms = self._staleness_terms(grid, plan, staleness, noise)
+        terms = self._staleness_terms(grid, plan, staleness, noise, self._guidance(grid, buffers, batch))
         return [terms[layer] for layer in range(self.num_layers)]
 
     def build(self, slot, x, plan):
@@ -494,7 +521,8 @@ class SDTM(MergeMethod):
         b = x.shape[0]
         staleness = slot.buffers.staleness(b, x.shape[1], x.device)  # (B, N), this block's
         terms: _StalenessTerms = slot.derived if slot.derived_batch == b else self._staleness_terms(
-            grid, plan, staleness, slot.noise[-b:] if slot.noise is not None else None)  # part of the batch
+            grid, plan, staleness, slot.noise[-b:] if slot.noise is not None else None,
+            self._guidance(grid, slot.buffers.stream, b))  # part of the batch
         if plan.phase is Phase.STRUCTURE and cfg.structure_merge == "window":
             merge = window_merge(x, grid, removed // (grid.window_size - 1), terms.window_priority, cfg.a_s)
         else:
@@ -514,8 +542,9 @@ class SDTM(MergeMethod):
         return self.config.a_s if plan.phase is Phase.STRUCTURE else self.config.a_d
 
     def _staleness_terms(self, grid: WindowGrid, plan: StepPlan, staleness: torch.Tensor,
-                         noise: torch.Tensor | None) -> _StalenessTerms:
-        """`_StalenessTerms` from counters `staleness` (..., B, N) and draws `noise` (..., B, W, K) or None."""
+                         noise: torch.Tensor | None, guidance: torch.Tensor | None = None) -> _StalenessTerms:
+        """`_StalenessTerms` from counters `staleness` (..., B, N), draws `noise` (..., B, W, K) or None and the
+        guidance scores (B, N) of IBTM or None."""
         cfg = self.config
         weight = self._prior_weight(plan)
         priority = staleness_priority(staleness, cfg.prior) if weight else None
@@ -524,23 +553,27 @@ class SDTM(MergeMethod):
                 return _StalenessTerms()
             window_priority = grid.window_reduce(priority.reshape(-1, grid.num_tokens), mean=True)
             return _StalenessTerms(window_priority=window_priority.view(*priority.shape[:-1], -1))
-        choice = self.destination_choice(grid, staleness, noise)
+        choice = self.destination_choice(grid, staleness, noise, guidance)
         if choice is None:
             return _StalenessTerms(priority=priority)
         return _StalenessTerms(destinations=choose_destinations(grid, staleness.shape[-2], choice, priority, weight))
 
-    def destination_choice(self, grid: WindowGrid, staleness: torch.Tensor,
-                           noise: torch.Tensor | None) -> torch.Tensor | None:
+    def destination_choice(self, grid: WindowGrid, staleness: torch.Tensor, noise: torch.Tensor | None,
+                           guidance: torch.Tensor | None = None) -> torch.Tensor | None:
         """(..., B, N) counters -> (..., B, W, K) scores whose argmax over each window is its destination
-        (`SDTMConfig.idm_destination`); None for "similar", which each block derives from its input.
+        (`SDTMConfig.idm_destination`); None for "similar", which each block derives from its input, and for
+        "guidance" before the first output.
 
         `noise`: (..., B, W, K) uniform draws (`noise_shape`), for "random" and for the random ties of "stalest"
-        with `use_rand`.
+        with `use_rand`. `guidance`: (B, N) the guidance scores of "guidance" (`_guidance`).
         """
         rule = self.config.idm_destination
         if rule == "random":
             return noise
-        if rule == "similar":
+        if rule == "guidance" and guidance is not None:
+            windows = grid.per_window(guidance)  # (B, W, K), the same for every block
+            return windows.expand(*staleness.shape[:-2], *windows.shape)
+        if rule in ("similar", "guidance"):
             return None
         # the stalest token, ties broken at random with use_rand
         plus = noise.flatten(0, -3) if noise is not None else None

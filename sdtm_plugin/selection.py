@@ -1,4 +1,5 @@
-"""Token caching's primitives: the rows a cached step computes, and the scores that choose them.
+"""Token caching's primitives: the rows a cached step computes, and the scores that choose them; and the guidance
+scores IBTM chooses SDTM's destinations by (`guidance_energy`, `guidance_scores`).
 
 A `RowSelection` is the token-caching counterpart of a `TokenMerge`: ``(B, N, C) -> (B, A, C)`` keeps the A rows a
 block computes (one row gather), and ``(B, A, C) -> (B, N, C)`` writes their outputs into the block's full-length
@@ -9,7 +10,10 @@ atomics, no host sync, one static length A per token grid.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from .merge import _take_rows, channel_sketch
 
@@ -87,3 +91,30 @@ def choose_rows(score: torch.Tensor, num_rows: int) -> torch.Tensor:
     """(B, N) scores -> (B, num_rows) long: each image's highest-scoring tokens, in ascending token order."""
     top = score.topk(num_rows, dim=1, sorted=False).indices
     return top.sort(dim=1).values
+
+
+def guidance_energy(output: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """A classifier-free-guidance batch's denoiser output -> (B, 1, *S) float32 ``|eps_c - eps_u|^2`` summed over
+    channels, where the batch's two halves are the unconditional and conditional inputs (either order).
+
+    `output`: (2B, C, *S) a spatial output (S: the latent's (H, W) or (F, H, W)), or (2B, N, C) a token sequence on
+    `grid` (FLUX, Qwen-Image), laid out row-major as the grid.
+    """
+    if output.shape[0] % 2:
+        raise ValueError(f"idm_destination='guidance' needs the unconditional and conditional inputs in one batch "
+                         f"(an even batch), got a batch of {output.shape[0]}")
+    unconditional, conditional = output.detach().float().chunk(2)
+    energy = (conditional - unconditional).square_()
+    if energy.dim() == 3 and energy.shape[1] == math.prod(grid):  # tokens: (B, N, C)
+        return energy.sum(-1).view(-1, 1, *grid)
+    if energy.dim() - 2 != len(grid):
+        raise ValueError(f"a denoiser output of shape {tuple(output.shape)} does not lie on the "
+                         f"{'x'.join(map(str, grid))} token grid")
+    return energy.sum(1, keepdim=True)
+
+
+def guidance_scores(energy: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, 1, *S) `guidance_energy` -> (B, N) float32 its mean over each token's patch of `grid` (S a multiple of
+    the grid, or the grid of a U-Net level below it)."""
+    pool = F.adaptive_avg_pool3d if len(grid) == 3 else F.adaptive_avg_pool2d
+    return pool(energy, grid).flatten(1)

@@ -369,6 +369,15 @@ class MergeState:
         for slot in self.slots:
             slot.clear()
 
+    def observe_output(self, output: Any) -> None:
+        """The forward's output (a tensor, a tuple or an output dataclass: its first tensor), for a method that chooses
+        by it (`MergeMethod.observes_output`); inside the forward."""
+        if self.forward is None or not self.method.observes_output:
+            return
+        if not isinstance(output, torch.Tensor):
+            output = output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+        self.method.observe_output(self.forward.buffers, output, self.forward.grid)
+
     def close_forward(self) -> None:
         """The forward ended: its merges are dropped (inside the forward, so a compiled one hands none back)."""
         for slot in self.slots:

@@ -97,7 +97,8 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
          "proportional": lambda pipe: apply_SDTM(pipe, proportional_attention=True),
          "offloaded": lambda pipe: apply_SDTM(pipe, cache_offload=True),
          "tokencache-offloaded": lambda pipe: apply_token_cache(pipe, cache_offload=True),
-         "tokencache-keys": lambda pipe: apply_token_cache(pipe, cache_keys=True)}
+         "tokencache-keys": lambda pipe: apply_token_cache(pipe, cache_keys=True),
+         "ibtm": lambda pipe: apply_SDTM(pipe, idm_destination="guidance")}
 
 
 @pytest.mark.parametrize("model,method,order", [
@@ -111,6 +112,7 @@ APPLY = {"sdtm": apply_SDTM, "tome": apply_ToMe, "fast": lambda pipe: apply_SDTM
     ("tiny", "offloaded", "compile, apply"), ("tiny-flux", "tokencache-offloaded", "apply, compile"),
     ("tiny", "proportional", "compile, apply"), ("tiny-flux", "proportional", "apply, compile"),
     ("tiny", "tokencache-keys", "compile, apply"), ("tiny-flux", "tokencache-keys", "apply, compile"),
+    ("tiny", "ibtm", "apply, compile"),
 ])
 def test_patched_model_compiles_fullgraph_and_a_second_generation_compiles_nothing(model, method, order,
                                                                                    tiny_pipe_dir):

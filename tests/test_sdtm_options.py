@@ -7,14 +7,16 @@ import math
 
 import pytest
 import torch
-from conftest import generate
+from conftest import generate, quiet_pipeline
 from test_sdtm_pipeline import _build, expected_counts, per_step, record_counts
 
+from benchmarks.models import PRESETS, build_denoiser, denoiser_inputs
 from sdtm_plugin import SDTMConfig, ToMeConfig, apply_SDTM
 from sdtm_plugin.grid import WindowGrid
 from sdtm_plugin.merge import staleness_priority, window_medoid_scores
 from sdtm_plugin.methods import SDTM
 from sdtm_plugin.schedule import Phase
+from sdtm_plugin.selection import guidance_energy, guidance_scores
 
 CPU = torch.device("cpu")
 
@@ -100,6 +102,80 @@ def test_destination_rules():
     assert all(pos != w % 4 for w, pos in enumerate(similar))  # never the outlier
     draws = {tuple(chosen("random", seed)) for seed in range(6)}
     assert len(draws) > 1  # random destinations follow the generator
+
+
+def test_guidance_scores_measure_the_guidance_difference_per_token():
+    """IBTM's score of a token: |eps_c - eps_u|^2 over channels, averaged over its patch; spatial and token layouts
+    agree; the halves' order does not matter; an odd batch (no unconditional half) raises."""
+    torch.manual_seed(0)
+    uncond = torch.randn(2, 4, 8, 8)
+    cond = uncond.clone()
+    cond[0, :, 2:4, 6:8] += 3.0  # image 0: the token at grid (1, 3) of a 4x4 grid with 2x2 patches
+    cond[1, 1, 0, 0] += 1.0  # image 1: token (0, 0), one pixel of its patch
+    energy = guidance_energy(torch.cat([uncond, cond]), (4, 4))
+    assert energy.shape == (2, 1, 8, 8)
+    scores = guidance_scores(energy, (4, 4))
+    assert scores.shape == (2, 16) and scores[0].argmax() == 1 * 4 + 3 and scores[1].argmax() == 0
+    torch.testing.assert_close(scores[0, 7], torch.tensor(4 * 9.0))  # every pixel of the patch, 4 channels
+    torch.testing.assert_close(scores[1, 0], torch.tensor(1.0 / 4))
+    torch.testing.assert_close(guidance_scores(guidance_energy(torch.cat([cond, uncond]), (4, 4)), (4, 4)), scores)
+    tokens = lambda x: x.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 16)  # (B, N, C·4)
+    torch.testing.assert_close(guidance_scores(guidance_energy(torch.cat([tokens(uncond), tokens(cond)]), (4, 4)),
+                                               (4, 4)), scores * 4)
+    with pytest.raises(ValueError, match="idm_destination='guidance'"):
+        guidance_energy(torch.randn(3, 4, 8, 8), (4, 4))
+
+
+def test_guidance_destinations_follow_the_previous_steps_guidance(tiny_pipe):
+    """IBTM on a pipeline: each forward after the first chooses, in every window, the token with the largest
+    guidance score of the previous forward's output (the unconditional and conditional images of a prompt alike);
+    the first forward, with no output yet, chooses as "similar" does."""
+    outputs, chosen = [], []
+    tiny_pipe.transformer.register_forward_hook(lambda _, args, out: outputs.append(out[0].detach().clone()))
+    derive = SDTM.derive
+
+    def spy(self, grid, plan, buffers, batch, noise):
+        terms = derive(self, grid, plan, buffers, batch, noise)
+        chosen.append((plan.step, grid, terms[0].destinations))
+        return terms
+
+    SDTM.derive = spy
+    try:
+        apply_SDTM(tiny_pipe, idm_destination="guidance", protect_steps_frequency=-1)
+        merged = generate(tiny_pipe)
+    finally:
+        SDTM.derive = derive
+    bipartite = [(step, grid, d) for step, grid, d in chosen if d is not None or step == 0]
+    assert bipartite and all(d is None for step, _, d in bipartite if step == 0)
+    checked = 0
+    for step, grid, destinations in bipartite:
+        if step == 0:
+            continue
+        scores = guidance_scores(guidance_energy(outputs[step - 1], grid.grid), grid.grid)
+        scores = torch.cat([scores, scores])
+        best = grid.per_window(scores).amax(-1).flatten()
+        torch.testing.assert_close(scores.flatten()[destinations.rows], best)
+        checked += 1
+    assert checked >= 3
+    apply_SDTM(tiny_pipe, protect_steps_frequency=-1)  # the default rule ("stalest") merges other tokens
+    assert not torch.equal(merged, generate(tiny_pipe))
+
+
+def test_guidance_destinations_need_classifier_free_guidance(tiny_pipe_dir):
+    """Without an unconditional half there is no guidance difference: a pipeline that says so (FLUX's distilled
+    guidance, SD3 at guidance_scale 1) and an odd batch both raise, naming the option."""
+    pipe = quiet_pipeline("tiny-sd3", tiny_pipe_dir)
+    apply_SDTM(pipe, idm_destination="guidance")
+    with pytest.raises(ValueError, match="idm_destination='guidance'"):
+        pipe("a red cat", height=64, width=64, num_inference_steps=4, guidance_scale=1.0, output_type="latent",
+             max_sequence_length=16)
+    pipe("a red cat", height=64, width=64, num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+         max_sequence_length=16)  # with guidance it runs
+    transformer = build_denoiser(PRESETS["tiny"]).eval()
+    apply_SDTM(transformer, idm_destination="guidance", num_inference_steps=4)
+    inputs = denoiser_inputs(PRESETS["tiny"], batch_size=3)
+    with pytest.raises(ValueError, match="idm_destination='guidance'"), torch.no_grad():
+        transformer(**inputs)
 
 
 def test_bipartite_structure_merge_removes_as_many_tokens_but_not_whole_windows():
