@@ -110,7 +110,8 @@ def speed_table(report: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
     label)."""
     timing = ["pipeline_ms", "denoiser_ms", "speedup_pipeline", "speedup_denoiser", "speedup_denoiser_paired",
               "speedup_denoiser_paired_iqr", "repeats", "threads"]
-    return report.drop(columns=timing, errors="ignore").merge(speed[["model", "label", *timing]], on=["model", "label"], how="left")
+    timed = speed[["model", "label", *timing]]
+    return report.drop(columns=timing, errors="ignore").merge(timed, on=["model", "label"], how="left")
 
 
 def verdict_text(row: pd.Series, bold: bool = True) -> str:
