@@ -47,11 +47,14 @@ PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
 # first order, was the only one at equal quality on the tune set of the 86f9818 run; so also at larger shares)
 TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.8", "tokencache:ratio=0.9", "tokencache:dense_every=4",
                "tokencache:selection=random", "tokencache:selection=similarity", "tokencache:extrapolation=0",
-               "tokencache:extrapolation=1", "tokencache:extrapolation=1,ratio=0.8", "tokencache:extrapolation=1,ratio=0.9"]
+               "tokencache:extrapolation=1", "tokencache:extrapolation=1,ratio=0.8", "tokencache:extrapolation=1,ratio=0.9",
+               "tokencache:extrapolation=1,cache_keys=true", "tokencache:extrapolation=1,cache_keys=true,ratio=0.8"]
 # SDTM with whole queries: keys and values merged in the structure phase, at the default and a larger share
 KEYS_ONLY = ["sdtm:merge_queries=false", "sdtm:merge_queries=false,ratio=0.5"]
 # merged keys weighted by their group size in the softmax (ToMe's proportional attention)
 PROPORTIONAL = ["sdtm:proportional_attention=true", "tome:proportional_attention=true"]
+# IBTM: each window's destination the token classifier-free guidance moves most, alone and with proportional attention
+GUIDANCE_DESTINATIONS = ["sdtm:idm_destination=guidance", "sdtm:idm_destination=guidance,proportional_attention=true"]
 # the tune sweep: per method, settings from cautious to aggressive (each a few minutes on 2 CPU cores); the default
 # token cache is a reference, so tuned too
 CANDIDATES = [
@@ -60,14 +63,15 @@ CANDIDATES = [
     *(f"fbcache:threshold={t}" for t in (0.1, 0.2, 0.3)),
     *(f"magcache:threshold={t}" for t in (0.04, 0.06, 0.1)), "magcache:threshold=0.06,retention_ratio=0.1",
     "taylorseer:cache_interval=2", "pab", "fastercache", "dbcache:residual_diff_threshold=0.2",
-    "dbcache:residual_diff_threshold=0.3", *KEYS_ONLY, *PROPORTIONAL,
+    "dbcache:residual_diff_threshold=0.3", *KEYS_ONLY, *PROPORTIONAL, *GUIDANCE_DESTINATIONS,
 ]
 # merging or token caching composed with a step cache: tuned only where the merge setting alone (a candidate above)
 # was not shown worse on the tune set, since a step cache adds its own error to the merge's
 COMPOSED = [
     *(f"sdtm+{cache}:{merge},cache.threshold={t}" for cache, t in (("fbcache", 0.2), ("magcache", 0.06))
       for merge in ("ratio=0.2", "mcw=1.0,ratio=0.3")),
-    *(f"tokencache+{cache}:{merge}cache.{field}={t}" for merge in ("", "ratio=0.9,", "extrapolation=1,")
+    *(f"tokencache+{cache}:{merge}cache.{field}={t}"
+      for merge in ("", "ratio=0.9,", "extrapolation=1,", "extrapolation=1,cache_keys=true,")
       for cache, field, t in (("fbcache", "threshold", 0.1), ("fbcache", "threshold", 0.2),
                               ("dbcache", "residual_diff_threshold", 0.2))),
     "tokencache+magcache:cache.threshold=0.06", "tokencache+taylorseer:cache.cache_interval=2",
