@@ -78,6 +78,10 @@ COMPOSED = [
 ]
 
 
+# past this many prompts "would resolve it" says only that an estimate sits on its margin
+MANY_PROMPTS = 100_000
+
+
 def restrict(specs: list[str], only: list[str] | None) -> list[str]:
     """The specs matching one of the shell-style patterns `only` (all of them when None); the baseline always."""
     if only is None:
@@ -132,6 +136,8 @@ def verdict_text(row: pd.Series, bold: bool = True) -> str:
         more = ""
     elif needed == float("inf"):
         more = "; an estimate lies past its margin"
+    elif needed > MANY_PROMPTS:
+        more = "; an estimate lies at its margin"
     else:
         more = f"; ~{int(needed)} prompts would resolve it"
     return f"inconclusive ({row['quality_failures']}{more})"

@@ -372,6 +372,9 @@ def test_report_tables_name_the_presets_and_carry_intervals_and_verdicts(tmp_pat
     assert summary[1].endswith("| 1.35× | — | -1.5 [-2.5, -0.5] | -1.5 [-2.5, -0.5] | "
                                "inconclusive (kid detail; ~900 prompts would resolve it) |")
     assert summary[0].endswith("| inconclusive (kid detail; an estimate lies past its margin) |")
+    from benchmarks.frontier import verdict_text
+    on_margin = _report_rows([("baseline", 1.0, "equal", None), (fast, 1.35, "inconclusive", 1.1e8)]).iloc[1]
+    assert verdict_text(on_margin) == "inconclusive (kid detail; an estimate lies at its margin)"
     assert summary[2].endswith("| worse (kid) |") and summary[3].endswith("| **equal** |")
     assert "| baseline | 1.00× |" in tables["frontier"] and "288 report prompts" in tables["frontier"]
     assert tables["attributes"].count("SDTMConfig.fast()") == 1 and "baseline (absolute, %)" in tables["attributes"]
