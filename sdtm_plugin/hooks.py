@@ -444,9 +444,14 @@ class SideRowsHook(ModelHook):
         call = self.owner()
         if call is None or call.side != self.side:
             return args, kwargs
-        if args:
-            return (call.reduce(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "input": call.reduce(kwargs["input"])}
+        return _reduced_input(call, args, kwargs)
+
+
+def _reduced_input(call: "RowCall", args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A projection's arguments with its input (positional or ``input=``) reduced to the call's rows."""
+    if args:
+        return (call.reduce(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "input": call.reduce(kwargs["input"])}
 
 
 class KeyCacheHook(ModelHook):
@@ -472,11 +477,7 @@ class KeyCacheHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         call = self.owner()
         self._call = call = call if call is not None and call.side == "query" else None
-        if call is None:
-            return args, kwargs
-        if args:
-            return (call.reduce(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "input": call.reduce(kwargs["input"])}
+        return (args, kwargs) if call is None else _reduced_input(call, args, kwargs)
 
     def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
         call, self._call = self._call, None

@@ -497,8 +497,7 @@ class SDTM(MergeMethod):
         return self.config.idm_destination == "guidance" and self.config.ratio > 0
 
     def observe_output(self, buffers, output, grid):
-        energy = guidance_energy(output, grid)
-        buffers.guidance = energy if buffers.guidance is None else buffers.guidance.copy_(energy)
+        buffers.guidance = guidance_energy(output, grid)
 
     def _guidance(self, grid: WindowGrid, stream: StreamBuffers, batch: int) -> torch.Tensor | None:
         """(batch, N) the last output's guidance scores on `grid` of the call's trailing `batch` images (each pair of
