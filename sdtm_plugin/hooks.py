@@ -418,9 +418,8 @@ class KeyBias:
                     else kwargs.get("encoder_hidden_states"))
             text_rows = 0 if text is None else text.shape[1]
         bias = merge.key_bias(merged.dtype)
-        if text_rows:
-            text = bias.new_zeros(bias.shape[0], text_rows)
-            bias = torch.cat([bias, text] if self.text_last else [text, bias], dim=1)
+        if text_rows:  # zeros on the text columns, padded in one op (no separate zeros per call)
+            bias = torch.nn.functional.pad(bias, (0, text_rows) if self.text_last else (text_rows, 0))
         mask = bias[:, None, None, :]
         if positional:
             return (*args[: self.mask_at], mask, *args[self.mask_at + 1:]), kwargs
