@@ -106,7 +106,7 @@ def test_destination_rules():
 
 def test_guidance_scores_measure_the_guidance_difference_per_token():
     """IBTM's score of a token: |eps_c - eps_u|^2 over channels, averaged over its patch; spatial and token layouts
-    agree; the halves' order does not matter; an odd batch (no unconditional half) raises."""
+    agree; the halves' order does not matter; an odd batch (no unconditional half) and an output off the grid raise."""
     torch.manual_seed(0)
     uncond = torch.randn(2, 4, 8, 8)
     cond = uncond.clone()
@@ -124,6 +124,10 @@ def test_guidance_scores_measure_the_guidance_difference_per_token():
                                                (4, 4)), scores * 4)
     with pytest.raises(ValueError, match="idm_destination='guidance'"):
         guidance_energy(torch.randn(3, 4, 8, 8), (4, 4))
+    with pytest.raises(ValueError, match="does not lie on the 4x4 token grid"):  # 15 tokens, not 16
+        guidance_energy(torch.randn(2, 15, 8), (4, 4))
+    with pytest.raises(ValueError, match="does not lie on the 2x4x4 token grid"):  # a spatial output of an image
+        guidance_energy(torch.randn(2, 4, 8, 8), (2, 4, 4))
 
 
 def test_guidance_destinations_follow_the_previous_steps_guidance(tiny_pipe):
