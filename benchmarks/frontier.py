@@ -45,9 +45,10 @@ PRESET_NAMES = {method_label(*parse_method(spec)): name for spec, name in (
 # token caching: the share served from the cache (its default 0.7), the dense interval, the selection rules the
 # issue asks to compare (by change, at random, by similarity) and the extrapolation of cached outputs (1, TaylorSeer's
 # first order, was the only one at equal quality on the tune set of the 86f9818 run; so also at larger shares)
-TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.8", "tokencache:ratio=0.9", "tokencache:dense_every=4",
-               "tokencache:selection=random", "tokencache:selection=similarity", "tokencache:extrapolation=0",
-               "tokencache:extrapolation=1", "tokencache:extrapolation=1,ratio=0.8", "tokencache:extrapolation=1,ratio=0.9",
+TOKEN_CACHE = ["tokencache:ratio=0.6", "tokencache:ratio=0.8", "tokencache:ratio=0.9", "tokencache:dense_every=2",
+               "tokencache:dense_every=4", "tokencache:selection=random", "tokencache:selection=similarity",
+               "tokencache:extrapolation=0", "tokencache:extrapolation=1", "tokencache:extrapolation=1,ratio=0.8",
+               "tokencache:extrapolation=1,ratio=0.9",
                "tokencache:extrapolation=1,cache_keys=true", "tokencache:extrapolation=1,cache_keys=true,ratio=0.8"]
 # SDTM with whole queries: keys and values merged in the structure phase, at the default and a larger share
 KEYS_ONLY = ["sdtm:merge_queries=false", "sdtm:merge_queries=false,ratio=0.5"]
@@ -60,7 +61,7 @@ GUIDANCE_DESTINATIONS = ["sdtm:idm_destination=guidance", "sdtm:idm_destination=
 CANDIDATES = [
     "tome:ratio=0.2", "sdtm:ratio=0.2", "sdtm:ratio=0.3,mcw=1.0", "sdtm:ratio=0.4,mcw=1.0",
     "sdtm:ratio=0.2,protect_steps_frequency=-1,mcw=1.0", "tokencache", *TOKEN_CACHE,
-    *(f"fbcache:threshold={t}" for t in (0.1, 0.2, 0.3)),
+    *(f"fbcache:threshold={t}" for t in (0.05, 0.1, 0.2, 0.3)),
     *(f"magcache:threshold={t}" for t in (0.04, 0.06, 0.1)), "magcache:threshold=0.06,retention_ratio=0.1",
     "taylorseer:cache_interval=2", "pab", "fastercache", "dbcache:residual_diff_threshold=0.2",
     "dbcache:residual_diff_threshold=0.3", *KEYS_ONLY, *PROPORTIONAL, *GUIDANCE_DESTINATIONS,
@@ -75,6 +76,10 @@ COMPOSED = [
       for cache, field, t in (("fbcache", "threshold", 0.1), ("fbcache", "threshold", 0.2),
                               ("dbcache", "residual_diff_threshold", 0.2))),
     "tokencache+magcache:cache.threshold=0.06", "tokencache+taylorseer:cache.cache_interval=2",
+    # flux-shapes' token-caching choice (a dense step every 2nd step) with the step caches tried there
+    *(f"tokencache+{cache}:dense_every=2,cache.{field}={t}"
+      for cache, field, t in (("fbcache", "threshold", 0.05), ("fbcache", "threshold", 0.1),
+                              ("dbcache", "residual_diff_threshold", 0.2))),
 ]
 
 
