@@ -43,6 +43,8 @@ class MethodSpec:
         merges: whether the method merges tokens (its rows get token counts and merge-path traffic).
         caches: whether it skips computation from step to step (its MACs depend on the values: counted on a real
             call, not on the meta device).
+        runs_last: its jobs run after a model's others: cache-dit's `disable_cache` leaves state behind on FLUX (its
+            patch functor's forwards, and more) that diffusers' FirstBlockCache then fails on in the same process.
     """
 
     name: str
@@ -53,6 +55,7 @@ class MethodSpec:
     sweep_param: str | None = None
     merges: bool = False
     caches: bool = False
+    runs_last: bool = False
 
 
 def _nothing(*_: Any) -> None:
@@ -176,11 +179,12 @@ def _specs() -> list[MethodSpec]:
                                     _composed_config(merge_cls, lambda p, s, cls=cls: _cache_config(cls, p, s)),
                                     _apply_composed(apply), remove_SDTM, sweep_param="ratio", merges=True, caches=True))
     specs.append(MethodSpec("dbcache", "cache-dit DBCacheConfig fields (optional: pip install cache-dit)",
-                            _dbcache_config, _dbcache_apply, _dbcache_remove, caches=True))
+                            _dbcache_config, _dbcache_apply, _dbcache_remove, caches=True, runs_last=True))
     for merge, merge_cls, apply in mergers:
         specs.append(MethodSpec(f"{merge}+dbcache", f"{merge} composed with cache-dit's DBCache (cache.* fields)",
                                 _composed_config(merge_cls, _dbcache_config), _with_dbcache(apply),
-                                _remove_patch_then_dbcache, sweep_param="ratio", merges=True, caches=True))
+                                _remove_patch_then_dbcache, sweep_param="ratio", merges=True, caches=True,
+                                runs_last=True))
     return specs
 
 

@@ -157,7 +157,9 @@ def make_jobs(models: list[str], methods: list[tuple[str, dict[str, Any]]], rati
                 job = Job(model, name, tuple(sorted(p.items())))
                 job.config()
                 jobs.append(job)
-    # the baseline of every model first: every other row's speed-up, MAC and fidelity references
+    # the baseline of every model first: every other row's speed-up, MAC and fidelity references; per model, the
+    # methods that leave state behind (`MethodSpec.runs_last`) after the others
+    jobs.sort(key=lambda job: (models.index(job.model), METHODS[job.method].runs_last))
     return list(dict.fromkeys([Job(m, "baseline") for m in models] + jobs))
 
 

@@ -674,3 +674,20 @@ def test_step_cache_speedup_compares_whole_calls_under_two_forwards_per_step():
     same = macs_columns(forwards(2 * steps), forwards(steps), 1, calls_per_step=1, baseline_calls=2)
     assert same["macs_speedup"] == 1.0 and same["macs_image_total_T"] == 2 * steps * 10 / 1e12
     assert macs_columns(forwards(steps), forwards(steps), 1, calls_per_step=2)["macs_speedup"] == 1.0
+
+
+def test_cache_dit_jobs_run_after_a_models_other_jobs():
+    """cache-dit leaves state behind on FLUX that diffusers' FirstBlockCache fails on later in the same process: its
+    jobs run after each model's others, models and the remaining order unchanged."""
+    pytest.importorskip("cache_dit")
+    from benchmarks.methods import parse_method
+    from benchmarks.runner import make_jobs
+
+    specs = ["dbcache:residual_diff_threshold=0.2", "fbcache:threshold=0.1",
+             "tokencache+dbcache:cache.residual_diff_threshold=0.2", "tokencache"]
+    jobs = make_jobs(["tiny-flux", "tiny"], [parse_method(s) for s in specs], None)
+    order = [(job.model, job.method) for job in jobs]
+    assert order == [("tiny-flux", "baseline"), ("tiny", "baseline"),
+                     ("tiny-flux", "fbcache"), ("tiny-flux", "tokencache"),
+                     ("tiny-flux", "dbcache"), ("tiny-flux", "tokencache+dbcache"),
+                     ("tiny", "fbcache"), ("tiny", "tokencache"), ("tiny", "dbcache"), ("tiny", "tokencache+dbcache")]
