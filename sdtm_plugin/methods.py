@@ -707,7 +707,8 @@ class TokenCache(MergeMethod):
             if store and weight:
                 last = buffers.cached_output(name, output.shape, output.device)
                 gap = slot.gap[-output.shape[0]:].to(output.dtype)
-                buffers.store_slope(name, torch.zeros_like(output) if last is None else torch.sub(output, last).div_(gap))
+                slope = torch.zeros_like(output) if last is None else torch.sub(output, last).div_(gap)
+                buffers.store_slope(name, slope)
             if store:
                 buffers.store_output(name, output)
             return output
@@ -720,9 +721,9 @@ class TokenCache(MergeMethod):
         rows, flat = output.reshape(-1, c), merge.flat_rows
         slope = None
         if weight:  # the computed tokens' change per step since their previous computation
-            change = torch.sub(rows, last.reshape(-1, c).index_select(0, flat)).div_(merge.gap.to(rows.dtype))
+            computed_slope = torch.sub(rows, last.reshape(-1, c).index_select(0, flat)).div_(merge.gap.to(rows.dtype))
             slope = buffers.cached_slope(name, shape, output.device)
-            slope.view(-1, c).index_copy_(0, flat, change)
+            slope.view(-1, c).index_copy_(0, flat, computed_slope)
             buffers.update_slope(name, slope)
         last.view(-1, c).index_copy_(0, flat, rows)  # each token's last computed output
         buffers.update_output(name, last)
